@@ -1,0 +1,219 @@
+"""The `hybridprune` command: prune, ppl, inspect, progressive.
+
+Bad input ends with one line on stderr and exit code 2; output folders appear only when complete.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import HybridPruneError
+
+
+def _add_model_args(p):
+    p.add_argument("--device", help="where layers are computed: cpu or cuda (default: cuda if available)")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: as saved)")
+    p.add_argument("--data-dir", help="data directory in the layout of shared/data (default: $HYBRIDPRUNE_DATA, "
+                                      "else the Hugging Face hub)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
+
+
+def _add_pattern_args(p):
+    g = p.add_argument_group("pattern")
+    g.add_argument("--method", default="wanda", help="magnitude | wanda | sparsegpt (default: wanda)")
+    g.add_argument("--pattern", default="unstructured",
+                   help="unstructured | N:M such as 2:4 or 4:8 | three-tier | block | block-topk")
+    g.add_argument("--sparsity", type=float, default=0.5, help="target sparsity for unstructured/block (default 0.5)")
+    g.add_argument("--group", default="row", help="unstructured comparison group: row (Wanda) | matrix")
+    g.add_argument("--skip", action="append", default=[],
+                   help="leave matching matrices/layers dense, e.g. --skip down_proj --skip layers.0 (repeatable, "
+                        "comma-separated)")
+    g.add_argument("--blocksize", type=int, default=128, help="SparseGPT column block (default 128)")
+    g.add_argument("--percdamp", type=float, default=0.01, help="SparseGPT dampening, fraction of mean diag(H)")
+    t = p.add_argument_group("three-tier and block patterns")
+    t.add_argument("--tiers", default="0.35,0.45,0.20", help="block fractions dense,N:M,top-k (sum 1)")
+    t.add_argument("--block-size", type=int, default=16, help="block edge (default 16)")
+    t.add_argument("--tier-nm", default="2:4", help="N:M inside tier-2 blocks (default 2:4)")
+    t.add_argument("--topk", type=int, default=15, help="weights kept in each tier-3 block (default 15)")
+    t.add_argument("--tier-metric", default="wanda", help="picks weights inside tiers 2 and 3: wanda | magnitude")
+    t.add_argument("--tier-scope", default="matrix", help="where blocks are ranked: matrix | layer | model")
+    t.add_argument("--retention", type=float, default=None,
+                   help="adaptive: an N:M candidate block stays dense if N:M keeps less than this share of its score")
+
+
+def _add_calib_args(p):
+    g = p.add_argument_group("calibration")
+    g.add_argument("--calib", default="wikitext2",
+                   help="wikitext2 | c4 | squad | gsm8k | boolq | mixed:wikitext2=0.5,squad=0.5")
+    g.add_argument("--nsamples", type=int, default=128, help="calibration sequences (default 128)")
+    g.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration sequence (default 2048)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--batch-size", type=int, default=1, help="calibration micro-batch (bounds memory)")
+    g.add_argument("--squad-format", default="context_question", help="context | context_question | labeled")
+
+
+def _config(args):
+    from .engine import PruneConfig
+    skip = tuple(s for item in args.skip for s in item.split(",") if s)
+    return PruneConfig(method=args.method, pattern=args.pattern, sparsity=args.sparsity, group=args.group,
+                       calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
+                       batch_size=args.batch_size, device=args.device, skip=skip, squad_format=args.squad_format,
+                       data_dir=args.data_dir, sparsegpt_blocksize=args.blocksize, percdamp=args.percdamp,
+                       tiers=_tiers(args.tiers), block_size=args.block_size, tier_nm=args.tier_nm, topk=args.topk,
+                       tier_metric=args.tier_metric, scope=args.tier_scope, retention=args.retention)
+
+
+def _tiers(text):
+    from .patterns import parse_tiers
+    return parse_tiers(text)
+
+
+def _check_out(out, overwrite):
+    if Path(out).exists() and not overwrite:
+        raise HybridPruneError(f"output folder {out} exists; pass --overwrite or choose another --out")
+
+
+def _load(args, spec):
+    from .models import load_model
+    model, tok = load_model(spec, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    return model, tok
+
+
+def cmd_prune(args):
+    from .data import data_dir
+    from .engine import prune, save_pruned
+    from .evaluate import perplexity
+
+    config = _config(args)
+    _check_out(args.out, args.overwrite)
+    data_dir(args.data_dir)
+    model, tok = _load(args, args.model)
+    extra = {}
+    if args.compare_ppl:
+        dense = perplexity(model, tok, seqlen=args.ppl_seqlen, max_windows=args.max_windows,
+                           data_dir_path=args.data_dir)
+        print(f"dense  perplexity {dense['ppl']:.2f}  ({dense['windows']} windows x {dense['seqlen']})", flush=True)
+        extra["dense_ppl"] = dense
+    result = prune(model, config, tokenizer=tok)
+    print(f"pruned in {result.seconds:.1f}s ({config.method}, {result.pattern['pattern']})", flush=True)
+    if args.compare_ppl:
+        pruned = perplexity(model, tok, seqlen=args.ppl_seqlen, max_windows=args.max_windows,
+                            data_dir_path=args.data_dir)
+        print(f"pruned perplexity {pruned['ppl']:.2f}  ({pruned['windows']} windows x {pruned['seqlen']})")
+        extra["pruned_ppl"] = pruned
+    out = save_pruned(model, tok, args.out, config, result, source=args.model, overwrite=args.overwrite,
+                      extra_record=extra)
+    from .models import read_record
+    print(f"sparsity {read_record(out)['sparsity']:.4f} (expected {result.pattern['sparsity']:.4f}); saved to {out}")
+
+
+def cmd_ppl(args):
+    from .data import data_dir
+    from .evaluate import perplexity
+    from .models import read_record
+
+    data_dir(args.data_dir)
+    if args.out:
+        _check_out(args.out, True)
+    model, tok = _load(args, args.model)
+    if args.device:
+        model.to(args.device)
+    res = perplexity(model, tok, seqlen=args.seqlen, max_windows=args.max_windows, batch_size=args.batch_size,
+                     data_dir_path=args.data_dir)
+    res = {"model": args.model, "task": "wikitext2", "split": "test", **res}
+    if Path(args.model).is_dir():
+        res["hybridprune"] = read_record(args.model)
+    print(f"wikitext2 test perplexity {res['ppl']:.3f} over {res['windows']} windows of {res['seqlen']} tokens")
+    if args.out:
+        Path(args.out).write_text(json.dumps(res, indent=2, default=str))
+
+
+def cmd_inspect(args):
+    from .inspect import inspect_folder
+    report = inspect_folder(args.model, plot_dir=args.plot, matrices=args.matrix)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(report["text"])
+
+
+def cmd_progressive(args):
+    from .progressive import load_schedule, run_progressive
+    config = _config(args)
+    _check_out(args.out, args.overwrite)
+    schedule = load_schedule(args.schedule)
+    model, tok = _load(args, args.model)
+    run_progressive(model, tok, config, schedule, args.out, source=args.model, overwrite=args.overwrite,
+                    resume=args.resume)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="hybridprune", description=(
+        "Prune Hugging Face causal LMs (magnitude, Wanda, SparseGPT; unstructured, N:M, three-tier hybrid) "
+        "and measure what was lost. MODEL is 'default' (SmolLM2-135M-Instruct), a folder, a .gguf file or a hub id."))
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("prune", help="prune a model and save it", description="Prune a model layer by layer and save "
+                       "it as a from_pretrained folder with hybridprune.json and sparsity.json.")
+    p.add_argument("--model", default="default", help="default | folder | file.gguf | hub id")
+    p.add_argument("--out", required=True, help="output folder (written atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--compare-ppl", action="store_true", help="measure WikiText-2 perplexity before and after")
+    p.add_argument("--max-windows", type=int, default=None, help="with --compare-ppl: windows to evaluate")
+    p.add_argument("--ppl-seqlen", type=int, default=2048, help="with --compare-ppl: window length")
+    _add_pattern_args(p)
+    _add_calib_args(p)
+    _add_model_args(p)
+    p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("ppl", help="WikiText-2 test perplexity", description="WikiText-2 test perplexity in the "
+                       "papers' convention: rows joined with blank lines, non-overlapping windows of --seqlen.")
+    p.add_argument("model", help="default | folder | file.gguf | hub id")
+    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--out", help="write the result as JSON here")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_ppl)
+
+    p = sub.add_parser("inspect", help="sparsity report of a saved model", description="Per-layer and per-matrix "
+                       "sparsity, N:M validity and tier statistics of a saved model folder.")
+    p.add_argument("model", help="a saved model folder")
+    p.add_argument("--json", action="store_true", help="print the full report as JSON")
+    p.add_argument("--plot", metavar="DIR", help="write PNG pictures (tier maps, sparsity by layer) into DIR")
+    p.add_argument("--matrix", action="append", default=None,
+                   help="matrices to draw tier maps for (name patterns, default: a few of layer 0)")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("progressive", help="progressive three-tier schedule",
+                       description="Rounds of three-tier pruning from a YAML schedule; blocks only move down the "
+                                   "tiers, each round re-scores the current model, tier maps are saved per round.")
+    p.add_argument("--model", default="default")
+    p.add_argument("--schedule", required=True, help="YAML file with `rounds: [[dense, nm, topk], ...]`")
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--resume", action="store_true", help="continue from the last finished round in --out.partial")
+    _add_pattern_args(p)
+    _add_calib_args(p)
+    _add_model_args(p)
+    p.set_defaults(func=cmd_progressive, pattern="three-tier")
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except HybridPruneError as e:
+        print(f"hybridprune: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("hybridprune: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

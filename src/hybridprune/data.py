@@ -1,0 +1,262 @@
+"""Text sources for calibration, fine-tuning and evaluation.
+
+Every source reads a data directory in the layout of shared/data (``--data-dir`` or ``HYBRIDPRUNE_DATA``)
+or, when none is given, the Hugging Face hub through `datasets`.
+
+Offline fallbacks (the data directory has no WikiText-2 train and no SQuAD train):
+- calibration on WikiText-2 uses the *validation* split; perplexity is always measured on *test*;
+- SQuAD v1.1 dev is split by article, in file order: even-numbered articles (0, 2, 4, ...) are the
+  *fit* half (calibration, fine-tuning), odd-numbered ones the *eval* half. Nothing is evaluated on what
+  was used to fit.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from .errors import HybridPruneError
+
+CALIB_SOURCES = ("wikitext2", "c4", "squad", "gsm8k", "boolq")
+SQUAD_FORMATS = {
+    "context": "{context}",
+    "context_question": "{context} {question}",
+    "labeled": "Context: {context}\nQuestion: {question}",
+}
+LOCAL_FILES = {
+    ("wikitext2", "train"): None,
+    ("wikitext2", "valid"): "wikitext2/wiki.valid.raw",
+    ("wikitext2", "test"): "wikitext2/wiki.test.raw",
+    ("c4", "train"): "c4/c4_sample.jsonl",
+    ("squad", "dev"): "squad/dev-v1.1.json",
+    ("gsm8k", "train"): "gsm8k/train.jsonl",
+    ("gsm8k", "test"): "gsm8k/test.jsonl",
+    ("boolq", "train"): "boolq/train.jsonl",
+    ("boolq", "validation"): "boolq/superglue_val.jsonl",
+}
+
+
+def data_dir(explicit: str | os.PathLike | None = None) -> Path | None:
+    """The data directory in use, or None for the hub."""
+    d = explicit or os.environ.get("HYBRIDPRUNE_DATA")
+    if not d:
+        return None
+    d = Path(d).expanduser()
+    if not d.is_dir():
+        raise HybridPruneError(f"data directory {d} does not exist; fix --data-dir / HYBRIDPRUNE_DATA")
+    return d
+
+
+def local_file(root: Path, source: str, split: str) -> Path:
+    rel = LOCAL_FILES.get((source, split))
+    if rel is None:
+        raise HybridPruneError(f"no local file for {source} {split} in the data directory layout")
+    path = root / rel
+    if not path.is_file():
+        raise HybridPruneError(f"missing data file {path}; put it there or point --data-dir elsewhere")
+    return path
+
+
+def _hub(*args, **kwargs):
+    try:
+        import datasets
+        return datasets.load_dataset(*args, **kwargs)
+    except Exception as e:  # network, auth, missing dataset: all the same fix for the user
+        msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise HybridPruneError(f"could not load {args[0]} from the Hugging Face hub ({msg}); "
+                               "pass --data-dir (or HYBRIDPRUNE_DATA) with local files") from None
+
+
+def _jsonl(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+# ----------------------------------------------------------------------------- sources
+
+@lru_cache(maxsize=8)
+def wikitext2_rows(split: str, root: Path | None) -> tuple[str, ...]:
+    """Rows as the hub's wikitext-2-raw-v1 has them: each line with its newline, blank lines as ''."""
+    if root is None:
+        hub_split = {"valid": "validation"}.get(split, split)
+        return tuple(_hub("wikitext", "wikitext-2-raw-v1", split=hub_split)["text"])
+    if split == "train":
+        split = "valid"  # documented offline fallback: there is no train file
+    with open(local_file(root, "wikitext2", split), encoding="utf-8", newline="") as f:
+        return tuple(line if line.strip() else "" for line in f)
+
+
+def wikitext2_text(split: str, root: Path | None) -> str:
+    """The papers' convention: rows joined with a blank line."""
+    return "\n\n".join(wikitext2_rows(split, root))
+
+
+def c4_texts(root: Path | None) -> list[str]:
+    if root is None:
+        ds = _hub("allenai/c4", data_files={"train": "en/c4-train.00000-of-01024.json.gz"}, split="train")
+        return list(ds["text"][:20000])
+    return [r["text"] for r in _jsonl(local_file(root, "c4", "train"))]
+
+
+@lru_cache(maxsize=4)
+def _squad_dev(root: Path) -> tuple[dict, ...]:
+    with open(local_file(root, "squad", "dev"), encoding="utf-8") as f:
+        return tuple(json.load(f)["data"])
+
+
+def squad_examples(part: str, root: Path | None) -> list[dict]:
+    """SQuAD v1.1 questions as {id, title, context, question, answers}. part: fit | eval."""
+    if part not in ("fit", "eval"):
+        raise ValueError(part)
+    if root is None:
+        ds = _hub("rajpurkar/squad", split="train" if part == "fit" else "validation")
+        return [{"id": r["id"], "title": r["title"], "context": r["context"], "question": r["question"],
+                 "answers": list(r["answers"]["text"])} for r in ds]
+    out = []
+    for i, article in enumerate(_squad_dev(root)):
+        if (i % 2 == 0) != (part == "fit"):
+            continue
+        for para in article["paragraphs"]:
+            for qa in para["qas"]:
+                out.append({"id": qa["id"], "title": article["title"], "context": para["context"],
+                            "question": qa["question"], "answers": [a["text"] for a in qa["answers"]]})
+    return out
+
+
+def gsm8k_examples(split: str, root: Path | None) -> list[dict]:
+    if root is None:
+        return [dict(r) for r in _hub("openai/gsm8k", "main", split=split)]
+    return _jsonl(local_file(root, "gsm8k", split))
+
+
+def boolq_examples(split: str, root: Path | None) -> list[dict]:
+    """BoolQ as {question, passage, label: bool}; the local SuperGLUE copy stores labels as strings."""
+    if root is None:
+        rows = _hub("google/boolq", split=split)
+        return [{"question": r["question"], "passage": r["passage"], "label": bool(r["answer"])} for r in rows]
+    out = []
+    for r in _jsonl(local_file(root, "boolq", split)):
+        label = r.get("label", r.get("answer"))
+        label = label if isinstance(label, bool) else str(label).lower() == "true"
+        passage = r["passage"]
+        if "title" in r and split == "train":
+            passage = f"{r['title']} -- {passage}" if r.get("title") else passage
+        out.append({"question": r["question"], "passage": passage, "label": label})
+    return out
+
+
+# ----------------------------------------------------------------------------- calibration
+
+def calibration_texts(source: str, root: Path | None, squad_format: str = "context_question"):
+    """('continuous', text) for running text, or ('examples', [texts]) for datasets of examples.
+
+    Answers never enter calibration text: SQuAD gives context (+ question), GSM8K the question, BoolQ the
+    passage and question.
+    """
+    if source == "wikitext2":
+        return "continuous", wikitext2_text("train", root)
+    if source == "c4":
+        return "continuous", "\n\n".join(c4_texts(root))
+    if source == "squad":
+        if squad_format not in SQUAD_FORMATS:
+            raise HybridPruneError(f"unknown --squad-format {squad_format!r}; use one of: {', '.join(SQUAD_FORMATS)}")
+        fmt = SQUAD_FORMATS[squad_format]
+        rows = squad_examples("fit", root)
+        if squad_format == "context":  # one text per paragraph, not one per question
+            rows = list({r["context"]: r for r in rows}.values())
+        return "examples", [fmt.format(**r) for r in rows]
+    if source == "gsm8k":
+        return "examples", [f"Question: {r['question']}" for r in gsm8k_examples("train", root)]
+    if source == "boolq":
+        return "examples", [f"{r['passage']}\nQuestion: {r['question']}?" for r in boolq_examples("train", root)]
+    raise HybridPruneError(f"unknown calibration source {source!r}; use one of: {', '.join(CALIB_SOURCES)} "
+                           "or mixed:a=0.5,b=0.5")
+
+
+def parse_calib(spec: str) -> list[tuple[str, float]]:
+    """'wikitext2' -> [(wikitext2, 1.0)]; 'mixed:wikitext2=0.5,squad=0.5' -> both with their weights."""
+    if not spec.startswith("mixed:"):
+        if spec not in CALIB_SOURCES:
+            raise HybridPruneError(f"unknown calibration source {spec!r}; use one of: {', '.join(CALIB_SOURCES)} "
+                                   "or mixed:a=0.5,b=0.5")
+        return [(spec, 1.0)]
+    parts = []
+    for item in spec[len("mixed:"):].split(","):
+        name, _, w = item.partition("=")
+        try:
+            weight = float(w)
+        except ValueError:
+            raise HybridPruneError(f"bad mixture item {item!r}; write mixed:wikitext2=0.5,squad=0.5") from None
+        if name not in CALIB_SOURCES or weight < 0:
+            raise HybridPruneError(f"bad mixture item {item!r}; sources: {', '.join(CALIB_SOURCES)}, weights >= 0")
+        parts.append((name, weight))
+    if abs(sum(w for _, w in parts) - 1) > 1e-6:
+        raise HybridPruneError(f"mixture weights in {spec!r} add up to {sum(w for _, w in parts):g}, not 1")
+    return parts
+
+
+def split_counts(total: int, weights: list[float]) -> list[int]:
+    """Largest-remainder rounding: integer counts proportional to weights that add up to total."""
+    raw = [total * w for w in weights]
+    counts = [int(r) for r in raw]
+    for i in sorted(range(len(raw)), key=lambda i: (counts[i] - raw[i], i))[: total - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+def _windows_continuous(ids: torch.Tensor, n: int, seqlen: int, gen: torch.Generator) -> torch.Tensor:
+    if ids.numel() <= seqlen:
+        raise HybridPruneError(f"calibration text has {ids.numel()} tokens, fewer than --seqlen {seqlen}")
+    starts = torch.randint(0, ids.numel() - seqlen, (n,), generator=gen)
+    return torch.stack([ids[s:s + seqlen] for s in starts.tolist()]) if n else ids.new_zeros(0, seqlen)
+
+
+def _windows_packed(texts: list[str], tokenizer, n: int, seqlen: int, seed: int) -> torch.Tensor:
+    """Examples (each followed by EOS) packed back to back into full windows: no padding anywhere."""
+    need, buf, rng, epoch = n * seqlen, [], random.Random(seed), 0
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    order = list(range(len(texts)))
+    while len(buf) < need:
+        rng.shuffle(order)
+        for i in order:
+            buf.extend(tokenizer(texts[i], add_special_tokens=False)["input_ids"] + eos)
+            if len(buf) >= need:
+                break
+        epoch += 1
+        if epoch > 1000:
+            raise HybridPruneError("calibration examples are empty; check the data files")
+    return torch.tensor(buf[:need], dtype=torch.long).reshape(n, seqlen)
+
+
+@lru_cache(maxsize=4)
+def _tokenized(text: str, tokenizer) -> torch.Tensor:
+    return torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
+
+
+def calibration_samples(tokenizer, spec: str = "wikitext2", nsamples: int = 128, seqlen: int = 2048, seed: int = 0,
+                        data_dir_path=None, squad_format: str = "context_question") -> torch.Tensor:
+    """[nsamples, seqlen] token ids; same arguments, same samples."""
+    if nsamples < 1 or seqlen < 2:
+        raise HybridPruneError(f"need --nsamples >= 1 and --seqlen >= 2, got {nsamples} and {seqlen}")
+    root = data_dir(data_dir_path)
+    parts = parse_calib(spec)
+    counts = split_counts(nsamples, [w for _, w in parts])
+    chunks = []
+    for j, ((source, _), n) in enumerate(zip(parts, counts)):
+        if n == 0:
+            continue
+        kind, payload = calibration_texts(source, root, squad_format)
+        part_seed = seed * 1000 + j
+        if kind == "continuous":
+            gen = torch.Generator().manual_seed(part_seed)
+            chunks.append(_windows_continuous(_tokenized(payload, tokenizer), n, seqlen, gen))
+        else:
+            chunks.append(_windows_packed(payload, tokenizer, n, seqlen, part_seed))
+    out = torch.cat(chunks)
+    if len(chunks) > 1:  # interleave sources so every micro-batch sees the mixture
+        out = out[torch.randperm(len(out), generator=torch.Generator().manual_seed(seed))]
+    return out

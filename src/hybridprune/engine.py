@@ -1,0 +1,339 @@
+"""Layer-by-layer pruning of any Hugging Face causal LM: the whole algorithm is in this file.
+
+    samples --embed--> inputs of decoder layer 0 (captured with every keyword argument the model passes)
+    for each decoder layer, on --device:
+        pass 1: run the layer on all micro-batches, hooks on its Linear/Conv1D modules collect input
+                statistics (column norms; Hessians for SparseGPT). The pass stops as soon as the last
+                matrix has seen its input, so the layer's final matrix is never computed here.
+        prune:  score every matrix, build the pattern's keep-mask, zero (SparseGPT: also reconstruct)
+        pass 2: run the pruned layer; its outputs are the next layer's inputs
+    ->  the model, pruned in place, and per-matrix tier maps for block patterns.
+
+Statistics for layer i therefore come from inputs that went through the already-pruned layers 0..i-1.
+Memory: one layer on the device, plus the calibration activations (nsamples x seqlen x hidden).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import models
+from .data import calibration_samples
+from .errors import HybridPruneError
+from .patterns import TieredBlocks, assign_tiers, make_pattern, tier_counts
+from .scoring import (METHODS, InputStats, inverse_hessian, magnitude_score, needs_calibration, score,
+                      sparsegpt_prune)
+
+
+@dataclass
+class PruneConfig:
+    method: str = "wanda"               # magnitude | wanda | sparsegpt
+    pattern: str = "unstructured"       # unstructured | N:M (2:4, 4:8) | three-tier | block | block-topk
+    sparsity: float = 0.5               # unstructured, block, block-topk
+    group: str = "row"                  # unstructured comparison group: row (Wanda) | matrix
+    calib: str = "wikitext2"            # wikitext2 | c4 | squad | gsm8k | boolq | mixed:a=0.5,b=0.5
+    nsamples: int = 128
+    seqlen: int = 2048
+    seed: int = 0
+    batch_size: int = 1                 # calibration micro-batch: bounds activation memory
+    device: str | None = None           # where each layer is computed; default cuda if available
+    skip: tuple[str, ...] = ()          # matrices or layers left dense, e.g. ("down_proj", "layers.0")
+    squad_format: str = "context_question"
+    data_dir: str | None = None
+    sparsegpt_blocksize: int = 128
+    percdamp: float = 0.01
+    # three-tier / block options
+    tiers: tuple[float, float, float] = (0.35, 0.45, 0.20)
+    block_size: int = 16
+    tier_nm: str = "2:4"
+    topk: int = 15
+    tier_metric: str = "wanda"
+    scope: str = "matrix"
+    retention: float | None = None
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise HybridPruneError(f"unknown method {self.method!r}; use one of: {', '.join(METHODS)}")
+        if self.batch_size < 1:
+            raise HybridPruneError(f"--batch-size must be >= 1, got {self.batch_size}")
+        self.skip = tuple(self.skip or ())
+        self.build_pattern()  # validate early: bad input fails before any model is loaded
+
+    def build_pattern(self):
+        return make_pattern(self.pattern, self.sparsity, group=self.group, tiers=self.tiers,
+                            block_size=self.block_size, nm=self.tier_nm, topk=self.topk,
+                            tier_metric=self.tier_metric, scope=self.scope, retention=self.retention)
+
+    def record(self) -> dict:
+        rec = asdict(self)
+        rec["pattern_detail"] = self.build_pattern().describe()
+        return rec
+
+
+@dataclass
+class PruneResult:
+    tier_maps: dict[str, torch.Tensor] = field(default_factory=dict)
+    seconds: float = 0.0
+    pattern: dict = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+
+
+class _StopForward(Exception):
+    """Raised from a hook to end a forward pass early once the wanted inputs are seen."""
+
+
+def default_device(device: str | None) -> str:
+    if device:
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise HybridPruneError(f"--device {device} asked for, but no CUDA device is available; use --device cpu")
+        return device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _to(x, device):
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if isinstance(x, tuple):
+        return tuple(_to(v, device) for v in x)
+    return x
+
+
+@torch.no_grad()
+def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, samples: torch.Tensor, batch_size: int, device):
+    """Run micro-batches up to decoder layer 0 and keep its inputs: (hidden, extra args, kwargs) per batch.
+
+    Whatever the model passes (attention mask, position ids, rotary position_embeddings, cache_position)
+    is kept as it is, so this follows each family and transformers release without special cases.
+    """
+    captured = []
+
+    def grab(module, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        kwargs = {k: (None if k in ("past_key_value", "past_key_values", "layer_past") else _to(v, device))
+                  for k, v in kwargs.items()}
+        captured.append([hidden.to(device), _to(tuple(args[1:]), device), kwargs])
+        raise _StopForward
+
+    handle = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    embed_device = model.get_input_embeddings().weight.device
+    try:
+        for batch in samples.split(batch_size):
+            try:
+                model(input_ids=batch.to(embed_device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def _layer_output(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def collect_stats(layer: nn.Module, linears: dict[str, nn.Module], batches, hessian: bool) -> dict[str, InputStats]:
+    """Pass 1: input statistics of every matrix. Matrices reading the same tensor share one InputStats."""
+    stats: dict[str, InputStats] = {}
+    state = {"seen": {}, "fired": set()}
+
+    def make_hook(name):
+        def hook(module, args):
+            x = args[0]
+            key = (x.data_ptr(), tuple(x.shape), x.stride())
+            if key in state["seen"]:
+                stats[name] = state["seen"][key][1]
+            else:
+                st = stats.setdefault(name, InputStats(x.shape[-1], x.device, hessian))
+                st.add(x)
+                state["seen"][key] = (x, st)  # holding x keeps its memory from being reused this pass
+            state["fired"].add(name)
+            if len(state["fired"]) == len(linears):
+                raise _StopForward
+        return hook
+
+    handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in linears.items()]
+    try:
+        for hidden, args, kwargs in batches:
+            state["seen"], state["fired"] = {}, set()
+            try:
+                layer(hidden, *args, **kwargs)
+            except _StopForward:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+        state["seen"] = {}
+    return stats
+
+
+def layer_budgets(pattern: TieredBlocks, block_scores: dict[str, torch.Tensor], floors=None) -> dict[str, tuple]:
+    """Rank blocks of several matrices together (tier scope layer or model).
+
+    Scores are made comparable by dividing each matrix's block scores by that matrix's mean block score:
+    activation scales differ by orders of magnitude between e.g. q_proj and down_proj, and raw scores would
+    hand whole matrices to one tier. What decides a block's tier is then how much it stands out in its matrix.
+    """
+    names = list(block_scores)
+    flat = [(block_scores[n] / block_scores[n].mean().clamp_min(1e-30)).reshape(-1).cpu() for n in names]
+    sizes = [f.numel() for f in flat]
+    floor = None
+    if floors:
+        floor = torch.cat([floors[n].reshape(-1).cpu() if n in floors else torch.zeros(s, dtype=torch.int8)
+                           for n, s in zip(names, sizes)])
+    tiers = assign_tiers(torch.cat(flat), tier_counts(sum(sizes), pattern.tiers), floor)
+    out = {}
+    for n, t in zip(names, tiers.split(sizes)):
+        out[n] = (int((t == 0).sum()), int((t == 1).sum()), int((t == 2).sum()))
+    return out
+
+
+class _Pruner:
+    """Holds the run's settings while the layer loop visits each decoder layer."""
+
+    def __init__(self, model, config: PruneConfig, floors=None):
+        self.model, self.config = model, config
+        self.pattern = config.build_pattern()
+        self.tiered = isinstance(self.pattern, TieredBlocks)
+        self.floors = floors or {}
+        self.budgets: dict[str, tuple] = {}
+        self.prefix, self.layers = models.find_decoder_layers(model)
+        self.device = default_device(config.device)
+        self.calibrated = needs_calibration(config.method)
+        self.skipped: list[str] = []
+
+    def linears(self, i: int, layer: nn.Module) -> dict[str, nn.Module]:
+        out = {}
+        for name, mod in models.find_linears(layer).items():
+            full = f"{self.prefix}.{i}.{name}"
+            if any(models.name_matches(full, p) for p in self.config.skip):
+                self.skipped.append(full)
+            else:
+                out[name] = mod
+        return out
+
+    def scores(self, linears, stats):
+        """Per-matrix (ranking score, inner score) in float32."""
+        out = {}
+        for name, mod in linears.items():
+            W = models.weight_matrix(mod)
+            s = score(self.config.method, W, stats.get(name))
+            inner = s if not self.tiered or self.pattern.tier_metric == "wanda" else magnitude_score(W)
+            out[name] = (s, inner)
+        return out
+
+    def prune_layer(self, i, linears, stats, tier_maps):
+        scores = self.scores(linears, stats)
+        full = {name: f"{self.prefix}.{i}.{name}" for name in linears}
+        budgets = dict(self.budgets)
+        if self.tiered and self.pattern.scope == "layer":
+            bs = {full[n]: self.pattern.block_scores(s) for n, (s, _) in scores.items()}
+            budgets.update(layer_budgets(self.pattern, bs, self.floors))
+        hinv = {}
+        for name, mod in linears.items():
+            s, inner = scores[name]
+            fname = full[name]
+            W = models.weight_matrix(mod)
+            floor = self.floors.get(fname)
+            keep, tiers = self.pattern.keep(s, inner, floor=floor, budget=budgets.get(fname))
+            if floor is not None:
+                keep &= W != 0  # progressive rounds never regrow a weight pruned in an earlier round
+            if self.config.method == "sparsegpt":
+                st = stats[name]
+                if id(st) not in hinv:  # q/k/v (and gate/up) share one input, so one inverse Hessian
+                    hinv[id(st)] = inverse_hessian(st.H, self.config.percdamp)
+                Wf = W.detach().float().clone()
+                fixed = keep if (self.tiered or floor is not None) else None
+                keep = sparsegpt_prune(Wf, hinv[id(st)], self.pattern, self.config.sparsegpt_blocksize,
+                                       self.config.percdamp, fixed_keep=fixed)
+                W.copy_(Wf.to(W.dtype))
+            W.mul_(keep)
+            if tiers is not None:
+                tier_maps[fname] = tiers.to("cpu", torch.int8)
+
+    def run(self, samples, dry: bool = False, desc: str = "pruning") -> dict:
+        """The layer loop. dry=True only scores (for model-scope budgets) and prunes nothing."""
+        tier_maps, block_scores = {}, {}
+        batches = None
+        if self.calibrated or (dry and self.tiered):
+            if samples is None:
+                raise HybridPruneError(f"method {self.config.method} needs calibration samples")
+            batches = capture_layer_inputs(self.model, self.layers, samples, self.config.batch_size, self.device)
+        hessian = self.config.method == "sparsegpt" and not dry
+        for i, layer in enumerate(tqdm(self.layers, desc=desc, unit="layer", leave=False)):
+            home = next(layer.parameters()).device
+            moved = not hasattr(self.model, "hf_device_map") and home != torch.device(self.device)
+            if moved:
+                layer.to(self.device)
+            linears = self.linears(i, layer)
+            stats = collect_stats(layer, linears, batches, hessian) if batches is not None and linears else {}
+            if dry:
+                for name, (s, _) in self.scores(linears, stats).items():
+                    block_scores[f"{self.prefix}.{i}.{name}"] = self.pattern.block_scores(s).cpu()
+            else:
+                self.prune_layer(i, linears, stats, tier_maps)
+            del stats
+            if batches is not None and i + 1 < len(self.layers):
+                for b in batches:
+                    b[0] = _layer_output(layer(b[0], *b[1], **b[2]))
+            if moved:
+                layer.to(home)
+        return block_scores if dry else tier_maps
+
+
+@torch.no_grad()
+def prune(model: nn.Module, config: PruneConfig | None = None, tokenizer=None, samples: torch.Tensor | None = None,
+          floors: dict[str, torch.Tensor] | None = None) -> PruneResult:
+    """Prune `model` in place. Calibration samples are drawn from config.calib unless given.
+
+    floors: tier maps of a previous progressive round (blocks only move down).
+    """
+    config = config or PruneConfig()
+    start = time.perf_counter()
+    pruner = _Pruner(model, config, floors)
+    if pruner.calibrated and samples is None:
+        if tokenizer is None:
+            raise HybridPruneError("pass a tokenizer or calibration samples for a calibrated method")
+        samples = calibration_samples(tokenizer, config.calib, config.nsamples, config.seqlen, config.seed,
+                                      config.data_dir, config.squad_format)
+    was_training = model.training
+    model.eval()
+    if pruner.tiered and pruner.pattern.scope == "model":
+        # Model scope needs every matrix's block scores before the first is pruned: one dense scoring pass.
+        bs = pruner.run(samples, dry=True, desc="scoring blocks")
+        pruner.budgets = layer_budgets(pruner.pattern, bs, pruner.floors)
+        pruner.skipped = []
+    tier_maps = pruner.run(samples)
+    model.train(was_training)
+    return PruneResult(tier_maps=tier_maps, seconds=time.perf_counter() - start,
+                       pattern=pruner.pattern.describe(), skipped=pruner.skipped)
+
+
+TIERS_FILE = "tiers.safetensors"
+
+
+def save_pruned(model, tokenizer, out, config: PruneConfig, result: PruneResult, source: str,
+                overwrite: bool = False, extra_record: dict | None = None):
+    """Save the pruned model with its record and, for block patterns, the tier map of every matrix."""
+    from safetensors.torch import save_file
+
+    record = {"model": source, "prune": config.record(), "prune_seconds": round(result.seconds, 2),
+              "skipped": result.skipped, **(extra_record or {})}
+
+    def extra(tmp):
+        if result.tier_maps:
+            save_file({k: v.contiguous() for k, v in result.tier_maps.items()}, str(tmp / TIERS_FILE))
+
+    return models.save_model(model, tokenizer, out, record, overwrite=overwrite, extra=extra)
+
+
+def load_tier_maps(folder) -> dict[str, torch.Tensor]:
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+    f = Path(folder) / TIERS_FILE
+    return load_file(str(f)) if f.is_file() else {}

@@ -1,0 +1,85 @@
+"""`hybridprune inspect`: what a saved model's sparsity really is, checked against what was asked for."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from . import models
+from .engine import load_tier_maps
+from .errors import HybridPruneError
+from .patterns import NM_TIER, TOPK_TIER, check_nm, expand_tiers, parse_nm, to_blocks
+
+TIER_NAMES = ("dense", "N:M", "top-k")
+
+
+@torch.no_grad()
+def check_tiers(W: torch.Tensor, tiers: torch.Tensor, b: int, n: int, m: int, k: int) -> dict:
+    """Block counts per tier and whether every tier-2 block is N:M and every tier-3 block has <= k non-zeros."""
+    nz = W != 0
+    full = expand_tiers(tiers, *W.shape, b)
+    nm_ok = check_nm(nz & (full == NM_TIER), n, m)
+    per_block = to_blocks(nz.float(), b).sum(-1)
+    topk_ok = bool((per_block[tiers == TOPK_TIER] <= k).all())
+    counts = [int((tiers == t).sum()) for t in range(3)]
+    return {"blocks": dict(zip(TIER_NAMES, counts)), "nm_valid": nm_ok, "topk_valid": topk_ok}
+
+
+def inspect_folder(folder, plot_dir=None, matrices=None) -> dict:
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise HybridPruneError(f"{folder} is not a saved model folder (no config.json)")
+    model, _ = models.load_model(str(folder))
+    report = models.sparsity_report(model)
+    record = models.read_record(folder) or {}
+    detail = (record.get("prune") or {}).get("pattern_detail") or {}
+    tier_maps = load_tier_maps(folder)
+    mats = models.prunable_matrices(model)
+    lines = [f"{folder}: overall sparsity {report['overall']:.4f} over {report['prunable_params']:,} prunable weights"]
+    if detail:
+        lines.append(f"pattern {detail.get('pattern')}: expected {detail.get('sparsity', 0):.4f}")
+    nm = None
+    if detail.get("pattern", "").count(":") == 1:
+        nm = parse_nm(detail["pattern"])
+        bad = [name for name, mod in mats.items() if not check_nm(models.weight_matrix(mod) != 0, *nm)]
+        report["nm_valid"] = not bad
+        lines.append(f"N:M groups valid: {'yes' if not bad else 'NO: ' + ', '.join(bad[:5])}")
+    if tier_maps:
+        b, k = detail.get("block_size", 16), detail.get("topk", 15)
+        n, m = parse_nm(detail.get("tier_nm", "2:4"))
+        tiers_report = {name: check_tiers(models.weight_matrix(mats[name]), t, b, n, m, k)
+                        for name, t in tier_maps.items() if name in mats}
+        report["tiers"] = tiers_report
+        totals = [sum(r["blocks"][t] for r in tiers_report.values()) for t in TIER_NAMES]
+        ok = all(r["nm_valid"] and r["topk_valid"] for r in tiers_report.values())
+        lines.append("blocks by tier: " + ", ".join(f"{t} {c}" for t, c in zip(TIER_NAMES, totals))
+                     + f"; tier rules hold: {'yes' if ok else 'NO'}")
+    lines.append(f"{'layer':<24}{'sparsity':>9}  matrices")
+    for layer in report["layers"]:
+        cells = " ".join(f"{n.split('.')[-1]}={v['sparsity']:.3f}" for n, v in layer["matrices"].items())
+        lines.append(f"{layer['layer']:<24}{layer['sparsity']:>9.4f}  {cells}")
+    if plot_dir:
+        from .plots import plot_layer_sparsity, plot_tier_maps
+        written = [plot_layer_sparsity(report, tier_maps, Path(plot_dir) / "sparsity_by_layer.png")]
+        if tier_maps:
+            chosen = _choose(tier_maps, matrices)
+            written.append(plot_tier_maps({n: tier_maps[n] for n in chosen}, Path(plot_dir) / "tier_maps.png"))
+        lines.append("plots: " + ", ".join(map(str, written)))
+        report["plots"] = [str(p) for p in written]
+    report["text"] = "\n".join(lines)
+    report["record"] = record
+    return report
+
+
+def _choose(tier_maps, patterns):
+    """Matrices to draw: those matching the patterns, else every matrix of the first decoder layer."""
+    names = list(tier_maps)
+    if patterns:
+        chosen = [n for n in names if any(models.name_matches(n, p) for p in patterns)]
+        if not chosen:
+            raise HybridPruneError(f"no matrix matches {patterns}; names look like {names[0]}")
+        return chosen[:12]
+    first_layer = re.match(r"^(.*?\.\d+)\.", names[0])
+    prefix = first_layer.group(1) + "." if first_layer else ""
+    return [n for n in names if n.startswith(prefix)][:8]

