@@ -14,6 +14,7 @@ import sys
 import time
 
 import torch
+from _common import report, write_json
 
 
 def worker(args):
@@ -68,10 +69,8 @@ def main():
             sys.exit(f"worker {method} failed")
         row = json.loads(line[-1][7:])
         rows.append(row)
-        print("  ".join(f"{k}={v}" for k, v in row.items()), flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+        report(row)
+    write_json(rows, args.json)
 
 
 if __name__ == "__main__":

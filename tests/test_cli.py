@@ -97,3 +97,28 @@ def test_progressive_cli_and_resume(tmp_path, tiny_llama_dir, data_dir, capsys):
 def test_help_lists_commands():
     res = run_cli("--help")
     assert res.returncode == 0 and all(c in res.stdout for c in ("prune", "ppl", "inspect", "progressive"))
+
+
+def test_progressive_resumes_after_interruption(tmp_path, tiny_llama_dir, data_dir):
+    from hybridprune import PruneConfig, load_model
+    from hybridprune.progressive import run_progressive
+
+    schedule = [(0.9, 0.1, 0.0), (0.6, 0.2, 0.2), (0.35, 0.45, 0.2)]
+    config = PruneConfig(pattern="three-tier", nsamples=2, seqlen=32, device="cpu")
+    out = tmp_path / "p"
+    calls = []
+
+    def recover_then_crash(model, tok, r):
+        calls.append(r)
+        if r == 1:
+            raise KeyboardInterrupt
+
+    model, tok = load_model(str(tiny_llama_dir))
+    with pytest.raises(KeyboardInterrupt):
+        run_progressive(model, tok, config, schedule, out, recover=recover_then_crash)
+    assert not out.exists() and (tmp_path / "p.partial" / "state.json").is_file()
+    model, tok = load_model(str(tiny_llama_dir))
+    run_progressive(model, tok, config, schedule, out, resume=True, recover=lambda m, t, r: calls.append(r))
+    assert calls == [0, 1, 1, 2]  # round 2 (index 1) was not saved, so it ran again; round 1 did not
+    rec = json.loads((out / "hybridprune.json").read_text())
+    assert [r["round"] for r in rec["progressive"]["rounds"]] == [1, 2, 3]

@@ -152,3 +152,16 @@ def test_make_pattern_errors():
         make_pattern("diagonal")
     with pytest.raises(HybridPruneError, match="outside"):
         make_pattern("unstructured", 1.0)
+
+
+def test_topk_in_blocks_keeps_each_blocks_best():
+    from hybridprune.patterns import topk_in_blocks
+    torch.manual_seed(3)
+    s = torch.rand(37, 50)
+    keep = topk_in_blocks(s, 16, 5)
+    for r in range(0, 37, 16):
+        for c in range(0, 50, 16):
+            blk, kb = s[r:r + 16, c:c + 16], keep[r:r + 16, c:c + 16]
+            assert int(kb.sum()) == min(5, blk.numel())
+            assert blk[kb].min() >= blk[~kb].max()
+    assert topk_in_blocks(torch.zeros(16, 16), 16, 3).reshape(-1).nonzero().numel() == 3  # ties: still exactly k

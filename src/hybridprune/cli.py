@@ -38,7 +38,8 @@ def _add_pattern_args(p):
     t.add_argument("--tier-nm", default="2:4", help="N:M inside tier-2 blocks (default 2:4)")
     t.add_argument("--topk", type=int, default=15, help="weights kept in each tier-3 block (default 15)")
     t.add_argument("--tier-metric", default="wanda", help="picks weights inside tiers 2 and 3: wanda | magnitude")
-    t.add_argument("--tier-scope", default="matrix", help="where blocks are ranked: matrix | layer | model")
+    t.add_argument("--tier-scope", default="layer",
+                   help="where blocks are ranked: layer (default) | matrix (original design) | model")
     t.add_argument("--retention", type=float, default=None,
                    help="adaptive: an N:M candidate block stays dense if N:M keeps less than this share of its score")
 

@@ -52,7 +52,7 @@ class PruneConfig:
     tier_nm: str = "2:4"
     topk: int = 15
     tier_metric: str = "wanda"
-    scope: str = "matrix"
+    scope: str = "layer"                # measured better than per-matrix ranking on the default model (README)
     retention: float | None = None
 
     def __post_init__(self):
@@ -264,11 +264,16 @@ class _Pruner:
                 raise HybridPruneError(f"method {self.config.method} needs calibration samples")
             batches = capture_layer_inputs(self.model, self.layers, samples, self.config.batch_size, self.device)
         hessian = self.config.method == "sparsegpt" and not dry
-        for i, layer in enumerate(tqdm(self.layers, desc=desc, unit="layer", leave=False)):
+        for i, layer in enumerate(tqdm(self.layers, desc=desc, unit="layer", leave=False, disable=None)):
             home = next(layer.parameters()).device
-            moved = not hasattr(self.model, "hf_device_map") and home != torch.device(self.device)
+            # Models dispatched by accelerate (device_map) keep each layer where it is; others visit --device.
+            where = home if hasattr(self.model, "hf_device_map") else torch.device(self.device)
+            moved = home != where
             if moved:
-                layer.to(self.device)
+                layer.to(where)
+            if batches is not None and batches[0][0].device != where:
+                batches = [[h.to(where), _to(a, where), {k: _to(v, where) for k, v in kw.items()}]
+                           for h, a, kw in batches]
             linears = self.linears(i, layer)
             stats = collect_stats(layer, linears, batches, hessian) if batches is not None and linears else {}
             if dry:

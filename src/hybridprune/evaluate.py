@@ -40,7 +40,8 @@ def perplexity(model, tokenizer=None, seqlen: int = 2048, max_windows: int | Non
     was_training = model.training
     model.eval()
     start, nll = time.perf_counter(), 0.0
-    for batch in tqdm(windows.split(batch_size), desc="perplexity", unit="batch", leave=False, disable=not progress):
+    for batch in tqdm(windows.split(batch_size), desc="perplexity", unit="batch", leave=False,
+                      disable=None if progress else True):
         batch = batch.to(device)
         logits = model(input_ids=batch, use_cache=False).logits.float()
         loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),

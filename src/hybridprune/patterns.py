@@ -116,11 +116,13 @@ def assign_tiers(scores: torch.Tensor, counts: tuple[int, int, int], floor: torc
 
 
 def topk_in_blocks(score: torch.Tensor, b: int, k: int) -> torch.Tensor:
-    """Keep exactly the k best weights of every block (ties to the lower index)."""
+    """Keep exactly the k best weights of every block (all of them if an edge block holds fewer than k).
+
+    Implemented as "prune the b*b - k lowest" so ties are settled by index, as in lowest_k.
+    """
     rows, cols = score.shape
-    blocks = to_blocks(score.float(), b, fill=-math.inf)
-    order = torch.sort(blocks, dim=-1, descending=True, stable=True).indices[..., :k]
-    keep = torch.zeros_like(blocks, dtype=torch.bool).scatter_(-1, order, True)
+    blocks = to_blocks(score.float(), b, fill=-math.inf)  # padding is always pruned first
+    keep = ~lowest_k(blocks, b * b - k)
     return from_blocks(keep, rows, cols, b)
 
 

@@ -9,6 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 TIER_COLORS = ("#1b7837", "#f1a340", "#b2182b")  # dense, N:M, top-k
 
@@ -37,6 +38,7 @@ def plot_layer_sparsity(report: dict, tier_maps: dict, path: Path) -> Path:
         ax.set_ylabel("sparsity")
     ax.set_ylim(0, 1)
     ax.set_xlabel("decoder layer")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title(f"Sparsity by layer (overall {report['overall']:.3f})")
     ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
@@ -56,10 +58,13 @@ def plot_tier_maps(tier_maps: dict, path: Path) -> Path:
     for ax, (name, tiers) in zip(axes.flat, tier_maps.items()):
         ax.imshow(tiers.numpy(), cmap=cmap, vmin=0, vmax=2, interpolation="nearest", aspect="auto")
         share = [int((tiers == k).sum()) / tiers.numel() for k in range(3)]
-        ax.set_title(f"{name.split('.', 2)[-1]}\n" + " / ".join(f"{s:.0%}" for s in share), fontsize=8)
+        ax.set_title(f"{name.split('.', 2)[-1]}\n" + ", ".join(f"{t} {s:.0%}" for t, s in zip(("dense", "N:M", "top-k"),
+                                                                                          share)), fontsize=8)
         ax.set_xlabel("input blocks", fontsize=7)
         ax.set_ylabel("output blocks", fontsize=7)
         ax.tick_params(labelsize=6)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in TIER_COLORS]

@@ -50,10 +50,10 @@ def run_progressive(model, tokenizer, config: PruneConfig, schedule, out, source
                     resume=False, recover=None, samples=None) -> PruneResult:
     out = Path(out)
     partial = out.with_name(out.name + ".partial")
-    floors, start = {}, 0
+    floors, start, history = {}, 0, []
     if resume and (partial / "state.json").is_file():
         state = json.loads((partial / "state.json").read_text())
-        start = state["finished_rounds"]
+        start, history = state["finished_rounds"], state["history"]
         model, tokenizer = models.load_model(str(partial / "model"))
         floors = load_tier_maps(partial / "model")
         print(f"resuming after round {start} of {len(schedule)}")
@@ -62,7 +62,7 @@ def run_progressive(model, tokenizer, config: PruneConfig, schedule, out, source
     if samples is None and config.method != "magnitude":
         samples = calibration_samples(tokenizer, config.calib, config.nsamples, config.seqlen, config.seed,
                                       config.data_dir, config.squad_format)
-    history, seconds, result = [], 0.0, None
+    seconds, result = 0.0, None
     for r in range(start, len(schedule)):
         cfg = dataclasses.replace(config, pattern="three-tier", tiers=schedule[r])
         result = prune(model, cfg, samples=samples, floors=floors)

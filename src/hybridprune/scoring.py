@@ -123,8 +123,3 @@ def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor | tuple, pattern, blocksize
 
 def needs_calibration(method: str) -> bool:
     return method in ("wanda", "sparsegpt")
-
-
-def check_method(method: str, pattern) -> None:
-    if method not in METHODS:
-        raise HybridPruneError(f"unknown method {method!r}; use one of: {', '.join(METHODS)}")
