@@ -122,3 +122,27 @@ def test_progressive_resumes_after_interruption(tmp_path, tiny_llama_dir, data_d
     assert calls == [0, 1, 1, 2]  # round 2 (index 1) was not saved, so it ran again; round 1 did not
     rec = json.loads((out / "hybridprune.json").read_text())
     assert [r["round"] for r in rec["progressive"]["rounds"]] == [1, 2, 3]
+
+
+def test_compare_writes_table_json_and_chart(tmp_path, tiny_llama_dir, data_dir, capsys):
+    pruned = tmp_path / "pruned"
+    assert main(["prune", "--model", str(tiny_llama_dir), "--method", "magnitude", "--sparsity", "0.9",
+                 "--out", str(pruned)]) == 0
+    out = tmp_path / "cmp"
+    assert main(["compare", str(tiny_llama_dir), str(pruned), "--tasks", "wikitext2,boolq", "--limit", "3",
+                 "--ppl-seqlen", "64", "--ppl-windows", "2", "--out", str(out)]) == 0
+    table = (out / "compare.md").read_text().splitlines()
+    assert table[0] == "| task | metric | tiny-llama | pruned |"
+    ppl_row = next(r for r in table if r.startswith("| wikitext2 | ppl"))
+    assert "(+" in ppl_row or "(-" in ppl_row  # the difference to the first model
+    runs = json.loads((out / "compare.json").read_text())
+    assert runs[1]["hybridprune"]["prune"]["sparsity"] == 0.9 and runs[0]["tasks"]["boolq"]["n"] == 3
+    assert (out / "compare.png").stat().st_size > 1000
+
+
+def test_eval_bad_input(tmp_path, capsys):
+    assert main(["eval", "default", "--tasks", "mmlu"]) == 2
+    assert main(["eval", "default", "--limit", "0"]) == 2
+    assert main(["eval", "default", "--data-dir", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and all(e.startswith("hybridprune: error:") for e in err)

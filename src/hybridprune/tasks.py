@@ -1,0 +1,212 @@
+"""Downstream tasks as data, run by lm-evaluation-harness on the in-memory model.
+
+Each task is an lm-eval task config (prompt, target, answer extraction, metric) that reads our local files
+(written once as flat JSON lines into the cache) or the hub. Prompts and extraction follow lm-eval's stock tasks:
+BoolQ 0-shot log-likelihood of " no"/" yes"; GSM8K 5-shot from train, greedy until "Question:", strict
+(`#### n`) and flexible (last number) extraction. SQuAD v1.1 has no stock v1.1 task in lm-eval, so its metric
+(official normalisation, EM and token F1, max over gold answers) is ours, in `squad_scores`.
+WikiText-2 perplexity is the papers' computation from evaluate.py, reported in the same results.
+"""
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import re
+import string
+
+from .data import boolq_examples, data_dir, gsm8k_examples, local_file, squad_examples
+from .errors import HybridPruneError
+from .models import cache_dir
+
+TASKS = ("wikitext2", "boolq", "gsm8k", "squad")
+BOOLQ_PROMPT = "{{passage}}\nQuestion: {{question}}?\nAnswer:"
+GSM8K_PROMPT = "Question: {{question}}\nAnswer:"
+GSM8K_INSTRUCT = ("Solve the math problem step by step. End with a line '#### <number>' giving the final answer.\n"
+                  "Question: {{question}}\nAnswer:")
+SQUAD_PROMPT = "Title: {{title}}\n\nBackground: {{context}}\n\nQuestion: {{question}}\n\nAnswer:"
+
+
+# ----------------------------------------------------------------------------- SQuAD v1.1 metric
+
+def normalize_answer(text: str) -> str:
+    """Official SQuAD v1.1: lowercase, drop punctuation and the articles a/an/the, collapse white space."""
+    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+def squad_f1(prediction: str, gold: str) -> float:
+    pred, ref = normalize_answer(prediction).split(), normalize_answer(gold).split()
+    common = collections.Counter(pred) & collections.Counter(ref)
+    same = sum(common.values())
+    if same == 0:
+        return 0.0
+    precision, recall = same / len(pred), same / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def squad_scores(prediction: str, golds: list[str]) -> dict:
+    """EM and F1 (x100), each the max over the gold answers."""
+    if not golds:
+        raise HybridPruneError("a SQuAD v1.1 question without gold answers")
+    return {"exact_match": 100.0 * max(float(normalize_answer(prediction) == normalize_answer(g)) for g in golds),
+            "f1": 100.0 * max(squad_f1(prediction, g) for g in golds)}
+
+
+def _squad_process_results(doc, results):
+    return squad_scores(results[0].strip(), doc["answers"])
+
+
+# ----------------------------------------------------------------------------- task configs
+
+def _write_jsonl(name: str, rows: list[dict]) -> str:
+    """Flat JSON lines in the cache, named by content hash so a changed source never reuses a stale file."""
+    text = "\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n"
+    path = cache_dir() / "tasks" / f"{name}-{hashlib.sha256(text.encode()).hexdigest()[:12]}.jsonl"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.rename(path)
+    return str(path)
+
+
+def task_config(name: str, data_dir_path=None, num_fewshot: int | None = None, gsm8k_mode: str = "fewshot") -> dict:
+    """The lm-eval config of one task, reading local files when a data directory is set."""
+    root = data_dir(data_dir_path)
+    if name == "boolq":
+        cfg = {"output_type": "multiple_choice", "doc_to_text": BOOLQ_PROMPT, "doc_to_target": "label",
+               "doc_to_choice": ["no", "yes"], "metric_list": [{"metric": "acc", "aggregation": "mean",
+                                                                "higher_is_better": True}],
+               "num_fewshot": 0 if num_fewshot is None else num_fewshot}
+        if root is None:
+            cfg.update(dataset_path="aps/super_glue", dataset_name="boolq", validation_split="validation",
+                       training_split="train", fewshot_split="train")
+        else:
+            rows = [{"question": r["question"], "passage": r["passage"], "label": int(r["label"])}
+                    for r in boolq_examples("validation", root)]
+            cfg.update(dataset_path="json", validation_split="validation",
+                       dataset_kwargs={"data_files": {"validation": _write_jsonl("boolq-validation", rows)}})
+        return {"task": "hybridprune_boolq", **cfg, "_split": "validation", "_prompt": BOOLQ_PROMPT}
+    if name == "gsm8k":
+        if gsm8k_mode not in ("fewshot", "instruct"):
+            raise HybridPruneError(f"unknown --gsm8k-mode {gsm8k_mode!r}; use fewshot or instruct")
+        fewshot = (5 if gsm8k_mode == "fewshot" else 0) if num_fewshot is None else num_fewshot
+        prompt = GSM8K_PROMPT if gsm8k_mode == "fewshot" else GSM8K_INSTRUCT
+        cfg = {"output_type": "generate_until", "doc_to_text": prompt, "doc_to_target": "{{answer}}",
+               "num_fewshot": fewshot, "training_split": "train", "fewshot_split": "train", "test_split": "test",
+               "generation_kwargs": {"until": ["Question:", "</s>", "<|im_end|>"], "do_sample": False,
+                                     "temperature": 0.0, "max_gen_toks": 256},
+               "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True,
+                                "ignore_case": True, "ignore_punctuation": False,
+                                "regexes_to_ignore": [",", "\\$", "(?s).*#### ", "\\.$"]}],
+               "filter_list": [
+                   {"name": "strict-match", "filter": [{"function": "regex", "regex_pattern": "#### (\\-?[0-9\\.\\,]+)"},
+                                                       {"function": "take_first"}]},
+                   {"name": "flexible-extract", "filter": [
+                       {"function": "regex", "group_select": -1, "regex_pattern": "(-?[$0-9.,]{2,})|(-?[0-9]+)"},
+                       {"function": "take_first"}]}]}
+        if root is None:
+            cfg.update(dataset_path="openai/gsm8k", dataset_name="main")
+        else:
+            gsm8k_examples("test", root)  # fails early, naming the file, if it is missing
+            cfg.update(dataset_path="json", dataset_kwargs={"data_files": {
+                "train": str(local_file(root, "gsm8k", "train")), "test": str(local_file(root, "gsm8k", "test"))}})
+        return {"task": "hybridprune_gsm8k", **cfg, "_split": "test", "_prompt": prompt, "_mode": gsm8k_mode}
+    if name == "squad":
+        cfg = {"output_type": "generate_until", "doc_to_text": SQUAD_PROMPT, "doc_to_target": "{{answers[0]}}",
+               "num_fewshot": 0 if num_fewshot is None else num_fewshot, "test_split": "test",
+               "generation_kwargs": {"until": ["\n"], "do_sample": False, "temperature": 0.0, "max_gen_toks": 32},
+               "process_results": _squad_process_results,
+               "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True},
+                               {"metric": "f1", "aggregation": "mean", "higher_is_better": True}]}
+        rows = squad_examples("eval", root)
+        split = "validation" if root is None else "dev, evaluation half (odd-numbered articles)"
+        cfg.update(dataset_path="json", dataset_kwargs={"data_files": {"test": _write_jsonl("squad-eval", rows)}})
+        return {"task": "hybridprune_squad", **cfg, "_split": split, "_prompt": SQUAD_PROMPT}
+    raise HybridPruneError(f"unknown task {name!r}; use any of: {', '.join(TASKS)}")
+
+
+def parse_tasks(text: str) -> list[str]:
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    for t in names:
+        if t not in TASKS:
+            raise HybridPruneError(f"unknown task {t!r}; use any of: {', '.join(TASKS)}")
+    if not names:
+        raise HybridPruneError(f"no task given; use any of: {', '.join(TASKS)}")
+    return names
+
+
+# ----------------------------------------------------------------------------- running
+
+def evaluate_model(model, tokenizer, tasks: list[str], limit: int | None = None, seed: int = 0, batch_size: int = 8,
+                   num_fewshot: int | None = None, gsm8k_mode: str = "fewshot", chat_template: bool = False,
+                   data_dir_path=None, ppl_seqlen: int = 2048, ppl_windows: int | None = None,
+                   samples_path=None) -> dict:
+    """Run the tasks on an in-memory model; returns {task: {metric: value, metric_stderr: ..., n, split, prompt}}."""
+    from .evaluate import perplexity
+
+    if limit is not None and limit < 1:
+        raise HybridPruneError(f"--limit must be >= 1, got {limit}")
+    if not hasattr(model, "generate") and any(t in ("gsm8k", "squad") for t in tasks):
+        raise HybridPruneError(f"{type(model).__name__} cannot generate; gsm8k and squad need a causal LM")
+    configs = {t: task_config(t, data_dir_path, num_fewshot, gsm8k_mode) for t in tasks if t != "wikitext2"}
+    results = {}
+    if "wikitext2" in tasks:
+        ppl = perplexity(model, tokenizer, seqlen=ppl_seqlen, max_windows=ppl_windows, data_dir_path=data_dir_path)
+        results["wikitext2"] = {"ppl": ppl["ppl"], "n": ppl["windows"], "split": "test",
+                                "prompt": f"rows joined with blank lines, windows of {ppl_seqlen} tokens"}
+    if not configs:
+        return results
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    out = simple_evaluate(model=lm, tasks=[{k: v for k, v in c.items() if not k.startswith("_")}
+                                           for c in configs.values()],
+                          limit=limit, log_samples=samples_path is not None, random_seed=seed, numpy_random_seed=seed,
+                          torch_random_seed=seed, fewshot_random_seed=seed, apply_chat_template=chat_template)
+    for name, cfg in configs.items():
+        raw = out["results"][cfg["task"]]
+        entry = {"n": raw.get("sample_len", out["n-samples"][cfg["task"]]["effective"]), "split": cfg["_split"],
+                 "prompt": cfg["_prompt"], "num_fewshot": cfg["num_fewshot"]}
+        if "_mode" in cfg:
+            entry["mode"] = cfg["_mode"] + (" (chat template)" if chat_template else "")
+        for key, value in raw.items():
+            if "," not in key or key.startswith("alias"):
+                continue
+            metric, filt = key.split(",", 1)
+            stderr = metric.endswith("_stderr")
+            base = metric[: -len("_stderr")] if stderr else metric
+            label = base if filt == "none" else f"{base}[{filt}]"
+            entry[label + ("_stderr" if stderr else "")] = value
+        results[name] = entry
+    if samples_path is not None:
+        _write_samples(out.get("samples", {}), configs, samples_path)
+    return results
+
+
+def _write_samples(samples: dict, configs: dict, path) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for name, cfg in configs.items():
+            for s in samples.get(cfg["task"], []):
+                row = {"task": name, "doc_id": s.get("doc_id"), "prompt": s["arguments"][0][0] if s.get("arguments")
+                       else None, "output": s.get("resps"), "extracted": s.get("filtered_resps"),
+                       "target": s.get("target"), "scores": {k: s[k] for k in ("acc", "exact_match", "f1") if k in s},
+                       "filter": s.get("filter")}
+                f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+
+
+def metric_rows(results: dict) -> list[tuple[str, str, float]]:
+    """(task, metric, value) for the headline metrics, in a stable order."""
+    rows = []
+    for task, entry in results.items():
+        for k, v in entry.items():
+            if isinstance(v, (int, float)) and not k.endswith("_stderr") and k not in ("n", "num_fewshot"):
+                rows.append((task, k, float(v)))
+    return rows
+
+
