@@ -146,3 +146,38 @@ def test_eval_bad_input(tmp_path, capsys):
     assert main(["eval", "default", "--data-dir", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 3 and all(e.startswith("hybridprune: error:") for e in err)
+
+
+def test_finetune_cli_keeps_sparsity_and_writes_record(tmp_path, tiny_llama_dir, data_dir):
+    import torch
+    from safetensors.torch import load_file
+    pruned = tmp_path / "pruned"
+    assert main(["prune", "--model", str(tiny_llama_dir), "--pattern", "three-tier", "--nsamples", "2",
+                 "--seqlen", "32", "--out", str(pruned)]) == 0
+    out = tmp_path / "ft"
+    assert main(["finetune", str(pruned), "--data", "squad", "--template", "simple", "--steps", "3",
+                 "--batch-size", "2", "--seqlen", "256", "--max-examples", "6", "--lr", "1e-3",
+                 "--out", str(out)]) == 0
+    rec = json.loads((out / "hybridprune.json").read_text())
+    assert rec["prune"]["pattern"] == "three-tier" and rec["finetune"]["steps"] == 3
+    assert (out / "loss.png").is_file() and (out / "tiers.safetensors").is_file()
+    a, b = load_file(str(pruned / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    for k in a:
+        if k.endswith("proj.weight"):
+            assert torch.equal(a[k] != 0, b[k] != 0), k
+    assert any(not torch.equal(a[k], b[k]) for k in a if k.endswith("proj.weight"))
+    assert not (tmp_path / "ft.checkpoints").exists()
+    assert main(["finetune", str(pruned), "--data", "squad", "--steps", "0", "--out", str(tmp_path / "x")]) == 2
+    assert main(["finetune", str(pruned), "--data", "gsm8k", "--template", "alpaca",
+                 "--out", str(tmp_path / "x")]) == 2
+    assert not (tmp_path / "x").exists()
+
+
+def test_progressive_with_finetune_between(tmp_path, tiny_llama_dir, data_dir):
+    sched = tmp_path / "s.yaml"
+    sched.write_text("rounds:\n  - [0.6, 0.4, 0.0]\n  - [0.35, 0.45, 0.20]\n")
+    out = tmp_path / "prog"
+    assert main(["progressive", "--model", str(tiny_llama_dir), "--schedule", str(sched), "--nsamples", "2",
+                 "--seqlen", "32", "--out", str(out), "--finetune-between", "wikitext2", "--steps", "2",
+                 "--ft-batch-size", "2", "--ft-seqlen", "64", "--max-examples", "8", "--ft-method", "full"]) == 0
+    assert main(["inspect", str(out)]) == 0

@@ -226,9 +226,53 @@ def cmd_progressive(args):
     config = _config(args)
     _check_out(args.out, args.overwrite)
     schedule = load_schedule(args.schedule)
+    recover = None
+    if args.finetune_between:
+        from .finetune import finetune
+        ft = _ft_config(args, args.finetune_between)
+        work = Path(args.out).with_name(Path(args.out).name + ".checkpoints")
+        recover = lambda model, tok, r: finetune(model, tok, ft, work / f"round{r + 1}")  # noqa: E731
     model, tok = _load(args, args.model)
     run_progressive(model, tok, config, schedule, args.out, source=args.model, overwrite=args.overwrite,
-                    resume=args.resume)
+                    resume=args.resume, recover=recover)
+
+
+def _ft_config(args, data):
+    from .finetune import FinetuneConfig
+    return FinetuneConfig(data=data, template=args.template, method=args.ft_method, steps=args.steps, lr=args.lr,
+                          batch_size=args.ft_batch_size, grad_accum=args.grad_accum, seqlen=args.ft_seqlen,
+                          seed=args.seed, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
+                          lora_dropout=args.lora_dropout, merge=not args.no_merge, max_examples=args.max_examples,
+                          data_dir=args.data_dir)
+
+
+def cmd_finetune(args):
+    from .data import data_dir
+    from .finetune import finetune_and_save
+    config = _ft_config(args, args.data)
+    data_dir(args.data_dir)
+    res = finetune_and_save(args.model, config, args.out, overwrite=args.overwrite, resume=args.resume,
+                            dtype=args.dtype)
+    rec = res["record"]
+    print(f"fine-tuned {rec['examples']} examples for {config.steps} steps: loss {rec['first_loss']} -> "
+          f"{rec['final_loss']:.4f}; {rec['zeros_preserved']:,} pruned weights still zero; saved to {args.out}")
+
+
+def _add_ft_args(p, prefix_method=False):
+    g = p.add_argument_group("fine-tuning")
+    g.add_argument("--template", default="simple", help="simple | alpaca (squad) | chat")
+    g.add_argument("--ft-method" if prefix_method else "--method", dest="ft_method", default="lora",
+                   help="lora | full")
+    g.add_argument("--steps", type=int, default=200)
+    g.add_argument("--lr", type=float, default=1e-4)
+    g.add_argument("--ft-batch-size" if prefix_method else "--batch-size", dest="ft_batch_size", type=int, default=8)
+    g.add_argument("--grad-accum", type=int, default=1)
+    g.add_argument("--ft-seqlen" if prefix_method else "--seqlen", dest="ft_seqlen", type=int, default=512)
+    g.add_argument("--lora-r", type=int, default=16)
+    g.add_argument("--lora-alpha", type=int, default=32)
+    g.add_argument("--lora-dropout", type=float, default=0.05)
+    g.add_argument("--no-merge", action="store_true", help="keep the LoRA adapter instead of merging it")
+    g.add_argument("--max-examples", type=int, default=None, help="use only the first N training examples")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -295,10 +339,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--resume", action="store_true", help="continue from the last finished round in --out.partial")
+    p.add_argument("--finetune-between", metavar="DATA", help="recovery fine-tuning on DATA after every round "
+                   "(squad | gsm8k | boolq | wikitext2 | c4), with the --ft-* options")
     _add_pattern_args(p)
     _add_calib_args(p)
     _add_model_args(p)
+    _add_ft_args(p, prefix_method=True)
     p.set_defaults(func=cmd_progressive, pattern="three-tier")
+
+    p = sub.add_parser("finetune", help="sparsity-preserving fine-tuning",
+                       description="LoRA (merged through the sparsity mask) or full fine-tuning with masked "
+                                   "gradients; pruned weights stay exactly zero, checked before saving.")
+    p.add_argument("model", help="a pruned model folder (or any model spec)")
+    p.add_argument("--data", required=True, help="squad | gsm8k | boolq | wikitext2 | c4")
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in <out>.checkpoints")
+    p.add_argument("--seed", type=int, default=0)
+    _add_ft_args(p)
+    _add_model_args(p)
+    p.set_defaults(func=cmd_finetune)
     return ap
 
 

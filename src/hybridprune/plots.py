@@ -89,3 +89,18 @@ def plot_compare(models: list[str], keys: list[tuple[str, str]], table: list[dic
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_loss(losses: list[tuple[int, float]], path: Path) -> Path:
+    """Training loss by step."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    if losses:
+        ax.plot([s for s, _ in losses], [v for _, v in losses], ".-", color="#4575b4")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_title("Fine-tuning loss")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,284 @@
+"""Sparsity-preserving fine-tuning: pruned weights stay exactly zero.
+
+- `lora`: PEFT LoRA on every prunable matrix of the decoder layers; at the end the update is merged through the
+  mask captured before training, W <- W + M * (scale * B @ A), so a dense LoRA delta never fills the zeros.
+- `full`: every prunable matrix trains with its gradient multiplied by its mask, and the mask is re-applied
+  after each optimizer step (weight decay and Adam moments cannot regrow a weight either).
+
+Training runs through the transformers Trainer (gradient accumulation, checkpoints and `--resume`, bf16 on GPU,
+accelerate / FSDP / DeepSpeed when launched that way). After training the zero set of every matrix is compared
+with the one before; any difference is an error.
+
+Templated data puts the loss on the answer only (prompt labels are -100) and ends the answer with EOS.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from . import models
+from .data import (boolq_examples, c4_texts, data_dir, gsm8k_examples, squad_examples, wikitext2_text)
+from .errors import HybridPruneError
+
+FT_DATA = ("squad", "gsm8k", "boolq", "wikitext2", "c4")
+TEMPLATES = {
+    "squad": {"simple": ("Context: {context}\nQuestion: {question}\nAnswer:", " {answer}"),
+              "alpaca": ("Below is an instruction that describes a task, paired with an input that provides further "
+                         "context. Write a response that appropriately completes the request.\n\n### Instruction:\n"
+                         "Answer the question based on the context.\n\n### Input:\nContext: {context}\n"
+                         "Question: {question}\n\n### Response:\n", "{answer}")},
+    "gsm8k": {"simple": ("Question: {question}\nAnswer:", " {solution}")},
+    "boolq": {"simple": ("{passage}\nQuestion: {question}?\nAnswer:", " {answer}")},
+}
+
+
+@dataclass
+class FinetuneConfig:
+    data: str = "wikitext2"
+    template: str = "simple"          # simple | alpaca (squad) | chat (the model's chat template)
+    method: str = "lora"              # lora | full
+    steps: int = 200
+    lr: float = 1e-4
+    batch_size: int = 8
+    grad_accum: int = 1
+    seqlen: int = 512
+    seed: int = 0
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    merge: bool = True
+    max_examples: int | None = None
+    data_dir: str | None = None
+    logging_steps: int = 5
+    save_steps: int = 50
+
+    def __post_init__(self):
+        if self.data not in FT_DATA:
+            raise HybridPruneError(f"unknown fine-tuning data {self.data!r}; use one of: {', '.join(FT_DATA)}")
+        if self.method not in ("lora", "full"):
+            raise HybridPruneError(f"unknown fine-tuning method {self.method!r}; use lora or full")
+        if self.steps <= 0:
+            raise HybridPruneError(f"--steps must be > 0, got {self.steps}")
+        if self.data in TEMPLATES and self.template != "chat" and self.template not in TEMPLATES[self.data]:
+            raise HybridPruneError(f"unknown template {self.template!r} for {self.data}; use one of: "
+                                   f"{', '.join([*TEMPLATES[self.data], 'chat'])}")
+
+
+# ----------------------------------------------------------------------------- data
+
+def _records(data: str, root) -> list[dict]:
+    """Fields for the templates. Offline SQuAD comes from the *fit* half of dev only."""
+    if data == "squad":
+        return [{"context": r["context"], "question": r["question"], "answer": r["answers"][0]}
+                for r in squad_examples("fit", root)]
+    if data == "gsm8k":
+        return [{"question": r["question"], "solution": r["answer"]} for r in gsm8k_examples("train", root)]
+    if data == "boolq":
+        return [{"passage": r["passage"], "question": r["question"], "answer": "yes" if r["label"] else "no"}
+                for r in boolq_examples("train", root)]
+    raise ValueError(data)
+
+
+def render(data: str, template: str, record: dict, tokenizer) -> tuple[str, str]:
+    """(prompt, answer) text for one record."""
+    if template == "chat":
+        if not getattr(tokenizer, "chat_template", None):
+            raise HybridPruneError("--template chat needs a tokenizer with a chat template")
+        user, answer = TEMPLATES[data]["simple"]
+        msgs = [{"role": "user", "content": user.format(**record).removesuffix("\nAnswer:")}]
+        prompt = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        return prompt, answer.format(**record).strip()
+    prompt, answer = TEMPLATES[data][template]
+    try:
+        return prompt.format(**record), answer.format(**record)
+    except KeyError as e:
+        raise HybridPruneError(f"template {template!r} needs the field {e.args[0]!r}, missing from the {data} data") \
+            from None
+
+
+def encode_example(prompt: str, answer: str, tokenizer, seqlen: int) -> dict:
+    """input_ids and labels; labels are -100 on every prompt token, the answer ends with EOS."""
+    p = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    a = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    ids = (p + a)[:seqlen]
+    labels = ([-100] * len(p) + a)[:seqlen]
+    return {"input_ids": ids, "labels": labels}
+
+
+def build_dataset(config: FinetuneConfig, tokenizer) -> list[dict]:
+    root = data_dir(config.data_dir)
+    if config.data in ("wikitext2", "c4"):
+        # plain causal LM on packed windows (valid split offline; the test split is never trained on)
+        text = wikitext2_text("train", root) if config.data == "wikitext2" else "\n\n".join(c4_texts(root))
+        ids = tokenizer(text)["input_ids"]
+        n = len(ids) // config.seqlen
+        rows = [{"input_ids": ids[i * config.seqlen:(i + 1) * config.seqlen]} for i in range(n)]
+        for r in rows:
+            r["labels"] = list(r["input_ids"])
+    else:
+        records = _records(config.data, root)
+        rows = [encode_example(*render(config.data, config.template, r, tokenizer), tokenizer, config.seqlen)
+                for r in records[: config.max_examples]]
+        rows = [r for r in rows if any(x != -100 for x in r["labels"])]  # prompt longer than seqlen: nothing to learn
+    if config.max_examples:
+        rows = rows[: config.max_examples]
+    if not rows:
+        raise HybridPruneError(f"no training examples from {config.data}; raise --seqlen")
+    return rows
+
+
+class _Collator:
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, batch):
+        width = max(len(b["input_ids"]) for b in batch)
+        ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(batch), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, b in enumerate(batch):
+            n = len(b["input_ids"])
+            ids[i, :n] = torch.tensor(b["input_ids"])
+            labels[i, :n] = torch.tensor(b["labels"])
+            mask[i, :n] = 1
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+# ----------------------------------------------------------------------------- masks
+
+def capture_masks(model) -> dict[str, torch.Tensor]:
+    """Non-zero mask of every prunable matrix, keyed by its full name (stored as the module's weight layout)."""
+    return {name: (mod.weight != 0) for name, mod in models.prunable_matrices(model).items()}
+
+
+def check_masks(model, masks: dict[str, torch.Tensor]) -> None:
+    for name, mod in models.prunable_matrices(model).items():
+        now = mod.weight != 0
+        if (now & ~masks[name]).any():
+            raise HybridPruneError(f"fine-tuning regrew {int((now & ~masks[name]).sum())} pruned weights in {name}")
+
+
+def merge_lora_through_mask(peft_model, masks: dict[str, torch.Tensor]):
+    """Fold each LoRA delta into its base weight only where the weight was non-zero; return the plain model."""
+    from peft.tuners.lora import LoraLayer
+    base = peft_model.get_base_model()
+    with torch.no_grad():
+        for name, module in base.named_modules():
+            if isinstance(module, LoraLayer):  # PEFT put it where the original matrix was: same name
+                layer = module.get_base_layer()
+                for adapter in module.active_adapters:
+                    delta = module.get_delta_weight(adapter).to(layer.weight.dtype)
+                    if name in masks:
+                        delta = delta * masks[name]
+                    layer.weight += delta
+    return peft_model.unload()
+
+
+# ----------------------------------------------------------------------------- training
+
+def _lora_targets(model) -> list[str]:
+    """Leaf names of the prunable matrices (q_proj, c_attn, ...): PEFT matches modules by these suffixes."""
+    return sorted({name.rsplit(".", 1)[-1] for name in models.prunable_matrices(model)})
+
+
+def finetune(model, tokenizer, config: FinetuneConfig, work_dir, resume: bool = False) -> dict:
+    """Train in place (the returned dict holds the model and the record). work_dir keeps checkpoints."""
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    masks = capture_masks(model)
+    zeros_before = sum(int((~m).sum()) for m in masks.values())
+    if zeros_before == 0:
+        print("warning: the model has no pruned weights; nothing to preserve, fine-tuning anyway")
+    dataset = build_dataset(config, tokenizer)
+    model.config.use_cache = False
+    if config.method == "lora":
+        from peft import LoraConfig, get_peft_model
+        lcfg = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                          target_modules=_lora_targets(model), task_type="CAUSAL_LM",
+                          fan_in_fan_out=any(not isinstance(m, torch.nn.Linear)
+                                             for m in models.prunable_matrices(model).values()))
+        train_model = get_peft_model(model, lcfg)
+        hooks = []
+    else:
+        train_model = model
+        for p in model.parameters():
+            p.requires_grad_(True)
+        hooks = [mod.weight.register_hook(lambda g, m=masks[n]: g * m)
+                 for n, mod in models.prunable_matrices(model).items()]
+
+    class ReapplyMask(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if config.method == "full":
+                with torch.no_grad():
+                    for n, mod in models.prunable_matrices(model).items():
+                        mod.weight.mul_(masks[n])
+
+    use_cuda = torch.cuda.is_available() and next(model.parameters()).is_cuda
+    args = TrainingArguments(
+        output_dir=str(work_dir), max_steps=config.steps, learning_rate=config.lr,
+        per_device_train_batch_size=config.batch_size, gradient_accumulation_steps=config.grad_accum,
+        logging_steps=config.logging_steps, save_strategy="steps", save_steps=config.save_steps, save_total_limit=2,
+        report_to=[], seed=config.seed, use_cpu=not use_cuda, bf16=use_cuda and torch.cuda.is_bf16_supported(),
+        remove_unused_columns=False, dataloader_num_workers=0, lr_scheduler_type="cosine", warmup_steps=0,
+        disable_tqdm=None)
+    trainer = Trainer(model=train_model, args=args, train_dataset=dataset,
+                      data_collator=_Collator(tokenizer.pad_token_id or tokenizer.eos_token_id),
+                      callbacks=[ReapplyMask()])
+    has_ckpt = resume and any(Path(work_dir).glob("checkpoint-*"))
+    out = trainer.train(resume_from_checkpoint=True if has_ckpt else None)
+    for h in hooks:
+        h.remove()
+    adapter = None
+    if config.method == "lora":
+        adapter = train_model
+        model = merge_lora_through_mask(train_model, masks) if config.merge else train_model
+    model.eval()
+    if config.method == "full" or config.merge:
+        check_masks(model, masks)
+    losses = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
+    record = {**asdict(config), "final_loss": losses[-1][1] if losses else out.training_loss,
+              "first_loss": losses[0][1] if losses else None, "train_loss": out.training_loss,
+              "examples": len(dataset), "zeros_preserved": zeros_before,
+              "train_seconds": round(out.metrics.get("train_runtime", math.nan), 1),
+              "tokens_per_second": _tokens_per_second(dataset, config, out)}
+    return {"model": model, "adapter": adapter, "record": record, "losses": losses}
+
+
+def _tokens_per_second(dataset, config, out) -> float:
+    mean_len = sum(len(r["input_ids"]) for r in dataset) / len(dataset)
+    tokens = config.steps * config.batch_size * config.grad_accum * mean_len
+    return round(tokens / max(out.metrics.get("train_runtime", 1.0), 1e-9), 1)
+
+
+def finetune_and_save(model_spec: str, config: FinetuneConfig, out, overwrite=False, resume=False, dtype=None):
+    """Load, fine-tune, check the zero set, save (model, record, loss curve PNG, adapter unless merged)."""
+    from .plots import plot_loss
+
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise HybridPruneError(f"output folder {out} exists; pass --overwrite or choose another --out")
+    model, tok = models.load_model(model_spec, dtype=dtype)
+    work = out.with_name(out.name + ".checkpoints")
+    res = finetune(model, tok, config, work, resume=resume)
+    prior = models.read_record(model_spec) if Path(model_spec).is_dir() else None
+    record = {**(prior or {"model": model_spec}), "finetune": res["record"]}
+
+    tiers = Path(model_spec) / "tiers.safetensors"
+
+    def extra(tmp):
+        plot_loss(res["losses"], tmp / "loss.png")
+        (tmp / "loss.json").write_text(json.dumps(res["losses"]))
+        if not config.merge and res["adapter"] is not None:
+            res["adapter"].save_pretrained(tmp / "adapter")
+        if tiers.is_file():  # tier maps stay valid: no weight moved between zero and non-zero
+            shutil.copy(tiers, tmp / tiers.name)
+
+    to_save = res["model"] if config.merge or config.method == "full" else res["model"].get_base_model()
+    models.save_model(to_save, tok, out, record, overwrite=overwrite, extra=extra)
+    shutil.rmtree(work, ignore_errors=True)
+    return res

@@ -1,0 +1,119 @@
+import json
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from hybridprune import PruneConfig, prune
+from hybridprune.errors import HybridPruneError
+from hybridprune.finetune import (FinetuneConfig, build_dataset, capture_masks, encode_example, finetune,
+                                  merge_lora_through_mask, render)
+from hybridprune.models import prunable_matrices, weight_matrix
+from hybridprune.patterns import check_nm
+
+
+def _pruned(family, pattern, samples, **kw):
+    model = tiny_model(family, **kw)
+    prune(model, PruneConfig(pattern=pattern, nsamples=6, seqlen=24, device="cpu"), samples=samples)
+    return model
+
+
+class _Tok:
+    """Whitespace tokenizer over a tiny vocabulary: enough to drive the Trainer on tiny models."""
+    eos_token_id = 1
+    pad_token_id = 0
+    chat_template = None
+
+    def __call__(self, text, add_special_tokens=True):
+        ids = [2 + (hash(w) % 200) for w in text.split()]
+        return {"input_ids": ([3] if add_special_tokens else []) + ids}
+
+
+@pytest.mark.parametrize("family,pattern,kw", [("llama", "unstructured", {}), ("llama", "2:4", {}),
+                                                ("llama", "three-tier", dict(hidden=40, inter=72)),
+                                                ("gpt2", "unstructured", {})])
+def test_lora_merge_through_mask_keeps_zeros(family, pattern, kw, samples):
+    from peft import LoraConfig, get_peft_model
+    model = _pruned(family, pattern, samples, **kw)
+    masks = capture_masks(model)
+    targets = sorted({n.rsplit(".", 1)[-1] for n in prunable_matrices(model)})
+    before = {n: m.weight.detach().clone() for n, m in prunable_matrices(model).items()}
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=targets, init_lora_weights=False,
+                                                  fan_in_fan_out=family == "gpt2"))
+    merged = merge_lora_through_mask(peft_model, masks)
+    assert set(prunable_matrices(merged)) == set(masks)  # no LoRA modules left behind
+    for name, mod in prunable_matrices(merged).items():
+        assert not ((mod.weight != 0) & ~masks[name]).any(), name
+        assert not torch.equal(mod.weight, before[name]), name  # the update did land on the kept weights
+        if pattern == "2:4":
+            assert check_nm(weight_matrix(mod) != 0, 2, 4)
+
+
+def test_unmasked_merge_would_destroy_sparsity(samples):
+    """The failure this guards against: PEFT's own merge adds a dense delta."""
+    from peft import LoraConfig, get_peft_model
+    model = _pruned("llama", "unstructured", samples)
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
+    merged = peft_model.merge_and_unload()
+    q = merged.model.layers[0].self_attn.q_proj.weight
+    assert (q == 0).float().mean() < 0.01
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_finetune_keeps_zero_set(method, samples, tmp_path, monkeypatch):
+    model = _pruned("llama", "unstructured", samples)
+    masks = capture_masks(model)
+    rows = [{"input_ids": s.tolist(), "labels": s.tolist()} for s in samples]
+    monkeypatch.setattr("hybridprune.finetune.build_dataset", lambda cfg, tok: rows)
+    cfg = FinetuneConfig(method=method, steps=4, batch_size=2, lr=1e-2, logging_steps=1, save_steps=100)
+    res = finetune(model, _Tok(), cfg, tmp_path / "work")
+    out = res["model"]
+    changed = False
+    for name, mod in prunable_matrices(out).items():
+        assert torch.equal(mod.weight != 0, masks[name]), name
+        changed |= not torch.equal(mod.weight != 0, torch.zeros_like(masks[name]))
+    assert changed and res["record"]["zeros_preserved"] == sum(int((~m).sum()) for m in masks.values())
+    assert len(res["losses"]) == 4
+
+
+def test_labels_mask_exactly_the_prompt(default_tokenizer, data_dir):
+    tok = default_tokenizer
+    for data, template in [("squad", "simple"), ("squad", "alpaca"), ("squad", "chat"), ("gsm8k", "simple"),
+                           ("boolq", "simple"), ("gsm8k", "chat")]:
+        rows = build_dataset(FinetuneConfig(data=data, template=template, max_examples=3, seqlen=4096), tok)
+        from hybridprune.finetune import _records
+        rec = _records(data, data_dir)[0]
+        prompt, answer = render(data, template, rec, tok)
+        p_len = len(tok(prompt)["input_ids"])
+        r = rows[0]
+        assert all(x == -100 for x in r["labels"][:p_len])
+        assert r["labels"][p_len:] == r["input_ids"][p_len:] and r["labels"][-1] == tok.eos_token_id
+        assert tok.decode(r["labels"][p_len:-1]).strip() == answer.strip()
+    assert render("boolq", "simple", {"passage": "P", "question": "is it", "answer": "yes"}, tok) == \
+        ("P\nQuestion: is it?\nAnswer:", " yes")
+
+
+def test_squad_finetuning_uses_fit_half_only(default_tokenizer, data_dir):
+    from hybridprune.data import squad_examples
+    from hybridprune.finetune import _records
+    fit_contexts = {r["context"] for r in squad_examples("fit", data_dir)}
+    assert all(r["context"] in fit_contexts for r in _records("squad", data_dir))
+
+
+def test_finetune_bad_input():
+    with pytest.raises(HybridPruneError, match="unknown fine-tuning data"):
+        FinetuneConfig(data="pile")
+    with pytest.raises(HybridPruneError, match="steps"):
+        FinetuneConfig(steps=0)
+    with pytest.raises(HybridPruneError, match="unknown template"):
+        FinetuneConfig(data="gsm8k", template="alpaca")
+    with pytest.raises(HybridPruneError, match="lora or full"):
+        FinetuneConfig(method="qlora")
+    with pytest.raises(HybridPruneError, match="needs the field"):
+        render("squad", "simple", {"context": "c"}, None)
+
+
+def test_encode_example_truncates_safely():
+    tok = _Tok()
+    ex = encode_example("a b c d", " e f", tok, seqlen=4)
+    assert len(ex["input_ids"]) == 4 and ex["labels"] == [-100] * 4
