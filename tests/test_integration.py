@@ -58,3 +58,17 @@ def test_each_task_runs_on_default_model(default_model_dir, data_dir, tmp_path):
     assert {"exact_match[strict-match]", "exact_match[flexible-extract]"} <= set(res["gsm8k"])
     samples = [json.loads(line) for line in open(tmp_path / "r.samples.jsonl")]
     assert {s["task"] for s in samples} == {"boolq", "squad", "gsm8k"}
+
+
+def test_lora_few_steps_on_default_model_lowers_loss_and_keeps_zeros(default_model_dir, data_dir, tmp_path):
+    from hybridprune.finetune import FinetuneConfig, capture_masks, finetune
+    model, tok = load_model("default")
+    prune(model, PruneConfig(method="wanda", nsamples=2, seqlen=128, device="cpu"), tokenizer=tok)
+    masks = capture_masks(model)
+    cfg = FinetuneConfig(data="gsm8k", template="simple", method="lora", steps=5, batch_size=4, seqlen=256,
+                         lr=2e-3, max_examples=4, logging_steps=1, save_steps=1000)
+    res = finetune(model, tok, cfg, tmp_path / "work")
+    losses = [v for _, v in res["losses"]]
+    assert losses[-1] < losses[0]
+    for name, mod in prunable_matrices(res["model"]).items():
+        assert torch.equal(mod.weight != 0, masks[name]), name
