@@ -200,6 +200,12 @@ def runs_name(spec: str) -> str:
     return Path(spec).name or spec
 
 
+def _add_out_args(p, resume_help):
+    p.add_argument("--out", required=True, help="output folder (written atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--resume", action="store_true", help=resume_help)
+
+
 def _add_eval_args(p):
     p.add_argument("--tasks", default="wikitext2,squad,gsm8k,boolq", help="comma-separated: wikitext2,squad,gsm8k,boolq")
     p.add_argument("--limit", type=int, default=None, help="first N examples of each task (deterministic)")
@@ -336,9 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "tiers, each round re-scores the current model, tier maps are saved per round.")
     p.add_argument("--model", default="default")
     p.add_argument("--schedule", required=True, help="YAML file with `rounds: [[dense, nm, topk], ...]`")
-    p.add_argument("--out", required=True)
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--resume", action="store_true", help="continue from the last finished round in --out.partial")
+    _add_out_args(p, "continue from the last finished round in <out>.partial")
     p.add_argument("--finetune-between", metavar="DATA", help="recovery fine-tuning on DATA after every round "
                    "(squad | gsm8k | boolq | wikitext2 | c4), with the --ft-* options")
     _add_pattern_args(p)
@@ -352,9 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "gradients; pruned weights stay exactly zero, checked before saving.")
     p.add_argument("model", help="a pruned model folder (or any model spec)")
     p.add_argument("--data", required=True, help="squad | gsm8k | boolq | wikitext2 | c4")
-    p.add_argument("--out", required=True)
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in <out>.checkpoints")
+    _add_out_args(p, "continue from the last checkpoint in <out>.checkpoints")
     p.add_argument("--seed", type=int, default=0)
     _add_ft_args(p)
     _add_model_args(p)
