@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -236,8 +236,6 @@ class TieredBlocks:
         `budget` overrides the per-tier block counts (used by layer and model scope), `floor` is the tier map of
         the previous progressive round.
         """
-        rows, cols = score.shape
-        b = self.block_size
         bs = self.block_scores(score)
         counts = budget if budget is not None else tier_counts(bs.numel(), self.tiers)
         tiers = assign_tiers(bs.reshape(-1), counts, None if floor is None else floor.to(bs.device)).reshape(bs.shape)
