@@ -140,6 +140,22 @@ def test_compare_writes_table_json_and_chart(tmp_path, tiny_llama_dir, data_dir,
     assert (out / "compare.png").stat().st_size > 1000
 
 
+def test_compare_tabulates_saved_results(tmp_path, tiny_llama_dir, data_dir, capsys):
+    common = ["--tasks", "wikitext2", "--limit", "2", "--ppl-seqlen", "64", "--ppl-windows", "2"]
+    saved = tmp_path / "dense.json"
+    assert main(["eval", str(tiny_llama_dir), "--out", str(saved), *common]) == 0
+    out = tmp_path / "cmp"
+    assert main(["compare", str(saved), str(tiny_llama_dir), *common, "--out", str(out)]) == 0
+    runs = json.loads((out / "compare.json").read_text())
+    assert runs[0] == json.loads(saved.read_text())  # taken as saved, not re-run
+    assert runs[0]["tasks"]["wikitext2"]["ppl"] == runs[1]["tasks"]["wikitext2"]["ppl"]  # same model, same windows
+    assert "(+0)" in next(r for r in (out / "compare.md").read_text().splitlines() if "| ppl |" in r)
+    # A saved run made on other examples is refused, as is a JSON file that is not a results file.
+    assert main(["compare", str(saved), str(tiny_llama_dir), *common[:2], "--limit", "3", "--out", str(out)]) == 2
+    (tmp_path / "x.json").write_text("[]")
+    assert main(["compare", str(tmp_path / "x.json"), str(tiny_llama_dir), *common, "--out", str(out)]) == 2
+
+
 def test_eval_bad_input(tmp_path, capsys):
     assert main(["eval", "default", "--tasks", "mmlu"]) == 2
     assert main(["eval", "default", "--limit", "0"]) == 2

@@ -172,7 +172,7 @@ def cmd_compare(args):
     from .plots import plot_compare
     from .tasks import metric_rows
     _check_eval_args(args)
-    runs = [_eval_one(args, spec) for spec in args.models]
+    runs = [_saved_or_eval(args, spec) for spec in args.models]
     table = [dict(((t, m), v) for t, m, v in metric_rows(r["tasks"])) for r in runs]
     keys = list(table[0])
     head = "| task | metric | " + " | ".join(runs_name(r["model"]) for r in runs) + " |"
@@ -194,6 +194,23 @@ def cmd_compare(args):
     (out / "compare.json").write_text(json.dumps(runs, indent=2, default=str))
     plot_compare([runs_name(r["model"]) for r in runs], keys, table, out / "compare.png")
     print(f"wrote {out / 'compare.md'}, {out / 'compare.json'}, {out / 'compare.png'}")
+
+
+def _saved_or_eval(args, spec):
+    """A `hybridprune eval --out` JSON file is tabulated as saved (runs made apart, e.g. in parallel); any other
+    spec is a model to evaluate now."""
+    path = Path(spec)
+    if path.suffix == ".json" and path.is_file():
+        try:
+            run = json.loads(path.read_text())
+            run["tasks"]
+        except (ValueError, KeyError, TypeError):
+            raise HybridPruneError(f"{spec} is not a results file written by `hybridprune eval --out`")
+        if args.limit is not None and run.get("limit") != args.limit:
+            raise HybridPruneError(f"{spec} was evaluated with --limit {run.get('limit')}, not {args.limit}; "
+                                   f"pass the same --limit or re-run the evaluation")
+        return run
+    return _eval_one(args, spec)
 
 
 def runs_name(spec: str) -> str:
@@ -322,7 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="task metrics of several models side by side",
                        description="Evaluate each model on the same examples; write a Markdown table (with the "
                                    "difference to the first model), the JSON results and a bar chart PNG.")
-    p.add_argument("models", nargs="+", help="two or more model specs")
+    p.add_argument("models", nargs="+", help="two or more model specs, or results files from `eval --out` "
+                                             "(tabulated as saved)")
     p.add_argument("--out", help="output folder (default ./compare)")
     _add_eval_args(p)
     _add_model_args(p)
