@@ -24,6 +24,8 @@ VARIANTS = {
     "three-tier-wanda-model": dict(method="wanda", pattern="three-tier", tier_metric="wanda", scope="model"),
     "three-tier-magnitude-layer": dict(method="wanda", pattern="three-tier", tier_metric="magnitude", scope="layer"),
     "three-tier-sparsegpt-layer": dict(method="sparsegpt", pattern="three-tier", scope="layer"),
+    "three-tier-wanda-layer-rowscore": dict(method="wanda", pattern="three-tier", scope="layer", block_score="row"),
+    "three-tier-wanda-matrix-rowscore": dict(method="wanda", pattern="three-tier", scope="matrix", block_score="row"),
 }
 
 

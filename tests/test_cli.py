@@ -22,6 +22,7 @@ def run_cli(*args):
     (["--pattern", "three-tier", "--tiers", "0.5,0.5,0.5"], "add up to 1"),
     (["--pattern", "three-tier", "--block-size", "18"], "multiple of M"),
     (["--pattern", "three-tier", "--topk", "999"], "within [0, 256]"),
+    (["--pattern", "three-tier", "--block-score", "max"], "unknown block score"),
     (["--calib", "mixed:wikitext2=0.7,squad=0.7"], "add up to"),
 ])
 def test_bad_input_one_line_exit_2_nothing_written(tmp_path, args, words):
@@ -51,10 +52,11 @@ def test_gguf_without_gguf_package(tmp_path, monkeypatch, capsys):
 def test_prune_ppl_inspect_end_to_end(tmp_path, tiny_llama_dir, data_dir, capsys):
     out = tmp_path / "pruned"
     rc = main(["prune", "--model", str(tiny_llama_dir), "--method", "wanda", "--pattern", "three-tier",
-               "--nsamples", "4", "--seqlen", "32", "--out", str(out), "--device", "cpu"])
+               "--nsamples", "4", "--seqlen", "32", "--block-score", "row", "--out", str(out), "--device", "cpu"])
     assert rc == 0
     record = json.loads((out / "hybridprune.json").read_text())
     assert record["prune"]["method"] == "wanda" and record["prune"]["calib"] == "wikitext2"
+    assert record["prune"]["block_score"] == "row"
     assert "torch" in record["versions"] and (out / "tiers.safetensors").is_file()
     assert (out / "model.safetensors").is_file() and not list(out.glob("*.bin"))
     assert main(["ppl", str(out), "--seqlen", "64", "--max-windows", "2", "--out", str(tmp_path / "p.json")]) == 0

@@ -114,6 +114,19 @@ def test_assign_tiers_never_moves_up():
     assert int((t == TOPK_TIER).sum()) == 10 and int((t == NM_TIER).sum()) == 10
 
 
+def test_row_block_score_ranks_blocks_within_their_rows():
+    torch.manual_seed(4)
+    score = torch.rand(64, 64) + 0.5
+    row_scale = torch.tensor([100.0] * 16 + [1.0] * 48)[:, None]  # one loud block row
+    mean_tiers = TieredBlocks().keep(score * row_scale)[1]
+    row_tiers = TieredBlocks(block_score="row").keep(score * row_scale)[1]
+    assert (mean_tiers[0] == DENSE).all()  # by raw mean the loud rows take 4 of the 6 dense places
+    assert torch.equal(row_tiers, TieredBlocks(block_score="row").keep(score)[1])  # row scale no longer matters
+    assert (row_tiers[0] != DENSE).any()
+    bs = TieredBlocks(block_score="row").block_scores(score * row_scale)
+    assert torch.allclose(bs.mean(1), torch.ones(4), atol=0.05)  # each block row averages about 1
+
+
 def test_block_and_block_topk():
     torch.manual_seed(0)
     score = torch.rand(64, 64)
@@ -141,6 +154,7 @@ def test_retention_keeps_candidates_dense():
     (dict(topk=300), "within"),
     (dict(tier_metric="x"), "tier metric"),
     (dict(scope="x"), "tier scope"),
+    (dict(block_score="max"), "block score"),
 ])
 def test_bad_tier_configs(kwargs, match):
     with pytest.raises(HybridPruneError, match=match):

@@ -40,6 +40,9 @@ def _add_pattern_args(p):
     t.add_argument("--tier-metric", default="wanda", help="picks weights inside tiers 2 and 3: wanda | magnitude")
     t.add_argument("--tier-scope", default="layer",
                    help="where blocks are ranked: layer (default) | matrix (original design) | model")
+    t.add_argument("--block-score", default="mean",
+                   help="how blocks are ranked: mean (mean score) | row (mean of each weight's score relative to "
+                        "its output row's mean)")
     t.add_argument("--retention", type=float, default=None,
                    help="adaptive: an N:M candidate block stays dense if N:M keeps less than this share of its score")
 
@@ -63,7 +66,8 @@ def _config(args):
                        batch_size=args.batch_size, device=args.device, skip=skip, squad_format=args.squad_format,
                        data_dir=args.data_dir, sparsegpt_blocksize=args.blocksize, percdamp=args.percdamp,
                        tiers=_tiers(args.tiers), block_size=args.block_size, tier_nm=args.tier_nm, topk=args.topk,
-                       tier_metric=args.tier_metric, scope=args.tier_scope, retention=args.retention)
+                       tier_metric=args.tier_metric, scope=args.tier_scope, retention=args.retention,
+                       block_score=args.block_score)
 
 
 def _tiers(text):

@@ -54,6 +54,7 @@ class PruneConfig:
     tier_metric: str = "wanda"
     scope: str = "layer"                # measured better than per-matrix ranking on the default model (README)
     retention: float | None = None
+    block_score: str = "mean"           # mean | row (score relative to its row before the block mean)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -66,7 +67,8 @@ class PruneConfig:
     def build_pattern(self):
         return make_pattern(self.pattern, self.sparsity, group=self.group, tiers=self.tiers,
                             block_size=self.block_size, nm=self.tier_nm, topk=self.topk,
-                            tier_metric=self.tier_metric, scope=self.scope, retention=self.retention)
+                            tier_metric=self.tier_metric, scope=self.scope, retention=self.retention,
+                            block_score=self.block_score)
 
     def record(self) -> dict:
         rec = asdict(self)

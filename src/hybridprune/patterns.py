@@ -192,6 +192,7 @@ class TieredBlocks:
     tier_metric: str = "wanda"       # what picks weights inside tiers 1 and 2: wanda | magnitude
     scope: str = "matrix"            # where blocks are ranked: matrix | layer | model
     retention: float | None = None   # adaptive: an N:M candidate stays dense if N:M keeps < retention of its score
+    block_score: str = "mean"        # mean | row: mean of the score, or of the score relative to its row's mean
     name: str = "three-tier"
 
     def __post_init__(self):
@@ -213,6 +214,8 @@ class TieredBlocks:
             raise HybridPruneError(f"unknown tier metric {self.tier_metric!r}; use wanda or magnitude")
         if self.scope not in ("matrix", "layer", "model"):
             raise HybridPruneError(f"unknown tier scope {self.scope!r}; use matrix, layer or model")
+        if self.block_score not in ("mean", "row"):
+            raise HybridPruneError(f"unknown block score {self.block_score!r}; use mean or row")
         if self.retention is not None and not 0 <= self.retention <= 1:
             raise HybridPruneError(f"--retention {self.retention} must be within [0, 1]")
 
@@ -225,9 +228,14 @@ class TieredBlocks:
     def describe(self) -> dict:
         return {"pattern": self.name, "tiers": list(self.tiers), "block_size": self.block_size,
                 "tier_nm": f"{self.n}:{self.m}", "topk": self.topk, "tier_metric": self.tier_metric,
-                "scope": self.scope, "retention": self.retention, "sparsity": self.expected_sparsity}
+                "scope": self.scope, "retention": self.retention, "block_score": self.block_score,
+                "sparsity": self.expected_sparsity}
 
     def block_scores(self, score: torch.Tensor) -> torch.Tensor:
+        if self.block_score == "row":
+            # Wanda compares weights within an output row; dividing each row by its mean score lets a block
+            # of a weak row compete with one of a strong row on how much it matters to that row.
+            score = score.float() / score.float().mean(1, keepdim=True).clamp_min(1e-30)
         return block_scores(score, self.block_size)
 
     def keep(self, score, inner=None, floor=None, budget=None):
@@ -283,11 +291,15 @@ PATTERNS = ("unstructured", "N:M (e.g. 2:4)", "three-tier", "block", "block-topk
 
 
 def make_pattern(name: str, sparsity: float = 0.5, **opts):
-    """Build a pattern from its CLI name. opts: group, tiers, block_size, nm, topk, tier_metric, scope, retention."""
+    """Build a pattern from its CLI name.
+
+    opts: group, tiers, block_size, nm, topk, tier_metric, scope, retention, block_score.
+    """
     if re.fullmatch(r"\d+:\d+", name or ""):
         n, m = map(int, name.split(":"))
         return NM(n, m)
-    tier_opts = {k: opts[k] for k in ("block_size", "tier_metric", "scope", "retention") if opts.get(k) is not None}
+    tier_opts = {k: opts[k] for k in ("block_size", "tier_metric", "scope", "retention", "block_score")
+                 if opts.get(k) is not None}
     if opts.get("nm"):
         tier_opts["n"], tier_opts["m"] = parse_nm(opts["nm"])
     if name == "unstructured":
