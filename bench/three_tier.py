@@ -16,6 +16,9 @@ VARIANTS = {
     # name: PruneConfig overrides
     "dense": None,
     "magnitude-unstructured": dict(method="magnitude", pattern="unstructured", sparsity=0.41328125),
+    # the magnitude baseline of the Wanda and SparseGPT code: one threshold per matrix
+    "magnitude-unstructured-matrix": dict(method="magnitude", pattern="unstructured", sparsity=0.41328125,
+                                          group="matrix"),
     "wanda-unstructured": dict(method="wanda", pattern="unstructured", sparsity=0.41328125),
     "wanda-2:4": dict(method="wanda", pattern="2:4"),
     "three-tier-wanda-matrix": dict(method="wanda", pattern="three-tier", tier_metric="wanda", scope="matrix"),
