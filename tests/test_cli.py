@@ -191,6 +191,24 @@ def test_finetune_cli_keeps_sparsity_and_writes_record(tmp_path, tiny_llama_dir,
     assert not (tmp_path / "x").exists()
 
 
+def test_finetune_no_merge_saves_plain_model_and_adapter(tmp_path, tiny_llama_dir, data_dir):
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+    pruned = tmp_path / "pruned"
+    assert main(["prune", "--model", str(tiny_llama_dir), "--method", "magnitude", "--sparsity", "0.5",
+                 "--out", str(pruned)]) == 0
+    out = tmp_path / "ft"
+    assert main(["finetune", str(pruned), "--data", "wikitext2", "--steps", "2", "--batch-size", "2",
+                 "--seqlen", "32", "--max-examples", "4", "--lr", "1e-2", "--no-merge", "--out", str(out)]) == 0
+    a, b = load_file(str(pruned / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # the base, untouched and loadable
+    base = AutoModelForCausalLM.from_pretrained(out)
+    tuned = PeftModel.from_pretrained(base, out / "adapter")
+    assert any(n.endswith("lora_B.default.weight") and p.abs().sum() > 0 for n, p in tuned.named_parameters())
+
+
 def test_progressive_with_finetune_between(tmp_path, tiny_llama_dir, data_dir):
     sched = tmp_path / "s.yaml"
     sched.write_text("rounds:\n  - [0.6, 0.4, 0.0]\n  - [0.35, 0.45, 0.20]\n")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -269,16 +270,21 @@ def finetune_and_save(model_spec: str, config: FinetuneConfig, out, overwrite=Fa
     record = {**(prior or {"model": model_spec}), "finetune": res["record"]}
 
     tiers = Path(model_spec) / "tiers.safetensors"
+    keep_adapter = res["adapter"] is not None and not config.merge
+    with tempfile.TemporaryDirectory() as adapter_dir:
+        if keep_adapter:
+            # The folder must load as a plain model: save the adapter, then take the LoRA modules out unmerged.
+            res["adapter"].save_pretrained(adapter_dir)
+            res["model"] = res["adapter"].unload()
 
-    def extra(tmp):
-        plot_loss(res["losses"], tmp / "loss.png")
-        (tmp / "loss.json").write_text(json.dumps(res["losses"]))
-        if not config.merge and res["adapter"] is not None:
-            res["adapter"].save_pretrained(tmp / "adapter")
-        if tiers.is_file():  # tier maps stay valid: no weight moved between zero and non-zero
-            shutil.copy(tiers, tmp / tiers.name)
+        def extra(tmp):
+            plot_loss(res["losses"], tmp / "loss.png")
+            (tmp / "loss.json").write_text(json.dumps(res["losses"]))
+            if keep_adapter:
+                shutil.copytree(adapter_dir, tmp / "adapter")
+            if tiers.is_file():  # tier maps stay valid: no weight moved between zero and non-zero
+                shutil.copy(tiers, tmp / tiers.name)
 
-    to_save = res["model"] if config.merge or config.method == "full" else res["model"].get_base_model()
-    models.save_model(to_save, tok, out, record, overwrite=overwrite, extra=extra)
+        models.save_model(res["model"], tok, out, record, overwrite=overwrite, extra=extra)
     shutil.rmtree(work, ignore_errors=True)
     return res
