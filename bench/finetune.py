@@ -18,6 +18,11 @@ import torch
 from _common import report, write_json
 
 
+def zero_set_unchanged(model, masks) -> bool:
+    from hybridprune.models import prunable_matrices
+    return all(torch.equal(m.weight != 0, masks[n]) for n, m in prunable_matrices(model).items())
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="a pruned model folder (default: prune the default model 50%% with Wanda here)")
@@ -38,7 +43,6 @@ def main():
     from hybridprune import PruneConfig, load_model, perplexity, prune
     from hybridprune.evaluate import wikitext2_test_ids
     from hybridprune.finetune import FinetuneConfig, capture_masks, finetune
-    from hybridprune.models import prunable_matrices
     from hybridprune.tasks import evaluate_model
 
     torch.manual_seed(0)
@@ -59,7 +63,7 @@ def main():
     train_s = time.perf_counter() - t
     model = res["model"]
     after = perplexity(model, ids=ids, seqlen=2048, max_windows=args.windows)["ppl"]
-    same = all(torch.equal(m.weight != 0, masks[n]) for n, m in prunable_matrices(model).items())
+    same = zero_set_unchanged(model, masks)
     rows.append({"run": "lora-wikitext2", "budget": f"{args.steps} steps x {args.batch_size} x {args.seqlen} tokens",
                  "train_s": round(train_s, 1), "ppl_before": round(before, 2), "ppl_after": round(after, 2),
                  "ppl_change": f"{100 * (after / before - 1):+.1f}%", "zero_set_unchanged": same,
@@ -113,7 +117,7 @@ def main():
             saved = json.loads(open(args.squad_before).read())
             assert saved["limit"] == args.squad_limit, "--squad-before was evaluated on another --limit"
             f1_before = saved["tasks"]["squad"]["f1"]
-        same = all(torch.equal(m.weight != 0, masks[n]) for n, m in prunable_matrices(res["model"]).items())
+        same = zero_set_unchanged(res["model"], masks)
         rows.append({"run": "lora-squad", "budget": f"{args.squad_steps or args.steps} steps x {args.batch_size} "
                      f"examples (simple template, fitting half)", "train_s": round(train_s, 1),
                      "f1_before": round(f1_before, 2), "f1_after": round(f1_after, 2),

@@ -207,8 +207,9 @@ def _saved_or_eval(args, spec):
     if path.suffix == ".json" and path.is_file():
         try:
             run = json.loads(path.read_text())
-            run["tasks"]
-        except (ValueError, KeyError, TypeError):
+        except ValueError:
+            run = None
+        if not isinstance(run, dict) or not isinstance(run.get("tasks"), dict):
             raise HybridPruneError(f"{spec} is not a results file written by `hybridprune eval --out`")
         if args.limit is not None and run.get("limit") != args.limit:
             raise HybridPruneError(f"{spec} was evaluated with --limit {run.get('limit')}, not {args.limit}; "

@@ -204,20 +204,20 @@ def finetune(model, tokenizer, config: FinetuneConfig, work_dir, resume: bool = 
                           fan_in_fan_out=any(not isinstance(m, torch.nn.Linear)
                                              for m in models.prunable_matrices(model).values()))
         train_model = get_peft_model(model, lcfg)
-        hooks = []
+        hooks, callbacks = [], []
     else:
         train_model = model
         for p in model.parameters():
             p.requires_grad_(True)
-        hooks = [mod.weight.register_hook(lambda g, m=masks[n]: g * m)
-                 for n, mod in models.prunable_matrices(model).items()]
+        masked = [(mod.weight, masks[n]) for n, mod in models.prunable_matrices(model).items()]
+        hooks = [w.register_hook(lambda g, m=m: g * m) for w, m in masked]
 
-    class ReapplyMask(TrainerCallback):
-        def on_step_end(self, args, state, control, **kw):
-            if config.method == "full":
+        class ReapplyMask(TrainerCallback):
+            def on_step_end(self, args, state, control, **kw):
                 with torch.no_grad():
-                    for n, mod in models.prunable_matrices(model).items():
-                        mod.weight.mul_(masks[n])
+                    for w, m in masked:
+                        w.mul_(m)
+        callbacks = [ReapplyMask()]
 
     use_cuda = torch.cuda.is_available() and next(model.parameters()).is_cuda
     args = TrainingArguments(
@@ -229,7 +229,7 @@ def finetune(model, tokenizer, config: FinetuneConfig, work_dir, resume: bool = 
         disable_tqdm=None)
     trainer = Trainer(model=train_model, args=args, train_dataset=dataset,
                       data_collator=_Collator(tokenizer.pad_token_id or tokenizer.eos_token_id),
-                      callbacks=[ReapplyMask()])
+                      callbacks=callbacks)
     has_ckpt = resume and any(Path(work_dir).glob("checkpoint-*"))
     out = trainer.train(resume_from_checkpoint=True if has_ckpt else None)
     for h in hooks:
