@@ -1,5 +1,8 @@
 """Three-tier hybrid sparsity against unstructured and 2:4 pruning on the default model.
 
+Three-tier variants run with the default least-squares refit (10 steps) unless named -norefit; unstructured and
+2:4 run as published (no refit) unless named -refit.
+
 One process, one set of 16 x 512 WikiText-2 calibration samples, the dense weights restored between runs.
 For each variant: pruning time (and its ratio to unstructured Wanda), measured sparsity, and WikiText-2 test
 perplexity on 16 windows of 2048 tokens.
@@ -20,7 +23,10 @@ VARIANTS = {
     "magnitude-unstructured-matrix": dict(method="magnitude", pattern="unstructured", sparsity=0.41328125,
                                           group="matrix"),
     "wanda-unstructured": dict(method="wanda", pattern="unstructured", sparsity=0.41328125),
+    "wanda-unstructured-refit": dict(method="wanda", pattern="unstructured", sparsity=0.41328125, refit=10),
     "wanda-2:4": dict(method="wanda", pattern="2:4"),
+    # three-tier variants below use the default refit (10 steps) unless they say norefit
+    "three-tier-wanda-layer-norefit": dict(method="wanda", pattern="three-tier", scope="layer", refit=0),
     "three-tier-wanda-matrix": dict(method="wanda", pattern="three-tier", tier_metric="wanda", scope="matrix"),
     "three-tier-magnitude-matrix": dict(method="wanda", pattern="three-tier", tier_metric="magnitude", scope="matrix"),
     "three-tier-wanda-layer": dict(method="wanda", pattern="three-tier", tier_metric="wanda", scope="layer"),
@@ -38,6 +44,7 @@ def main():
     ap.add_argument("--nsamples", type=int, default=16)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--windows", type=int, default=16)
+    ap.add_argument("--seed", type=int, default=0, help="calibration sample seed")
     ap.add_argument("--only", help="comma-separated variant names")
     ap.add_argument("--json", help="write results here")
     ap.add_argument("--timing-reps", type=int, default=0,
@@ -52,7 +59,7 @@ def main():
 
     model, tok = load_model(args.model)
     dense_state = {k: v.clone() for k, v in model.state_dict().items()}
-    samples = calibration_samples(tok, "wikitext2", args.nsamples, args.seqlen, seed=0)
+    samples = calibration_samples(tok, "wikitext2", args.nsamples, args.seqlen, seed=args.seed)
     ids = wikitext2_test_ids(tok)
     names = args.only.split(",") if args.only else list(VARIANTS)
     rows, wanda_s = [], None
@@ -82,9 +89,12 @@ def timing(args):
 
     model, tok = load_model(args.model)
     dense_state = {k: v.clone() for k, v in model.state_dict().items()}
-    samples = calibration_samples(tok, "wikitext2", args.nsamples, args.seqlen, seed=0)
-    variants = {"wanda-unstructured": dict(sparsity=0.41328125), "three-tier-layer": dict(pattern="three-tier"),
-                "three-tier-matrix": dict(pattern="three-tier", scope="matrix")}
+    samples = calibration_samples(tok, "wikitext2", args.nsamples, args.seqlen, seed=args.seed)
+    variants = {"wanda-unstructured": dict(sparsity=0.41328125),
+                "three-tier-layer": dict(pattern="three-tier"),
+                "three-tier-layer-norefit": dict(pattern="three-tier", refit=0),
+                "three-tier-matrix-norefit": dict(pattern="three-tier", scope="matrix", refit=0),
+                "wanda-unstructured-refit": dict(sparsity=0.41328125, refit=10)}
     times = {name: [] for name in variants}
     for _ in range(args.timing_reps):
         for name, kw in variants.items():

@@ -23,6 +23,8 @@ def run_cli(*args):
     (["--pattern", "three-tier", "--block-size", "18"], "multiple of M"),
     (["--pattern", "three-tier", "--topk", "999"], "within [0, 256]"),
     (["--pattern", "three-tier", "--block-score", "max"], "unknown block score"),
+    (["--pattern", "three-tier", "--refit", "-1"], ">= 0"),
+    (["--method", "magnitude", "--pattern", "three-tier", "--refit", "5"], "calibration statistics"),
     (["--calib", "mixed:wikitext2=0.7,squad=0.7"], "add up to"),
 ])
 def test_bad_input_one_line_exit_2_nothing_written(tmp_path, args, words):
@@ -56,7 +58,7 @@ def test_prune_ppl_inspect_end_to_end(tmp_path, tiny_llama_dir, data_dir, capsys
     assert rc == 0
     record = json.loads((out / "hybridprune.json").read_text())
     assert record["prune"]["method"] == "wanda" and record["prune"]["calib"] == "wikitext2"
-    assert record["prune"]["block_score"] == "row"
+    assert record["prune"]["block_score"] == "row" and record["prune"]["refit"] == 10  # the block-pattern default
     assert "torch" in record["versions"] and (out / "tiers.safetensors").is_file()
     assert (out / "model.safetensors").is_file() and not list(out.glob("*.bin"))
     assert main(["ppl", str(out), "--seqlen", "64", "--max-windows", "2", "--out", str(tmp_path / "p.json")]) == 0

@@ -8,7 +8,7 @@ from hybridprune.engine import capture_layer_inputs, collect_stats
 from hybridprune.errors import HybridPruneError
 from hybridprune.models import find_decoder_layers, find_linears, name_matches, prunable_matrices, weight_matrix
 from hybridprune.patterns import TOPK_TIER, check_nm
-from hybridprune.scoring import InputStats, sparsegpt_prune, wanda_score
+from hybridprune.scoring import InputStats, refit_kept, sparsegpt_prune, wanda_score
 
 EXPECTED_LINEARS = {"llama": 7, "qwen2": 7, "mistral": 7, "opt": 6, "gpt2": 4, "gpt_neox": 4}
 
@@ -113,6 +113,60 @@ def test_sparsegpt_matches_reference_and_beats_plain_masking():
     err_obs = ((X @ (W - out).T) ** 2).sum()
     err_mask = ((X @ (W - W * keep).T) ** 2).sum()
     assert err_obs < 0.8 * err_mask
+
+
+def test_refit_solves_the_masked_least_squares_problem():
+    torch.manual_seed(0)
+    X = torch.randn(400, 12) @ torch.randn(12, 12)
+    H = 2 * X.T @ X / 400
+    W0 = torch.randn(5, 12)
+    keep = torch.rand(5, 12) > 0.5
+    keep[3] = False  # a row with nothing kept stays zero, no division by zero
+    W = W0 * keep
+    refit_kept(W, W0, keep, H, steps=40, percdamp=0.0)
+    assert torch.equal(W != 0, keep)  # pruned weights stay exactly zero, kept ones all moved off zero
+    for r in range(5):  # hand solution per row: w_K = H_KK^-1 (H w0)_K
+        K = keep[r].nonzero().squeeze(1)
+        if len(K):
+            expect = torch.linalg.solve(H[K][:, K].double(), (H.double() @ W0[r].double())[K])
+            assert torch.allclose(W[r, K].double(), expect, atol=1e-3, rtol=1e-3), r
+    err_fit = ((X @ (W0 - W).T) ** 2).sum()
+    err_mask = ((X @ (W0 - W0 * keep).T) ** 2).sum()
+    assert err_fit < 0.85 * err_mask  # row 3 keeps nothing, which sets a floor
+
+
+def test_refit_defaults_and_bad_values():
+    assert PruneConfig(pattern="three-tier").refit_steps() == 10
+    assert PruneConfig(pattern="block-topk", sparsity=0.3).refit_steps() == 10
+    assert PruneConfig().refit_steps() == 0  # unstructured and N:M Wanda stay as published
+    assert PruneConfig(pattern="2:4").refit_steps() == 0
+    assert PruneConfig(method="magnitude", pattern="three-tier").refit_steps() == 0
+    assert PruneConfig(pattern="three-tier", refit=0).refit_steps() == 0
+    assert PruneConfig(pattern="three-tier").record()["refit"] == 10
+    with pytest.raises(HybridPruneError, match="calibration statistics"):
+        PruneConfig(method="magnitude", pattern="three-tier", refit=5)
+    with pytest.raises(HybridPruneError, match=">= 0"):
+        PruneConfig(refit=-1)
+
+
+def test_refit_keeps_the_mask_and_lowers_the_layer_error(samples):
+    dense = tiny_model("llama")
+    plain, fitted = tiny_model("llama"), tiny_model("llama")
+    prune(plain, cfg(pattern="three-tier", refit=0), samples=samples)
+    prune(fitted, cfg(pattern="three-tier"), samples=samples)
+    _, layers = find_decoder_layers(dense)
+    batches = capture_layer_inputs(dense, layers, samples, 6, "cpu")
+    h, args, kw = batches[0]
+    for name, mod in find_linears(find_decoder_layers(plain)[1][0]).items():  # layer 0 saw the same inputs
+        other = weight_matrix(find_linears(find_decoder_layers(fitted)[1][0])[name])
+        assert torch.equal(weight_matrix(mod) != 0, other != 0), name
+        assert not torch.equal(weight_matrix(mod), other), name
+
+    def out(model):
+        o = find_decoder_layers(model)[1][0](h, *args, **kw)
+        return o[0] if isinstance(o, tuple) else o
+    target = out(dense)
+    assert ((out(fitted) - target) ** 2).sum() < ((out(plain) - target) ** 2).sum()
 
 
 def test_batch_size_does_not_change_the_result(samples):

@@ -43,6 +43,10 @@ def _add_pattern_args(p):
     t.add_argument("--block-score", default="mean",
                    help="how blocks are ranked: mean (mean score) | row (mean of each weight's score relative to "
                         "its output row's mean)")
+    t.add_argument("--refit", type=int, default=None, metavar="STEPS",
+                   help="after masking, refit the kept weights of each matrix by least squares to the unpruned "
+                        "outputs on the calibration inputs (conjugate-gradient steps; 0 = off). Default: 10 for "
+                        "block patterns with --method wanda, 0 otherwise (unstructured/N:M stay as in the papers)")
     t.add_argument("--retention", type=float, default=None,
                    help="adaptive: an N:M candidate block stays dense if N:M keeps less than this share of its score")
 
@@ -67,7 +71,7 @@ def _config(args):
                        data_dir=args.data_dir, sparsegpt_blocksize=args.blocksize, percdamp=args.percdamp,
                        tiers=_tiers(args.tiers), block_size=args.block_size, tier_nm=args.tier_nm, topk=args.topk,
                        tier_metric=args.tier_metric, scope=args.tier_scope, retention=args.retention,
-                       block_score=args.block_score)
+                       block_score=args.block_score, refit=args.refit)
 
 
 def _tiers(text):
