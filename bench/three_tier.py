@@ -25,7 +25,6 @@ VARIANTS = {
     "wanda-unstructured": dict(method="wanda", pattern="unstructured", sparsity=0.41328125),
     "wanda-unstructured-refit": dict(method="wanda", pattern="unstructured", sparsity=0.41328125, refit=10),
     "wanda-2:4": dict(method="wanda", pattern="2:4"),
-    # three-tier variants below use the default refit (10 steps) unless they say norefit
     "three-tier-wanda-layer-norefit": dict(method="wanda", pattern="three-tier", scope="layer", refit=0),
     "three-tier-wanda-matrix": dict(method="wanda", pattern="three-tier", tier_metric="wanda", scope="matrix"),
     "three-tier-magnitude-matrix": dict(method="wanda", pattern="three-tier", tier_metric="magnitude", scope="matrix"),
