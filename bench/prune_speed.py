@@ -30,9 +30,11 @@ def worker(args):
             model(input_ids=batch, use_cache=False)
         dense_s = time.perf_counter() - t
     out = {"method": args.worker, "pattern": args.pattern, "dense_forward_s": round(dense_s, 2)}
+    if args.worker != "dense":  # the comparison group actually used (SparseGPT: matrix, its paper's rule)
+        out["group"] = PruneConfig(method=args.worker, group=args.group).comparison_group()
     if args.worker != "dense":
         cfg = PruneConfig(method=args.worker, pattern=args.pattern, sparsity=args.sparsity, nsamples=args.nsamples,
-                          seqlen=args.seqlen, batch_size=args.batch_size, device="cpu")
+                          seqlen=args.seqlen, batch_size=args.batch_size, device="cpu", group=args.group)
         t = time.perf_counter()
         prune(model, cfg, samples=samples)
         out["prune_s"] = round(time.perf_counter() - t, 2)
@@ -50,6 +52,7 @@ def main():
     ap.add_argument("--methods", default="dense,magnitude,wanda,sparsegpt")
     ap.add_argument("--pattern", default="unstructured")
     ap.add_argument("--sparsity", type=float, default=0.5)
+    ap.add_argument("--group", default=None, help="unstructured comparison group (default: each method's paper)")
     ap.add_argument("--nsamples", type=int, default=16)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--batch-size", type=int, default=1)

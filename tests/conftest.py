@@ -77,3 +77,18 @@ def tiny_llama_dir(tmp_path_factory, default_tokenizer):
     model.save_pretrained(path)
     default_tokenizer.save_pretrained(path)
     return path
+
+
+def tiny_tokenizer(adds_bos: bool):
+    """A word-level tokenizer (ids < 100) that does or does not put BOS in front of encoded text, like Gemma's
+    and SmolLM2's respectively; both define a BOS token."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+    words = "the of and in a to was is for on as with by he at from his an it that were are which".split()
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(words)}}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    if adds_bos:
+        tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="</s>")

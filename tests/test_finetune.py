@@ -65,13 +65,14 @@ def test_finetune_keeps_zero_set(method, samples, tmp_path, monkeypatch):
     rows = [{"input_ids": s.tolist(), "labels": s.tolist()} for s in samples]
     monkeypatch.setattr("hybridprune.finetune.build_dataset", lambda cfg, tok: rows)
     cfg = FinetuneConfig(method=method, steps=4, batch_size=2, lr=1e-2, logging_steps=1, save_steps=100)
+    before = {n: m.weight.detach().clone() for n, m in prunable_matrices(model).items()}
     res = finetune(model, _Tok(), cfg, tmp_path / "work")
     out = res["model"]
-    changed = False
     for name, mod in prunable_matrices(out).items():
         assert torch.equal(mod.weight != 0, masks[name]), name
-        changed |= not torch.equal(mod.weight != 0, torch.zeros_like(masks[name]))
-    assert changed and res["record"]["zeros_preserved"] == sum(int((~m).sum()) for m in masks.values())
+        moved = (mod.weight.detach() - before[name])[masks[name]].abs().max()
+        assert moved > 1e-4, f"{name} did not train ({float(moved)})"  # every kept matrix really moved
+    assert res["record"]["zeros_preserved"] == sum(int((~m).sum()) for m in masks.values())
     assert len(res["losses"]) == 4
 
 
@@ -116,3 +117,18 @@ def test_encode_example_truncates_safely():
     tok = _Tok()
     ex = encode_example("a b c d", " e f", tok, seqlen=4)
     assert len(ex["input_ids"]) == 4 and ex["labels"] == [-100] * 4
+
+
+def test_full_tuning_gradients_are_zero_where_pruned(samples):
+    """The gradient mask alone, after backward and before any optimizer step."""
+    from hybridprune.finetune import mask_gradients
+    model = _pruned("llama", "unstructured", samples)
+    masks = capture_masks(model)
+    hooks, reapply = mask_gradients(model, masks)
+    model(input_ids=samples, labels=samples).loss.backward()
+    for name, mod in prunable_matrices(model).items():
+        g = mod.weight.grad
+        assert (g[~masks[name]] == 0).all(), name
+        assert g[masks[name]].abs().sum() > 0, name  # kept weights do get gradients
+    for h in hooks:
+        h.remove()

@@ -5,6 +5,7 @@ Bad input ends with one line on stderr and exit code 2; output folders appear on
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -18,6 +19,9 @@ def _add_model_args(p):
     p.add_argument("--data-dir", help="data directory in the layout of shared/data (default: $HYBRIDPRUNE_DATA, "
                                       "else the Hugging Face hub)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
+    p.add_argument("--bos", default="auto", help="BOS token at the start of every calibration / perplexity window, "
+                   "prompt and training sequence: auto (if the tokenizer adds one itself, e.g. Gemma) | always | "
+                   "papers (text tokenized once, then cut: the Wanda/SparseGPT convention) (default auto)")
 
 
 def _add_pattern_args(p):
@@ -26,18 +30,22 @@ def _add_pattern_args(p):
     g.add_argument("--pattern", default="unstructured",
                    help="unstructured | N:M such as 2:4 or 4:8 | three-tier | block | block-topk")
     g.add_argument("--sparsity", type=float, default=0.5, help="target sparsity for unstructured/block (default 0.5)")
-    g.add_argument("--group", default="row", help="unstructured comparison group: row (Wanda) | matrix")
+    g.add_argument("--group", default=None, help="unstructured comparison group: row | matrix (default: each "
+                   "method's paper: row for wanda and magnitude, matrix, i.e. rows x 128-column block, for sparsegpt)")
     g.add_argument("--skip", action="append", default=[],
                    help="leave matching matrices/layers dense, e.g. --skip down_proj --skip layers.0 (repeatable, "
                         "comma-separated)")
-    g.add_argument("--blocksize", type=int, default=128, help="SparseGPT column block (default 128)")
+    g.add_argument("--sparsegpt-block", type=int, default=128,
+                   help="SparseGPT column block: lazy updates and mask selection (default 128; a multiple of M for N:M)")
     g.add_argument("--percdamp", type=float, default=0.01, help="SparseGPT dampening, fraction of mean diag(H)")
     t = p.add_argument_group("three-tier and block patterns")
     t.add_argument("--tiers", default="0.35,0.45,0.20", help="block fractions dense,N:M,top-k (sum 1)")
     t.add_argument("--block-size", type=int, default=16, help="block edge (default 16)")
     t.add_argument("--tier-nm", default="2:4", help="N:M inside tier-2 blocks (default 2:4)")
     t.add_argument("--topk", type=int, default=15, help="weights kept in each tier-3 block (default 15)")
-    t.add_argument("--tier-metric", default="wanda", help="picks weights inside tiers 2 and 3: wanda | magnitude")
+    t.add_argument("--tier-metric", default=None,
+                   help="picks weights inside tiers 2 and 3: wanda | sparsegpt | magnitude (default: the --method's "
+                        "own score)")
     t.add_argument("--tier-scope", default="layer",
                    help="where blocks are ranked: layer (default) | matrix (original design) | model")
     t.add_argument("--block-score", default="mean",
@@ -68,10 +76,10 @@ def _config(args):
     return PruneConfig(method=args.method, pattern=args.pattern, sparsity=args.sparsity, group=args.group,
                        calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
                        batch_size=args.batch_size, device=args.device, skip=skip, squad_format=args.squad_format,
-                       data_dir=args.data_dir, sparsegpt_blocksize=args.blocksize, percdamp=args.percdamp,
+                       data_dir=args.data_dir, sparsegpt_block=args.sparsegpt_block, percdamp=args.percdamp,
                        tiers=_tiers(args.tiers), block_size=args.block_size, tier_nm=args.tier_nm, topk=args.topk,
                        tier_metric=args.tier_metric, scope=args.tier_scope, retention=args.retention,
-                       block_score=args.block_score, refit=args.refit)
+                       block_score=args.block_score, refit=args.refit, bos=args.bos)
 
 
 def _tiers(text):
@@ -90,6 +98,39 @@ def _load(args, spec):
     return model, tok
 
 
+def _check_context(args, spec, **seqlens):
+    """Refuse a window longer than the model's context, reading only its config (before any weight is loaded)."""
+    from .models import model_context
+    ctx = model_context(spec, trust_remote_code=args.trust_remote_code)
+    for flag, value in seqlens.items():
+        if ctx and value is not None and value > ctx:
+            raise HybridPruneError(f"--{flag.replace('_', '-')} {value} exceeds the model's context of {ctx} tokens; "
+                                   f"use --{flag.replace('_', '-')} {min(2048, ctx)} or less")
+
+
+def _check_device(args):
+    from .engine import default_device
+    if args.device:
+        default_device(args.device)
+
+
+def _out_file(path):
+    """Make the parent folder of an output file before the run, so results are never lost at the end."""
+    if path:
+        parent = Path(path).parent
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise HybridPruneError(f"cannot create the folder {parent} for {path}: {e.strerror}") from None
+        if Path(path).is_dir():
+            raise HybridPruneError(f"{path} is a folder; --out takes a file name such as results.json")
+
+
+def _write_atomic(path, text: str) -> None:
+    from .models import write_text_atomic
+    write_text_atomic(path, text)
+
+
 def cmd_prune(args):
     from .data import data_dir
     from .engine import prune, save_pruned
@@ -98,24 +139,28 @@ def cmd_prune(args):
     config = _config(args)
     _check_out(args.out, args.overwrite)
     data_dir(args.data_dir)
+    _check_context(args, args.model, seqlen=args.seqlen, ppl_seqlen=args.ppl_seqlen if args.compare_ppl else None)
     model, tok = _load(args, args.model)
     extra = {}
     if args.compare_ppl:
         dense = perplexity(model, tok, seqlen=args.ppl_seqlen, max_windows=args.max_windows,
-                           data_dir_path=args.data_dir)
+                           data_dir_path=args.data_dir, bos=args.bos)
         print(f"dense  perplexity {dense['ppl']:.2f}  ({dense['windows']} windows x {dense['seqlen']})", flush=True)
         extra["dense_ppl"] = dense
     result = prune(model, config, tokenizer=tok)
     print(f"pruned in {result.seconds:.1f}s ({config.method}, {result.pattern['pattern']})", flush=True)
     if args.compare_ppl:
         pruned = perplexity(model, tok, seqlen=args.ppl_seqlen, max_windows=args.max_windows,
-                            data_dir_path=args.data_dir)
+                            data_dir_path=args.data_dir, bos=args.bos)
         print(f"pruned perplexity {pruned['ppl']:.2f}  ({pruned['windows']} windows x {pruned['seqlen']})")
         extra["pruned_ppl"] = pruned
     out = save_pruned(model, tok, args.out, config, result, source=args.model, overwrite=args.overwrite,
                       extra_record=extra)
     from .models import read_record
     print(f"sparsity {read_record(out)['sparsity']:.4f} (expected {result.pattern['sparsity']:.4f}); saved to {out}")
+    if result.uncalibrated:
+        print(f"note: {len(result.uncalibrated)} matrices received no calibration tokens and were pruned by "
+              f"magnitude (listed under 'uncalibrated' in hybridprune.json)")
 
 
 def cmd_ppl(args):
@@ -124,19 +169,22 @@ def cmd_ppl(args):
     from .models import read_record
 
     data_dir(args.data_dir)
-    if args.out:
-        _check_out(args.out, True)
+    _check_device(args)
+    _out_file(args.out)
+    if args.batch_size < 1:
+        raise HybridPruneError(f"--batch-size must be >= 1, got {args.batch_size}")
+    _check_context(args, args.model, seqlen=args.seqlen)
     model, tok = _load(args, args.model)
     if args.device:
         model.to(args.device)
     res = perplexity(model, tok, seqlen=args.seqlen, max_windows=args.max_windows, batch_size=args.batch_size,
-                     data_dir_path=args.data_dir)
+                     data_dir_path=args.data_dir, bos=args.bos)
     res = {"model": args.model, "task": "wikitext2", "split": "test", **res}
     if Path(args.model).is_dir():
         res["hybridprune"] = read_record(args.model)
     print(f"wikitext2 test perplexity {res['ppl']:.3f} over {res['windows']} windows of {res['seqlen']} tokens")
     if args.out:
-        Path(args.out).write_text(json.dumps(res, indent=2, default=str))
+        _write_atomic(args.out, json.dumps(res, indent=2, default=str))
 
 
 def _eval_one(args, spec):
@@ -150,30 +198,43 @@ def _eval_one(args, spec):
                              num_fewshot=args.num_fewshot, gsm8k_mode=args.gsm8k_mode,
                              chat_template=args.chat_template, data_dir_path=args.data_dir,
                              ppl_seqlen=args.ppl_seqlen, ppl_windows=args.ppl_windows,
-                             samples_path=getattr(args, "samples_file", None))
+                             samples_path=getattr(args, "samples_file", None), fewshot_seed=args.fewshot_seed,
+                             bos=args.bos)
     record = read_record(spec) if Path(spec).is_dir() else None
-    return {"model": spec, "hybridprune": record, "limit": args.limit, "seed": args.seed, "tasks": results}
+    return {"model": spec, "hybridprune": record, "limit": args.limit, "seed": args.seed,
+            "fewshot_seed": args.fewshot_seed, "tasks": results}
 
 
 def _check_eval_args(args):
-    from .data import data_dir
+    from .data import BOS_POLICIES, data_dir
     from .tasks import parse_tasks
     parse_tasks(args.tasks)
     if args.limit is not None and args.limit < 1:
         raise HybridPruneError(f"--limit must be >= 1, got {args.limit}")
+    if args.num_fewshot is not None and args.num_fewshot < 0:
+        raise HybridPruneError(f"--num-fewshot must be >= 0, got {args.num_fewshot}")
+    if args.bos not in BOS_POLICIES:
+        raise HybridPruneError(f"unknown --bos {args.bos!r}; use one of: {', '.join(BOS_POLICIES)}")
+    if args.gsm8k_mode not in ("fewshot", "instruct"):
+        raise HybridPruneError(f"unknown --gsm8k-mode {args.gsm8k_mode!r}; use fewshot or instruct")
     data_dir(args.data_dir)
+    _check_device(args)
+    for spec in args.models if hasattr(args, "models") else [args.model]:
+        if not spec.endswith(".json"):
+            _check_context(args, spec, ppl_seqlen=args.ppl_seqlen if "wikitext2" in args.tasks else None)
 
 
 def cmd_eval(args):
     from .tasks import metric_rows
     _check_eval_args(args)
+    _out_file(args.out)
     if args.log_samples:
         args.samples_file = str(Path(args.out or "results.json").with_suffix(".samples.jsonl"))
     res = _eval_one(args, args.model)
     for task, metric, value in metric_rows(res["tasks"]):
         print(f"{task:<10} {metric:<32} {value:10.4f}")
     if args.out:
-        Path(args.out).write_text(json.dumps(res, indent=2, default=str))
+        _write_atomic(args.out, json.dumps(res, indent=2, default=str))
 
 
 def cmd_compare(args):
@@ -181,6 +242,7 @@ def cmd_compare(args):
     from .tasks import metric_rows
     _check_eval_args(args)
     runs = [_saved_or_eval(args, spec) for spec in args.models]
+    _check_same_settings(runs, args.models)
     table = [dict(((t, m), v) for t, m, v in metric_rows(r["tasks"])) for r in runs]
     keys = list(table[0])
     head = "| task | metric | " + " | ".join(runs_name(r["model"]) for r in runs) + " |"
@@ -196,12 +258,31 @@ def cmd_compare(args):
         lines.append(f"| {key[0]} | {key[1]} | " + " | ".join(cells) + " |")
     text = "\n".join(lines)
     print(text)
+    from .models import atomic_dir
     out = Path(args.out or "compare")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "compare.md").write_text(text + "\n")
-    (out / "compare.json").write_text(json.dumps(runs, indent=2, default=str))
-    plot_compare([runs_name(r["model"]) for r in runs], keys, table, out / "compare.png")
+    with atomic_dir(out, overwrite=True) as tmp:  # the three files appear together or not at all
+        (tmp / "compare.md").write_text(text + "\n")
+        (tmp / "compare.json").write_text(json.dumps(runs, indent=2, default=str))
+        plot_compare([runs_name(r["model"]) for r in runs], keys, table, tmp / "compare.png")
     print(f"wrote {out / 'compare.md'}, {out / 'compare.json'}, {out / 'compare.png'}")
+
+
+SETTINGS = ("n", "num_fewshot", "fewshot_seed", "mode", "split", "bos", "prompt")
+
+
+def _check_same_settings(runs, specs):
+    """Rows of one table must come from the same examples and prompts: refuse runs whose task settings differ."""
+    first = runs[0]
+    for run, spec in zip(runs[1:], specs[1:]):
+        if run.get("limit") != first.get("limit"):
+            raise HybridPruneError(f"{spec} was evaluated with --limit {run.get('limit')}, {specs[0]} with "
+                                   f"{first.get('limit')}; re-run one of them with the same --limit")
+        for task in set(first["tasks"]) & set(run["tasks"]):
+            for key in SETTINGS:
+                a, b = first["tasks"][task].get(key), run["tasks"][task].get(key)
+                if a != b:
+                    raise HybridPruneError(f"{task} {key} differs: {a!r} in {specs[0]} vs {b!r} in {spec}; "
+                                           "evaluate both with the same settings")
 
 
 def _saved_or_eval(args, spec):
@@ -235,9 +316,12 @@ def _add_out_args(p, resume_help):
 def _add_eval_args(p):
     p.add_argument("--tasks", default="wikitext2,squad,gsm8k,boolq", help="comma-separated: wikitext2,squad,gsm8k,boolq")
     p.add_argument("--limit", type=int, default=None, help="first N examples of each task (deterministic)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of random sampling in lm-eval (default 0)")
+    p.add_argument("--fewshot-seed", type=int, default=1234,
+                   help="seed of the few-shot exemplar sampler (default 1234, lm-eval's: the stock tasks' prompts)")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--num-fewshot", type=int, default=None, help="override each task's shot count")
+    p.add_argument("--num-fewshot", type=int, default=None, help="override each task's shot count (exemplars come "
+                   "from the training split only; refused where there is none)")
     p.add_argument("--gsm8k-mode", default="fewshot", help="fewshot (lm-eval's 5-shot) | instruct (zero-shot)")
     p.add_argument("--chat-template", action="store_true", help="wrap prompts in the model's chat template")
     p.add_argument("--ppl-seqlen", type=int, default=2048, help="wikitext2 window length")
@@ -251,6 +335,9 @@ def cmd_inspect(args):
         print(json.dumps(report, indent=2))
     else:
         print(report["text"])
+    if report["violations"]:
+        raise HybridPruneError(f"{len(report['violations'])} rule violations in {args.model}: "
+                               + "; ".join(report["violations"][:5]) + (" ..." if len(report["violations"]) > 5 else ""))
 
 
 def cmd_progressive(args):
@@ -259,11 +346,22 @@ def cmd_progressive(args):
     _check_out(args.out, args.overwrite)
     schedule = load_schedule(args.schedule)
     recover = None
+    if args.no_merge:
+        # The next round would prune the LoRA modules and save their keys into the base model.
+        raise HybridPruneError("--no-merge cannot be used in progressive pruning: every round must prune merged "
+                               "weights; drop --no-merge (the adapter is merged through the mask after each round)")
     if args.finetune_between:
         from .finetune import finetune
         ft = _ft_config(args, args.finetune_between)
         work = Path(args.out).with_name(Path(args.out).name + ".checkpoints")
-        recover = lambda model, tok, r: finetune(model, tok, ft, work / f"round{r + 1}")  # noqa: E731
+
+        def recover_round(model, tok, r):
+            finetune(model, tok, ft, work / f"round{r + 1}")
+        recover_round.settings = dataclasses.asdict(ft)  # compared by --resume
+        recover = recover_round
+    from .data import data_dir
+    data_dir(args.data_dir)
+    _check_context(args, args.model, seqlen=args.seqlen)
     model, tok = _load(args, args.model)
     run_progressive(model, tok, config, schedule, args.out, source=args.model, overwrite=args.overwrite,
                     resume=args.resume, recover=recover)
@@ -275,7 +373,7 @@ def _ft_config(args, data):
                           batch_size=args.ft_batch_size, grad_accum=args.grad_accum, seqlen=args.ft_seqlen,
                           seed=args.seed, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
                           lora_dropout=args.lora_dropout, merge=not args.no_merge, max_examples=args.max_examples,
-                          data_dir=args.data_dir)
+                          data_dir=args.data_dir, device=args.device, bos=args.bos)
 
 
 def cmd_finetune(args):
@@ -283,8 +381,10 @@ def cmd_finetune(args):
     from .finetune import finetune_and_save
     config = _ft_config(args, args.data)
     data_dir(args.data_dir)
+    if Path(args.out).exists() and not args.overwrite:
+        raise HybridPruneError(f"output folder {args.out} exists; pass --overwrite or choose another --out")
     res = finetune_and_save(args.model, config, args.out, overwrite=args.overwrite, resume=args.resume,
-                            dtype=args.dtype)
+                            dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     rec = res["record"]
     print(f"fine-tuned {rec['examples']} examples for {config.steps} steps: loss {rec['first_loss']} -> "
           f"{rec['final_loss']:.4f}; {rec['zeros_preserved']:,} pruned weights still zero; saved to {args.out}")
@@ -308,7 +408,7 @@ def _add_ft_args(p, prefix_method=False):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="hybridprune", description=(
+    ap = argparse.ArgumentParser(prog="hybridprune", allow_abbrev=False, description=(
         "Prune Hugging Face causal LMs (magnitude, Wanda, SparseGPT; unstructured, N:M, three-tier hybrid) "
         "and measure what was lost. MODEL is 'default' (SmolLM2-135M-Instruct), a folder, a .gguf file or a hub id."))
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -388,6 +488,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ft_args(p)
     _add_model_args(p)
     p.set_defaults(func=cmd_finetune)
+    for sp in sub.choices.values():  # no prefix matching: --block would otherwise pass for --block-size
+        sp.allow_abbrev = False
     return ap
 
 

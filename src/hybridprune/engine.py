@@ -15,7 +15,9 @@ Memory: one layer on the device, plus the calibration activations (nsamples x se
 """
 from __future__ import annotations
 
+import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -23,11 +25,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import models
-from .data import calibration_samples
+from .data import BOS_POLICIES, SQUAD_FORMATS, calibration_samples, parse_calib, resolve_bos
 from .errors import HybridPruneError
-from .patterns import TieredBlocks, assign_tiers, make_pattern, tier_counts
-from .scoring import (METHODS, InputStats, inverse_hessian, magnitude_score, needs_calibration, refit_kept, score,
-                      sparsegpt_prune)
+from .patterns import NM, TieredBlocks, assign_tiers, make_pattern, tier_counts
+from .scoring import METHODS, InputStats, inverse_hessian, needs_calibration, refit_kept, score, sparsegpt_prune
 
 
 @dataclass
@@ -35,7 +36,9 @@ class PruneConfig:
     method: str = "wanda"               # magnitude | wanda | sparsegpt
     pattern: str = "unstructured"       # unstructured | N:M (2:4, 4:8) | three-tier | block | block-topk
     sparsity: float = 0.5               # unstructured, block, block-topk
-    group: str = "row"                  # unstructured comparison group: row (Wanda) | matrix
+    # unstructured comparison group: row (Wanda's rule) | matrix; None = the method's paper: matrix for SparseGPT
+    # (the whole rows x 128-column block, as its reference code and llm-compressor), row otherwise
+    group: str | None = None
     calib: str = "wikitext2"            # wikitext2 | c4 | squad | gsm8k | boolq | mixed:a=0.5,b=0.5
     nsamples: int = 128
     seqlen: int = 2048
@@ -45,39 +48,69 @@ class PruneConfig:
     skip: tuple[str, ...] = ()          # matrices or layers left dense, e.g. ("down_proj", "layers.0")
     squad_format: str = "context_question"
     data_dir: str | None = None
-    sparsegpt_blocksize: int = 128
+    sparsegpt_block: int = 128          # SparseGPT's column block (lazy batch updates and mask selection)
     percdamp: float = 0.01
     # three-tier / block options
     tiers: tuple[float, float, float] = (0.35, 0.45, 0.20)
     block_size: int = 16
     tier_nm: str = "2:4"
     topk: int = 15
-    tier_metric: str = "wanda"
+    tier_metric: str | None = None      # picks weights inside tiers 2 and 3; None = the method's own score
     scope: str = "layer"                # measured better than per-matrix ranking on the default model (README)
     retention: float | None = None
     block_score: str = "mean"           # mean | row (score relative to its row before the block mean)
     # least-squares refit of the kept weights after masking, conjugate-gradient steps (0 = off);
     # None = 10 for block patterns pruned with Wanda (measured: 205.89 -> 66.79 perplexity, README), else 0
     refit: int | None = None
+    # BOS at the start of every calibration window: auto (if the tokenizer adds one itself) | always | papers
+    # (windows cut from the text as tokenized once, the Wanda/SparseGPT convention)
+    bos: str = "auto"
 
     def __post_init__(self):
+        # Every value is checked here, before any model or data is loaded.
         if self.method not in METHODS:
             raise HybridPruneError(f"unknown method {self.method!r}; use one of: {', '.join(METHODS)}")
         if self.batch_size < 1:
             raise HybridPruneError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.nsamples < 1 or self.seqlen < 2:
+            raise HybridPruneError(f"need --nsamples >= 1 and --seqlen >= 2, got {self.nsamples} and {self.seqlen}")
+        if not (math.isfinite(self.percdamp) and self.percdamp >= 0):
+            raise HybridPruneError(f"--percdamp must be a finite number >= 0 (SparseGPT uses 0.01), got {self.percdamp}")
+        if self.squad_format not in SQUAD_FORMATS:
+            raise HybridPruneError(f"unknown --squad-format {self.squad_format!r}; use one of: "
+                                   f"{', '.join(SQUAD_FORMATS)}")
+        if self.bos not in BOS_POLICIES:
+            raise HybridPruneError(f"unknown --bos {self.bos!r}; use one of: {', '.join(BOS_POLICIES)}")
+        if needs_calibration(self.method):
+            parse_calib(self.calib)
+        default_device(self.device)
         self.skip = tuple(self.skip or ())
-        self.build_pattern()  # validate early: bad input fails before any model is loaded
+        pattern = self.build_pattern()
+        if self.sparsegpt_block < 1:
+            raise HybridPruneError(f"--sparsegpt-block must be a positive number of columns, got {self.sparsegpt_block}")
+        if self.method == "sparsegpt" and isinstance(pattern, NM) and self.sparsegpt_block % pattern.m:
+            raise HybridPruneError(f"--sparsegpt-block {self.sparsegpt_block} is not a multiple of M={pattern.m}; "
+                                   f"N:M groups would straddle two blocks (use e.g. 128)")
+        if isinstance(pattern, TieredBlocks):
+            if pattern.tier_metric != "magnitude" and not needs_calibration(self.method) and pattern.tier_metric != self.method:
+                raise HybridPruneError(f"--tier-metric {pattern.tier_metric} needs calibration statistics; "
+                                       f"use --method {pattern.tier_metric} or --tier-metric magnitude")
+            if pattern.tier_metric == "sparsegpt" and self.method != "sparsegpt":
+                raise HybridPruneError("--tier-metric sparsegpt needs --method sparsegpt (its inverse Hessians)")
         if self.refit is not None and self.refit < 0:
             raise HybridPruneError(f"--refit {self.refit} must be >= 0 (0 turns the refit off)")
         if self.refit and not needs_calibration(self.method):
             raise HybridPruneError(f"--refit needs calibration statistics, which method {self.method} does not "
                                    "collect; use --method wanda or --refit 0")
 
+    def comparison_group(self) -> str:
+        return self.group or ("matrix" if self.method == "sparsegpt" else "row")
+
     def build_pattern(self):
-        return make_pattern(self.pattern, self.sparsity, group=self.group, tiers=self.tiers,
+        return make_pattern(self.pattern, self.sparsity, group=self.comparison_group(), tiers=self.tiers,
                             block_size=self.block_size, nm=self.tier_nm, topk=self.topk,
-                            tier_metric=self.tier_metric, scope=self.scope, retention=self.retention,
-                            block_score=self.block_score)
+                            tier_metric=self.tier_metric or self.method, scope=self.scope,
+                            retention=self.retention, block_score=self.block_score)
 
     def refit_steps(self) -> int:
         """The refit asked for, or the default for this pattern and method (resolved late: replace() may change them)."""
@@ -88,6 +121,8 @@ class PruneConfig:
     def record(self) -> dict:
         rec = asdict(self)
         rec["refit"] = self.refit_steps()
+        rec["group"] = self.comparison_group()
+        rec["tier_metric"] = self.tier_metric or self.method
         rec["pattern_detail"] = self.build_pattern().describe()
         return rec
 
@@ -98,6 +133,8 @@ class PruneResult:
     seconds: float = 0.0
     pattern: dict = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
+    uncalibrated: list[str] = field(default_factory=list)  # matrices no calibration token reached (MoE experts)
+    bos: str = ""                                           # the BOS policy the calibration windows used
 
 
 class _StopForward(Exception):
@@ -147,6 +184,21 @@ def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, samples: torch
     finally:
         handle.remove()
     return captured
+
+
+def _check_finite(batches, where: str) -> None:
+    if any(not torch.isfinite(b[0]).all() for b in batches):
+        raise HybridPruneError(f"calibration activations became non-finite at {where}; the model overflows in "
+                               "this dtype (try --dtype float32) or holds bad weights")
+
+
+def check_finite_weights(model: nn.Module) -> None:
+    """Refuse NaN/inf weights up front: their scores would silently leave later layers barely pruned."""
+    for name, mod in models.prunable_matrices(model).items():
+        if not torch.isfinite(mod.weight).all():
+            bad = int((~torch.isfinite(mod.weight)).sum())
+            raise HybridPruneError(f"{name} holds {bad} non-finite weights (NaN/inf); repair or re-download the "
+                                   "checkpoint before pruning")
 
 
 def _layer_output(out):
@@ -224,6 +276,8 @@ class _Pruner:
         self.calibrated = needs_calibration(config.method)
         self.refit = config.refit_steps()
         self.skipped: list[str] = []
+        self.uncalibrated: list[str] = []
+        self.refit_failed: list[str] = []
 
     def linears(self, i: int, layer: nn.Module) -> dict[str, nn.Module]:
         out = {}
@@ -235,24 +289,52 @@ class _Pruner:
                 out[name] = mod
         return out
 
-    def scores(self, linears, stats):
-        """Per-matrix (ranking score, inner score) in float32."""
+    def hinv_for(self, stats, cache):
+        """SparseGPT's (inverse Hessian factor, dead columns) of one input, computed once per shared input."""
+        if self.config.method != "sparsegpt" or stats is None or not stats.tokens:
+            return None
+        if id(stats) not in cache:  # q/k/v (and gate/up) share one input, so one inverse Hessian
+            cache[id(stats)] = inverse_hessian(stats.H, self.config.percdamp)
+        return cache[id(stats)]
+
+    def scores(self, linears, stats, hinv):
+        """Per-matrix (ranking score, inner score) in float32; matrices without calibration tokens fall back
+        to magnitude (and are reported)."""
         out = {}
         for name, mod in linears.items():
             W = models.weight_matrix(mod)
-            s = score(self.config.method, W, stats.get(name))
-            inner = s if not self.tiered or self.pattern.tier_metric == "wanda" else magnitude_score(W)
+            st = stats.get(name)
+            calibrated = st is not None and st.tokens > 0
+            method = self.config.method if calibrated or not self.calibrated else "magnitude"
+            s = score(method, W, st, hinv.get(name))
+            inner = s
+            if self.tiered and self.pattern.tier_metric != method:
+                inner = score(self.pattern.tier_metric if calibrated else "magnitude", W, st, hinv.get(name))
             out[name] = (s, inner)
         return out
 
+    def note_uncalibrated(self, i, linears, stats):
+        """Matrices that no calibration token reached (MoE experts the router never picked): say so once."""
+        if not self.calibrated:
+            return
+        missing = [f"{self.prefix}.{i}.{n}" for n in linears if stats.get(n) is None or not stats[n].tokens]
+        if missing:
+            self.uncalibrated.extend(missing)
+            warnings.warn(f"{len(missing)} matrices of layer {i} received no calibration tokens "
+                          f"({', '.join(m.rsplit('.', 2)[-2] + '.' + m.rsplit('.', 1)[-1] for m in missing[:4])}"
+                          f"{', ...' if len(missing) > 4 else ''}): pruned by magnitude, without reconstruction",
+                          stacklevel=2)
+
     def prune_layer(self, i, linears, stats, tier_maps):
-        scores = self.scores(linears, stats)
+        self.note_uncalibrated(i, linears, stats)
+        cache = {}
+        hinv = {name: self.hinv_for(stats.get(name), cache) for name in linears}
+        scores = self.scores(linears, stats, hinv)
         full = {name: f"{self.prefix}.{i}.{name}" for name in linears}
         budgets = dict(self.budgets)
         if self.tiered and self.pattern.scope == "layer":
             bs = {full[n]: self.pattern.block_scores(s) for n, (s, _) in scores.items()}
             budgets.update(layer_budgets(self.pattern, bs, self.floors))
-        hinv = {}
         for name, mod in linears.items():
             s, inner = scores[name]
             fname = full[name]
@@ -262,18 +344,19 @@ class _Pruner:
             keep, tiers = self.pattern.keep(s, inner, floor=floor, budget=budgets.get(fname))
             if floor is not None:
                 keep &= W != 0  # progressive rounds never regrow a weight pruned in an earlier round
-            if self.config.method == "sparsegpt":
-                st = stats[name]
-                if id(st) not in hinv:  # q/k/v (and gate/up) share one input, so one inverse Hessian
-                    hinv[id(st)] = inverse_hessian(st.H, self.config.percdamp)
+            if hinv[name] is not None:
                 Wf = W.detach().float().clone()
                 fixed = keep if (self.tiered or floor is not None) else None
-                keep = sparsegpt_prune(Wf, hinv[id(st)], self.pattern, self.config.sparsegpt_blocksize,
+                keep = sparsegpt_prune(Wf, hinv[name], self.pattern, self.config.sparsegpt_block,
                                        self.config.percdamp, fixed_keep=fixed)
                 W.copy_(Wf.to(W.dtype))
             W.mul_(keep)
-            if W0 is not None and stats.get(name) is not None and stats[name].tokens:
-                refit_kept(W, W0, keep, stats[name].H, self.refit, self.config.percdamp)
+            st = stats.get(name)
+            if W0 is not None and st is not None and st.tokens:
+                if not refit_kept(W, W0, keep, st.H, self.refit, self.config.percdamp):
+                    self.refit_failed.append(fname)
+                    warnings.warn(f"the refit of {fname} went non-finite; its weights are kept as masked "
+                                  "(raise --percdamp or use --refit 0)", stacklevel=2)
             if tiers is not None:
                 tier_maps[fname] = tiers.to("cpu", torch.int8)
 
@@ -281,11 +364,12 @@ class _Pruner:
         """The layer loop. dry=True only scores (for model-scope budgets) and prunes nothing."""
         tier_maps, block_scores = {}, {}
         batches = None
-        if self.calibrated or (dry and self.tiered):
+        if self.calibrated:  # magnitude needs no data, also for model-scope block budgets
             if samples is None:
                 raise HybridPruneError(f"method {self.config.method} needs calibration samples")
             batches = capture_layer_inputs(self.model, self.layers, samples, self.config.batch_size, self.device)
-        hessian = (self.config.method == "sparsegpt" or self.refit > 0) and not dry
+            _check_finite(batches, "the embeddings (inputs of decoder layer 0)")
+        hessian = self.config.method == "sparsegpt" or (self.refit > 0 and not dry)
         for i, layer in enumerate(tqdm(self.layers, desc=desc, unit="layer", leave=False, disable=None)):
             home = next(layer.parameters()).device
             # Models dispatched by accelerate (device_map) keep each layer where it is; others visit --device.
@@ -298,8 +382,15 @@ class _Pruner:
                            for h, a, kw in batches]
             linears = self.linears(i, layer)
             stats = collect_stats(layer, linears, batches, hessian) if batches is not None and linears else {}
+            for name, st in stats.items():
+                if not torch.isfinite(st.sq).all():
+                    raise HybridPruneError(f"calibration activations became non-finite at the input of "
+                                           f"{self.prefix}.{i}.{name}; the model overflows in this dtype "
+                                           "(try --dtype float32) or holds bad weights")
             if dry:
-                for name, (s, _) in self.scores(linears, stats).items():
+                cache = {}
+                hinv = {n: self.hinv_for(stats.get(n), cache) for n in linears}
+                for name, (s, _) in self.scores(linears, stats, hinv).items():
                     block_scores[f"{self.prefix}.{i}.{name}"] = self.pattern.block_scores(s).cpu()
             else:
                 self.prune_layer(i, linears, stats, tier_maps)
@@ -307,6 +398,7 @@ class _Pruner:
             if batches is not None and i + 1 < len(self.layers):
                 for b in batches:
                     b[0] = _layer_output(layer(b[0], *b[1], **b[2]))
+                _check_finite(batches, f"the output of decoder layer {self.prefix}.{i}")
             if moved:
                 layer.to(home)
         return block_scores if dry else tier_maps
@@ -321,12 +413,17 @@ def prune(model: nn.Module, config: PruneConfig | None = None, tokenizer=None, s
     """
     config = config or PruneConfig()
     start = time.perf_counter()
+    check_finite_weights(model)
     pruner = _Pruner(model, config, floors)
+    if not needs_calibration(config.method):
+        bos = "no calibration"
+    else:
+        bos = "given samples" if samples is not None or tokenizer is None else resolve_bos(tokenizer, config.bos)
     if pruner.calibrated and samples is None:
         if tokenizer is None:
             raise HybridPruneError("pass a tokenizer or calibration samples for a calibrated method")
         samples = calibration_samples(tokenizer, config.calib, config.nsamples, config.seqlen, config.seed,
-                                      config.data_dir, config.squad_format)
+                                      config.data_dir, config.squad_format, bos=config.bos)
     was_training = model.training
     model.eval()
     if pruner.tiered and pruner.pattern.scope == "model":
@@ -337,7 +434,8 @@ def prune(model: nn.Module, config: PruneConfig | None = None, tokenizer=None, s
     tier_maps = pruner.run(samples)
     model.train(was_training)
     return PruneResult(tier_maps=tier_maps, seconds=time.perf_counter() - start,
-                       pattern=pruner.pattern.describe(), skipped=pruner.skipped)
+                       pattern=pruner.pattern.describe(), skipped=pruner.skipped,
+                       uncalibrated=sorted(set(pruner.uncalibrated)), bos=bos)
 
 
 TIERS_FILE = "tiers.safetensors"
@@ -348,8 +446,9 @@ def save_pruned(model, tokenizer, out, config: PruneConfig, result: PruneResult,
     """Save the pruned model with its record and, for block patterns, the tier map of every matrix."""
     from safetensors.torch import save_file
 
-    record = {"model": source, "prune": config.record(), "prune_seconds": round(result.seconds, 2),
-              "skipped": result.skipped, **(extra_record or {})}
+    record = {"model": source, "prune": {**config.record(), "bos": result.bos or config.bos},
+              "prune_seconds": round(result.seconds, 2), "skipped": result.skipped,
+              "uncalibrated": result.uncalibrated, **(extra_record or {})}
 
     def extra(tmp):
         if result.tier_maps:

@@ -2,6 +2,8 @@
 
 The test split's rows are joined with a blank line, tokenized once, cut into non-overlapping windows of
 `seqlen` tokens (the remainder is dropped), and perplexity is exp of the mean next-token NLL over windows.
+For models whose tokenizer adds a BOS token (Gemma, ...) every window is BOS + seqlen - 1 text tokens instead
+(`bos`, see data.resolve_bos); either way each window scores seqlen - 1 predictions.
 """
 from __future__ import annotations
 
@@ -11,31 +13,31 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from .data import data_dir, wikitext2_text
+from .data import cut_windows, data_dir, resolve_bos, text_ids, wikitext2_text
 from .errors import HybridPruneError
 
 
-def wikitext2_test_ids(tokenizer, data_dir_path=None) -> torch.Tensor:
+def wikitext2_test_ids(tokenizer, data_dir_path=None, bos: str = "papers") -> torch.Tensor:
     text = wikitext2_text("test", data_dir(data_dir_path))
-    return torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
+    return torch.tensor(text_ids(tokenizer, text, bos), dtype=torch.long)
 
 
 @torch.no_grad()
 def perplexity(model, tokenizer=None, seqlen: int = 2048, max_windows: int | None = None, batch_size: int = 1,
-               data_dir_path=None, ids: torch.Tensor | None = None, progress: bool = True) -> dict:
-    """{'ppl', 'windows', 'seqlen', 'tokens', 'seconds'} on WikiText-2 test (or on `ids` if given)."""
+               data_dir_path=None, ids: torch.Tensor | None = None, progress: bool = True, bos: str = "auto") -> dict:
+    """{'ppl', 'windows', 'seqlen', 'tokens', 'bos', 'seconds'} on WikiText-2 test (or on `ids` if given)."""
     if seqlen < 2:
         raise HybridPruneError(f"--seqlen must be >= 2, got {seqlen}")
     if max_windows is not None and max_windows < 1:
         raise HybridPruneError(f"--max-windows must be >= 1, got {max_windows}")
+    bos = resolve_bos(tokenizer, bos) if tokenizer is not None else ("papers" if bos == "auto" else bos)
     if ids is None:
-        ids = wikitext2_test_ids(tokenizer, data_dir_path)
-    n = ids.numel() // seqlen
-    if max_windows:
-        n = min(n, max_windows)
+        ids = wikitext2_test_ids(tokenizer, data_dir_path, bos)
+    bos_id = tokenizer.bos_token_id if bos == "always" else None
+    windows = cut_windows(ids, seqlen, bos_id, max_windows)
+    n = len(windows)
     if n == 0:
         raise HybridPruneError(f"the text has {ids.numel()} tokens, fewer than one window of {seqlen}")
-    windows = ids[: n * seqlen].reshape(n, seqlen)
     device = model.get_input_embeddings().weight.device
     was_training = model.training
     model.eval()
@@ -48,5 +50,5 @@ def perplexity(model, tokenizer=None, seqlen: int = 2048, max_windows: int | Non
                                                  batch[:, 1:].reshape(-1), reduction="none")
         nll += loss.reshape(batch.shape[0], -1).mean(1).sum().item()  # mean per window, summed over windows
     model.train(was_training)
-    return {"ppl": math.exp(nll / n), "windows": n, "seqlen": seqlen, "tokens": n * seqlen,
+    return {"ppl": math.exp(nll / n), "windows": n, "seqlen": seqlen, "tokens": n * seqlen, "bos": bos,
             "seconds": round(time.perf_counter() - start, 2)}

@@ -9,7 +9,9 @@ Training runs through the transformers Trainer (gradient accumulation, checkpoin
 accelerate / FSDP / DeepSpeed when launched that way). After training the zero set of every matrix is compared
 with the one before; any difference is an error.
 
-Templated data puts the loss on the answer only (prompt labels are -100) and ends the answer with EOS.
+Templated data puts the loss on the answer only (prompt labels are -100) and ends the answer with EOS. The
+`simple` templates are the evaluation prompts of tasks.py, byte for byte, followed by " answer" (lm-eval's target
+delimiter), so a model is trained on exactly the prompt that `eval` scores.
 """
 from __future__ import annotations
 
@@ -23,18 +25,27 @@ from pathlib import Path
 import torch
 
 from . import models
-from .data import (boolq_examples, c4_texts, data_dir, gsm8k_examples, squad_examples, wikitext2_text)
+from .data import (BOS_POLICIES, boolq_examples, c4_texts, cut_windows, data_dir, gsm8k_examples, resolve_bos,
+                   squad_examples, text_ids, wikitext2_text)
 from .errors import HybridPruneError
+from .tasks import BOOLQ_PROMPT, GSM8K_PROMPT, SQUAD_PROMPT
 
 FT_DATA = ("squad", "gsm8k", "boolq", "wikitext2", "c4")
+
+
+def _fmt(jinja_prompt: str) -> str:
+    """The eval prompt (lm-eval's {{field}} placeholders) as a str.format template."""
+    return jinja_prompt.replace("{{", "{").replace("}}", "}")
+
+
 TEMPLATES = {
-    "squad": {"simple": ("Context: {context}\nQuestion: {question}\nAnswer:", " {answer}"),
+    "squad": {"simple": (_fmt(SQUAD_PROMPT), " {answer}"),
               "alpaca": ("Below is an instruction that describes a task, paired with an input that provides further "
                          "context. Write a response that appropriately completes the request.\n\n### Instruction:\n"
                          "Answer the question based on the context.\n\n### Input:\nContext: {context}\n"
                          "Question: {question}\n\n### Response:\n", "{answer}")},
-    "gsm8k": {"simple": ("Question: {question}\nAnswer:", " {solution}")},
-    "boolq": {"simple": ("{passage}\nQuestion: {question}?\nAnswer:", " {answer}")},
+    "gsm8k": {"simple": (_fmt(GSM8K_PROMPT), " {solution}")},
+    "boolq": {"simple": (_fmt(BOOLQ_PROMPT), " {answer}")},
 }
 
 
@@ -57,14 +68,34 @@ class FinetuneConfig:
     data_dir: str | None = None
     logging_steps: int = 5
     save_steps: int = 50
+    device: str | None = None         # where training runs (default: cuda if available)
+    bos: str = "auto"                 # BOS at the start of every sequence: auto | always | papers (data.resolve_bos)
 
     def __post_init__(self):
+        # Every value is checked before any model is loaded or any checkpoint folder is made.
+        positive = {"--steps": self.steps, "--batch-size": self.batch_size, "--grad-accum": self.grad_accum,
+                    "--lora-r": self.lora_r, "logging_steps": self.logging_steps, "save_steps": self.save_steps}
+        for flag, value in positive.items():
+            if not isinstance(value, int) or value < 1:
+                raise HybridPruneError(f"{flag} must be a whole number >= 1, got {value}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise HybridPruneError(f"--lr must be a finite number > 0 (e.g. 1e-4), got {self.lr}")
+        if self.seqlen < 2:
+            raise HybridPruneError(f"--seqlen must be >= 2, got {self.seqlen}")
+        if not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
+            raise HybridPruneError(f"--lora-alpha must be > 0, got {self.lora_alpha}")
+        if not 0 <= self.lora_dropout < 1:
+            raise HybridPruneError(f"--lora-dropout must be within [0, 1), got {self.lora_dropout}")
+        if self.max_examples is not None and self.max_examples < 1:
+            raise HybridPruneError(f"--max-examples must be >= 1, got {self.max_examples}")
+        if self.bos not in BOS_POLICIES:
+            raise HybridPruneError(f"unknown --bos {self.bos!r}; use one of: {', '.join(BOS_POLICIES)}")
+        from .engine import default_device
+        default_device(self.device)
         if self.data not in FT_DATA:
             raise HybridPruneError(f"unknown fine-tuning data {self.data!r}; use one of: {', '.join(FT_DATA)}")
         if self.method not in ("lora", "full"):
             raise HybridPruneError(f"unknown fine-tuning method {self.method!r}; use lora or full")
-        if self.steps <= 0:
-            raise HybridPruneError(f"--steps must be > 0, got {self.steps}")
         if self.data in TEMPLATES and self.template != "chat" and self.template not in TEMPLATES[self.data]:
             raise HybridPruneError(f"unknown template {self.template!r} for {self.data}; use one of: "
                                    f"{', '.join([*TEMPLATES[self.data], 'chat'])}")
@@ -75,7 +106,7 @@ class FinetuneConfig:
 def _records(data: str, root) -> list[dict]:
     """Fields for the templates. Offline SQuAD comes from the *fit* half of dev only."""
     if data == "squad":
-        return [{"context": r["context"], "question": r["question"], "answer": r["answers"][0]}
+        return [{"title": r["title"], "context": r["context"], "question": r["question"], "answer": r["answers"][0]}
                 for r in squad_examples("fit", root)]
     if data == "gsm8k":
         return [{"question": r["question"], "solution": r["answer"]} for r in gsm8k_examples("train", root)]
@@ -91,7 +122,7 @@ def render(data: str, template: str, record: dict, tokenizer) -> tuple[str, str]
         if not getattr(tokenizer, "chat_template", None):
             raise HybridPruneError("--template chat needs a tokenizer with a chat template")
         user, answer = TEMPLATES[data]["simple"]
-        msgs = [{"role": "user", "content": user.format(**record).removesuffix("\nAnswer:")}]
+        msgs = [{"role": "user", "content": user.format(**record).removesuffix("Answer:").rstrip()}]
         prompt = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
         return prompt, answer.format(**record).strip()
     prompt, answer = TEMPLATES[data][template]
@@ -102,9 +133,9 @@ def render(data: str, template: str, record: dict, tokenizer) -> tuple[str, str]
             from None
 
 
-def encode_example(prompt: str, answer: str, tokenizer, seqlen: int) -> dict:
-    """input_ids and labels; labels are -100 on every prompt token, the answer ends with EOS."""
-    p = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+def encode_example(prompt: str, answer: str, tokenizer, seqlen: int, bos_id: int | None = None) -> dict:
+    """input_ids and labels; labels are -100 on every prompt token (and the BOS), the answer ends with EOS."""
+    p = ([bos_id] if bos_id is not None else []) + tokenizer(prompt, add_special_tokens=False)["input_ids"]
     a = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     ids = (p + a)[:seqlen]
     labels = ([-100] * len(p) + a)[:seqlen]
@@ -113,17 +144,16 @@ def encode_example(prompt: str, answer: str, tokenizer, seqlen: int) -> dict:
 
 def build_dataset(config: FinetuneConfig, tokenizer) -> list[dict]:
     root = data_dir(config.data_dir)
+    bos = resolve_bos(tokenizer, config.bos)
+    bos_id = tokenizer.bos_token_id if bos == "always" else None
     if config.data in ("wikitext2", "c4"):
         # plain causal LM on packed windows (valid split offline; the test split is never trained on)
         text = wikitext2_text("train", root) if config.data == "wikitext2" else "\n\n".join(c4_texts(root))
-        ids = tokenizer(text)["input_ids"]
-        n = len(ids) // config.seqlen
-        rows = [{"input_ids": ids[i * config.seqlen:(i + 1) * config.seqlen]} for i in range(n)]
-        for r in rows:
-            r["labels"] = list(r["input_ids"])
+        windows = cut_windows(torch.tensor(text_ids(tokenizer, text, bos)), config.seqlen, bos_id)
+        rows = [{"input_ids": w.tolist(), "labels": w.tolist()} for w in windows]
     else:
         records = _records(config.data, root)
-        rows = [encode_example(*render(config.data, config.template, r, tokenizer), tokenizer, config.seqlen)
+        rows = [encode_example(*render(config.data, config.template, r, tokenizer), tokenizer, config.seqlen, bos_id)
                 for r in records[: config.max_examples]]
         rows = [r for r in rows if any(x != -100 for x in r["labels"])]  # prompt longer than seqlen: nothing to learn
     if config.max_examples:
@@ -182,6 +212,22 @@ def merge_lora_through_mask(peft_model, masks: dict[str, torch.Tensor]):
 
 # ----------------------------------------------------------------------------- training
 
+def mask_gradients(model, masks: dict[str, torch.Tensor]):
+    """Full tuning: every prunable matrix trains with its gradient multiplied by its mask (hooks on the weights),
+    and `reapply()` zeroes the pruned positions again after an optimizer step (weight decay and Adam moments
+    could otherwise move them). Returns (hook handles, reapply)."""
+    for p in model.parameters():
+        p.requires_grad_(True)
+    masked = [(mod.weight, masks[n]) for n, mod in models.prunable_matrices(model).items()]
+    hooks = [w.register_hook(lambda g, m=m: g * m) for w, m in masked]
+
+    def reapply():
+        with torch.no_grad():
+            for w, m in masked:
+                w.mul_(m)
+    return hooks, reapply
+
+
 def _lora_targets(model) -> list[str]:
     """Leaf names of the prunable matrices (q_proj, c_attn, ...): PEFT matches modules by these suffixes."""
     return sorted({name.rsplit(".", 1)[-1] for name in models.prunable_matrices(model)})
@@ -191,6 +237,9 @@ def finetune(model, tokenizer, config: FinetuneConfig, work_dir, resume: bool = 
     """Train in place (the returned dict holds the model and the record). work_dir keeps checkpoints."""
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
+    from .engine import default_device
+    device = default_device(config.device)
+    model.to(device)
     masks = capture_masks(model)
     zeros_before = sum(int((~m).sum()) for m in masks.values())
     if zeros_before == 0:
@@ -207,19 +256,14 @@ def finetune(model, tokenizer, config: FinetuneConfig, work_dir, resume: bool = 
         hooks, callbacks = [], []
     else:
         train_model = model
-        for p in model.parameters():
-            p.requires_grad_(True)
-        masked = [(mod.weight, masks[n]) for n, mod in models.prunable_matrices(model).items()]
-        hooks = [w.register_hook(lambda g, m=m: g * m) for w, m in masked]
+        hooks, reapply = mask_gradients(model, masks)
 
         class ReapplyMask(TrainerCallback):
             def on_step_end(self, args, state, control, **kw):
-                with torch.no_grad():
-                    for w, m in masked:
-                        w.mul_(m)
+                reapply()
         callbacks = [ReapplyMask()]
 
-    use_cuda = torch.cuda.is_available() and next(model.parameters()).is_cuda
+    use_cuda = device.startswith("cuda")
     args = TrainingArguments(
         output_dir=str(work_dir), max_steps=config.steps, learning_rate=config.lr,
         per_device_train_batch_size=config.batch_size, gradient_accumulation_steps=config.grad_accum,
@@ -242,7 +286,7 @@ def finetune(model, tokenizer, config: FinetuneConfig, work_dir, resume: bool = 
     if config.method == "full" or config.merge:
         check_masks(model, masks)
     losses = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
-    record = {**asdict(config), "final_loss": losses[-1][1] if losses else out.training_loss,
+    record = {**asdict(config), "bos": resolve_bos(tokenizer, config.bos), "device": device, "final_loss": losses[-1][1] if losses else out.training_loss,
               "first_loss": losses[0][1] if losses else None, "train_loss": out.training_loss,
               "examples": len(dataset), "zeros_preserved": zeros_before,
               "train_seconds": round(out.metrics.get("train_runtime", math.nan), 1),
@@ -256,16 +300,22 @@ def _tokens_per_second(dataset, config, out) -> float:
     return round(tokens / max(out.metrics.get("train_runtime", 1.0), 1e-9), 1)
 
 
-def finetune_and_save(model_spec: str, config: FinetuneConfig, out, overwrite=False, resume=False, dtype=None):
+def finetune_and_save(model_spec: str, config: FinetuneConfig, out, overwrite=False, resume=False, dtype=None,
+                      trust_remote_code: bool = False):
     """Load, fine-tune, check the zero set, save (model, record, loss curve PNG, adapter unless merged)."""
     from .plots import plot_loss
 
     out = Path(out)
     if out.exists() and not overwrite:
         raise HybridPruneError(f"output folder {out} exists; pass --overwrite or choose another --out")
-    model, tok = models.load_model(model_spec, dtype=dtype)
+    model, tok = models.load_model(model_spec, dtype=dtype, trust_remote_code=trust_remote_code)
     work = out.with_name(out.name + ".checkpoints")
-    res = finetune(model, tok, config, work, resume=resume)
+    try:
+        res = finetune(model, tok, config, work, resume=resume)
+    except BaseException:
+        if work.is_dir() and not any(work.glob("checkpoint-*")):  # nothing to resume from: leave nothing behind
+            shutil.rmtree(work, ignore_errors=True)
+        raise
     prior = models.read_record(model_spec) if Path(model_spec).is_dir() else None
     record = {**(prior or {"model": model_spec}), "finetune": res["record"]}
 

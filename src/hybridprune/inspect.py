@@ -1,6 +1,7 @@
 """`hybridprune inspect`: what a saved model's sparsity really is, checked against what was asked for."""
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -16,14 +17,24 @@ TIER_NAMES = ("dense", "N:M", "top-k")
 
 @torch.no_grad()
 def check_tiers(W: torch.Tensor, tiers: torch.Tensor, b: int, n: int, m: int, k: int) -> dict:
-    """Block counts per tier and whether every tier-2 block is N:M and every tier-3 block has <= k non-zeros."""
+    """Block counts per tier, whether every tier-2 block is N:M and every tier-3 block has <= k non-zeros, and
+    the (block row, block column) of every block that breaks its tier's rule."""
     nz = W != 0
     full = expand_tiers(tiers, *W.shape, b)
     nm_ok = check_nm(nz & (full == NM_TIER), n, m)
     per_block = to_blocks(nz.float(), b).sum(-1)
-    topk_ok = bool((per_block[tiers == TOPK_TIER] <= k).all())
+    bad_topk = (tiers == TOPK_TIER) & (per_block > k)
+    bad_nm = torch.zeros_like(bad_topk)
+    if not nm_ok:  # which N:M blocks hold a group of m with more than n non-zeros
+        cols = W.shape[1] - W.shape[1] % m
+        groups = (nz & (full == NM_TIER))[:, :cols].reshape(W.shape[0], -1, m).sum(-1) > n
+        over = groups.repeat_interleave(m, 1)
+        over = torch.nn.functional.pad(over, (0, W.shape[1] - cols))
+        bad_nm = (to_blocks(over.float(), b).sum(-1) > 0) & (tiers == NM_TIER)
+    bad = [tuple(map(int, rc)) for rc in (bad_nm | bad_topk).nonzero().tolist()]
     counts = [int((tiers == t).sum()) for t in range(3)]
-    return {"blocks": dict(zip(TIER_NAMES, counts)), "nm_valid": nm_ok, "topk_valid": topk_ok}
+    return {"blocks": dict(zip(TIER_NAMES, counts)), "nm_valid": nm_ok, "topk_valid": not bool(bad_topk.any()),
+            "bad_blocks": bad}
 
 
 def inspect_folder(folder, plot_dir=None, matrices=None) -> dict:
@@ -37,13 +48,24 @@ def inspect_folder(folder, plot_dir=None, matrices=None) -> dict:
     tier_maps = load_tier_maps(folder)
     mats = models.prunable_matrices(model)
     lines = [f"{folder}: overall sparsity {report['overall']:.4f} over {report['prunable_params']:,} prunable weights"]
+    violations = []
     if detail:
         lines.append(f"pattern {detail.get('pattern')}: expected {detail.get('sparsity', 0):.4f}")
-    nm = None
+    skipped = set(record.get("skipped") or [])
+    if detail.get("pattern") == "unstructured" or detail.get("pattern", "").count(":") == 1:
+        # Unstructured and N:M fix every matrix's zero count (up to rounding to whole weights of a row).
+        want = detail.get("sparsity", 0)
+        for name, mod in mats.items():
+            W = models.weight_matrix(mod)
+            got = float((W == 0).float().mean())
+            # per row int(cols * s) (per matrix or column block: at least as many), N:M exactly 1 - n/m
+            if name not in skipped and got < math.floor(W.shape[1] * want + 1e-9) / W.shape[1] - 1e-9:
+                violations.append(f"{name}: sparsity {got:.4f} below the pattern's {want:.4f}")
     if detail.get("pattern", "").count(":") == 1:
         nm = parse_nm(detail["pattern"])
         bad = [name for name, mod in mats.items() if not check_nm(models.weight_matrix(mod) != 0, *nm)]
         report["nm_valid"] = not bad
+        violations += [f"{name}: a group of {nm[1]} holds more than {nm[0]} non-zeros" for name in bad]
         lines.append(f"N:M groups valid: {'yes' if not bad else 'NO: ' + ', '.join(bad[:5])}")
     if tier_maps:
         b, k = detail.get("block_size", 16), detail.get("topk", 15)
@@ -53,6 +75,11 @@ def inspect_folder(folder, plot_dir=None, matrices=None) -> dict:
         report["tiers"] = tiers_report
         totals = [sum(r["blocks"][t] for r in tiers_report.values()) for t in TIER_NAMES]
         ok = all(r["nm_valid"] and r["topk_valid"] for r in tiers_report.values())
+        for name, r in tiers_report.items():
+            if r["bad_blocks"]:
+                blocks = ", ".join(f"({i},{j})" for i, j in r["bad_blocks"][:4])
+                violations.append(f"{name}: {len(r['bad_blocks'])} block(s) break their tier's rule, e.g. block "
+                                  f"(row,col) {blocks}")
         lines.append("blocks by tier: " + ", ".join(f"{t} {c}" for t, c in zip(TIER_NAMES, totals))
                      + f"; tier rules hold: {'yes' if ok else 'NO'}")
     lines.append(f"{'layer':<24}{'sparsity':>9}  matrices")
@@ -67,8 +94,10 @@ def inspect_folder(folder, plot_dir=None, matrices=None) -> dict:
             written.append(plot_tier_maps({n: tier_maps[n] for n in chosen}, Path(plot_dir) / "tier_maps.png"))
         lines.append("plots: " + ", ".join(map(str, written)))
         report["plots"] = [str(p) for p in written]
+    lines += [f"VIOLATION {v}" for v in violations]
     report["text"] = "\n".join(lines)
     report["record"] = record
+    report["violations"] = violations
     return report
 
 

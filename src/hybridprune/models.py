@@ -101,12 +101,48 @@ def resolve_model(spec: str) -> tuple[str, dict]:
     return spec, {}  # a hub id
 
 
+def _hub_check(spec: str, path: str) -> None:
+    """A hub id while offline: say so once, instead of the hub client's retries."""
+    if Path(path).is_dir():
+        return
+    from .data import hub_offline_reason
+    reason = hub_offline_reason()
+    if reason:
+        raise HybridPruneError(f"model {spec!r} is not a local folder or file and the Hugging Face hub cannot be "
+                               f"used: {reason}, or pass a local folder")
+
+
+def _load_error(spec: str, e: Exception) -> HybridPruneError:
+    first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+    return HybridPruneError(f"could not load model {spec!r}: {type(e).__name__}: {first}; check the folder "
+                            "(a truncated or corrupt model.safetensors must be re-saved or re-downloaded)")
+
+
+def model_context(spec: str, trust_remote_code: bool = False) -> int | None:
+    """The model's context length from its config alone (no weights loaded), or None if it does not say."""
+    from transformers import AutoConfig
+
+    path, _ = resolve_model(spec)
+    _hub_check(spec, path)
+    try:
+        cfg = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as e:  # any loading failure becomes one line naming the model (see load_model)
+        raise _load_error(spec, e) from None
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(cfg, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def load_model(spec: str = "default", dtype: str | torch.dtype | None = None, device: str | None = None,
                trust_remote_code: bool = False, device_map: str | None = None):
     """Load (model, tokenizer) from any spec. The model is in eval mode with the KV cache off."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path, _ = resolve_model(spec)
+    _hub_check(spec, path)
     torch_dtype = _dtype(dtype)
     kwargs = dict(dtype=torch_dtype, trust_remote_code=trust_remote_code)
     if device_map:
@@ -114,9 +150,8 @@ def load_model(spec: str = "default", dtype: str | torch.dtype | None = None, de
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except OSError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise HybridPruneError(f"could not load model {spec!r}: {first}") from None
+    except Exception as e:  # a loader's failure (truncated safetensors, bad config, auth) is the user's to fix:
+        raise _load_error(spec, e) from None  # one line naming the model and the cause, never a traceback
     if device and not device_map:
         model.to(device)
     model.eval()
@@ -187,14 +222,49 @@ def name_matches(name: str, pattern: str) -> bool:
 
 # ----------------------------------------------------------------------------- saving
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale_temporaries(dest: Path) -> list[Path]:
+    """Remove `.NAME.tmp-PID-*` folders of `dest` left by a process that no longer runs (killed mid-save)."""
+    removed = []
+    for tmp in dest.parent.glob(f".{dest.name}.tmp-*"):
+        pid = tmp.name[len(f".{dest.name}.tmp-"):].split("-", 1)[0]
+        if tmp.is_dir() and pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+    if removed:
+        print(f"removed {len(removed)} unfinished temporary folder(s) of {dest} left by an interrupted run")
+    return removed
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_dir(dest: str | Path, overwrite: bool = False):
-    """Yield a temporary folder next to `dest`; it becomes `dest` only if the block finishes."""
+    """Yield a temporary folder next to `dest`; it becomes `dest` only if the block finishes.
+
+    The temporary is named after this process, so a later run can tell (and remove) one left by a killed run;
+    the result gets the permissions of a folder made with the user's umask, not mkdtemp's private 0700.
+    """
     dest = Path(dest)
     if dest.exists() and not overwrite:
         raise HybridPruneError(f"output folder {dest} exists; pass --overwrite or choose another --out")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    clean_stale_temporaries(dest)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-{os.getpid()}-", dir=dest.parent))
+    tmp.chmod(0o777 & ~_umask())
     try:
         yield tmp
         if dest.exists():
@@ -207,6 +277,14 @@ def atomic_dir(dest: str | Path, overwrite: bool = False):
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write a file through a temporary sibling and a rename: readers never see half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def versions() -> dict:

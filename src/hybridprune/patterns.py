@@ -189,7 +189,7 @@ class TieredBlocks:
     n: int = 2
     m: int = 4
     topk: int = 15
-    tier_metric: str = "wanda"       # what picks weights inside tiers 1 and 2: wanda | magnitude
+    tier_metric: str = "wanda"       # what picks weights inside tiers 1 and 2: wanda | sparsegpt | magnitude
     scope: str = "matrix"            # where blocks are ranked: matrix | layer | model
     retention: float | None = None   # adaptive: an N:M candidate stays dense if N:M keeps < retention of its score
     block_score: str = "mean"        # mean | row: mean of the score, or of the score relative to its row's mean
@@ -197,7 +197,8 @@ class TieredBlocks:
 
     def __post_init__(self):
         self.tiers = tuple(float(t) for t in self.tiers)
-        if len(self.tiers) != 3 or any(t < 0 for t in self.tiers) or abs(sum(self.tiers) - 1) > 1e-6:
+        if len(self.tiers) != 3 or not all(math.isfinite(t) and t >= 0 for t in self.tiers) \
+                or abs(sum(self.tiers) - 1) > 1e-6:
             raise HybridPruneError(f"tier ratios {','.join(map(str, self.tiers))} must be three non-negative numbers "
                                    "that add up to 1, e.g. --tiers 0.35,0.45,0.20")
         if self.block_size < 1:
@@ -210,8 +211,8 @@ class TieredBlocks:
         if not 0 <= self.topk <= self.block_size ** 2:
             raise HybridPruneError(f"--topk {self.topk} must be within [0, {self.block_size ** 2}] "
                                    f"for {self.block_size}x{self.block_size} blocks")
-        if self.tier_metric not in ("wanda", "magnitude"):
-            raise HybridPruneError(f"unknown tier metric {self.tier_metric!r}; use wanda or magnitude")
+        if self.tier_metric not in ("wanda", "sparsegpt", "magnitude"):
+            raise HybridPruneError(f"unknown tier metric {self.tier_metric!r}; use wanda, sparsegpt or magnitude")
         if self.scope not in ("matrix", "layer", "model"):
             raise HybridPruneError(f"unknown tier scope {self.scope!r}; use matrix, layer or model")
         if self.block_score not in ("mean", "row"):
@@ -325,11 +326,14 @@ def parse_nm(text: str) -> tuple[int, int]:
 
 
 def parse_tiers(tiers) -> tuple[float, float, float]:
-    if isinstance(tiers, str):
-        try:
-            tiers = tuple(float(x) for x in tiers.split(","))
-        except ValueError:
-            raise HybridPruneError(f"bad --tiers {tiers!r}; write three ratios like 0.35,0.45,0.20") from None
-    if len(tiers) != 3:
-        raise HybridPruneError(f"--tiers needs three ratios (dense, N:M, top-k), got {len(tiers)}")
-    return tuple(tiers)
+    """'0.35,0.45,0.20' or a sequence of three numbers -> three finite floats (their sum is checked later)."""
+    text = tiers if isinstance(tiers, str) else ",".join(map(str, tiers))
+    try:
+        values = tuple(float(x) for x in (tiers.split(",") if isinstance(tiers, str) else tiers))
+    except (TypeError, ValueError):
+        raise HybridPruneError(f"bad tier ratios {text!r}; write three numbers like 0.35,0.45,0.20") from None
+    if len(values) != 3:
+        raise HybridPruneError(f"tier ratios need three numbers (dense, N:M, top-k), got {len(values)} in {text!r}")
+    if not all(math.isfinite(v) for v in values):
+        raise HybridPruneError(f"tier ratios {text!r} must be finite numbers, e.g. 0.35,0.45,0.20")
+    return values

@@ -21,7 +21,7 @@ from pathlib import Path
 import yaml
 
 from . import models
-from .data import calibration_samples
+from .data import calibration_samples, resolve_bos
 from .engine import PruneConfig, PruneResult, load_tier_maps, prune, save_pruned
 from .errors import HybridPruneError
 from .patterns import TieredBlocks, parse_tiers
@@ -46,26 +46,44 @@ def load_schedule(path) -> list[tuple[float, float, float]]:
     return out
 
 
+def _settings(config: PruneConfig) -> dict:
+    """Options that change the result (the tiers come from the schedule; the device does not matter)."""
+    rec = config.record()
+    for k in ("tiers", "pattern_detail", "device"):
+        rec.pop(k, None)
+    return rec
+
+
 def run_progressive(model, tokenizer, config: PruneConfig, schedule, out, source: str = "", overwrite=False,
                     resume=False, recover=None, samples=None) -> PruneResult:
     out = Path(out)
     partial = out.with_name(out.name + ".partial")
     floors, start, history = {}, 0, []
+    settings = {"schedule": [list(r) for r in schedule], "prune": _settings(config),
+                "recover": getattr(recover, "settings", None)}
     if resume and (partial / "state.json").is_file():
         state = json.loads((partial / "state.json").read_text())
+        before = state.get("settings")
+        if before != json.loads(json.dumps(settings, default=str)):
+            changed = sorted(k for k in settings if (before or {}).get(k) != json.loads(json.dumps(settings[k],
+                                                                                                 default=str)))
+            raise HybridPruneError(f"--resume: the {' and '.join(changed) or 'settings'} differ from the run in "
+                                   f"{partial}; rerun with the same schedule and options, or without --resume")
         start, history = state["finished_rounds"], state["history"]
         model, tokenizer = models.load_model(str(partial / "model"))
         floors = load_tier_maps(partial / "model")
         print(f"resuming after round {start} of {len(schedule)}")
     elif partial.exists():
         shutil.rmtree(partial)
+    bos = resolve_bos(tokenizer, config.bos)
     if samples is None and config.method != "magnitude":
         samples = calibration_samples(tokenizer, config.calib, config.nsamples, config.seqlen, config.seed,
-                                      config.data_dir, config.squad_format)
+                                      config.data_dir, config.squad_format, bos=bos)
     seconds, result = 0.0, None
     for r in range(start, len(schedule)):
         cfg = dataclasses.replace(config, pattern="three-tier", tiers=schedule[r])
         result = prune(model, cfg, samples=samples, floors=floors)
+        result.bos = bos
         floors, seconds = result.tier_maps, seconds + result.seconds
         report = models.sparsity_report(model)
         history.append({"round": r + 1, "tiers": list(schedule[r]), "sparsity": report["overall"],
@@ -75,7 +93,8 @@ def run_progressive(model, tokenizer, config: PruneConfig, schedule, out, source
             recover(model, tokenizer, r)
         partial.mkdir(parents=True, exist_ok=True)
         save_pruned(model, tokenizer, partial / "model", cfg, result, source, overwrite=True)
-        (partial / "state.json").write_text(json.dumps({"finished_rounds": r + 1, "history": history}))
+        (partial / "state.json").write_text(json.dumps({"finished_rounds": r + 1, "history": history,
+                                                        "settings": settings}, default=str))
     if result is None:
         raise HybridPruneError("nothing to do: every round of the schedule already finished")
     result.seconds = seconds

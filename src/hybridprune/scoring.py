@@ -2,7 +2,9 @@
 
 - magnitude: |W|
 - wanda:     |W| * ||X_j||_2, the input feature's norm over all calibration tokens (Sun et al., 2023)
-- sparsegpt: OBS pruning with weight reconstruction from the Hessian H = 2/n X^T X (Frantar & Alistarh, 2023)
+- sparsegpt: OBS pruning with weight reconstruction from the Hessian H = 2/n X^T X (Frantar & Alistarh, 2023);
+             its score is the OBS saliency w^2 / [U]_jj^2 that the reference code ranks by (U the upper Cholesky
+             factor of the damped H^-1), here computed once on the unpruned weights
 - refit:     after any mask, a least-squares refit of the surviving weights on the same Hessian
 
 Statistics are accumulated per *input*, not per matrix: q/k/v (and gate/up) read the same tensor, so one
@@ -50,11 +52,27 @@ def wanda_score(W: torch.Tensor, stats: InputStats | None) -> torch.Tensor:
     return W.abs().float() * stats.sq.sqrt().to(W.device)[None, :]
 
 
-def score(method: str, W: torch.Tensor, stats: InputStats | None) -> torch.Tensor:
+def sparsegpt_score(W: torch.Tensor, hinv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """OBS saliency w_ij^2 / U_jj^2 (U, dead) = inverse_hessian(H): what SparseGPT's reference code ranks by.
+
+    Used where a whole mask is chosen before any reconstruction (block tiers, and the in-tier masks); the
+    unstructured and N:M SparseGPT solvers re-score column block by column block as the paper does.
+    """
+    U, dead = hinv
+    s = W.float() ** 2 / torch.diagonal(U).to(W.device)[None, :] ** 2
+    return s.masked_fill(dead.to(W.device)[None, :], 0.0)
+
+
+def score(method: str, W: torch.Tensor, stats: InputStats | None, hinv=None) -> torch.Tensor:
+    """The score `method` ranks weights by. SparseGPT needs `hinv` (inverse_hessian of the input's H)."""
     if method == "magnitude":
         return magnitude_score(W)
-    if method in ("wanda", "sparsegpt"):
+    if method == "wanda":
         return wanda_score(W, stats)
+    if method == "sparsegpt":
+        if hinv is None:
+            raise HybridPruneError("the SparseGPT score needs the input's inverse Hessian")
+        return sparsegpt_score(W, hinv)
     raise HybridPruneError(f"unknown method {method!r}; use one of: {', '.join(METHODS)}")
 
 
@@ -124,34 +142,42 @@ def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor | tuple, pattern, blocksize
 
 @torch.no_grad()
 def refit_kept(W: torch.Tensor, W0: torch.Tensor, keep: torch.Tensor, H: torch.Tensor, steps: int,
-               percdamp: float = 0.01) -> None:
+               percdamp: float = 0.01) -> bool:
     """Refit the kept weights of W in place: min (w - w0)^T H (w - w0) for every row, pruned weights held at 0.
 
     A mask throws away the part of each output that its pruned weights carried; letting the surviving weights of
     the row absorb it is what makes coarse patterns (whole 16x16 blocks cut to 15 weights) usable. All rows are
     solved at once by Jacobi-preconditioned conjugate gradients, one [rows, in] x [in, in] product per step.
-    A few steps recover most of the error; more chase the calibration sample (README, three-tier section).
+    CG starts from the current W (the masked weights, or SparseGPT's reconstruction when both are asked for), so
+    an earlier reconstruction is refined, never discarded. A few steps recover most of the error; more chase the
+    calibration sample (README, three-tier section). Returns False (W left as it was) if the solve went non-finite.
     """
     H = H.float().clone()
     H.diagonal().add_(percdamp * H.diagonal().mean() + 1e-8)  # dead inputs get a positive diagonal too
     P = keep.float()
     W0 = W0.float()
     d = H.diagonal()[None, :]
-    X = W0 * P
+    X = W.float() * P
     r = P * ((W0 - X) @ H)        # minus the gradient, restricted to the kept weights
     z = r / d
     p = z.clone()
     rz = (r * z).sum(1, keepdim=True)
     for _ in range(steps):
         Ap = P * (p @ H)
-        alpha = rz / (p * Ap).sum(1, keepdim=True).clamp_min(1e-30)
+        pAp = (p * Ap).sum(1, keepdim=True)
+        # H is positive definite on the kept set, so pAp > 0 unless the row has converged (p = 0): step 0 there.
+        alpha = torch.where(pAp > 0, rz / torch.where(pAp > 0, pAp, 1.0), 0.0)
         X.add_(alpha * p)
         r.sub_(alpha * Ap)
         z = r / d
         rz_new = (r * z).sum(1, keepdim=True)
-        p = z + rz_new / rz.clamp_min(1e-30) * p
+        beta = torch.where(rz > 0, rz_new / torch.where(rz > 0, rz, 1.0), 0.0)
+        p = z + beta * p
         rz = rz_new
+    if not torch.isfinite(X).all():
+        return False
     W.copy_((X * P).to(W.dtype))
+    return True
 
 
 def needs_calibration(method: str) -> bool:

@@ -6,6 +6,9 @@ BoolQ 0-shot log-likelihood of " no"/" yes"; GSM8K 5-shot from train, greedy unt
 (`#### n`) and flexible (last number) extraction. SQuAD v1.1 has no stock v1.1 task in lm-eval, so its metric
 (official normalisation, EM and token F1, max over gold answers) is ours, in `squad_scores`.
 WikiText-2 perplexity is the papers' computation from evaluate.py, reported in the same results.
+
+Few-shot exemplars only ever come from a training split (GSM8K train, BoolQ train, the SQuAD *fit* half), drawn
+by lm-eval's sampler with lm-eval's own default seed (1234), so prompts equal the stock tasks'.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from .errors import HybridPruneError
 from .models import cache_dir
 
 TASKS = ("wikitext2", "boolq", "gsm8k", "squad")
+LM_EVAL_FEWSHOT_SEED = 1234  # lm-eval's default few-shot sampler seed: the stock tasks' exemplars
 BOOLQ_PROMPT = "{{passage}}\nQuestion: {{question}}?\nAnswer:"
 GSM8K_PROMPT = "Question: {{question}}\nAnswer:"
 GSM8K_INSTRUCT = ("Solve the math problem step by step. End with a line '#### <number>' giving the final answer.\n"
@@ -72,22 +76,39 @@ def _write_jsonl(name: str, rows: list[dict]) -> str:
     return str(path)
 
 
+def _fewshot_rows(name: str, loader, shots: int) -> list[dict]:
+    """Training rows for few-shot exemplars; without a training split, shots > 0 is refused (never sampled
+    from the evaluated examples)."""
+    try:
+        return loader()
+    except HybridPruneError as e:
+        raise HybridPruneError(f"--num-fewshot {shots} needs a {name} training split for the exemplars ({e}); "
+                               "use --num-fewshot 0") from None
+
+
 def task_config(name: str, data_dir_path=None, num_fewshot: int | None = None, gsm8k_mode: str = "fewshot") -> dict:
     """The lm-eval config of one task, reading local files when a data directory is set."""
     root = data_dir(data_dir_path)
+    if num_fewshot is not None and num_fewshot < 0:
+        raise HybridPruneError(f"--num-fewshot must be >= 0, got {num_fewshot}")
     if name == "boolq":
+        shots = 0 if num_fewshot is None else num_fewshot
         cfg = {"output_type": "multiple_choice", "doc_to_text": BOOLQ_PROMPT, "doc_to_target": "label",
                "doc_to_choice": ["no", "yes"], "metric_list": [{"metric": "acc", "aggregation": "mean",
                                                                 "higher_is_better": True}],
-               "num_fewshot": 0 if num_fewshot is None else num_fewshot}
+               "num_fewshot": shots}
         if root is None:
             cfg.update(dataset_path="aps/super_glue", dataset_name="boolq", validation_split="validation",
                        training_split="train", fewshot_split="train")
         else:
-            rows = [{"question": r["question"], "passage": r["passage"], "label": int(r["label"])}
-                    for r in boolq_examples("validation", root)]
-            cfg.update(dataset_path="json", validation_split="validation",
-                       dataset_kwargs={"data_files": {"validation": _write_jsonl("boolq-validation", rows)}})
+            def flat(split):
+                return [{"question": r["question"], "passage": r["passage"], "label": int(r["label"])}
+                        for r in boolq_examples(split, root)]
+            files = {"validation": _write_jsonl("boolq-validation", flat("validation"))}
+            if shots:
+                files["train"] = _write_jsonl("boolq-train", _fewshot_rows("boolq", lambda: flat("train"), shots))
+                cfg.update(training_split="train", fewshot_split="train")
+            cfg.update(dataset_path="json", validation_split="validation", dataset_kwargs={"data_files": files})
         return {"task": "hybridprune_boolq", **cfg, "_split": "validation", "_prompt": BOOLQ_PROMPT}
     if name == "gsm8k":
         if gsm8k_mode not in ("fewshot", "instruct"):
@@ -123,7 +144,12 @@ def task_config(name: str, data_dir_path=None, num_fewshot: int | None = None, g
                                {"metric": "f1", "aggregation": "mean", "higher_is_better": True}]}
         rows = squad_examples("eval", root)
         split = "validation" if root is None else "dev, evaluation half (odd-numbered articles)"
-        cfg.update(dataset_path="json", dataset_kwargs={"data_files": {"test": _write_jsonl("squad-eval", rows)}})
+        files = {"test": _write_jsonl("squad-eval", rows)}
+        if cfg["num_fewshot"]:  # exemplars from the fitting half (offline) or train (hub), never from the test rows
+            fit = _fewshot_rows("squad", lambda: squad_examples("fit", root), cfg["num_fewshot"])
+            files["train"] = _write_jsonl("squad-fit", fit)
+            cfg.update(training_split="train", fewshot_split="train")
+        cfg.update(dataset_path="json", dataset_kwargs={"data_files": files})
         return {"task": "hybridprune_squad", **cfg, "_split": split, "_prompt": SQUAD_PROMPT}
     raise HybridPruneError(f"unknown task {name!r}; use any of: {', '.join(TASKS)}")
 
@@ -143,8 +169,13 @@ def parse_tasks(text: str) -> list[str]:
 def evaluate_model(model, tokenizer, tasks: list[str], limit: int | None = None, seed: int = 0, batch_size: int = 8,
                    num_fewshot: int | None = None, gsm8k_mode: str = "fewshot", chat_template: bool = False,
                    data_dir_path=None, ppl_seqlen: int = 2048, ppl_windows: int | None = None,
-                   samples_path=None) -> dict:
-    """Run the tasks on an in-memory model; returns {task: {metric: value, metric_stderr: ..., n, split, prompt}}."""
+                   samples_path=None, fewshot_seed: int = LM_EVAL_FEWSHOT_SEED, bos: str = "auto") -> dict:
+    """Run the tasks on an in-memory model; returns {task: {metric: value, metric_stderr: ..., n, split, prompt}}.
+
+    seed seeds sampling (none of these tasks samples); fewshot_seed picks the exemplars (lm-eval's default);
+    bos: whether every prompt starts with BOS (data.resolve_bos; auto asks the tokenizer).
+    """
+    from .data import resolve_bos
     from .evaluate import perplexity
 
     if limit is not None and limit < 1:
@@ -152,10 +183,12 @@ def evaluate_model(model, tokenizer, tasks: list[str], limit: int | None = None,
     if not hasattr(model, "generate") and any(t in ("gsm8k", "squad") for t in tasks):
         raise HybridPruneError(f"{type(model).__name__} cannot generate; gsm8k and squad need a causal LM")
     configs = {t: task_config(t, data_dir_path, num_fewshot, gsm8k_mode) for t in tasks if t != "wikitext2"}
+    bos = resolve_bos(tokenizer, bos)
     results = {}
     if "wikitext2" in tasks:
-        ppl = perplexity(model, tokenizer, seqlen=ppl_seqlen, max_windows=ppl_windows, data_dir_path=data_dir_path)
-        results["wikitext2"] = {"ppl": ppl["ppl"], "n": ppl["windows"], "split": "test",
+        ppl = perplexity(model, tokenizer, seqlen=ppl_seqlen, max_windows=ppl_windows, data_dir_path=data_dir_path,
+                         bos=bos)
+        results["wikitext2"] = {"ppl": ppl["ppl"], "n": ppl["windows"], "split": "test", "bos": bos,
                                 "prompt": f"rows joined with blank lines, windows of {ppl_seqlen} tokens"}
     if not configs:
         return results
@@ -164,15 +197,16 @@ def evaluate_model(model, tokenizer, tasks: list[str], limit: int | None = None,
 
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, add_bos_token=bos == "always")
     out = simple_evaluate(model=lm, tasks=[{k: v for k, v in c.items() if not k.startswith("_")}
                                            for c in configs.values()],
                           limit=limit, log_samples=samples_path is not None, random_seed=seed, numpy_random_seed=seed,
-                          torch_random_seed=seed, fewshot_random_seed=seed, apply_chat_template=chat_template)
+                          torch_random_seed=seed, fewshot_random_seed=fewshot_seed, apply_chat_template=chat_template)
     for name, cfg in configs.items():
         raw = out["results"][cfg["task"]]
         entry = {"n": raw.get("sample_len", out["n-samples"][cfg["task"]]["effective"]), "split": cfg["_split"],
-                 "prompt": cfg["_prompt"], "num_fewshot": cfg["num_fewshot"]}
+                 "prompt": cfg["_prompt"], "num_fewshot": cfg["num_fewshot"], "fewshot_seed": fewshot_seed,
+                 "bos": bos}
         if "_mode" in cfg:
             entry["mode"] = cfg["_mode"] + (" (chat template)" if chat_template else "")
         for key, value in raw.items():
@@ -205,7 +239,8 @@ def metric_rows(results: dict) -> list[tuple[str, str, float]]:
     rows = []
     for task, entry in results.items():
         for k, v in entry.items():
-            if isinstance(v, (int, float)) and not k.endswith("_stderr") and k not in ("n", "num_fewshot"):
+            if isinstance(v, (int, float)) and not k.endswith("_stderr") and k not in ("n", "num_fewshot",
+                                                                                         "fewshot_seed"):
                 rows.append((task, k, float(v)))
     return rows
 

@@ -1,0 +1,323 @@
+"""Bad input is refused before any work: exit 2, one line on stderr, no traceback, nothing written."""
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import tiny_model
+from hybridprune.cli import main
+from hybridprune.errors import HybridPruneError
+
+
+def _refused(argv, capsys, match, tmp_path=None, usage_error=False):
+    """Run the CLI; assert exit 2 with one stderr line containing `match` (argparse: its usage, then the error),
+    no traceback, and nothing new in tmp_path."""
+    before = set(os.listdir(tmp_path)) if tmp_path else None
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    assert code == 2, code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "Traceback" not in "\n".join(err)
+    if usage_error:
+        assert match in err[-1], err
+    else:  # progress bars of the libraries may come before it; the error itself is one line, the last
+        errors = [line for line in err if line.startswith("hybridprune: error:")]
+        assert len(errors) == 1 and errors[0] == err[-1] and match in errors[0], err
+    if tmp_path is not None:
+        assert set(os.listdir(tmp_path)) == before, "something was written"
+
+
+@pytest.fixture
+def no_load(monkeypatch):
+    """Fail the test if a model would be loaded: these options must be refused before that."""
+    def boom(*a, **kw):
+        raise AssertionError("a model was loaded before the options were checked")
+    monkeypatch.setattr("hybridprune.models.load_model", boom)
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["--percdamp", "-1"], "--percdamp"),
+    (["--percdamp", "nan"], "--percdamp"),
+    (["--nsamples", "0"], "--nsamples"),
+    (["--calib", "bogus"], "unknown calibration source"),
+    (["--device", "cuda"], "no CUDA device"),
+    (["--tiers", "nan,0.5,0.5", "--pattern", "three-tier"], "finite"),
+    (["--method", "sparsegpt", "--sparsegpt-block", "-16"], "--sparsegpt-block"),
+    (["--method", "sparsegpt", "--sparsegpt-block", "0"], "--sparsegpt-block"),
+    (["--method", "sparsegpt", "--pattern", "2:4", "--sparsegpt-block", "6"], "multiple of M=4"),
+    (["--bos", "sometimes"], "--bos"),
+    (["--method", "magnitude", "--pattern", "three-tier", "--tier-metric", "wanda"], "needs calibration"),
+])
+def test_prune_options_refused_before_loading(extra, match, tmp_path, capsys, no_load):
+    _refused(["prune", "--model", "m", "--out", str(tmp_path / "o"), *extra], capsys, match, tmp_path)
+
+
+@pytest.mark.parametrize("flag", ["--blocksize", "--block"])
+def test_old_and_abbreviated_block_flags_are_not_accepted(flag, tmp_path, capsys, no_load):
+    """--blocksize (SparseGPT) and --block-size (tiers) were one hyphen apart; neither guess is made now."""
+    _refused(["prune", "--pattern", "three-tier", flag, "7", "--out", str(tmp_path / "o")], capsys,
+             "unrecognized arguments", tmp_path, usage_error=True)
+
+
+def test_seqlen_beyond_the_context_is_refused_before_loading(tiny_llama_dir, tmp_path, capsys, no_load):
+    _refused(["prune", "--model", str(tiny_llama_dir), "--seqlen", "100000", "--out", str(tmp_path / "o")], capsys,
+             "exceeds the model's context of 2048 tokens", tmp_path)
+    _refused(["ppl", str(tiny_llama_dir), "--seqlen", "4096"], capsys, "context of 2048", tmp_path)
+
+
+@pytest.mark.parametrize("cmd", ["ppl", "eval"])
+def test_cuda_without_cuda_is_refused(cmd, tiny_llama_dir, capsys, no_load, tmp_path):
+    _refused([cmd, str(tiny_llama_dir), "--device", "cuda"], capsys, "no CUDA device", tmp_path)
+
+
+def _nan_model(tmp_path, tiny_llama_dir):
+    folder = tmp_path / "nan-model"
+    model = tiny_model("llama", vocab=49152, hidden=48, inter=96)
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.weight[3] = float("nan")
+    model.save_pretrained(folder)
+    for f in tiny_llama_dir.iterdir():
+        if "token" in f.name:
+            (folder / f.name).write_bytes(f.read_bytes())
+    return folder
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_non_finite_weights_are_refused(method, tmp_path, tiny_llama_dir, capsys):
+    folder = _nan_model(tmp_path, tiny_llama_dir)
+    _refused(["prune", "--model", str(folder), "--method", method, "--nsamples", "2", "--seqlen", "16",
+              "--out", str(tmp_path / "o")], capsys, "model.layers.0.self_attn.q_proj holds 48 non-finite", tmp_path)
+
+
+def test_non_finite_activations_name_the_layer(samples):
+    from hybridprune import PruneConfig, prune
+    model = tiny_model("llama")
+    # what an overflow in a low-precision dtype looks like: layer 0's MLP output becomes infinite
+    model.model.layers[0].mlp.register_forward_hook(lambda m, a, out: out * float("inf"))
+    with pytest.raises(HybridPruneError, match="non-finite at the output of decoder layer model.layers.0"):
+        prune(model, PruneConfig(nsamples=6, seqlen=24, device="cpu"), samples=samples)
+
+
+def test_truncated_safetensors_is_one_line(tiny_llama_dir, tmp_path, capsys):
+    folder = tmp_path / "cut"
+    folder.mkdir()
+    for f in tiny_llama_dir.iterdir():
+        data = f.read_bytes()
+        (folder / f.name).write_bytes(data[: len(data) // 2] if f.name == "model.safetensors" else data)
+    _refused(["ppl", str(folder)], capsys, f"could not load model '{folder}'", tmp_path)
+
+
+def test_offline_hub_id_is_one_line(capsys, monkeypatch, tmp_path):
+    monkeypatch.setattr("hybridprune.data.hub_offline_reason", lambda timeout=3.0: "huggingface.co is not reachable")
+    _refused(["ppl", "some-org/some-model"], capsys, "huggingface.co is not reachable", tmp_path)
+
+
+def test_hub_errors_other_than_io_are_not_swallowed(monkeypatch):
+    """data.py turns network / missing-dataset errors (OSError) into one line, but lets real bugs through."""
+    import datasets
+
+    from hybridprune import data
+    monkeypatch.setattr(data, "hub_offline_reason", lambda timeout=3.0: None)
+
+    def broken(*a, **kw):
+        raise KeyError("a bug, not a network problem")
+    monkeypatch.setattr(datasets, "load_dataset", broken)
+    with pytest.raises(KeyError):
+        data.gsm8k_examples("train", None)
+
+    def offline(*a, **kw):
+        raise ConnectionError("no route")
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(HybridPruneError, match="could not load openai/gsm8k"):
+        data.gsm8k_examples("train", None)
+
+
+def test_malformed_jsonl_names_file_and_line(tmp_path):
+    from hybridprune.data import gsm8k_examples
+    (tmp_path / "gsm8k").mkdir()
+    (tmp_path / "gsm8k" / "train.jsonl").write_text('{"question": "a", "answer": "#### 1"}\n{"question": oops\n')
+    with pytest.raises(HybridPruneError, match=r"gsm8k/train.jsonl line 2 is not valid JSON"):
+        gsm8k_examples("train", tmp_path)
+
+
+def test_bad_schedule_value(tmp_path, tiny_llama_dir, capsys):
+    sched = tmp_path / "s.yaml"
+    sched.write_text("rounds:\n  - [abc, 0.45, 0.20]\n")
+    _refused(["progressive", "--model", str(tiny_llama_dir), "--schedule", str(sched), "--out",
+              str(tmp_path / "o")], capsys, "bad tier ratios", tmp_path)
+
+
+def test_progressive_refuses_no_merge(tmp_path, tiny_llama_dir, capsys, no_load):
+    sched = tmp_path / "s.yaml"
+    sched.write_text("rounds:\n  - [0.6, 0.4, 0.0]\n")
+    _refused(["progressive", "--model", "m", "--schedule", str(sched), "--out", str(tmp_path / "o"),
+              "--finetune-between", "wikitext2", "--no-merge"], capsys, "--no-merge cannot be used", tmp_path)
+
+
+def test_progressive_resume_refuses_changed_settings(tmp_path, tiny_llama_dir, capsys, monkeypatch):
+    sched = tmp_path / "s.yaml"
+    sched.write_text("rounds:\n  - [0.6, 0.4, 0.0]\n  - [0.35, 0.45, 0.20]\n")
+    out = tmp_path / "prog"
+    common = ["progressive", "--model", str(tiny_llama_dir), "--schedule", str(sched), "--nsamples", "2",
+              "--seqlen", "16", "--out", str(out)]
+    import hybridprune.progressive as prog
+    real, calls = prog.prune, []
+
+    def die_in_second_round(*a, **kw):  # the run stops after round 1 was saved
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+    monkeypatch.setattr(prog, "prune", die_in_second_round)
+    assert main(common) == 130
+    monkeypatch.setattr(prog, "prune", real)
+    capsys.readouterr()
+    _refused([*common, "--resume", "--sparsity", "0.5", "--topk", "8"], capsys, "the prune differ", None)
+    sched.write_text("rounds:\n  - [0.5, 0.5, 0.0]\n  - [0.35, 0.45, 0.20]\n")
+    _refused([*common, "--resume"], capsys, "the schedule differ", None)
+    sched.write_text("rounds:\n  - [0.6, 0.4, 0.0]\n  - [0.35, 0.45, 0.20]\n")
+    assert main([*common, "--resume"]) == 0 and "resuming after round 1" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["--lr", "-1"], "--lr"),
+    (["--lr", "nan"], "--lr"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--grad-accum", "0"], "--grad-accum"),
+    (["--lora-dropout", "1.5"], "--lora-dropout"),
+    (["--max-examples", "0"], "--max-examples"),
+    (["--device", "cuda"], "no CUDA device"),
+])
+def test_finetune_options_refused_before_loading(extra, match, tmp_path, capsys, no_load):
+    _refused(["finetune", "m", "--data", "wikitext2", "--out", str(tmp_path / "o"), *extra], capsys, match, tmp_path)
+
+
+def test_compare_refuses_results_with_other_settings(tmp_path, capsys):
+    base = {"model": "a", "limit": 5, "tasks": {"gsm8k": {"exact_match[strict-match]": 0.1, "n": 5,
+                                                          "num_fewshot": 5, "fewshot_seed": 1234, "split": "test"}}}
+    other = json.loads(json.dumps(base))
+    other["model"], other["tasks"]["gsm8k"]["fewshot_seed"] = "b", 0
+    (tmp_path / "a.json").write_text(json.dumps(base))
+    (tmp_path / "b.json").write_text(json.dumps(other))
+    _refused(["compare", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--tasks", "gsm8k", "--limit", "5",
+              "--out", str(tmp_path / "cmp")], capsys, "gsm8k fewshot_seed differs", tmp_path)
+    other["tasks"]["gsm8k"]["fewshot_seed"] = 1234
+    (tmp_path / "b.json").write_text(json.dumps(other))
+    assert main(["compare", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--tasks", "gsm8k", "--limit", "5",
+                 "--out", str(tmp_path / "cmp")]) == 0
+    assert sorted(os.listdir(tmp_path / "cmp")) == ["compare.json", "compare.md", "compare.png"]
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".cmp")]  # written through a temporary, renamed
+
+
+def test_eval_creates_the_parent_of_out_before_the_run(tiny_llama_dir, tmp_path, monkeypatch, data_dir):
+    seen = {}
+    import hybridprune.cli as cli
+    real = cli._eval_one
+
+    def spy(args, spec):
+        seen["parent_exists"] = (tmp_path / "new" / "dir").is_dir()
+        return real(args, spec)
+    monkeypatch.setattr(cli, "_eval_one", spy)
+    out = tmp_path / "new" / "dir" / "r.json"
+    assert main(["eval", str(tiny_llama_dir), "--tasks", "wikitext2", "--ppl-seqlen", "32", "--ppl-windows", "1",
+                 "--out", str(out), "--log-samples"]) == 0
+    assert seen["parent_exists"] and json.loads(out.read_text())["tasks"]["wikitext2"]["n"] == 1
+    ppl_out = tmp_path / "other" / "p.json"
+    assert main(["ppl", str(tiny_llama_dir), "--seqlen", "32", "--max-windows", "1", "--out", str(ppl_out)]) == 0
+    assert json.loads(ppl_out.read_text())["windows"] == 1
+
+
+def test_inspect_fails_on_a_broken_block(tmp_path, tiny_llama_dir, capsys):
+    out = tmp_path / "tt"
+    assert main(["prune", "--model", str(tiny_llama_dir), "--pattern", "three-tier", "--nsamples", "2",
+                 "--seqlen", "16", "--out", str(out)]) == 0
+    assert main(["inspect", str(out)]) == 0
+    tiers = load_file(str(out / "tiers.safetensors"))
+    name = "model.layers.1.mlp.up_proj"
+    r, c = (tiers[name] == 1).nonzero()[0].tolist()  # an N:M block
+    weights = load_file(str(out / "model.safetensors"))
+    weights[name + ".weight"][r * 16:(r + 1) * 16, c * 16:(c + 1) * 16] = 1.0
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    capsys.readouterr()
+    assert main(["inspect", str(out)]) == 2
+    captured = capsys.readouterr()
+    assert f"{name}: 1 block(s) break their tier's rule, e.g. block (row,col) ({r},{c})" in captured.err
+    assert "tier rules hold: NO" in captured.out and captured.err.count("hybridprune: error:") == 1
+
+
+def test_inspect_fails_when_sparsity_is_short(tmp_path, tiny_llama_dir, capsys):
+    out = tmp_path / "u"
+    assert main(["prune", "--model", str(tiny_llama_dir), "--method", "magnitude", "--out", str(out)]) == 0
+    weights = load_file(str(out / "model.safetensors"))
+    weights["model.layers.0.mlp.down_proj.weight"][0, :] = 1.0  # one row regrown
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    capsys.readouterr()
+    assert main(["inspect", str(out)]) == 2
+    assert "model.layers.0.mlp.down_proj: sparsity" in capsys.readouterr().err
+
+
+def test_stale_temporaries_are_removed_and_folders_get_normal_permissions(tmp_path, tiny_llama_dir):
+    stale = tmp_path / ".o.tmp-999999999-abc"  # left by a killed run (no such process)
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half")
+    live = tmp_path / f".o.tmp-{os.getpid()}-xyz"  # a save in progress in a running process: kept
+    live.mkdir()
+    assert main(["prune", "--model", str(tiny_llama_dir), "--method", "magnitude", "--out", str(tmp_path / "o")]) == 0
+    assert not stale.exists() and live.exists()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "o").stat().st_mode & 0o777 == 0o777 & ~umask
+
+
+def test_magnitude_three_tier_model_scope_works(samples):
+    from hybridprune import PruneConfig, prune
+    from hybridprune.models import prunable_matrices
+    model = tiny_model("llama")
+    res = prune(model, PruneConfig(method="magnitude", pattern="three-tier", scope="model", device="cpu"))
+    assert res.tier_maps and len(res.tier_maps) == len(prunable_matrices(model))
+
+
+class _ToyMoE(torch.nn.Module):
+    """Two decoder layers, each with two expert matrices; the router sends every token to expert 0, so expert 1
+    never sees a calibration token (what happens to rarely routed experts of real MoE models)."""
+
+    class Layer(torch.nn.Module):
+        def __init__(self, d):
+            super().__init__()
+            self.experts = torch.nn.ModuleList([torch.nn.Linear(d, d, bias=False) for _ in range(2)])
+            self.out = torch.nn.Linear(d, d, bias=False)
+
+        def forward(self, x, **kw):
+            return (self.out(torch.relu(self.experts[0](x))) + x,)
+
+    def __init__(self, vocab=256, d=32):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, d)
+        self.layers = torch.nn.ModuleList([self.Layer(d) for _ in range(2)])
+
+    def get_input_embeddings(self):
+        return self.embed
+
+    def forward(self, input_ids, **kw):
+        x = self.embed(input_ids)
+        for layer in self.layers:
+            x = layer(x)[0]
+        return x
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_experts_without_calibration_tokens_are_reported(method, samples):
+    from hybridprune import PruneConfig, prune
+    torch.manual_seed(0)
+    model = _ToyMoE()
+    W0 = model.layers[0].experts[1].weight.detach().clone()
+    config = PruneConfig(method=method, nsamples=6, seqlen=24, device="cpu")
+    with pytest.warns(UserWarning, match=r"1 matrices of layer 0 received no calibration tokens \(experts.1\)"):
+        res = prune(model, config, samples=samples)
+    assert res.uncalibrated == ["layers.0.experts.1", "layers.1.experts.1"]
+    keep = config.build_pattern().keep(W0.abs())[0]  # magnitude in the method's comparison group
+    assert torch.equal(model.layers[0].experts[1].weight, W0 * keep)  # and no reconstruction moved a weight
