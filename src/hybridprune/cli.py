@@ -390,6 +390,13 @@ def cmd_finetune(args):
           f"{rec['final_loss']:.4f}; {rec['zeros_preserved']:,} pruned weights still zero; saved to {args.out}")
 
 
+def cmd_experiment(args):
+    from .data import data_dir
+    from .experiment import run_experiment
+    data_dir(args.data_dir)
+    run_experiment(args.recipe, args.out, quick=args.quick, only=args.only, device=args.device, dtype=args.dtype)
+
+
 def _add_ft_args(p, prefix_method=False):
     g = p.add_argument_group("fine-tuning")
     g.add_argument("--template", default="simple", help="simple | alpaca (squad) | chat")
@@ -488,6 +495,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ft_args(p)
     _add_model_args(p)
     p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("experiment", help="calibration data x fine-tuning data x tasks, one resumable command",
+                       description="Run a recipe (YAML: model, prune setup, calibration sources, fine-tuning setups, "
+                                   "runs, tasks, claims) as a graph of cached stages and write report.md, "
+                                   "results.json, results.csv and plots/ into --out. Rerunning does only the work "
+                                   "that is missing or whose settings changed.")
+    p.add_argument("recipe", help="recipe YAML, e.g. recipes/calibration-study.yaml")
+    p.add_argument("--out", required=True, help="run folder (stages are cached under <out>/stages)")
+    p.add_argument("--quick", action="store_true", help="apply the recipe's quick: overrides (a smoke run)")
+    p.add_argument("--only", choices=["prune", "finetune", "eval", "report"],
+                   help="run only stages of this kind (report: tabulate what exists)")
+    p.add_argument("--device", help="where models are computed (default: cuda if available)")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16: load and compute in this dtype "
+                   "(default: the recipe's dtype:, else as saved); part of every stage's key")
+    p.add_argument("--data-dir", help="data directory in the layout of shared/data")
+    p.set_defaults(func=cmd_experiment)
     for sp in sub.choices.values():  # no prefix matching: --block would otherwise pass for --block-size
         sp.allow_abbrev = False
     return ap

@@ -41,14 +41,17 @@ def perplexity(model, tokenizer=None, seqlen: int = 2048, max_windows: int | Non
     device = model.get_input_embeddings().weight.device
     was_training = model.training
     model.eval()
-    start, nll = time.perf_counter(), 0.0
+    start, nll, per_window = time.perf_counter(), 0.0, []
     for batch in tqdm(windows.split(batch_size), desc="perplexity", unit="batch", leave=False,
                       disable=None if progress else True):
         batch = batch.to(device)
         logits = model(input_ids=batch, use_cache=False).logits.float()
         loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
                                                  batch[:, 1:].reshape(-1), reduction="none")
-        nll += loss.reshape(batch.shape[0], -1).mean(1).sum().item()  # mean per window, summed over windows
+        window_nll = loss.reshape(batch.shape[0], -1).mean(1)  # mean per window; windows weigh the same
+        per_window += window_nll.tolist()
+        nll += window_nll.sum().item()
     model.train(was_training)
     return {"ppl": math.exp(nll / n), "windows": n, "seqlen": seqlen, "tokens": n * seqlen, "bos": bos,
+            "window_nll": per_window,
             "seconds": round(time.perf_counter() - start, 2)}

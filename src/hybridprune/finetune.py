@@ -246,6 +246,10 @@ def finetune(model, tokenizer, config: FinetuneConfig, work_dir, resume: bool = 
         print("warning: the model has no pruned weights; nothing to preserve, fine-tuning anyway")
     dataset = build_dataset(config, tokenizer)
     model.config.use_cache = False
+    # Seed before the adapters are made: their random init must not depend on what this process did before
+    # (an experiment resumed in a new process must give the same model as an uninterrupted one).
+    from transformers import set_seed
+    set_seed(config.seed)
     if config.method == "lora":
         from peft import LoraConfig, get_peft_model
         lcfg = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
@@ -286,7 +290,8 @@ def finetune(model, tokenizer, config: FinetuneConfig, work_dir, resume: bool = 
     if config.method == "full" or config.merge:
         check_masks(model, masks)
     losses = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
-    record = {**asdict(config), "bos": resolve_bos(tokenizer, config.bos), "device": device, "final_loss": losses[-1][1] if losses else out.training_loss,
+    record = {**asdict(config), "bos": resolve_bos(tokenizer, config.bos), "device": device,
+              "dtype": str(next(model.parameters()).dtype), "final_loss": losses[-1][1] if losses else out.training_loss,
               "first_loss": losses[0][1] if losses else None, "train_loss": out.training_loss,
               "examples": len(dataset), "zeros_preserved": zeros_before,
               "train_seconds": round(out.metrics.get("train_runtime", math.nan), 1),

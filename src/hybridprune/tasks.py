@@ -7,14 +7,22 @@ BoolQ 0-shot log-likelihood of " no"/" yes"; GSM8K 5-shot from train, greedy unt
 (official normalisation, EM and token F1, max over gold answers) is ours, in `squad_scores`.
 WikiText-2 perplexity is the papers' computation from evaluate.py, reported in the same results.
 
+Every task also reports a continuous score that is meaningful at any model size (a 135M model sits at the floor of
+GSM8K accuracy): `gold_nll`, the mean per-token negative log-likelihood of the gold answer given the exact prompt
+that was scored (SQuAD: the first gold answer; GSM8K: the reference solution; BoolQ: the correct choice), through
+lm-eval log-likelihood requests, and for BoolQ `margin`, the log-odds of the correct choice over the wrong one.
+Per-example values of every metric are kept (`per_example`, in doc order) for paired comparisons.
+
 Few-shot exemplars only ever come from a training split (GSM8K train, BoolQ train, the SQuAD *fit* half), drawn
 by lm-eval's sampler with lm-eval's own default seed (1234), so prompts equal the stock tasks'.
 """
 from __future__ import annotations
 
 import collections
+import functools
 import hashlib
 import json
+import math
 import re
 import string
 
@@ -189,7 +197,8 @@ def evaluate_model(model, tokenizer, tasks: list[str], limit: int | None = None,
         ppl = perplexity(model, tokenizer, seqlen=ppl_seqlen, max_windows=ppl_windows, data_dir_path=data_dir_path,
                          bos=bos)
         results["wikitext2"] = {"ppl": ppl["ppl"], "n": ppl["windows"], "split": "test", "bos": bos,
-                                "prompt": f"rows joined with blank lines, windows of {ppl_seqlen} tokens"}
+                                "prompt": f"rows joined with blank lines, windows of {ppl_seqlen} tokens",
+                                "per_example": {"nll": ppl["window_nll"]}}
     if not configs:
         return results
     from lm_eval import simple_evaluate
@@ -199,8 +208,8 @@ def evaluate_model(model, tokenizer, tasks: list[str], limit: int | None = None,
         tokenizer.pad_token = tokenizer.eos_token
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, add_bos_token=bos == "always")
     out = simple_evaluate(model=lm, tasks=[{k: v for k, v in c.items() if not k.startswith("_")}
-                                           for c in configs.values()],
-                          limit=limit, log_samples=samples_path is not None, random_seed=seed, numpy_random_seed=seed,
+                                           for c in configs.values()], task_manager=_task_manager(),
+                          limit=limit, log_samples=True, random_seed=seed, numpy_random_seed=seed,
                           torch_random_seed=seed, fewshot_random_seed=fewshot_seed, apply_chat_template=chat_template)
     for name, cfg in configs.items():
         raw = out["results"][cfg["task"]]
@@ -217,10 +226,82 @@ def evaluate_model(model, tokenizer, tasks: list[str], limit: int | None = None,
             base = metric[: -len("_stderr")] if stderr else metric
             label = base if filt == "none" else f"{base}[{filt}]"
             entry[label + ("_stderr" if stderr else "")] = value
+        task_samples = out.get("samples", {}).get(cfg["task"], [])
+        entry["per_example"] = _per_example(task_samples)
+        gold = gold_scores(lm, name, task_samples)
+        entry.update(_mean_and_stderr(gold))
+        entry["per_example"].update(gold)
         results[name] = entry
     if samples_path is not None:
         _write_samples(out.get("samples", {}), configs, samples_path)
     return results
+
+
+@functools.lru_cache(maxsize=1)
+def _task_manager():
+    """Our tasks are config dicts: lm-eval need not index its ~26,000 built-in task files (18 of 21 s of a
+    4-example BoolQ run on a tiny model were that index)."""
+    from lm_eval.tasks import TaskManager
+    return TaskManager(include_defaults=False)
+
+
+def _by_doc(samples: list[dict]) -> list[dict]:
+    """One sample per document (the first filter's), in doc order."""
+    first = {}
+    for s in samples:
+        first.setdefault(s["doc_id"], s)
+    return [first[k] for k in sorted(first)]
+
+
+def _per_example(samples: list[dict]) -> dict[str, list[float]]:
+    """{metric label: values in doc order}, labels as in the results (metric[filter] unless the filter is none)."""
+    out: dict[str, dict[int, float]] = {}
+    for s in samples:
+        for metric in s.get("metrics", []):
+            label = metric if s.get("filter", "none") == "none" else f"{metric}[{s['filter']}]"
+            out.setdefault(label, {})[s["doc_id"]] = float(s[metric])
+    return {label: [v[k] for k in sorted(v)] for label, v in out.items()}
+
+
+def _mean_and_stderr(values: dict[str, list[float]]) -> dict[str, float]:
+    out = {}
+    for label, v in values.items():
+        n = len(v)
+        mean = sum(v) / n
+        var = sum((x - mean) ** 2 for x in v) / (n - 1) if n > 1 else 0.0
+        out[label], out[label + "_stderr"] = mean, math.sqrt(var / n)
+    return out
+
+
+def gold_answer(task: str, doc: dict) -> str:
+    if task == "squad":
+        return doc["answers"][0]
+    if task == "gsm8k":
+        return doc["answer"]
+    raise ValueError(task)
+
+
+def gold_scores(lm, task: str, samples: list[dict]) -> dict[str, list[float]]:
+    """Per document: gold_nll (mean per-token NLL of the gold answer after the scored prompt) and, for BoolQ,
+    margin (log p(correct) - log p(wrong)). Token counts are lm-eval's own context/continuation split."""
+    docs = _by_doc(samples)
+    if not docs:
+        return {}
+    if task == "boolq":
+        nll, margin = [], []
+        for s in docs:
+            gold = int(s["doc"]["label"])
+            lls = [float(r[0][0]) for r in s["resps"]]
+            context, continuation = s["arguments"][gold]
+            nll.append(-lls[gold] / len(lm._encode_pair(context, continuation)[1]))
+            margin.append(lls[gold] - lls[1 - gold])
+        return {"gold_nll": nll, "margin": margin}
+    from lm_eval.api.instance import Instance
+    pairs = [(s["arguments"][0][0], " " + gold_answer(task, s["doc"])) for s in docs]
+    requests = [Instance(request_type="loglikelihood", doc=s["doc"], arguments=pair, idx=0)
+                for s, pair in zip(docs, pairs)]
+    lls = [ll for ll, _ in lm.loglikelihood(requests, disable_tqdm=True)]
+    return {"gold_nll": [-ll / len(lm._encode_pair(*pair)[1]) for ll, pair in zip(lls, pairs)]}
 
 
 def _write_samples(samples: dict, configs: dict, path) -> None:

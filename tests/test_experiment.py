@@ -1,0 +1,214 @@
+"""The experiment command on a tiny random model: the stage graph, caching, resume, statistics, bad recipes."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from hybridprune import experiment
+from hybridprune.errors import HybridPruneError
+from hybridprune.stats import jaccard, mcnemar, paired_bootstrap
+
+RECIPE = """\
+model: {model}
+prune: {{method: wanda, pattern: unstructured, sparsity: 0.5, nsamples: 2, seqlen: 32, seed: 0}}
+calibration:
+  wiki: wikitext2
+  squad: squad
+finetune:
+  wiki: {{data: wikitext2, method: lora, steps: 2, batch_size: 2, seqlen: 32, lr: 1.0e-2, max_examples: 4}}
+  squad: {{data: squad, method: lora, steps: 2, batch_size: 2, seqlen: 256, lr: 1.0e-2, max_examples: 4}}
+runs:
+  - {{name: dense}}
+  - {{name: pruned-wiki, calibration: wiki}}
+  - {{name: exp1, calibration: wiki, finetune: wiki}}
+  - {{name: exp2, calibration: squad, finetune: squad}}
+tasks:
+  wikitext2: {{windows: 3, seqlen: 32}}
+  boolq: {{limit: {boolq_limit}}}
+eval: {{batch_size: 4}}
+claims:
+  - exp1 < dense on wikitext2.ppl
+  - exp2 > exp1 on boolq.margin
+"""
+
+
+def _recipe(path, model, boolq_limit=4):
+    path.write_text(RECIPE.format(model=model, boolq_limit=boolq_limit))
+    return path
+
+
+class _Counter:
+    """Wraps experiment._run_stage: counts executed stages by kind, can fail at the n-th one."""
+
+    def __init__(self, monkeypatch, fail_at=None):
+        self.kinds, self.real, self.fail_at = [], experiment._run_stage, fail_at
+        monkeypatch.setattr(experiment, "_run_stage", self)
+
+    def __call__(self, stage, recipe, device):
+        if self.fail_at is not None and len(self.kinds) + 1 == self.fail_at:
+            raise RuntimeError("injected failure")
+        self.real(stage, recipe, device)
+        self.kinds.append(stage.kind)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, tiny_llama_dir, data_dir):
+    """One complete run of the tiny recipe (shared by the tests below)."""
+    root = tmp_path_factory.mktemp("exp")
+    recipe = _recipe(root / "r.yaml", tiny_llama_dir)
+    results = experiment.run_experiment(recipe, root / "run", log=lambda *a: None)
+    return root, recipe, results
+
+
+def _metrics(results):
+    return {name: {t: {k: v for k, v in e.items() if k != "per_example"} for t, e in row["tasks"].items()}
+            for name, row in results["runs"].items()}
+
+
+def test_whole_graph_runs_and_reports(finished):
+    root, _, results = finished
+    out = root / "run"
+    assert {p.name for p in out.iterdir()} >= {"report.md", "results.json", "results.csv", "plots", "stages"}
+    # 3 prune stages (wiki, squad, magnitude reference), 2 fine-tunes, 4 runs x 2 tasks of eval: shared stages once
+    names = [p.name for p in (out / "stages").iterdir()]
+    assert sum(n.startswith("prune-") for n in names) == 3 and sum(n.startswith("finetune-") for n in names) == 2
+    assert sum(n.startswith("eval-") for n in names) == 8
+    runs = results["runs"]
+    assert runs["dense"]["sparsity"] is None and runs["exp1"]["sparsity"] == pytest.approx(0.5)
+    assert {"acc", "gold_nll", "margin"} <= set(runs["exp2"]["tasks"]["boolq"])
+    assert len(runs["exp1"]["tasks"]["wikitext2"]["per_example"]["nll"]) == 3
+    pair = next(p for p in results["pairs"] if p["task"] == "boolq" and p["metric"] == "acc")
+    assert "mcnemar_p" in pair and pair["n"] == 4
+    claim = results["claims"][0]["results"][0]
+    assert claim["status"] in ("supported", "refuted", "inconclusive") and claim["a"] == "exp1"
+    assert "wiki vs squad" in results["overlap"]["unstructured"]["pairs"]
+    report = (out / "report.md").read_text()
+    assert "## Paired differences" in report and "## Claims" in report and "## Mask overlap" in report
+    assert (out / "plots" / "overlap-unstructured.png").stat().st_size > 1000
+    assert (out / "plots" / "boolq-acc.png").is_file()
+    rows = (out / "results.csv").read_text().splitlines()
+    assert rows[0] == "run,task,metric,value,stderr,n" and any(r.startswith("exp2,boolq,margin,") for r in rows)
+
+
+def test_rerun_does_no_work(finished, monkeypatch):
+    root, recipe, results = finished
+    counter = _Counter(monkeypatch)
+    again = experiment.run_experiment(recipe, root / "run", log=lambda *a: None)
+    assert counter.kinds == [] and _metrics(again) == _metrics(results)
+
+
+def test_failure_mid_run_then_rerun_matches_uninterrupted(finished, tmp_path, monkeypatch):
+    _, recipe, results = finished
+    counter = _Counter(monkeypatch, fail_at=5)
+    with pytest.raises(RuntimeError, match="injected"):
+        experiment.run_experiment(recipe, tmp_path / "run", log=lambda *a: None)
+    assert len(counter.kinds) == 4 and not (tmp_path / "run" / "results.json").exists()
+    assert not [p for p in (tmp_path / "run" / "stages").iterdir() if p.name.startswith(".")]  # nothing half-made
+    counter.fail_at = None
+    resumed = experiment.run_experiment(recipe, tmp_path / "run", log=lambda *a: None)
+    assert len(counter.kinds) == 13  # 3 prune + 2 finetune + 8 eval, each exactly once over both attempts
+    assert _metrics(resumed) == _metrics(results)
+
+
+def test_changing_an_eval_limit_reruns_only_eval_stages(finished, tmp_path, monkeypatch, tiny_llama_dir):
+    root, _, _ = finished
+    shutil.copytree(root / "run", tmp_path / "run")
+    recipe = _recipe(tmp_path / "r.yaml", tiny_llama_dir, boolq_limit=3)
+    counter = _Counter(monkeypatch)
+    res = experiment.run_experiment(recipe, tmp_path / "run", log=lambda *a: None)
+    assert counter.kinds == ["eval"] * 4  # boolq of the four runs; no prune, fine-tune or wikitext2 stage
+    assert res["runs"]["exp1"]["tasks"]["boolq"]["n"] == 3
+
+
+def test_mask_overlap_equals_a_direct_count(finished):
+    from safetensors.torch import load_file
+    root, _, results = finished
+    pair = results["overlap"]["unstructured"]["pairs"]["wiki vs squad"]
+    stages = {p.name: p for p in (root / "run" / "stages").iterdir() if p.name.startswith("prune-")}
+    by_calib = {}
+    for p in stages.values():
+        rec = json.loads((p / "hybridprune.json").read_text())["prune"]
+        by_calib[rec["calib"] if rec["method"] != "magnitude" else "magnitude"] = load_file(str(p / "model.safetensors"))
+    a, b = by_calib["wikitext2"], by_calib["squad"]
+    keys = [k for k in a if ".layers." in k and k.endswith("proj.weight")]
+    za = torch.cat([(a[k] == 0).reshape(-1) for k in keys])
+    zb = torch.cat([(b[k] == 0).reshape(-1) for k in keys])
+    assert pair["overall"] == pytest.approx(float((za & zb).sum() / (za | zb).sum()))
+    assert 0 < pair["overall"] < 1 and set(pair["by_type"]) == {"q_proj", "k_proj", "v_proj", "o_proj",
+                                                                "gate_proj", "up_proj", "down_proj"}
+
+
+def test_paired_statistics_hand_computed():
+    a, b = [1.0, 2.0, 3.0, 4.0], [0.5, 1.5, 2.5, 3.5]  # constant difference: every resample gives 0.5
+    r = paired_bootstrap(a, b)
+    assert r["diff"] == r["lo"] == r["hi"] == 0.5 and r["n"] == 4
+    r = paired_bootstrap([0, 0, 1, 1, 1, 0, 1, 1], [0, 1, 0, 1, 0, 0, 0, 1], n_boot=4000, seed=3)
+    assert r["diff"] == pytest.approx(0.25) and r["lo"] < 0.25 < r["hi"]
+    assert paired_bootstrap([0, 0, 1, 1, 1, 0, 1, 1], [0, 1, 0, 1, 0, 0, 0, 1], n_boot=4000, seed=3) == r  # seeded
+    m = mcnemar([1, 1, 1, 0, 1], [0, 0, 0, 0, 1])  # 3 discordant pairs, all one way: p = 2 * (1/2)^3
+    assert (m["a_only"], m["b_only"]) == (3, 0) and m["p"] == pytest.approx(0.25)
+    assert mcnemar([1, 0, 1, 0], [0, 1, 0, 1])["p"] == pytest.approx(1.0)  # 2 vs 2: no evidence
+    assert jaccard([1, 1, 0, 0], [1, 0, 1, 0]) == pytest.approx(1 / 3) and jaccard([0, 0], [0, 0]) == 1.0
+    with pytest.raises(ValueError):
+        paired_bootstrap([1, 2], [1])
+
+
+def test_claims_are_judged_on_the_interval():
+    pairs = [{"task": "squad", "metric": "f1", "a": "exp1", "b": "exp2", "diff": -5.0, "lo": -8.0, "hi": -2.0},
+             {"task": "boolq", "metric": "acc", "a": "exp2", "b": "exp3", "diff": 0.01, "lo": -0.05, "hi": 0.07}]
+
+    def judge(text):
+        m = experiment.CLAIM.match(text)
+        c = experiment.Claim(text, *m.groups(), line=1)
+        return experiment._judge(c, pairs, ["exp1", "exp2", "exp3"])["results"][0]
+    assert judge("exp2 > exp1 on squad.f1")["status"] == "supported"
+    assert judge("exp2 > exp1 on squad.f1")["diff"] == 5.0
+    assert judge("exp1 > exp2 on squad.f1")["status"] == "refuted"
+    assert judge("exp2 < exp1 on squad.f1")["status"] == "refuted"
+    assert judge("exp3 >= exp2 on boolq.acc")["status"] == "inconclusive"
+
+
+def test_gold_nll_equals_a_hand_computation(default_tokenizer, data_dir):
+    """Mean per-token NLL of the first gold answer after the exact SQuAD prompt, computed directly."""
+    from conftest import tiny_model
+    from hybridprune.data import squad_examples
+    from hybridprune.tasks import SQUAD_PROMPT, evaluate_model
+    tok = default_tokenizer
+    model = tiny_model("llama", vocab=len(tok), hidden=48, inter=96)
+    res = evaluate_model(model, tok, ["squad"], limit=2, batch_size=2, data_dir_path=data_dir)
+    doc = squad_examples("eval", data_dir)[0]
+    prompt = SQUAD_PROMPT.replace("{{", "{").replace("}}", "}").format(**doc)
+    ctx = tok(prompt)["input_ids"]
+    whole = tok(prompt + " " + doc["answers"][0])["input_ids"]
+    cont = whole[len(ctx):]
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([whole])).logits[0].float(), -1)
+    nll = -float(sum(logp[len(ctx) - 1 + i, t] for i, t in enumerate(cont))) / len(cont)
+    assert res["squad"]["per_example"]["gold_nll"][0] == pytest.approx(nll, rel=1e-4)
+    assert res["squad"]["gold_nll"] == pytest.approx(np.mean(res["squad"]["per_example"]["gold_nll"]))
+
+
+@pytest.mark.parametrize("edit,match", [
+    (("tasks:", "colour: blue\ntasks:"), "line 14: unknown key 'colour'"),
+    (("squad: squad", "squad: pile"), "line 5: calibration 'squad'"),
+    (("boolq: {limit: 4}", "mmlu: {limit: 4}"), "line 16: unknown task 'mmlu'"),
+    (("{name: exp1, calibration: wiki, finetune: wiki}", "{name: exp1, calibration: c4, finetune: wiki}"),
+     "line 12: run 'exp1' names calibration 'c4'"),
+    (("{name: exp1, calibration: wiki, finetune: wiki}", "{name: exp1, calibration: wiki, finetune: alpaca}"),
+     "line 12: run 'exp1' names fine-tuning 'alpaca'"),
+    (("{name: exp2,", "{name: exp1,"), "line 13: duplicate run name 'exp1'"),
+    (("exp1 < dense on", "exp9 < dense on"), "line 19: claim 'exp9 < dense on wikitext2.ppl' names run 'exp9'"),
+    (("on boolq.margin", "on boolq.f1"), "line 20: claim 'exp2 > exp1 on boolq.f1': boolq has no metric 'f1'"),
+    (("boolq: {limit: 4}", "boolq: {limit: 0}"), "line 16: boolq limit must be a whole number >= 1"),
+    (("method: wanda", "method: obs"), "line 2: unknown method 'obs'"),
+])
+def test_bad_recipes_name_the_line(edit, match, tmp_path, capsys):
+    from hybridprune.cli import main
+    text = RECIPE.format(model="m", boolq_limit=4).replace(*edit)
+    (tmp_path / "r.yaml").write_text(text)
+    with pytest.raises(HybridPruneError, match=match.replace("(", r"\(").replace(")", r"\)")):
+        experiment.load_recipe(tmp_path / "r.yaml")
+    assert main(["experiment", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "o")]) == 2
+    assert "Traceback" not in capsys.readouterr().err and not (tmp_path / "o").exists()
