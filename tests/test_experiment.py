@@ -212,3 +212,18 @@ def test_bad_recipes_name_the_line(edit, match, tmp_path, capsys):
         experiment.load_recipe(tmp_path / "r.yaml")
     assert main(["experiment", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "o")]) == 2
     assert "Traceback" not in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("quick", [False, True])
+def test_shipped_recipe_plans_the_study(quick, tmp_path):
+    from pathlib import Path
+    recipe = experiment.load_recipe(Path(__file__).parents[1] / "recipes/calibration-study.yaml", quick=quick)
+    names = [r.name for r in recipe.runs]
+    assert names == ["dense", "pruned-wiki", "pruned-squad", "pruned-mixed", "exp1", "exp2", "exp3", "mixture"]
+    stages, by_run, pruned = experiment.plan(recipe, tmp_path)
+    kinds = [s.kind for s in stages]
+    assert (kinds.count("prune"), kinds.count("finetune"), kinds.count("eval")) == (4, 4, 32)
+    assert by_run["exp1"]["_model"].input is by_run["exp3"]["_model"].input  # one pruned model for both
+    assert by_run["exp2"]["squad"].key != by_run["exp3"]["squad"].key
+    assert {c.a for c in recipe.claims} <= set(names) and len(recipe.claims) == 8
+    assert recipe.prune["nsamples"] == (2 if quick else 32)
