@@ -126,11 +126,6 @@ def _out_file(path):
             raise HybridPruneError(f"{path} is a folder; --out takes a file name such as results.json")
 
 
-def _write_atomic(path, text: str) -> None:
-    from .models import write_text_atomic
-    write_text_atomic(path, text)
-
-
 def cmd_prune(args):
     from .data import data_dir
     from .engine import prune, save_pruned
@@ -164,6 +159,7 @@ def cmd_prune(args):
 
 
 def cmd_ppl(args):
+    from .models import write_text_atomic
     from .data import data_dir
     from .evaluate import perplexity
     from .models import read_record
@@ -184,7 +180,7 @@ def cmd_ppl(args):
         res["hybridprune"] = read_record(args.model)
     print(f"wikitext2 test perplexity {res['ppl']:.3f} over {res['windows']} windows of {res['seqlen']} tokens")
     if args.out:
-        _write_atomic(args.out, json.dumps(res, indent=2, default=str))
+        write_text_atomic(args.out, json.dumps(res, indent=2, default=str))
 
 
 def _eval_one(args, spec):
@@ -206,15 +202,14 @@ def _eval_one(args, spec):
 
 
 def _check_eval_args(args):
-    from .data import BOS_POLICIES, data_dir
+    from .data import check_bos, data_dir
     from .tasks import parse_tasks
     parse_tasks(args.tasks)
     if args.limit is not None and args.limit < 1:
         raise HybridPruneError(f"--limit must be >= 1, got {args.limit}")
     if args.num_fewshot is not None and args.num_fewshot < 0:
         raise HybridPruneError(f"--num-fewshot must be >= 0, got {args.num_fewshot}")
-    if args.bos not in BOS_POLICIES:
-        raise HybridPruneError(f"unknown --bos {args.bos!r}; use one of: {', '.join(BOS_POLICIES)}")
+    check_bos(args.bos)
     if args.gsm8k_mode not in ("fewshot", "instruct"):
         raise HybridPruneError(f"unknown --gsm8k-mode {args.gsm8k_mode!r}; use fewshot or instruct")
     data_dir(args.data_dir)
@@ -225,6 +220,7 @@ def _check_eval_args(args):
 
 
 def cmd_eval(args):
+    from .models import write_text_atomic
     from .tasks import metric_rows
     _check_eval_args(args)
     _out_file(args.out)
@@ -234,7 +230,7 @@ def cmd_eval(args):
     for task, metric, value in metric_rows(res["tasks"]):
         print(f"{task:<10} {metric:<32} {value:10.4f}")
     if args.out:
-        _write_atomic(args.out, json.dumps(res, indent=2, default=str))
+        write_text_atomic(args.out, json.dumps(res, indent=2, default=str))
 
 
 def cmd_compare(args):
@@ -381,8 +377,7 @@ def cmd_finetune(args):
     from .finetune import finetune_and_save
     config = _ft_config(args, args.data)
     data_dir(args.data_dir)
-    if Path(args.out).exists() and not args.overwrite:
-        raise HybridPruneError(f"output folder {args.out} exists; pass --overwrite or choose another --out")
+    _check_out(args.out, args.overwrite)
     res = finetune_and_save(args.model, config, args.out, overwrite=args.overwrite, resume=args.resume,
                             dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     rec = res["record"]

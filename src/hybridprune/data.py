@@ -195,13 +195,17 @@ def tokenizer_adds_bos(tokenizer) -> bool:
     return bool(ids) and ids[0] == bos
 
 
+def check_bos(policy: str) -> None:
+    if policy not in BOS_POLICIES:
+        raise HybridPruneError(f"unknown --bos {policy!r}; use one of: {', '.join(BOS_POLICIES)}")
+
+
 def resolve_bos(tokenizer, policy: str = "auto") -> str:
     """'always' (every window / sequence starts with BOS) or 'papers' (text tokenized once as the tokenizer does,
     then cut: only the very start can carry a BOS, the Wanda/SparseGPT convention). 'auto' asks the tokenizer:
     a model whose tokenizer adds BOS was trained with it on every sequence (measured on Gemma-3-270M: windows
     without it score ~50% higher perplexity), one whose tokenizer does not keeps the papers' convention."""
-    if policy not in BOS_POLICIES:
-        raise HybridPruneError(f"unknown --bos {policy!r}; use one of: {', '.join(BOS_POLICIES)}")
+    check_bos(policy)
     if policy == "always" and getattr(tokenizer, "bos_token_id", None) is None:
         raise HybridPruneError("--bos always needs a tokenizer with a BOS token; use --bos papers")
     if policy == "auto":

@@ -25,7 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import models
-from .data import BOS_POLICIES, SQUAD_FORMATS, calibration_samples, parse_calib, resolve_bos
+from .data import SQUAD_FORMATS, calibration_samples, check_bos, parse_calib, resolve_bos
 from .errors import HybridPruneError
 from .patterns import NM, TieredBlocks, assign_tiers, make_pattern, tier_counts
 from .scoring import METHODS, InputStats, inverse_hessian, needs_calibration, refit_kept, score, sparsegpt_prune
@@ -79,8 +79,7 @@ class PruneConfig:
         if self.squad_format not in SQUAD_FORMATS:
             raise HybridPruneError(f"unknown --squad-format {self.squad_format!r}; use one of: "
                                    f"{', '.join(SQUAD_FORMATS)}")
-        if self.bos not in BOS_POLICIES:
-            raise HybridPruneError(f"unknown --bos {self.bos!r}; use one of: {', '.join(BOS_POLICIES)}")
+        check_bos(self.bos)
         if needs_calibration(self.method):
             parse_calib(self.calib)
         default_device(self.device)
@@ -92,7 +91,7 @@ class PruneConfig:
             raise HybridPruneError(f"--sparsegpt-block {self.sparsegpt_block} is not a multiple of M={pattern.m}; "
                                    f"N:M groups would straddle two blocks (use e.g. 128)")
         if isinstance(pattern, TieredBlocks):
-            if pattern.tier_metric != "magnitude" and not needs_calibration(self.method) and pattern.tier_metric != self.method:
+            if not needs_calibration(self.method) and pattern.tier_metric != "magnitude":
                 raise HybridPruneError(f"--tier-metric {pattern.tier_metric} needs calibration statistics; "
                                        f"use --method {pattern.tier_metric} or --tier-metric magnitude")
             if pattern.tier_metric == "sparsegpt" and self.method != "sparsegpt":
@@ -186,10 +185,14 @@ def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, samples: torch
     return captured
 
 
+def _non_finite(where: str) -> HybridPruneError:
+    return HybridPruneError(f"calibration activations became non-finite at {where}; the model overflows in this "
+                            "dtype (try --dtype float32) or holds bad weights")
+
+
 def _check_finite(batches, where: str) -> None:
     if any(not torch.isfinite(b[0]).all() for b in batches):
-        raise HybridPruneError(f"calibration activations became non-finite at {where}; the model overflows in "
-                               "this dtype (try --dtype float32) or holds bad weights")
+        raise _non_finite(where)
 
 
 def check_finite_weights(model: nn.Module) -> None:
@@ -277,7 +280,6 @@ class _Pruner:
         self.refit = config.refit_steps()
         self.skipped: list[str] = []
         self.uncalibrated: list[str] = []
-        self.refit_failed: list[str] = []
 
     def linears(self, i: int, layer: nn.Module) -> dict[str, nn.Module]:
         out = {}
@@ -289,13 +291,19 @@ class _Pruner:
                 out[name] = mod
         return out
 
-    def hinv_for(self, stats, cache):
-        """SparseGPT's (inverse Hessian factor, dead columns) of one input, computed once per shared input."""
-        if self.config.method != "sparsegpt" or stats is None or not stats.tokens:
-            return None
-        if id(stats) not in cache:  # q/k/v (and gate/up) share one input, so one inverse Hessian
-            cache[id(stats)] = inverse_hessian(stats.H, self.config.percdamp)
-        return cache[id(stats)]
+    def inverse_hessians(self, linears, stats) -> dict:
+        """SparseGPT's (inverse Hessian factor, dead columns) per matrix, None where there is none; matrices that
+        share an input (q/k/v, gate/up) share one factorisation."""
+        cache, out = {}, {}
+        for name in linears:
+            st = stats.get(name)
+            if self.config.method != "sparsegpt" or st is None or not st.tokens:
+                out[name] = None
+                continue
+            if id(st) not in cache:
+                cache[id(st)] = inverse_hessian(st.H, self.config.percdamp)
+            out[name] = cache[id(st)]
+        return out
 
     def scores(self, linears, stats, hinv):
         """Per-matrix (ranking score, inner score) in float32; matrices without calibration tokens fall back
@@ -327,8 +335,7 @@ class _Pruner:
 
     def prune_layer(self, i, linears, stats, tier_maps):
         self.note_uncalibrated(i, linears, stats)
-        cache = {}
-        hinv = {name: self.hinv_for(stats.get(name), cache) for name in linears}
+        hinv = self.inverse_hessians(linears, stats)
         scores = self.scores(linears, stats, hinv)
         full = {name: f"{self.prefix}.{i}.{name}" for name in linears}
         budgets = dict(self.budgets)
@@ -354,7 +361,6 @@ class _Pruner:
             st = stats.get(name)
             if W0 is not None and st is not None and st.tokens:
                 if not refit_kept(W, W0, keep, st.H, self.refit, self.config.percdamp):
-                    self.refit_failed.append(fname)
                     warnings.warn(f"the refit of {fname} went non-finite; its weights are kept as masked "
                                   "(raise --percdamp or use --refit 0)", stacklevel=2)
             if tiers is not None:
@@ -384,12 +390,9 @@ class _Pruner:
             stats = collect_stats(layer, linears, batches, hessian) if batches is not None and linears else {}
             for name, st in stats.items():
                 if not torch.isfinite(st.sq).all():
-                    raise HybridPruneError(f"calibration activations became non-finite at the input of "
-                                           f"{self.prefix}.{i}.{name}; the model overflows in this dtype "
-                                           "(try --dtype float32) or holds bad weights")
+                    raise _non_finite(f"the input of {self.prefix}.{i}.{name}")
             if dry:
-                cache = {}
-                hinv = {n: self.hinv_for(stats.get(n), cache) for n in linears}
+                hinv = self.inverse_hessians(linears, stats)
                 for name, (s, _) in self.scores(linears, stats, hinv).items():
                     block_scores[f"{self.prefix}.{i}.{name}"] = self.pattern.block_scores(s).cpu()
             else:

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from . import models
-from .data import (BOS_POLICIES, boolq_examples, c4_texts, cut_windows, data_dir, gsm8k_examples, resolve_bos,
+from .data import (boolq_examples, c4_texts, check_bos, cut_windows, data_dir, gsm8k_examples, resolve_bos,
                    squad_examples, text_ids, wikitext2_text)
 from .errors import HybridPruneError
 from .tasks import BOOLQ_PROMPT, GSM8K_PROMPT, SQUAD_PROMPT
@@ -88,8 +88,7 @@ class FinetuneConfig:
             raise HybridPruneError(f"--lora-dropout must be within [0, 1), got {self.lora_dropout}")
         if self.max_examples is not None and self.max_examples < 1:
             raise HybridPruneError(f"--max-examples must be >= 1, got {self.max_examples}")
-        if self.bos not in BOS_POLICIES:
-            raise HybridPruneError(f"unknown --bos {self.bos!r}; use one of: {', '.join(BOS_POLICIES)}")
+        check_bos(self.bos)
         from .engine import default_device
         default_device(self.device)
         if self.data not in FT_DATA:
