@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import collections
 import csv
 import dataclasses
 import hashlib
@@ -512,20 +513,23 @@ def mask_overlap(pruned: dict, recipe: Recipe) -> dict:
         report = json.loads((next(iter(members.values())).path / "sparsity.json").read_text())
         names = [f"{layer['layer']}.{m}.weight" for layer in report["layers"] for m in layer["matrices"]]
         handles = {k: safe_open(str(s.path / "model.safetensors"), "pt") for k, s in members.items()}
+        pairs = list(itertools.combinations(members, 2))
+        # counts[pair][group] = [|A & B|, |A | B|] summed over matrices; each matrix is read once per model
+        counts = {pair: collections.defaultdict(lambda: [0, 0]) for pair in pairs}
+        for n in names:
+            zero = {k: h.get_tensor(n) == 0 for k, h in handles.items()}
+            groups = ("overall", ("by_type", n.rsplit(".", 2)[-2]), ("by_layer", re.search(r"\.(\d+)\.", n).group(1)))
+            for a, b in pairs:
+                i, u = jaccard_counts(zero[a], zero[b])
+                for g in groups:
+                    counts[(a, b)][g][0] += i
+                    counts[(a, b)][g][1] += u
         rows = {}
-        for a, b in itertools.combinations(members, 2):
-            inter = union = 0
-            by_type, by_layer = {}, {}
-            for n in names:
-                i, u = jaccard_counts(handles[a].get_tensor(n) == 0, handles[b].get_tensor(n) == 0)
-                inter, union = inter + i, union + u
-                kind = n.rsplit(".", 2)[-2]
-                layer = re.search(r"\.(\d+)\.", n).group(1)
-                for d, k in ((by_type, kind), (by_layer, layer)):
-                    d[k] = (d.get(k, (0, 0))[0] + i, d.get(k, (0, 0))[1] + u)
-            rows[f"{a} vs {b}"] = {"a": a, "b": b, "overall": inter / union if union else 1.0,
-                                   "by_type": {k: i / u if u else 1.0 for k, (i, u) in by_type.items()},
-                                   "by_layer": {k: i / u if u else 1.0 for k, (i, u) in by_layer.items()}}
+        for (a, b), c in counts.items():
+            ratio = {g: i / u if u else 1.0 for g, (i, u) in c.items()}
+            rows[f"{a} vs {b}"] = {"a": a, "b": b, "overall": ratio["overall"],
+                                   "by_type": {g[1]: r for g, r in ratio.items() if g[0] == "by_type"},
+                                   "by_layer": {g[1]: r for g, r in ratio.items() if g[0] == "by_layer"}}
         out[pattern] = {"members": list(members), "pairs": rows}
     return out
 
