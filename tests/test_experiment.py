@@ -46,10 +46,10 @@ class _Counter:
         self.kinds, self.real, self.fail_at = [], experiment._run_stage, fail_at
         monkeypatch.setattr(experiment, "_run_stage", self)
 
-    def __call__(self, stage, recipe, device):
+    def __call__(self, stage, recipe, device, loaded):
         if self.fail_at is not None and len(self.kinds) + 1 == self.fail_at:
             raise RuntimeError("injected failure")
-        self.real(stage, recipe, device)
+        self.real(stage, recipe, device, loaded)
         self.kinds.append(stage.kind)
 
 

@@ -34,6 +34,7 @@ TASK_KEYS = {"wikitext2": {"windows", "seqlen"}, "boolq": {"limit", "num_fewshot
              "squad": {"limit", "num_fewshot"}, "gsm8k": {"limit", "num_fewshot", "mode"}}
 METRICS = {"wikitext2": {"ppl"}, "boolq": {"acc", "gold_nll", "margin"}, "squad": {"exact_match", "f1", "gold_nll"},
            "gsm8k": {"exact_match[strict-match]", "exact_match[flexible-extract]", "gold_nll"}}
+EVAL_KEYS = ("batch_size", "generate_batch_size")
 PER_EXAMPLE = {"ppl": "nll"}  # perplexity is compared on its per-window NLL (same ordering)
 BINARY = ("acc", "exact_match")
 CLAIM = re.compile(r"^\s*(\S+)\s*(>=|<=|>|<)\s*(\S+)\s+on\s+(\w+)\.(\S+)\s*$")
@@ -258,6 +259,13 @@ def load_recipe(path, quick: bool = False) -> Recipe:
         claims.append(Claim(str(text), a, op, b, task, metric, where))
 
     ev = _plain(raw.get("eval") or {})
+    if not isinstance(ev, dict):
+        fail(line(raw, "eval"), "`eval:` must be a mapping, e.g. {batch_size: 16, generate_batch_size: 64}")
+    for k, v in ev.items():
+        if k not in EVAL_KEYS:
+            fail(line(raw.get("eval"), k), f"unknown eval option {k!r}; use any of: {', '.join(EVAL_KEYS)}")
+        if not isinstance(v, int) or v < 1:
+            fail(line(raw.get("eval"), k), f"eval {k} must be a whole number >= 1, got {v!r}")
     return Recipe(str(path), str(raw.get("model", "default")), raw.get("dtype"), prune_opts, patterns,
                   {k: str(v) for k, v in _plain(calib_raw).items()}, finetune, runs, tasks, claims, ev)
 
@@ -327,7 +335,9 @@ def plan(recipe: Recipe, out: Path) -> tuple[list[Stage], dict[str, dict[str, St
     return sorted(stages.values(), key=lambda s: order[s.kind]), by_run, pruned
 
 
-def _run_stage(stage: Stage, recipe: Recipe, device: str | None) -> None:
+def _run_stage(stage: Stage, recipe: Recipe, device: str | None, loaded: dict) -> None:
+    """Run one stage. `loaded` keeps the last model that eval stages loaded (a model's eval stages run one after
+    another, so it is read once, not once per task) and the tokenized fine-tuning data (out/stages/data)."""
     from . import models
     from .engine import PruneConfig, prune, save_pruned
     if stage.kind == "prune":
@@ -339,18 +349,23 @@ def _run_stage(stage: Stage, recipe: Recipe, device: str | None) -> None:
         from .finetune import FinetuneConfig, finetune_and_save
         config = FinetuneConfig(**stage.spec["config"], device=device)
         finetune_and_save(str(stage.input.path), config, stage.path, overwrite=True, resume=True,
-                          dtype=recipe.dtype)
+                          dtype=recipe.dtype, data_cache=stage.path.parent / "data")
     else:
         from .tasks import evaluate_model
         spec = str(stage.input.path) if stage.input else recipe.model
-        model, tok = models.load_model(spec, dtype=recipe.dtype)
-        if device:
-            model.to(device)
+        if loaded.get("eval_spec") != spec:
+            loaded.pop("eval_model", None)  # free the previous model before reading the next
+            model, tok = models.load_model(spec, dtype=recipe.dtype)
+            if device:
+                model.to(device)
+            loaded.update(eval_spec=spec, eval_model=(model, tok))
+        model, tok = loaded["eval_model"]
         s = stage.spec["settings"]
         res = evaluate_model(model, tok, [stage.spec["task"]], limit=s.get("limit"),
                              num_fewshot=s.get("num_fewshot"), gsm8k_mode=s.get("mode", "fewshot"),
                              ppl_seqlen=s.get("seqlen", 2048), ppl_windows=s.get("windows"),
-                             batch_size=recipe.eval.get("batch_size", 8))
+                             batch_size=recipe.eval.get("batch_size", 8),
+                             generate_batch_size=recipe.eval.get("generate_batch_size"))
         record = models.read_record(spec) if stage.input else None
         models.write_text_atomic(stage.path, json.dumps({"model": spec, "stage": stage.spec, "hybridprune": record,
                                                          "results": res}, default=str))
@@ -379,15 +394,16 @@ def run_experiment(recipe_path, out, quick: bool = False, only: str | None = Non
     log(f"{len(stages)} stages, {len(stages) - len([s for s in stages if not s.done()])} already done, "
         f"{len(todo)} to run")
     took: dict[str, list[float]] = {}
+    loaded: dict = {}
     for i, stage in enumerate(todo, 1):
         if stage.input is not None and not stage.input.done():
             raise HybridPruneError(f"{stage.label} needs {stage.input.label}, which has not run; run without --only")
         eta = _eta(todo[i - 1:], took)
         log(f"[stage {i}/{len(todo)}] {stage.label}" + (f"  (ETA {eta})" if eta else ""))
         t = time.perf_counter()
-        _run_stage(stage, recipe, device)
+        _run_stage(stage, recipe, device, loaded)
         seconds = time.perf_counter() - t
-        took.setdefault(stage.kind, []).append(seconds)
+        took.setdefault(_timing_group(stage), []).append(seconds)
         times[stage.key] = round(seconds, 1)
         write_text_atomic(times_file, json.dumps(times, indent=1))
     if any(not s.done() for s in stages):
@@ -399,12 +415,24 @@ def run_experiment(recipe_path, out, quick: bool = False, only: str | None = Non
     return results
 
 
+def _timing_group(stage: Stage) -> str:
+    """Stages expected to take alike: eval stages per task (GSM8K generation is not a perplexity pass)."""
+    return f"eval {stage.spec['task']}" if stage.kind == "eval" else stage.kind
+
+
 def _eta(remaining: list[Stage], took: dict[str, list[float]]) -> str:
+    """Sum over the remaining stages of the mean time of finished stages alike (same group, else same kind,
+    else any)."""
     if not took:
         return ""
+
+    def mean(values):
+        return sum(values) / len(values)
     every = [x for v in took.values() for x in v]
-    mean = {k: sum(v) / len(v) for k, v in took.items()}
-    seconds = sum(mean.get(s.kind, sum(every) / len(every)) for s in remaining)
+    by_kind: dict[str, list[float]] = {}
+    for group, values in took.items():
+        by_kind.setdefault(group.split()[0], []).extend(values)
+    seconds = sum(mean(took.get(_timing_group(s)) or by_kind.get(s.kind) or every) for s in remaining)
     return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
 
 

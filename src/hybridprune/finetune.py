@@ -141,7 +141,24 @@ def encode_example(prompt: str, answer: str, tokenizer, seqlen: int, bos_id: int
     return {"input_ids": ids, "labels": labels}
 
 
-def build_dataset(config: FinetuneConfig, tokenizer) -> list[dict]:
+def build_dataset(config: FinetuneConfig, tokenizer, cache=None) -> list[dict]:
+    """Tokenized training rows. With `cache` (a folder), rows are stored under a key of everything they depend
+    on (data, template, length, BOS, example cap, data folder, the tokenizer itself), so fine-tuning runs that
+    share their data (an experiment's SQuAD recovery after each calibration) tokenize it once."""
+    if cache is not None:
+        from hashlib import sha256
+        vocab = sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest() \
+            if getattr(tokenizer, "backend_tokenizer", None) is not None else repr(sorted(tokenizer.get_vocab().items()))
+        key = sha256(json.dumps([config.data, config.template, config.seqlen, resolve_bos(tokenizer, config.bos),
+                                 config.max_examples, str(data_dir(config.data_dir)), vocab,
+                                 getattr(tokenizer, "chat_template", None)]).encode()).hexdigest()[:16]
+        path = Path(cache) / f"{config.data}-{key}.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+        rows = build_dataset(config, tokenizer)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        models.write_text_atomic(path, json.dumps(rows))
+        return rows
     root = data_dir(config.data_dir)
     bos = resolve_bos(tokenizer, config.bos)
     bos_id = tokenizer.bos_token_id if bos == "always" else None
@@ -232,8 +249,9 @@ def _lora_targets(model) -> list[str]:
     return sorted({name.rsplit(".", 1)[-1] for name in models.prunable_matrices(model)})
 
 
-def finetune(model, tokenizer, config: FinetuneConfig, work_dir, resume: bool = False) -> dict:
-    """Train in place (the returned dict holds the model and the record). work_dir keeps checkpoints."""
+def finetune(model, tokenizer, config: FinetuneConfig, work_dir, resume: bool = False, data_cache=None) -> dict:
+    """Train in place (the returned dict holds the model and the record). work_dir keeps checkpoints;
+    data_cache: a folder for tokenized data (build_dataset)."""
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from .engine import default_device
@@ -243,7 +261,7 @@ def finetune(model, tokenizer, config: FinetuneConfig, work_dir, resume: bool = 
     zeros_before = sum(int((~m).sum()) for m in masks.values())
     if zeros_before == 0:
         print("warning: the model has no pruned weights; nothing to preserve, fine-tuning anyway")
-    dataset = build_dataset(config, tokenizer)
+    dataset = build_dataset(config, tokenizer, data_cache)
     model.config.use_cache = False
     # Seed before the adapters are made: their random init must not depend on what this process did before
     # (an experiment resumed in a new process must give the same model as an uninterrupted one).
@@ -305,7 +323,7 @@ def _tokens_per_second(dataset, config, out) -> float:
 
 
 def finetune_and_save(model_spec: str, config: FinetuneConfig, out, overwrite=False, resume=False, dtype=None,
-                      trust_remote_code: bool = False):
+                      trust_remote_code: bool = False, data_cache=None):
     """Load, fine-tune, check the zero set, save (model, record, loss curve PNG, adapter unless merged)."""
     from .plots import plot_loss
 
@@ -315,7 +333,7 @@ def finetune_and_save(model_spec: str, config: FinetuneConfig, out, overwrite=Fa
     model, tok = models.load_model(model_spec, dtype=dtype, trust_remote_code=trust_remote_code)
     work = out.with_name(out.name + ".checkpoints")
     try:
-        res = finetune(model, tok, config, work, resume=resume)
+        res = finetune(model, tok, config, work, resume=resume, data_cache=data_cache)
     except BaseException:
         if work.is_dir() and not any(work.glob("checkpoint-*")):  # nothing to resume from: leave nothing behind
             shutil.rmtree(work, ignore_errors=True)

@@ -31,6 +31,7 @@ from .errors import HybridPruneError
 from .models import cache_dir
 
 TASKS = ("wikitext2", "boolq", "gsm8k", "squad")
+SAME_LENGTH = 0.65  # a generation batch's prompts are at least this fraction of its longest (tasks._lm_class)
 LM_EVAL_FEWSHOT_SEED = 1234  # lm-eval's default few-shot sampler seed: the stock tasks' exemplars
 BOOLQ_PROMPT = "{{passage}}\nQuestion: {{question}}?\nAnswer:"
 GSM8K_PROMPT = "Question: {{question}}\nAnswer:"
@@ -177,17 +178,23 @@ def parse_tasks(text: str) -> list[str]:
 def evaluate_model(model, tokenizer, tasks: list[str], limit: int | None = None, seed: int = 0, batch_size: int = 8,
                    num_fewshot: int | None = None, gsm8k_mode: str = "fewshot", chat_template: bool = False,
                    data_dir_path=None, ppl_seqlen: int = 2048, ppl_windows: int | None = None,
-                   samples_path=None, fewshot_seed: int = LM_EVAL_FEWSHOT_SEED, bos: str = "auto") -> dict:
+                   samples_path=None, fewshot_seed: int = LM_EVAL_FEWSHOT_SEED, bos: str = "auto",
+                   generate_batch_size: int | None = None) -> dict:
     """Run the tasks on an in-memory model; returns {task: {metric: value, metric_stderr: ..., n, split, prompt}}.
 
     seed seeds sampling (none of these tasks samples); fewshot_seed picks the exemplars (lm-eval's default);
     bos: whether every prompt starts with BOS (data.resolve_bos; auto asks the tokenizer).
+    batch_size: log-likelihood requests (their logits are batch x length x vocab); generate_batch_size: greedy
+    generation (default batch_size), which keeps only the last position's logits and gains most from width.
     """
     from .data import resolve_bos
     from .evaluate import perplexity
 
     if limit is not None and limit < 1:
         raise HybridPruneError(f"--limit must be >= 1, got {limit}")
+    for flag, value in (("--batch-size", batch_size), ("--generate-batch-size", generate_batch_size)):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise HybridPruneError(f"{flag} must be a whole number >= 1, got {value}")
     if not hasattr(model, "generate") and any(t in ("gsm8k", "squad") for t in tasks):
         raise HybridPruneError(f"{type(model).__name__} cannot generate; gsm8k and squad need a causal LM")
     configs = {t: task_config(t, data_dir_path, num_fewshot, gsm8k_mode) for t in tasks if t != "wikitext2"}
@@ -202,11 +209,11 @@ def evaluate_model(model, tokenizer, tasks: list[str], limit: int | None = None,
     if not configs:
         return results
     from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
 
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, add_bos_token=bos == "always")
+    lm = _lm_class()(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, add_bos_token=bos == "always")
+    lm.generate_batch_size = generate_batch_size or batch_size
     out = simple_evaluate(model=lm, tasks=[{k: v for k, v in c.items() if not k.startswith("_")}
                                            for c in configs.values()], task_manager=_task_manager(),
                           limit=limit, log_samples=True, random_seed=seed, numpy_random_seed=seed,
@@ -235,6 +242,49 @@ def evaluate_model(model, tokenizer, tasks: list[str], limit: int | None = None,
     if samples_path is not None:
         _write_samples(out.get("samples", {}), configs, samples_path)
     return results
+
+
+@functools.lru_cache(maxsize=1)
+def _lm_class():
+    """lm-eval's HFLM with two speed-ups for greedy generation that leave its outputs unchanged:
+    - a static KV cache (preallocated to prompt + max_gen_toks, filled in place) where the model supports one:
+      the default dynamic cache concatenates every layer's keys and values at each step, which was a fifth of a
+      decode step on CPU (2.7x faster decode at batch 64, bench/eval_speed.py);
+    - its own batch size: decode steps are bound by reading the weights, so a wider batch is almost free per
+      token, while log-likelihood batches hold full-vocabulary logits and stay at --batch-size;
+    - batches of alike prompt lengths: requests sorted longest first are cut into batches whose prompts are all
+      at least SAME_LENGTH of the batch's longest, so a wide batch does not spend its time on left padding."""
+    from lm_eval.models.huggingface import HFLM
+
+    class FastGenerateLM(HFLM):
+        generate_batch_size = None
+
+        def generate_until(self, requests, disable_tqdm: bool = False):
+            width = self.generate_batch_size or self.batch_size_per_gpu
+            lengths = [len(self.tok_encode(r.args[0])) for r in requests]
+            batches: list[list[int]] = []
+            for i in sorted(range(len(requests)), key=lambda i: -lengths[i]):
+                if not batches or len(batches[-1]) >= width or lengths[i] < SAME_LENGTH * lengths[batches[-1][0]]:
+                    batches.append([])
+                batches[-1].append(i)
+            out: list = [None] * len(requests)
+            plain_width = self.batch_size_per_gpu
+            try:
+                for batch in batches:  # lm-eval batches, groups by generation settings and reorders within each
+                    self.batch_size_per_gpu = len(batch)
+                    texts = super().generate_until([requests[i] for i in batch], disable_tqdm)
+                    for i, text in zip(batch, texts, strict=True):
+                        out[i] = text
+            finally:
+                self.batch_size_per_gpu = plain_width
+            return out
+
+        def _model_generate(self, context, max_length, stop, **generation_kwargs):
+            if getattr(self.model, "_can_compile_fullgraph", False):
+                # no automatic torch.compile on GPU: batch shapes vary, and recompiling would cost more than it saves
+                generation_kwargs.update(cache_implementation="static", disable_compile=True)
+            return super()._model_generate(context, max_length, stop, **generation_kwargs)
+    return FastGenerateLM
 
 
 @functools.lru_cache(maxsize=1)
