@@ -34,6 +34,32 @@ def tiny_config(family: str, vocab: int = 256, hidden: int = 64, inter: int = 12
     raise ValueError(family)
 
 
+def safetensors_tensors(folder) -> dict:
+    """Every weight tensor of a saved model folder, whether in one file or in shards (not the tier maps)."""
+    from safetensors import safe_open
+    out = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        if f.name != "tiers.safetensors":
+            with safe_open(f, "pt") as g:
+                out.update({k: g.get_tensor(k) for k in g.keys()})
+    return out
+
+
+def edit_tensor(folder, key: str, edit) -> None:
+    """Change one saved tensor in place (edit(tensor) mutates it), in whichever file or shard holds it."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(f, "pt") as g:
+            if key not in g.keys():
+                continue
+        tensors = load_file(str(f))
+        edit(tensors[key])
+        save_file(tensors, str(f), metadata={"format": "pt"})
+        return
+    raise KeyError(key)
+
+
 FAMILIES = ["llama", "qwen2", "mistral", "opt", "gpt2", "gpt_neox"]
 
 

@@ -4,9 +4,9 @@ import os
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from conftest import tiny_model
+from conftest import edit_tensor, tiny_model
 from hybridprune.cli import main
 from hybridprune.errors import HybridPruneError
 
@@ -239,9 +239,7 @@ def test_inspect_fails_on_a_broken_block(tmp_path, tiny_llama_dir, capsys):
     tiers = load_file(str(out / "tiers.safetensors"))
     name = "model.layers.1.mlp.up_proj"
     r, c = (tiers[name] == 1).nonzero()[0].tolist()  # an N:M block
-    weights = load_file(str(out / "model.safetensors"))
-    weights[name + ".weight"][r * 16:(r + 1) * 16, c * 16:(c + 1) * 16] = 1.0
-    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    edit_tensor(out, name + ".weight", lambda w: w[r * 16:(r + 1) * 16, c * 16:(c + 1) * 16].fill_(1.0))
     capsys.readouterr()
     assert main(["inspect", str(out)]) == 2
     captured = capsys.readouterr()
@@ -252,9 +250,7 @@ def test_inspect_fails_on_a_broken_block(tmp_path, tiny_llama_dir, capsys):
 def test_inspect_fails_when_sparsity_is_short(tmp_path, tiny_llama_dir, capsys):
     out = tmp_path / "u"
     assert main(["prune", "--model", str(tiny_llama_dir), "--method", "magnitude", "--out", str(out)]) == 0
-    weights = load_file(str(out / "model.safetensors"))
-    weights["model.layers.0.mlp.down_proj.weight"][0, :] = 1.0  # one row regrown
-    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    edit_tensor(out, "model.layers.0.mlp.down_proj.weight", lambda w: w[0, :].fill_(1.0))  # one row regrown
     capsys.readouterr()
     assert main(["inspect", str(out)]) == 2
     assert "model.layers.0.mlp.down_proj: sparsity" in capsys.readouterr().err

@@ -3,7 +3,7 @@ import subprocess
 import sys
 
 import pytest
-from safetensors.torch import load_file
+from conftest import safetensors_tensors
 
 from hybridprune.cli import main
 
@@ -61,7 +61,7 @@ def test_prune_ppl_inspect_end_to_end(tmp_path, tiny_llama_dir, data_dir, capsys
     assert record["prune"]["method"] == "wanda" and record["prune"]["calib"] == "wikitext2"
     assert record["prune"]["block_score"] == "row" and record["prune"]["refit"] == 10  # the block-pattern default
     assert "torch" in record["versions"] and (out / "tiers.safetensors").is_file()
-    assert (out / "model.safetensors").is_file() and not list(out.glob("*.bin"))
+    assert (out / "model.safetensors.index.json").is_file() and not list(out.glob("*.bin"))  # streamed shards
     assert main(["ppl", str(out), "--seqlen", "64", "--max-windows", "2", "--out", str(tmp_path / "p.json")]) == 0
     res = json.loads((tmp_path / "p.json").read_text())
     assert res["windows"] == 2 and res["ppl"] > 1 and res["hybridprune"]["prune"]["pattern"] == "three-tier"
@@ -142,7 +142,7 @@ def test_compare_writes_table_json_and_chart(tmp_path, tiny_llama_dir, data_dir,
     assert "(+" in ppl_row or "(-" in ppl_row  # the difference to the first model
     runs = json.loads((out / "compare.json").read_text())
     # the measured sparsity of the saved weights, not the requested one: int(0.9 * 48) / 48 and int(0.9 * 96) / 96
-    weights = load_file(str(pruned / "model.safetensors"))
+    weights = safetensors_tensors(pruned)
     mats = [w for k, w in weights.items() if ".layers." in k and k.endswith("proj.weight")]
     zeros = sum(int((w == 0).sum()) for w in mats) / sum(w.numel() for w in mats)
     assert runs[1]["hybridprune"]["sparsity"] == pytest.approx(zeros) and zeros == pytest.approx(43 / 48)
@@ -176,7 +176,6 @@ def test_eval_bad_input(tmp_path, capsys):
 
 def test_finetune_cli_keeps_sparsity_and_writes_record(tmp_path, tiny_llama_dir, data_dir):
     import torch
-    from safetensors.torch import load_file
     pruned = tmp_path / "pruned"
     assert main(["prune", "--model", str(tiny_llama_dir), "--pattern", "three-tier", "--nsamples", "2",
                  "--seqlen", "32", "--out", str(pruned)]) == 0
@@ -187,7 +186,7 @@ def test_finetune_cli_keeps_sparsity_and_writes_record(tmp_path, tiny_llama_dir,
     rec = json.loads((out / "hybridprune.json").read_text())
     assert rec["prune"]["pattern"] == "three-tier" and rec["finetune"]["steps"] == 3
     assert (out / "loss.png").is_file() and (out / "tiers.safetensors").is_file()
-    a, b = load_file(str(pruned / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    a, b = safetensors_tensors(pruned), safetensors_tensors(out)
     for k in a:
         if k.endswith("proj.weight"):
             assert torch.equal(a[k] != 0, b[k] != 0), k
@@ -202,7 +201,6 @@ def test_finetune_cli_keeps_sparsity_and_writes_record(tmp_path, tiny_llama_dir,
 def test_finetune_no_merge_saves_plain_model_and_adapter(tmp_path, tiny_llama_dir, data_dir):
     import torch
     from peft import PeftModel
-    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
     pruned = tmp_path / "pruned"
     assert main(["prune", "--model", str(tiny_llama_dir), "--method", "magnitude", "--sparsity", "0.5",
@@ -210,7 +208,7 @@ def test_finetune_no_merge_saves_plain_model_and_adapter(tmp_path, tiny_llama_di
     out = tmp_path / "ft"
     assert main(["finetune", str(pruned), "--data", "wikitext2", "--steps", "2", "--batch-size", "2",
                  "--seqlen", "32", "--max-examples", "4", "--lr", "1e-2", "--no-merge", "--out", str(out)]) == 0
-    a, b = load_file(str(pruned / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    a, b = safetensors_tensors(pruned), safetensors_tensors(out)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # the base, untouched and loadable
     base = AutoModelForCausalLM.from_pretrained(out)
     tuned = PeftModel.from_pretrained(base, out / "adapter")

@@ -4,9 +4,8 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from conftest import tiny_model
+from conftest import safetensors_tensors, tiny_model
 from hybridprune import PruneConfig, prune
 from hybridprune.cli import main
 from hybridprune.models import prunable_matrices, weight_matrix
@@ -42,12 +41,12 @@ def test_bf16_fine_tuning_keeps_the_zero_set_and_dtype(ft, tmp_path, tiny_llama_
     pruned, out = tmp_path / "p", tmp_path / "ft"
     assert main(["prune", "--model", str(tiny_llama_dir), "--nsamples", "2", "--seqlen", "16", "--dtype", "bfloat16",
                  "--out", str(pruned)]) == 0
-    before = load_file(str(pruned / "model.safetensors"))
+    before = safetensors_tensors(pruned)
     assert before["model.layers.0.mlp.up_proj.weight"].dtype == torch.bfloat16  # saved as loaded
     assert main(["finetune", str(pruned), "--data", "wikitext2", "--method", ft, "--steps", "2", "--batch-size", "2",
                  "--seqlen", "32", "--max-examples", "4", "--lr", "1e-2", "--dtype", "bfloat16", "--device", "cpu",
                  "--out", str(out)]) == 0
-    after = load_file(str(out / "model.safetensors"))
+    after = safetensors_tensors(out)
     rec = json.loads((out / "hybridprune.json").read_text())["finetune"]
     assert rec["dtype"] == "torch.bfloat16" and rec["device"] == "cpu"
     moved = 0

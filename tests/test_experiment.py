@@ -123,14 +123,14 @@ def test_changing_an_eval_limit_reruns_only_eval_stages(finished, tmp_path, monk
 
 
 def test_mask_overlap_equals_a_direct_count(finished):
-    from safetensors.torch import load_file
+    from conftest import safetensors_tensors as _tensors
     root, _, results = finished
     pair = results["overlap"]["unstructured"]["pairs"]["wiki vs squad"]
     stages = {p.name: p for p in (root / "run" / "stages").iterdir() if p.name.startswith("prune-")}
     by_calib = {}
     for p in stages.values():
         rec = json.loads((p / "hybridprune.json").read_text())["prune"]
-        by_calib[rec["calib"] if rec["method"] != "magnitude" else "magnitude"] = load_file(str(p / "model.safetensors"))
+        by_calib[rec["calib"] if rec["method"] != "magnitude" else "magnitude"] = _tensors(p)
     a, b = by_calib["wikitext2"], by_calib["squad"]
     keys = [k for k in a if ".layers." in k and k.endswith("proj.weight")]
     za = torch.cat([(a[k] == 0).reshape(-1) for k in keys])

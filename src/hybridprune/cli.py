@@ -92,10 +92,43 @@ def _check_out(out, overwrite):
         raise HybridPruneError(f"output folder {out} exists; pass --overwrite or choose another --out")
 
 
-def _load(args, spec):
+def _load(args, spec, to_device: bool = True):
+    """Load for a command. to_device: move the model to --device (not for pruning, whose engine brings one layer
+    at a time); with --device-map, accelerate places (and offloads) the layers instead."""
     from .models import load_model
-    model, tok = load_model(spec, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    device_map = getattr(args, "device_map", None)
+    max_memory = _max_memory(getattr(args, "max_memory", None))
+    if device_map is None and (max_memory or getattr(args, "offload_folder", None)):
+        raise HybridPruneError("--max-memory and --offload-folder need --device-map auto")
+    if device_map and args.device:
+        raise HybridPruneError("--device-map places the layers itself; drop --device")
+    model, tok = load_model(spec, dtype=args.dtype, trust_remote_code=args.trust_remote_code, device_map=device_map,
+                            max_memory=max_memory, offload_folder=getattr(args, "offload_folder", None))
+    if args.device and to_device and not device_map:
+        model.to(args.device)
     return model, tok
+
+
+def _max_memory(text):
+    """'cpu=4GiB,0=70GiB' -> {'cpu': '4GiB', 0: '70GiB'} (accelerate's max_memory)."""
+    if not text:
+        return None
+    out = {}
+    for part in text.split(","):
+        where, _, size = part.partition("=")
+        where, size = where.strip(), size.strip()
+        if not where or not size:
+            raise HybridPruneError(f"--max-memory {text!r}: write it as cpu=4GiB,0=70GiB")
+        out[int(where) if where.isdigit() else where] = size
+    return out
+
+
+def _add_offload_args(p):
+    g = p.add_argument_group("offloading (models larger than memory)")
+    g.add_argument("--device-map", default=None, help="auto | balanced | sequential: accelerate places the layers "
+                   "on the GPUs, the CPU and, past --max-memory, the disk (--offload-folder)")
+    g.add_argument("--max-memory", default=None, help="with --device-map: memory per device, e.g. cpu=4GiB,0=70GiB")
+    g.add_argument("--offload-folder", default=None, help="with --device-map: where layers past --max-memory go")
 
 
 def _check_context(args, spec, **seqlens):
@@ -135,7 +168,13 @@ def cmd_prune(args):
     _check_out(args.out, args.overwrite)
     data_dir(args.data_dir)
     _check_context(args, args.model, seqlen=args.seqlen, ppl_seqlen=args.ppl_seqlen if args.compare_ppl else None)
-    model, tok = _load(args, args.model)
+    if _streams(args):
+        from .streaming import prune_streamed
+        result, out = prune_streamed(args.model, config, args.out, overwrite=args.overwrite, dtype=args.dtype,
+                                     trust_remote_code=args.trust_remote_code)
+        _say_pruned(result, out, config, "layer-streamed")
+        return
+    model, tok = _load(args, args.model, to_device=False)
     extra = {}
     if args.compare_ppl:
         dense = perplexity(model, tok, seqlen=args.ppl_seqlen, max_windows=args.max_windows,
@@ -143,7 +182,7 @@ def cmd_prune(args):
         print(f"dense  perplexity {dense['ppl']:.2f}  ({dense['windows']} windows x {dense['seqlen']})", flush=True)
         extra["dense_ppl"] = dense
     result = prune(model, config, tokenizer=tok)
-    print(f"pruned in {result.seconds:.1f}s ({config.method}, {result.pattern['pattern']})", flush=True)
+    print(f"pruned in {result.seconds:.1f}s ({config.method}, {result.pattern['pattern']}, in memory)", flush=True)
     if args.compare_ppl:
         pruned = perplexity(model, tok, seqlen=args.ppl_seqlen, max_windows=args.max_windows,
                             data_dir_path=args.data_dir, bos=args.bos)
@@ -151,7 +190,34 @@ def cmd_prune(args):
         extra["pruned_ppl"] = pruned
     out = save_pruned(model, tok, args.out, config, result, source=args.model, overwrite=args.overwrite,
                       extra_record=extra)
+    _say_pruned(result, out, config)
+
+
+def _streams(args) -> bool:
+    """Whether `prune` reads the model one layer at a time (--stream; see its help)."""
+    from .models import resolve_model
+    from .streaming import has_safetensors
+    if args.stream not in ("auto", "on", "off"):
+        raise HybridPruneError(f"unknown --stream {args.stream!r}; use auto, on or off")
+    if args.stream == "off":
+        return False
+    if args.compare_ppl:
+        if args.stream == "on":
+            raise HybridPruneError("--compare-ppl needs the whole model in memory; drop it, or use --stream off")
+        return False
+    path = Path(resolve_model(args.model)[0])
+    if path.is_dir() and has_safetensors(path):
+        return True
+    if args.stream == "on":
+        raise HybridPruneError(f"--stream on needs a local folder of safetensors weights; {args.model} is not one "
+                               "(download it first, or use --stream off)")
+    return False
+
+
+def _say_pruned(result, out, config, how="in memory"):
     from .models import read_record
+    if how != "in memory":
+        print(f"pruned in {result.seconds:.1f}s ({config.method}, {result.pattern['pattern']}, {how})", flush=True)
     print(f"sparsity {read_record(out)['sparsity']:.4f} (expected {result.pattern['sparsity']:.4f}); saved to {out}")
     if result.uncalibrated:
         print(f"note: {len(result.uncalibrated)} matrices received no calibration tokens and were pruned by "
@@ -171,8 +237,6 @@ def cmd_ppl(args):
         raise HybridPruneError(f"--batch-size must be >= 1, got {args.batch_size}")
     _check_context(args, args.model, seqlen=args.seqlen)
     model, tok = _load(args, args.model)
-    if args.device:
-        model.to(args.device)
     res = perplexity(model, tok, seqlen=args.seqlen, max_windows=args.max_windows, batch_size=args.batch_size,
                      data_dir_path=args.data_dir, bos=args.bos)
     res = {"model": args.model, "task": "wikitext2", "split": "test", **res}
@@ -188,8 +252,6 @@ def _eval_one(args, spec):
     from .tasks import evaluate_model, parse_tasks
     tasks = parse_tasks(args.tasks)
     model, tok = _load(args, spec)
-    if args.device:
-        model.to(args.device)
     results = evaluate_model(model, tok, tasks, limit=args.limit, seed=args.seed, batch_size=args.batch_size,
                              num_fewshot=args.num_fewshot, gsm8k_mode=args.gsm8k_mode,
                              chat_template=args.chat_template, data_dir_path=args.data_dir,
@@ -361,7 +423,7 @@ def cmd_progressive(args):
     from .data import data_dir
     data_dir(args.data_dir)
     _check_context(args, args.model, seqlen=args.seqlen)
-    model, tok = _load(args, args.model)
+    model, tok = _load(args, args.model, to_device=False)
     run_progressive(model, tok, config, schedule, args.out, source=args.model, overwrite=args.overwrite,
                     resume=args.resume, recover=recover)
 
@@ -426,6 +488,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare-ppl", action="store_true", help="measure WikiText-2 perplexity before and after")
     p.add_argument("--max-windows", type=int, default=None, help="with --compare-ppl: windows to evaluate")
     p.add_argument("--ppl-seqlen", type=int, default=2048, help="with --compare-ppl: window length")
+    p.add_argument("--stream", default="auto", help="auto | on | off. on: read one decoder layer at a time from the "
+                   "safetensors shards, prune it, write it, free it (models larger than memory); auto (default): "
+                   "on for a folder of safetensors (and the default model), off for a hub id or with --compare-ppl")
     _add_pattern_args(p)
     _add_calib_args(p)
     _add_model_args(p)
@@ -439,6 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--out", help="write the result as JSON here")
     _add_model_args(p)
+    _add_offload_args(p)
     p.set_defaults(func=cmd_ppl)
 
     p = sub.add_parser("eval", help="task metrics of one model", description="WikiText-2 perplexity and "
@@ -448,6 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-samples", action="store_true", help="also write prompts, outputs and scores as JSONL")
     _add_eval_args(p)
     _add_model_args(p)
+    _add_offload_args(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("compare", help="task metrics of several models side by side",
@@ -458,6 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default ./compare)")
     _add_eval_args(p)
     _add_model_args(p)
+    _add_offload_args(p)
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("inspect", help="sparsity report of a saved model", description="Per-layer and per-matrix "

@@ -173,7 +173,7 @@ def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, samples: torch
         raise _StopForward
 
     handle = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
-    embed_device = model.get_input_embeddings().weight.device
+    embed_device = models.input_device(model)
     try:
         for batch in samples.split(batch_size):
             try:
@@ -268,8 +268,8 @@ def layer_budgets(pattern: TieredBlocks, block_scores: dict[str, torch.Tensor], 
 class _Pruner:
     """Holds the run's settings while the layer loop visits each decoder layer."""
 
-    def __init__(self, model, config: PruneConfig, floors=None):
-        self.model, self.config = model, config
+    def __init__(self, model, config: PruneConfig, floors=None, stream=None):
+        self.model, self.config, self.stream = model, config, stream
         self.pattern = config.build_pattern()
         self.tiered = isinstance(self.pattern, TieredBlocks)
         self.floors = floors or {}
@@ -373,10 +373,16 @@ class _Pruner:
         if self.calibrated:  # magnitude needs no data, also for model-scope block budgets
             if samples is None:
                 raise HybridPruneError(f"method {self.config.method} needs calibration samples")
+            if self.stream:
+                self.stream.load_outside(self.device)
             batches = capture_layer_inputs(self.model, self.layers, samples, self.config.batch_size, self.device)
+            if self.stream:
+                self.stream.free_outside()
             _check_finite(batches, "the embeddings (inputs of decoder layer 0)")
         hessian = self.config.method == "sparsegpt" or (self.refit > 0 and not dry)
         for i, layer in enumerate(tqdm(self.layers, desc=desc, unit="layer", leave=False, disable=None)):
+            if self.stream:  # a layer-streamed model: read this layer's weights now, straight onto the device
+                self.stream.load_layer(i, layer, self.device)
             home = next(layer.parameters()).device
             # Models dispatched by accelerate (device_map) keep each layer where it is; others visit --device.
             where = home if hasattr(self.model, "hf_device_map") else torch.device(self.device)
@@ -404,20 +410,24 @@ class _Pruner:
                 _check_finite(batches, f"the output of decoder layer {self.prefix}.{i}")
             if moved:
                 layer.to(home)
+            if self.stream:  # written to its output shard (not in a scoring-only pass), then freed
+                self.stream.release_layer(i, layer, write=not dry)
         return block_scores if dry else tier_maps
 
 
 @torch.no_grad()
 def prune(model: nn.Module, config: PruneConfig | None = None, tokenizer=None, samples: torch.Tensor | None = None,
-          floors: dict[str, torch.Tensor] | None = None) -> PruneResult:
+          floors: dict[str, torch.Tensor] | None = None, stream=None) -> PruneResult:
     """Prune `model` in place. Calibration samples are drawn from config.calib unless given.
 
     floors: tier maps of a previous progressive round (blocks only move down).
+    stream: a streaming.LayerStream when the model is an empty skeleton whose layers are read one at a time.
     """
     config = config or PruneConfig()
     start = time.perf_counter()
-    check_finite_weights(model)
-    pruner = _Pruner(model, config, floors)
+    if stream is None:
+        check_finite_weights(model)  # a stream checks each layer as it reads it
+    pruner = _Pruner(model, config, floors, stream)
     if not needs_calibration(config.method):
         bos = "no calibration"
     else:
@@ -444,14 +454,19 @@ def prune(model: nn.Module, config: PruneConfig | None = None, tokenizer=None, s
 TIERS_FILE = "tiers.safetensors"
 
 
+def pruned_record(config: PruneConfig, result: PruneResult, source: str, extra: dict | None = None) -> dict:
+    """What hybridprune.json says about a pruning run."""
+    return {"model": source, "prune": {**config.record(), "bos": result.bos or config.bos},
+            "prune_seconds": round(result.seconds, 2), "skipped": result.skipped,
+            "uncalibrated": result.uncalibrated, **(extra or {})}
+
+
 def save_pruned(model, tokenizer, out, config: PruneConfig, result: PruneResult, source: str,
                 overwrite: bool = False, extra_record: dict | None = None):
     """Save the pruned model with its record and, for block patterns, the tier map of every matrix."""
     from safetensors.torch import save_file
 
-    record = {"model": source, "prune": {**config.record(), "bos": result.bos or config.bos},
-              "prune_seconds": round(result.seconds, 2), "skipped": result.skipped,
-              "uncalibrated": result.uncalibrated, **(extra_record or {})}
+    record = pruned_record(config, result, source, {"loading": "in memory", **(extra_record or {})})
 
     def extra(tmp):
         if result.tier_maps:

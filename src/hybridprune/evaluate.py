@@ -13,6 +13,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
+from . import models
 from .data import cut_windows, data_dir, resolve_bos, text_ids, wikitext2_text
 from .errors import HybridPruneError
 
@@ -38,7 +39,7 @@ def perplexity(model, tokenizer=None, seqlen: int = 2048, max_windows: int | Non
     n = len(windows)
     if n == 0:
         raise HybridPruneError(f"the text has {ids.numel()} tokens, fewer than one window of {seqlen}")
-    device = model.get_input_embeddings().weight.device
+    device = models.input_device(model)
     was_training = model.training
     model.eval()
     start, nll, per_window = time.perf_counter(), 0.0, []

@@ -341,8 +341,13 @@ def _run_stage(stage: Stage, recipe: Recipe, device: str | None, loaded: dict) -
     from . import models
     from .engine import PruneConfig, prune, save_pruned
     if stage.kind == "prune":
-        model, tok = models.load_model(stage.spec["model"], dtype=stage.spec["dtype"])
+        from .streaming import has_safetensors, prune_streamed
         config = PruneConfig(**stage.spec["config"], device=device)
+        folder = Path(models.resolve_model(stage.spec["model"])[0])
+        if folder.is_dir() and has_safetensors(folder):  # as `prune` does: one layer in memory at a time
+            prune_streamed(stage.spec["model"], config, stage.path, overwrite=True, dtype=stage.spec["dtype"])
+            return
+        model, tok = models.load_model(stage.spec["model"], dtype=stage.spec["dtype"])
         result = prune(model, config, tokenizer=tok)
         save_pruned(model, tok, stage.path, config, result, source=stage.spec["model"], overwrite=True)
     elif stage.kind == "finetune":
@@ -527,9 +532,8 @@ def _expand(claim: Claim, names: list[str]):
 def mask_overlap(pruned: dict, recipe: Recipe) -> dict:
     """Jaccard index of the pruned sets of every pair of pruned models of one pattern (different calibrations,
     and each against magnitude pruning), overall, per matrix type and per layer."""
-    from safetensors import safe_open
-
     from .stats import jaccard_counts
+    from .streaming import ShardReader
     out = {}
     patterns = sorted({p for (p, c) in pruned if p != "magnitude"})
     for pattern in patterns:
@@ -540,12 +544,12 @@ def mask_overlap(pruned: dict, recipe: Recipe) -> dict:
             continue
         report = json.loads((next(iter(members.values())).path / "sparsity.json").read_text())
         names = [f"{layer['layer']}.{m}.weight" for layer in report["layers"] for m in layer["matrices"]]
-        handles = {k: safe_open(str(s.path / "model.safetensors"), "pt") for k, s in members.items()}
+        readers = {k: ShardReader(s.path) for k, s in members.items()}  # one file or shards alike
         pairs = list(itertools.combinations(members, 2))
         # counts[pair][group] = [|A & B|, |A | B|] summed over matrices; each matrix is read once per model
         counts = {pair: collections.defaultdict(lambda: [0, 0]) for pair in pairs}
         for n in names:
-            zero = {k: h.get_tensor(n) == 0 for k, h in handles.items()}
+            zero = {k: r.get([n])[n] == 0 for k, r in readers.items()}
             groups = ("overall", ("by_type", n.rsplit(".", 2)[-2]), ("by_layer", re.search(r"\.(\d+)\.", n).group(1)))
             for a, b in pairs:
                 i, u = jaccard_counts(zero[a], zero[b])

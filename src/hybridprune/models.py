@@ -137,8 +137,10 @@ def model_context(spec: str, trust_remote_code: bool = False) -> int | None:
 
 
 def load_model(spec: str = "default", dtype: str | torch.dtype | None = None, device: str | None = None,
-               trust_remote_code: bool = False, device_map: str | None = None):
-    """Load (model, tokenizer) from any spec. The model is in eval mode with the KV cache off."""
+               trust_remote_code: bool = False, device_map: str | None = None, max_memory: dict | None = None,
+               offload_folder: str | None = None):
+    """Load (model, tokenizer) from any spec. The model is in eval mode with the KV cache off.
+    device_map / max_memory / offload_folder: accelerate's placement and offloading (from_pretrained's)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path, _ = resolve_model(spec)
@@ -147,6 +149,7 @@ def load_model(spec: str = "default", dtype: str | torch.dtype | None = None, de
     kwargs = dict(dtype=torch_dtype, trust_remote_code=trust_remote_code)
     if device_map:
         kwargs["device_map"] = device_map
+        kwargs.update({k: v for k, v in (("max_memory", max_memory), ("offload_folder", offload_folder)) if v})
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
@@ -197,6 +200,16 @@ def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     if best is None:
         raise HybridPruneError(f"no decoder layers found in {type(model).__name__}: is this a transformer LM?")
     return best
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where input ids go: the embedding's device, or, for a model dispatched by accelerate whose embedding is
+    offloaded (weights on the meta device until used), the device its hook computes on."""
+    embed = model.get_input_embeddings()
+    hook = getattr(embed, "_hf_hook", None)
+    device = getattr(hook, "execution_device", None) or embed.weight.device
+    device = torch.device(device) if not isinstance(device, int) else torch.device("cuda", device)
+    return torch.device("cpu") if device.type == "meta" else device
 
 
 def find_linears(module: nn.Module) -> dict[str, nn.Module]:
@@ -303,17 +316,22 @@ def save_model(model, tokenizer, out: str | Path, record: dict, overwrite: bool 
     `extra(tmp_folder)` may add more files before the folder is moved into place.
     """
     report = sparsity_report(model)
-    record = {**record, "versions": versions(), "saved": time.strftime("%Y-%m-%dT%H:%M:%S"),
-              "sparsity": report["overall"]}
     with atomic_dir(out, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        (tmp / RECORD_FILE).write_text(json.dumps(record, indent=2, default=str))
-        (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2))
+        write_record(tmp, record, report)
         if extra is not None:
             extra(tmp)
     return Path(out)
+
+
+def write_record(folder: Path, record: dict, report: dict) -> None:
+    """hybridprune.json (the record, with versions, time and overall sparsity) and sparsity.json (the report)."""
+    record = {**record, "versions": versions(), "saved": time.strftime("%Y-%m-%dT%H:%M:%S"),
+              "sparsity": report["overall"]}
+    (folder / RECORD_FILE).write_text(json.dumps(record, indent=2, default=str))
+    (folder / REPORT_FILE).write_text(json.dumps(report, indent=2))
 
 
 def read_record(path: str | Path) -> dict | None:

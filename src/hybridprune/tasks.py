@@ -214,6 +214,8 @@ def evaluate_model(model, tokenizer, tasks: list[str], limit: int | None = None,
         tokenizer.pad_token = tokenizer.eos_token
     lm = _lm_class()(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, add_bos_token=bos == "always")
     lm.generate_batch_size = generate_batch_size or batch_size
+    from .models import input_device
+    lm._device = input_device(model)  # a model offloaded by accelerate reports the meta device as its own
     out = simple_evaluate(model=lm, tasks=[{k: v for k, v in c.items() if not k.startswith("_")}
                                            for c in configs.values()], task_manager=_task_manager(),
                           limit=limit, log_samples=True, random_seed=seed, numpy_random_seed=seed,
