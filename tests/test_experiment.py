@@ -1,4 +1,5 @@
 """The experiment command on a tiny random model: the stage graph, caching, resume, statistics, bad recipes."""
+import collections
 import json
 import shutil
 
@@ -56,9 +57,14 @@ class _Counter:
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory, tiny_llama_dir, data_dir):
     """One complete run of the tiny recipe (shared by the tests below)."""
+    from hybridprune import models
     root = tmp_path_factory.mktemp("exp")
     recipe = _recipe(root / "r.yaml", tiny_llama_dir)
-    results = experiment.run_experiment(recipe, root / "run", log=lambda *a: None)
+    loads, plain = [], models.load_model
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(models, "load_model", lambda spec, *a, **k: loads.append(str(spec)) or plain(spec, *a, **k))
+        results = experiment.run_experiment(recipe, root / "run", log=lambda *a: None)
+    (root / "loads.json").write_text(json.dumps({"loads": loads, "dense": str(tiny_llama_dir)}))
     return root, recipe, results
 
 
@@ -77,6 +83,12 @@ def test_whole_graph_runs_and_reports(finished):
     assert sum(n.startswith("eval-") for n in names) == 8
     runs = results["runs"]
     assert runs["dense"]["sparsity"] is None and runs["exp1"]["sparsity"] == pytest.approx(0.5)
+    # a model's eval stages read it once (the dense model: only for eval), and each run is scored on its own model
+    seen = json.loads((root / "loads.json").read_text())
+    loads = collections.Counter(seen["loads"])  # eval reads dense once; the wiki-pruned model: fine-tuning + eval
+    assert loads[seen["dense"]] == 1 and max(loads.values()) == 2 and len(loads) == 5, loads
+    ppl = {name: row["tasks"]["wikitext2"]["ppl"] for name, row in runs.items()}
+    assert len(set(ppl.values())) == 4, ppl
     assert {"acc", "gold_nll", "margin"} <= set(runs["exp2"]["tasks"]["boolq"])
     assert len(runs["exp1"]["tasks"]["wikitext2"]["per_example"]["nll"]) == 3
     pair = next(p for p in results["pairs"] if p["task"] == "boolq" and p["metric"] == "acc")
@@ -203,6 +215,9 @@ def test_gold_nll_equals_a_hand_computation(default_tokenizer, data_dir):
     (("on boolq.margin", "on boolq.f1"), "line 20: claim 'exp2 > exp1 on boolq.f1': boolq has no metric 'f1'"),
     (("boolq: {limit: 4}", "boolq: {limit: 0}"), "line 16: boolq limit must be a whole number >= 1"),
     (("method: wanda", "method: obs"), "line 2: unknown method 'obs'"),
+    (("eval: {batch_size: 4}", "eval: {batch_size: 4, beam: 2}"), "line 17: unknown eval option 'beam'"),
+    (("eval: {batch_size: 4}", "eval: {batch_size: 4, generate_batch_size: 0}"),
+     "line 17: eval generate_batch_size must be a whole number >= 1"),
 ])
 def test_bad_recipes_name_the_line(edit, match, tmp_path, capsys):
     from hybridprune.cli import main

@@ -132,3 +132,17 @@ def test_full_tuning_gradients_are_zero_where_pruned(samples):
         assert g[masks[name]].abs().sum() > 0, name  # kept weights do get gradients
     for h in hooks:
         h.remove()
+
+
+def test_tokenized_data_is_cached_by_what_it_depends_on(tmp_path, default_tokenizer, data_dir, monkeypatch):
+    import dataclasses
+
+    from hybridprune import finetune as ft
+    config = ft.FinetuneConfig(data="squad", seqlen=512, max_examples=5, data_dir=str(data_dir))
+    rows = ft.build_dataset(config, default_tokenizer, tmp_path)
+    calls, plain = [], ft.encode_example
+    monkeypatch.setattr(ft, "encode_example", lambda *a, **k: calls.append(1) or plain(*a, **k))
+    assert ft.build_dataset(config, default_tokenizer, tmp_path) == rows and calls == []  # read, not tokenized
+    alpaca = ft.build_dataset(dataclasses.replace(config, template="alpaca"), default_tokenizer, tmp_path)
+    assert calls and len(list(tmp_path.glob("squad-*.json"))) == 2  # another template is another entry
+    assert alpaca != rows and rows == ft.build_dataset(config, default_tokenizer)  # the cache holds what it builds

@@ -92,3 +92,38 @@ def test_boolq_equals_direct_loglikelihood(tiny_llama_dir, data_dir, tmp_path):
     assert res["boolq"]["acc"] == pytest.approx(sum(correct) / 6)
     rows = [json.loads(line) for line in open(tmp_path / "s.jsonl")]
     assert len(rows) == 6 and all(r["task"] == "boolq" for r in rows)
+
+
+def test_fast_generation_equals_lm_evals_own_batching(tiny_llama_dir, data_dir, tmp_path, monkeypatch):
+    """Greedy generation with the static cache, its own batch width and length buckets gives lm-eval's plain
+    HFLM outputs; every batch holds prompts of alike length (at least SAME_LENGTH of its longest)."""
+    from lm_eval.models.huggingface import HFLM
+
+    from hybridprune import load_model, tasks
+    model, tok = load_model(str(tiny_llama_dir))
+    batches, caches = [], []
+    plain_generate_until, plain_generate = HFLM.generate_until, model.generate
+
+    def spy_batches(self, requests, disable_tqdm=False):
+        batches.append([len(self.tok_encode(r.args[0])) for r in requests])
+        return plain_generate_until(self, requests, disable_tqdm)
+
+    def spy_generate(*args, **kwargs):
+        caches.append(kwargs.get("cache_implementation"))
+        return plain_generate(*args, **kwargs)
+    monkeypatch.setattr(HFLM, "generate_until", spy_batches)
+    monkeypatch.setattr(model, "generate", spy_generate)
+
+    def outputs(path):
+        return [json.loads(line)["output"] for line in path.read_text().splitlines()]
+    fast = tasks.evaluate_model(model, tok, ["squad"], limit=12, batch_size=2, generate_batch_size=4,
+                                samples_path=tmp_path / "fast.jsonl")
+    fast_batches, fast_caches = list(batches), list(caches)
+    batches.clear(), caches.clear()
+    monkeypatch.setattr(tasks, "_lm_class", lambda: HFLM)
+    plain = tasks.evaluate_model(model, tok, ["squad"], limit=12, batch_size=2, samples_path=tmp_path / "plain.jsonl")
+    assert outputs(tmp_path / "fast.jsonl") == outputs(tmp_path / "plain.jsonl")
+    assert fast["squad"]["per_example"] == plain["squad"]["per_example"]
+    assert len(fast_batches) > 1 and sum(map(len, fast_batches)) == 12
+    assert all(len(b) <= 4 and min(b) >= tasks.SAME_LENGTH * max(b) for b in fast_batches), fast_batches
+    assert set(fast_caches) == {"static"} and set(caches) == {None}

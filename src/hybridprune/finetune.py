@@ -255,7 +255,10 @@ def finetune(model, tokenizer, config: FinetuneConfig, work_dir, resume: bool = 
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from .engine import default_device
-    device = default_device(config.device)
+    state = _launch_state()
+    _refuse_fsdp(state)
+    # launched on several processes, each one computes on its own device (accelerate's), set before the masks
+    device = str(state.device) if state.processes > 1 else default_device(config.device)
     model.to(device)
     masks = capture_masks(model)
     zeros_before = sum(int((~m).sum()) for m in masks.values())
@@ -308,12 +311,47 @@ def finetune(model, tokenizer, config: FinetuneConfig, work_dir, resume: bool = 
         check_masks(model, masks)
     losses = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
     record = {**asdict(config), "bos": resolve_bos(tokenizer, config.bos), "device": device,
+              "processes": state.processes, "parallel": state.kind,
               "dtype": str(next(model.parameters()).dtype), "final_loss": losses[-1][1] if losses else out.training_loss,
               "first_loss": losses[0][1] if losses else None, "train_loss": out.training_loss,
               "examples": len(dataset), "zeros_preserved": zeros_before,
               "train_seconds": round(out.metrics.get("train_runtime", math.nan), 1),
               "tokens_per_second": _tokens_per_second(dataset, config, out)}
     return {"model": model, "adapter": adapter, "record": record, "losses": losses}
+
+
+@dataclass
+class LaunchState:
+    processes: int
+    fsdp: bool
+    kind: str            # single | DDP | FSDP
+    device: object
+    is_main: bool
+    barrier: object
+
+
+def _refuse_fsdp(state: LaunchState) -> None:
+    if state.fsdp:
+        raise HybridPruneError("fine-tuning under FSDP is refused: FSDP shards every weight across processes, so "
+                               "the masked gradients (full) and the merge through the mask (LoRA) would each see a "
+                               "shard, and the path is untested (accelerate runs FSDP on GPUs only); launch without "
+                               "--use_fsdp (DDP: every process holds the whole model)")
+
+
+def _launch_state() -> LaunchState:
+    """How this process was started: alone, or as one of several under `accelerate launch` / torchrun (which set
+    WORLD_SIZE, RANK and LOCAL_RANK): DDP, or FSDP when accelerate's FSDP plugin is switched on."""
+    import os
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
+    kind = "single" if processes == 1 else ("FSDP" if fsdp else "DDP")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local) if processes > 1 and torch.cuda.is_available() else torch.device("cpu")
+
+    def barrier():
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+    return LaunchState(processes, fsdp, kind, device, int(os.environ.get("RANK", "0")) == 0, barrier)
 
 
 def _tokens_per_second(dataset, config, out) -> float:
@@ -330,6 +368,7 @@ def finetune_and_save(model_spec: str, config: FinetuneConfig, out, overwrite=Fa
     out = Path(out)
     if out.exists() and not overwrite:
         raise HybridPruneError(f"output folder {out} exists; pass --overwrite or choose another --out")
+    _refuse_fsdp(_launch_state())  # before any weight is read
     model, tok = models.load_model(model_spec, dtype=dtype, trust_remote_code=trust_remote_code)
     work = out.with_name(out.name + ".checkpoints")
     try:
@@ -338,6 +377,10 @@ def finetune_and_save(model_spec: str, config: FinetuneConfig, out, overwrite=Fa
         if work.is_dir() and not any(work.glob("checkpoint-*")):  # nothing to resume from: leave nothing behind
             shutil.rmtree(work, ignore_errors=True)
         raise
+    state = _launch_state()
+    if not state.is_main:  # every process trained the same weights; the main one writes them
+        state.barrier()
+        return res
     prior = models.read_record(model_spec) if Path(model_spec).is_dir() else None
     record = {**(prior or {"model": model_spec}), "finetune": res["record"]}
 
@@ -359,4 +402,5 @@ def finetune_and_save(model_spec: str, config: FinetuneConfig, out, overwrite=Fa
 
         models.save_model(res["model"], tok, out, record, overwrite=overwrite, extra=extra)
     shutil.rmtree(work, ignore_errors=True)
+    state.barrier()
     return res
