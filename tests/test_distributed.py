@@ -81,3 +81,12 @@ def test_fsdp_is_refused_before_any_work(pruned, tmp_path, monkeypatch, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "under FSDP is refused" in err[0]
     assert not list(tmp_path.iterdir())
+
+
+def test_only_the_main_process_writes(pruned, tmp_path, monkeypatch, data_dir):
+    """A process that is not rank 0 trains but leaves the output to the main process (no racing renames)."""
+    from hybridprune.finetune import FinetuneConfig, finetune_and_save
+    monkeypatch.setenv("RANK", "1")
+    config = FinetuneConfig(data="wikitext2", steps=1, batch_size=2, seqlen=32, max_examples=4, device="cpu")
+    res = finetune_and_save(str(pruned), config, tmp_path / "ft")
+    assert res["record"]["steps"] == 1 and not (tmp_path / "ft").exists()
