@@ -63,7 +63,7 @@ def test_finetune_keeps_zero_set(method, samples, tmp_path, monkeypatch):
     model = _pruned("llama", "unstructured", samples)
     masks = capture_masks(model)
     rows = [{"input_ids": s.tolist(), "labels": s.tolist()} for s in samples]
-    monkeypatch.setattr("hybridprune.finetune.build_dataset", lambda cfg, tok: rows)
+    monkeypatch.setattr("hybridprune.finetune.build_dataset", lambda cfg, tok, cache=None: rows)
     cfg = FinetuneConfig(method=method, steps=4, batch_size=2, lr=1e-2, logging_steps=1, save_steps=100)
     before = {n: m.weight.detach().clone() for n, m in prunable_matrices(model).items()}
     res = finetune(model, _Tok(), cfg, tmp_path / "work")

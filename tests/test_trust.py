@@ -221,7 +221,7 @@ def test_finetune_device_and_scheduler_reach_training(monkeypatch, samples, tmp_
     monkeypatch.setattr(transformers, "TrainingArguments", spy)
     from hybridprune.finetune import finetune
     rows = [{"input_ids": s.tolist(), "labels": s.tolist()} for s in samples]
-    monkeypatch.setattr("hybridprune.finetune.build_dataset", lambda cfg, tok: rows)
+    monkeypatch.setattr("hybridprune.finetune.build_dataset", lambda cfg, tok, cache=None: rows)
     model = tiny_model("llama")
     res = finetune(model, tiny_tokenizer(False), FinetuneConfig(steps=1, batch_size=2, device="cpu"), tmp_path / "w")
     assert seen["use_cpu"] is True and res["record"]["device"] == "cpu"

@@ -426,7 +426,9 @@ def prune(model: nn.Module, config: PruneConfig | None = None, tokenizer=None, s
     config = config or PruneConfig()
     start = time.perf_counter()
     if stream is None:
-        check_finite_weights(model)  # a stream checks each layer as it reads it
+        check_finite_weights(model)
+    else:
+        stream.check_finite_weights()  # reads one matrix at a time
     pruner = _Pruner(model, config, floors, stream)
     if not needs_calibration(config.method):
         bos = "no calibration"

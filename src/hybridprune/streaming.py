@@ -155,13 +155,19 @@ class LayerStream:
         self._free(self.outside)
         self.outside = []
 
+    def check_finite_weights(self) -> None:
+        """Refuse NaN/inf weights before any work, as the in-memory engine does: one matrix read at a time."""
+        for i, layer in enumerate(self.layers):
+            for name in models.find_linears(layer):
+                key = self.keys.get(f"{self.prefix}.{i}.{name}.weight")
+                w = self.reader.get([key])[key] if key else None
+                if w is not None and not torch.isfinite(w).all():
+                    raise HybridPruneError(f"{self.prefix}.{i}.{name} holds {int((~torch.isfinite(w)).sum())} "
+                                           "non-finite weights (NaN/inf); repair or re-download the checkpoint "
+                                           "before pruning")
+
     def load_layer(self, i: int, layer, device) -> None:
         self._loaded = self._load([n for n in self.keys if n.startswith(f"{self.prefix}.{i}.")], device)
-        for name, mod in models.find_linears(layer).items():
-            if not torch.isfinite(mod.weight).all():
-                bad = int((~torch.isfinite(mod.weight)).sum())
-                raise HybridPruneError(f"{self.prefix}.{i}.{name} holds {bad} non-finite weights (NaN/inf); repair "
-                                       "or re-download the checkpoint before pruning")
 
     @torch.no_grad()
     def release_layer(self, i: int, layer, write: bool) -> None:
