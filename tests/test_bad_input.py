@@ -86,11 +86,14 @@ def _nan_model(tmp_path, tiny_llama_dir):
     return folder
 
 
-@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
-def test_non_finite_weights_are_refused(method, tmp_path, tiny_llama_dir, capsys):
+@pytest.mark.parametrize("method,stream", [("wanda", "on"), ("sparsegpt", "on"), ("wanda", "off")])
+def test_non_finite_weights_are_refused(method, stream, tmp_path, tiny_llama_dir, capsys):
+    """Before any calibration data is read, layer-streamed or in memory."""
     folder = _nan_model(tmp_path, tiny_llama_dir)
+    (tmp_path / "empty").mkdir()  # a data folder without files: reading calibration text would fail first
     _refused(["prune", "--model", str(folder), "--method", method, "--nsamples", "2", "--seqlen", "16",
-              "--out", str(tmp_path / "o")], capsys, "model.layers.0.self_attn.q_proj holds 48 non-finite", tmp_path)
+              "--stream", stream, "--data-dir", str(tmp_path / "empty"), "--out", str(tmp_path / "o")],
+             capsys, "model.layers.0.self_attn.q_proj holds 48 non-finite", tmp_path)
 
 
 def test_non_finite_activations_name_the_layer(samples):

@@ -198,10 +198,13 @@ def _check_finite(batches, where: str) -> None:
 def check_finite_weights(model: nn.Module) -> None:
     """Refuse NaN/inf weights up front: their scores would silently leave later layers barely pruned."""
     for name, mod in models.prunable_matrices(model).items():
-        if not torch.isfinite(mod.weight).all():
-            bad = int((~torch.isfinite(mod.weight)).sum())
-            raise HybridPruneError(f"{name} holds {bad} non-finite weights (NaN/inf); repair or re-download the "
-                                   "checkpoint before pruning")
+        refuse_non_finite(name, mod.weight)
+
+
+def refuse_non_finite(name: str, weight: torch.Tensor) -> None:
+    if not torch.isfinite(weight).all():
+        raise HybridPruneError(f"{name} holds {int((~torch.isfinite(weight)).sum())} non-finite weights (NaN/inf); "
+                               "repair or re-download the checkpoint before pruning")
 
 
 def _layer_output(out):
