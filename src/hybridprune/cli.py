@@ -196,8 +196,7 @@ def cmd_prune(args):
 
 def _streams(args) -> bool:
     """Whether `prune` reads the model one layer at a time (--stream; see its help)."""
-    from .models import resolve_model
-    from .streaming import has_safetensors
+    from .streaming import streamable
     if args.stream not in ("auto", "on", "off"):
         raise HybridPruneError(f"unknown --stream {args.stream!r}; use auto, on or off")
     if args.stream == "off":
@@ -206,8 +205,7 @@ def _streams(args) -> bool:
         if args.stream == "on":
             raise HybridPruneError("--compare-ppl needs the whole model in memory; drop it, or use --stream off")
         return False
-    path = Path(resolve_model(args.model)[0])
-    if path.is_dir() and has_safetensors(path):
+    if streamable(args.model):
         return True
     if args.stream == "on":
         raise HybridPruneError(f"--stream on needs a local folder of safetensors weights; {args.model} is not one "

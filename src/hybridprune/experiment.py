@@ -341,10 +341,9 @@ def _run_stage(stage: Stage, recipe: Recipe, device: str | None, loaded: dict) -
     from . import models
     from .engine import PruneConfig, prune, save_pruned
     if stage.kind == "prune":
-        from .streaming import has_safetensors, prune_streamed
+        from .streaming import prune_streamed, streamable
         config = PruneConfig(**stage.spec["config"], device=device)
-        folder = Path(models.resolve_model(stage.spec["model"])[0])
-        if folder.is_dir() and has_safetensors(folder):  # as `prune` does: one layer in memory at a time
+        if streamable(stage.spec["model"]):  # as `prune` does: one layer in memory at a time
             prune_streamed(stage.spec["model"], config, stage.path, overwrite=True, dtype=stage.spec["dtype"])
             return
         model, tok = models.load_model(stage.spec["model"], dtype=stage.spec["dtype"])

@@ -342,18 +342,25 @@ def read_record(path: str | Path) -> dict | None:
 # ----------------------------------------------------------------------------- sparsity
 
 @torch.no_grad()
+def layer_sparsity(name: str, layer: nn.Module) -> dict:
+    """Zeros per prunable matrix of one decoder layer (an entry of sparsity_report's "layers")."""
+    mats, lz, ln = {}, 0, 0
+    for mname, mod in find_linears(layer).items():
+        w = weight_matrix(mod)
+        z = int((w == 0).sum())
+        mats[mname] = {"shape": list(w.shape), "zeros": z, "sparsity": z / w.numel()}
+        lz, ln = lz + z, ln + w.numel()
+    return {"layer": name, "sparsity": lz / max(ln, 1), "matrices": mats}
+
+
+def summarize_sparsity(per_layer: list[dict]) -> dict:
+    """The whole-model report from per-layer entries."""
+    zeros = sum(m["zeros"] for r in per_layer for m in r["matrices"].values())
+    total = sum(m["shape"][0] * m["shape"][1] for r in per_layer for m in r["matrices"].values())
+    return {"overall": zeros / max(total, 1), "prunable_params": total, "zeros": zeros, "layers": per_layer}
+
+
 def sparsity_report(model: nn.Module) -> dict:
     """Fraction of zeros per matrix, per layer and overall (prunable matrices only)."""
     prefix, layers = find_decoder_layers(model)
-    per_layer, total_zero, total = [], 0, 0
-    for i, layer in enumerate(layers):
-        mats, lz, ln = {}, 0, 0
-        for name, mod in find_linears(layer).items():
-            w = weight_matrix(mod)
-            z = int((w == 0).sum())
-            mats[name] = {"shape": list(w.shape), "zeros": z, "sparsity": z / w.numel()}
-            lz, ln = lz + z, ln + w.numel()
-        per_layer.append({"layer": f"{prefix}.{i}", "sparsity": lz / max(ln, 1), "matrices": mats})
-        total_zero, total = total_zero + lz, total + ln
-    return {"overall": total_zero / max(total, 1), "prunable_params": total, "zeros": total_zero,
-            "layers": per_layer}
+    return summarize_sparsity([layer_sparsity(f"{prefix}.{i}", layer) for i, layer in enumerate(layers)])

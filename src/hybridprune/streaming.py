@@ -23,11 +23,18 @@ from . import models
 from .errors import HybridPruneError
 
 INDEX = "model.safetensors.index.json"
+_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2}
 
 
 def has_safetensors(folder) -> bool:
     folder = Path(folder)
     return (folder / INDEX).is_file() or (folder / "model.safetensors").is_file()
+
+
+def streamable(spec: str) -> bool:
+    """Whether the model spec resolves to a local folder of safetensors, which prune reads layer by layer."""
+    path = Path(models.resolve_model(spec)[0])
+    return path.is_dir() and has_safetensors(path)
 
 
 class ShardReader:
@@ -54,12 +61,10 @@ class ShardReader:
                 for k in f.keys():
                     if self.where.get(k) == file:
                         sl = f.get_slice(k)
-                        dtype = getattr(torch, {"F32": "float32", "F16": "float16", "BF16": "bfloat16",
-                                                "F64": "float64"}.get(sl.get_dtype(), "uint8"))
                         n = 1
                         for d in sl.get_shape():
                             n *= d
-                        self.meta[k] = (sl.get_dtype(), n * torch.tensor([], dtype=dtype).element_size())
+                        self.meta[k] = (sl.get_dtype(), n * _BYTES.get(sl.get_dtype(), 1))
 
     def get(self, keys) -> dict[str, torch.Tensor]:
         from safetensors import safe_open
@@ -177,13 +182,7 @@ class LayerStream:
             for k, t in tensors.items():
                 self.weight_map[k] = self._shard(i)
                 self.total_size += t.numel() * t.element_size()
-            mats, lz, ln = {}, 0, 0
-            for name, mod in models.find_linears(layer).items():
-                w = models.weight_matrix(mod)
-                z = int((w == 0).sum())
-                mats[name] = {"shape": list(w.shape), "zeros": z, "sparsity": z / w.numel()}
-                lz, ln = lz + z, ln + w.numel()
-            self.report[i] = {"layer": f"{self.prefix}.{i}", "sparsity": lz / max(ln, 1), "matrices": mats}
+            self.report[i] = models.layer_sparsity(f"{self.prefix}.{i}", layer)
         self._free(self._loaded)
         self._loaded = []
         _trim_heap()
@@ -204,9 +203,7 @@ class LayerStream:
                                                   "weight_map": dict(sorted(self.weight_map.items()))}, indent=2))
         if any(r is None for r in self.report):
             raise HybridPruneError("internal: a decoder layer was never written")
-        zeros = sum(m["zeros"] for r in self.report for m in r["matrices"].values())
-        total = sum(m["shape"][0] * m["shape"][1] for r in self.report for m in r["matrices"].values())
-        return {"overall": zeros / max(total, 1), "prunable_params": total, "zeros": zeros, "layers": self.report}
+        return models.summarize_sparsity(self.report)
 
 
 def empty_model(folder, dtype=None, trust_remote_code: bool = False):
