@@ -94,14 +94,39 @@ def test_boolq_equals_direct_loglikelihood(tiny_llama_dir, data_dir, tmp_path):
     assert len(rows) == 6 and all(r["task"] == "boolq" for r in rows)
 
 
+def test_generation_stops_row_by_row(default_tokenizer):
+    """A row is done once any stop string is in its generated text, whichever string it is; lm-eval's own
+    criteria wait until every row holds the same string, so a batch with one row ended by EOS and one by "\n"
+    kept decoding to max_gen_toks."""
+    from lm_eval.models.utils_hf import stop_sequences_criteria
+
+    from hybridprune.tasks import _StopPerRow
+    tok = default_tokenizer
+    stops = ["\n", tok.eos_token]
+    ctx, word, other = tok.encode("Answer:")[-1], tok.encode(" Paris")[0], tok.encode(" Rome")[0]
+    newline = tok.encode("\n", add_special_tokens=False)[0]
+    ids = torch.tensor([[newline, word, other],          # a newline in the prompt does not count
+                        [ctx, word, tok.eos_token_id],
+                        [ctx, word, newline]])
+    stop = _StopPerRow(tok, stops, start=1, rows=3)
+    assert stop(ids, None).tolist() == [False, True, True]
+    assert not any(c(ids, None) for c in stop_sequences_criteria(tok, stops, 1, 3))
+    later = torch.tensor([[word, word, newline], [word, word, word], [word, word, word]])
+    assert stop(torch.cat([ids, later], 1), None).tolist() == [True, True, True]  # out of sight, still done
+
+
 def test_fast_generation_equals_lm_evals_own_batching(tiny_llama_dir, data_dir, tmp_path, monkeypatch):
-    """Greedy generation with the static cache, its own batch width and length buckets gives lm-eval's plain
-    HFLM outputs; every batch holds prompts of alike length (at least SAME_LENGTH of its longest)."""
+    """Greedy generation with the static cache, its own batch width, length buckets and row-by-row stopping gives
+    lm-eval's plain HFLM outputs; every batch holds prompts of alike length (at least SAME_LENGTH of its longest),
+    and a batch whose rows all stopped ends before max_gen_toks."""
     from lm_eval.models.huggingface import HFLM
 
     from hybridprune import load_model, tasks
     model, tok = load_model(str(tiny_llama_dir))
-    batches, caches = [], []
+    newline = tok.encode("\n", add_special_tokens=False)[0]
+    with torch.no_grad():  # the random model then writes "\n" often, at different steps in different rows
+        model.get_output_embeddings().weight[newline] *= 3
+    batches, caches, generated = [], [], []
     plain_generate_until, plain_generate = HFLM.generate_until, model.generate
 
     def spy_batches(self, requests, disable_tqdm=False):
@@ -110,7 +135,9 @@ def test_fast_generation_equals_lm_evals_own_batching(tiny_llama_dir, data_dir, 
 
     def spy_generate(*args, **kwargs):
         caches.append(kwargs.get("cache_implementation"))
-        return plain_generate(*args, **kwargs)
+        out = plain_generate(*args, **kwargs)
+        generated.append(out.shape[1] - kwargs["input_ids"].shape[1])
+        return out
     monkeypatch.setattr(HFLM, "generate_until", spy_batches)
     monkeypatch.setattr(model, "generate", spy_generate)
 
@@ -118,8 +145,8 @@ def test_fast_generation_equals_lm_evals_own_batching(tiny_llama_dir, data_dir, 
         return [json.loads(line)["output"] for line in path.read_text().splitlines()]
     fast = tasks.evaluate_model(model, tok, ["squad"], limit=12, batch_size=2, generate_batch_size=4,
                                 samples_path=tmp_path / "fast.jsonl")
-    fast_batches, fast_caches = list(batches), list(caches)
-    batches.clear(), caches.clear()
+    fast_batches, fast_caches, fast_generated = list(batches), list(caches), list(generated)
+    batches.clear(), caches.clear(), generated.clear()
     monkeypatch.setattr(tasks, "_lm_class", lambda: HFLM)
     plain = tasks.evaluate_model(model, tok, ["squad"], limit=12, batch_size=2, samples_path=tmp_path / "plain.jsonl")
     assert outputs(tmp_path / "fast.jsonl") == outputs(tmp_path / "plain.jsonl")
@@ -127,3 +154,6 @@ def test_fast_generation_equals_lm_evals_own_batching(tiny_llama_dir, data_dir, 
     assert len(fast_batches) > 1 and sum(map(len, fast_batches)) == 12
     assert all(len(b) <= 4 and min(b) >= tasks.SAME_LENGTH * max(b) for b in fast_batches), fast_batches
     assert set(fast_caches) == {"static"} and set(caches) == {None}
+    answers = [o[0][0] for o in outputs(tmp_path / "fast.jsonl")]
+    assert len({len(a) for a in answers}) > 1, answers  # rows stopped at different steps
+    assert min(fast_generated) < 32, fast_generated  # ... and a batch ended once all its rows had

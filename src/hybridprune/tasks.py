@@ -255,8 +255,12 @@ def _lm_class():
     - its own batch size: decode steps are bound by reading the weights, so a wider batch is almost free per
       token, while log-likelihood batches hold full-vocabulary logits and stay at --batch-size;
     - batches of alike prompt lengths: requests sorted longest first are cut into batches whose prompts are all
-      at least SAME_LENGTH of the batch's longest, so a wide batch does not spend its time on left padding."""
+      at least SAME_LENGTH of the batch's longest, so a wide batch does not spend its time on left padding;
+    - stopping row by row (`_StopPerRow`): lm-eval's criteria say "done" only when *every* row holds the *same*
+      stop string, so one row that ended with EOS instead of "\n" kept its whole batch decoding to max_gen_toks."""
+    import torch
     from lm_eval.models.huggingface import HFLM
+    from transformers import StoppingCriteriaList
 
     class FastGenerateLM(HFLM):
         generate_batch_size = None
@@ -285,8 +289,38 @@ def _lm_class():
             if getattr(self.model, "_can_compile_fullgraph", False):
                 # no automatic torch.compile on GPU: batch shapes vary, and recompiling would cost more than it saves
                 generation_kwargs.update(cache_implementation="static", disable_compile=True)
-            return super()._model_generate(context, max_length, stop, **generation_kwargs)
+            # lm-eval's own sampling settings: temperature 0 means greedy, and is then dropped
+            if generation_kwargs.get("temperature", 0.0) == 0.0 and generation_kwargs.get("do_sample") is None:
+                generation_kwargs["do_sample"] = False
+            if generation_kwargs.get("do_sample") is False:
+                generation_kwargs.pop("temperature", None)
+            with torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
+                                enabled=self.mixed_precision_dtype is not None):
+                return self.model.generate(
+                    input_ids=context, max_length=max_length, pad_token_id=self.tokenizer.pad_token_id,
+                    stopping_criteria=StoppingCriteriaList(
+                        [_StopPerRow(self.tokenizer, stop, context.shape[1], context.shape[0])]),
+                    use_cache=True, **generation_kwargs)
     return FastGenerateLM
+
+
+class _StopPerRow:
+    """A row is done once any stop string appears in its generated text (decoded over the last few tokens, as
+    lm-eval looks); generate then pads that row and ends when all rows are done. The text lm-eval keeps is cut
+    at the first stop string, so what a done row would have generated next never reaches a result."""
+
+    def __init__(self, tokenizer, stops: list[str], start: int, rows: int):
+        self.tokenizer, self.stops, self.start = tokenizer, list(stops), start
+        # two tokens more than the longest stop string, as lm-eval: "\n\n" may come as two "\n" tokens
+        self.lookback = max((len(tokenizer.encode(s, add_special_tokens=False)) for s in stops), default=0) + 2
+        self.done = [False] * rows
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+        texts = self.tokenizer.batch_decode(input_ids[:, self.start:][:, -self.lookback:])
+        for i, text in enumerate(texts):
+            self.done[i] = self.done[i] or any(s in text for s in self.stops)
+        return torch.tensor(self.done, dtype=torch.bool, device=input_ids.device)
 
 
 @functools.lru_cache(maxsize=1)
