@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -438,14 +437,14 @@ def _ft_config(args, data):
 
 def cmd_finetune(args):
     from .data import data_dir
-    from .finetune import finetune_and_save
+    from .finetune import finetune_and_save, launch_state
     config = _ft_config(args, args.data)
     data_dir(args.data_dir)
     _check_out(args.out, args.overwrite)
     res = finetune_and_save(args.model, config, args.out, overwrite=args.overwrite, resume=args.resume,
                             dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     rec = res["record"]
-    if os.environ.get("RANK", "0") != "0":  # one of several processes (accelerate launch): the main one reports
+    if not launch_state().is_main:  # one of several processes (accelerate launch): the main one reports
         return
     print(f"fine-tuned {rec['examples']} examples for {config.steps} steps: loss {rec['first_loss']} -> "
           f"{rec['final_loss']:.4f}; {rec['zeros_preserved']:,} pruned weights still zero; saved to {args.out}")

@@ -255,7 +255,7 @@ def finetune(model, tokenizer, config: FinetuneConfig, work_dir, resume: bool = 
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from .engine import default_device
-    state = _launch_state()
+    state = launch_state()
     _refuse_fsdp(state)
     # launched on several processes, each one computes on its own device (accelerate's), set before the masks
     device = str(state.device) if state.processes > 1 else default_device(config.device)
@@ -324,10 +324,13 @@ def finetune(model, tokenizer, config: FinetuneConfig, work_dir, resume: bool = 
 class LaunchState:
     processes: int
     fsdp: bool
-    kind: str            # single | DDP | FSDP
     device: object
     is_main: bool
     barrier: object
+
+    @property
+    def kind(self) -> str:
+        return "single" if self.processes == 1 else ("FSDP" if self.fsdp else "DDP")
 
 
 def _refuse_fsdp(state: LaunchState) -> None:
@@ -338,20 +341,19 @@ def _refuse_fsdp(state: LaunchState) -> None:
                                "--use_fsdp (DDP: every process holds the whole model)")
 
 
-def _launch_state() -> LaunchState:
+def launch_state() -> LaunchState:
     """How this process was started: alone, or as one of several under `accelerate launch` / torchrun (which set
     WORLD_SIZE, RANK and LOCAL_RANK): DDP, or FSDP when accelerate's FSDP plugin is switched on."""
     import os
     processes = int(os.environ.get("WORLD_SIZE", "1"))
     fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
-    kind = "single" if processes == 1 else ("FSDP" if fsdp else "DDP")
     local = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device("cuda", local) if processes > 1 and torch.cuda.is_available() else torch.device("cpu")
 
     def barrier():
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.barrier()
-    return LaunchState(processes, fsdp, kind, device, int(os.environ.get("RANK", "0")) == 0, barrier)
+    return LaunchState(processes, fsdp, device, int(os.environ.get("RANK", "0")) == 0, barrier)
 
 
 def _tokens_per_second(dataset, config, out) -> float:
@@ -368,7 +370,8 @@ def finetune_and_save(model_spec: str, config: FinetuneConfig, out, overwrite=Fa
     out = Path(out)
     if out.exists() and not overwrite:
         raise HybridPruneError(f"output folder {out} exists; pass --overwrite or choose another --out")
-    _refuse_fsdp(_launch_state())  # before any weight is read
+    state = launch_state()
+    _refuse_fsdp(state)  # before any weight is read
     model, tok = models.load_model(model_spec, dtype=dtype, trust_remote_code=trust_remote_code)
     work = out.with_name(out.name + ".checkpoints")
     try:
@@ -377,7 +380,6 @@ def finetune_and_save(model_spec: str, config: FinetuneConfig, out, overwrite=Fa
         if work.is_dir() and not any(work.glob("checkpoint-*")):  # nothing to resume from: leave nothing behind
             shutil.rmtree(work, ignore_errors=True)
         raise
-    state = _launch_state()
     if not state.is_main:  # every process trained the same weights; the main one writes them
         state.barrier()
         return res

@@ -317,9 +317,10 @@ class _StopPerRow:
 
     def __call__(self, input_ids, scores, **kwargs):
         import torch
-        texts = self.tokenizer.batch_decode(input_ids[:, self.start:][:, -self.lookback:])
-        for i, text in enumerate(texts):
-            self.done[i] = self.done[i] or any(s in text for s in self.stops)
+        open_rows = [i for i, done in enumerate(self.done) if not done]  # a done row stays done: not decoded again
+        texts = self.tokenizer.batch_decode(input_ids[open_rows, self.start:][:, -self.lookback:])
+        for i, text in zip(open_rows, texts, strict=True):
+            self.done[i] = any(s in text for s in self.stops)
         return torch.tensor(self.done, dtype=torch.bool, device=input_ids.device)
 
 
