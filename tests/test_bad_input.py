@@ -320,3 +320,20 @@ def test_experts_without_calibration_tokens_are_reported(method, samples):
     assert res.uncalibrated == ["layers.0.experts.1", "layers.1.experts.1"]
     keep = config.build_pattern().keep(W0.abs())[0]  # magnitude in the method's comparison group
     assert torch.equal(model.layers[0].experts[1].weight, W0 * keep)  # and no reconstruction moved a weight
+
+
+def test_output_cut_short_by_its_reader_is_not_a_traceback(tmp_path):
+    """`hybridprune inspect out | head`: when the reader closes the pipe, the CLI stops quietly (no traceback),
+    with a non-zero status."""
+    import subprocess
+    import sys
+    code = ("import sys\nfrom hybridprune import cli\n"
+            "def long_report(args):\n    for i in range(200000): print('line', i)\n"
+            "cli.cmd_inspect = long_report\nsys.exit(cli.main(['inspect', sys.argv[1]]))\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "line 0\n"
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=60) == 1
+    assert "Traceback" not in err and "Exception ignored" not in err, err

@@ -592,6 +592,8 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("hybridprune: interrupted; nothing was written", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of our output went away (`hybridprune inspect out | head`): stop quietly
+        return 1
     return 0
 
 
