@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from hybridprune import experiment
+from hybridprune import experiment, report
+from hybridprune import recipe as recipe_mod
 from hybridprune.errors import HybridPruneError
 from hybridprune.stats import jaccard, mcnemar, paired_bootstrap
 
@@ -93,15 +94,16 @@ def test_whole_graph_runs_and_reports(finished):
     assert len(runs["exp1"]["tasks"]["wikitext2"]["per_example"]["nll"]) == 3
     pair = next(p for p in results["pairs"] if p["task"] == "boolq" and p["metric"] == "acc")
     assert "mcnemar_p" in pair and pair["n"] == 4
-    claim = results["claims"][0]["results"][0]
-    assert claim["status"] in ("supported", "refuted", "inconclusive") and claim["a"] == "exp1"
+    claim = results["claims"][0]["results"][0]  # 3 windows: an interval, but no verdict from so few units
+    assert claim["status"] == "too few to judge" and claim["a"] == "exp1" and claim["units"] == 3
     assert "wiki vs squad" in results["overlap"]["unstructured"]["pairs"]
     report = (out / "report.md").read_text()
     assert "## Paired differences" in report and "## Claims" in report and "## Mask overlap" in report
     assert (out / "plots" / "overlap-unstructured.png").stat().st_size > 1000
     assert (out / "plots" / "boolq-acc.png").is_file()
     rows = (out / "results.csv").read_text().splitlines()
-    assert rows[0] == "run,task,metric,value,stderr,n" and any(r.startswith("exp2,boolq,margin,") for r in rows)
+    assert rows[0] == "run,task,metric,seed,value,stderr,sd,n" and any(r.startswith("exp2,boolq,margin,0,")
+                                                                           for r in rows)
 
 
 def test_rerun_does_no_work(finished, monkeypatch):
@@ -172,9 +174,9 @@ def test_claims_are_judged_on_the_interval():
              {"task": "boolq", "metric": "acc", "a": "exp2", "b": "exp3", "diff": 0.01, "lo": -0.05, "hi": 0.07}]
 
     def judge(text):
-        m = experiment.CLAIM.match(text)
-        c = experiment.Claim(text, *m.groups(), line=1)
-        return experiment._judge(c, pairs, ["exp1", "exp2", "exp3"])["results"][0]
+        m = recipe_mod.CLAIM.match(text)
+        c = recipe_mod.Claim(text, *m.groups(), line=1)
+        return report._judge(c, pairs, ["exp1", "exp2", "exp3"])["results"][0]
     assert judge("exp2 > exp1 on squad.f1")["status"] == "supported"
     assert judge("exp2 > exp1 on squad.f1")["diff"] == 5.0
     assert judge("exp1 > exp2 on squad.f1")["status"] == "refuted"
@@ -218,6 +220,15 @@ def test_gold_nll_equals_a_hand_computation(default_tokenizer, data_dir):
     (("eval: {batch_size: 4}", "eval: {batch_size: 4, beam: 2}"), "line 17: unknown eval option 'beam'"),
     (("eval: {batch_size: 4}", "eval: {batch_size: 4, generate_batch_size: 0}"),
      "line 17: eval generate_batch_size must be a whole number >= 1"),
+    (("\ncalibration:\n", "\nseeds: []\ncalibration:\n"), "line 3: `seeds:` must be a non-empty list"),
+    (("\ncalibration:\n", "\nseeds: [0, 1.5]\ncalibration:\n"), "line 3: seed 1.5 is not a whole number"),
+    (("\ncalibration:\n", "\nseeds: [0, 1, 0]\ncalibration:\n"), "line 3: seed 0 is repeated"),
+    (("\ncalibration:\n", "\nseeds: 3\ncalibration:\n"), "line 3: `seeds:` must be a non-empty list"),
+    (("\ncalibration:\n", "\nseeds: [0, 1]\ncalibration:\n"), "line 2: give the seed in `seeds:` or in `prune:`"),
+    (("\ncalibration:\n", "\ndtype: float99\ncalibration:\n"), "line 3: unknown dtype 'float99'"),
+    (("boolq: {limit: 4}", "boolq: {limit: 4, sample: 8}"), "line 16: boolq: give limit"),
+    (("boolq: {limit: 4}", "boolq: {sample: 0}"), "line 16: boolq sample must be a whole number >= 1"),
+    (("eval: {batch_size: 4}", "eval: {batch_size: 4, sample_seed: -1}"), "line 17: eval sample_seed must be"),
 ])
 def test_bad_recipes_name_the_line(edit, match, tmp_path, capsys):
     from hybridprune.cli import main
@@ -229,6 +240,20 @@ def test_bad_recipes_name_the_line(edit, match, tmp_path, capsys):
     assert "Traceback" not in capsys.readouterr().err and not (tmp_path / "o").exists()
 
 
+def test_quick_also_checks_the_main_profile(tmp_path):
+    """A limit of 0 in the main profile is refused under --quick too (it would run for minutes there), and a
+    bad quick override names the quick profile."""
+    text = RECIPE.format(model="m", boolq_limit=0) + "quick:\n  tasks: {limit: 2}\n"
+    (tmp_path / "r.yaml").write_text(text)
+    with pytest.raises(HybridPruneError, match="line 16: boolq limit must be a whole number >= 1, got 0$"):
+        experiment.load_recipe(tmp_path / "r.yaml", quick=True)
+    text = RECIPE.format(model="m", boolq_limit=4) + "quick:\n  tasks: {limit: 0}\n"
+    (tmp_path / "r.yaml").write_text(text)
+    experiment.load_recipe(tmp_path / "r.yaml")  # the main profile is fine
+    with pytest.raises(HybridPruneError, match=r"boolq limit must be a whole number >= 1, got 0 \(quick profile\)"):
+        experiment.load_recipe(tmp_path / "r.yaml", quick=True)
+
+
 @pytest.mark.parametrize("quick", [False, True])
 def test_shipped_recipe_plans_the_study(quick, tmp_path):
     from pathlib import Path
@@ -237,8 +262,14 @@ def test_shipped_recipe_plans_the_study(quick, tmp_path):
     assert names == ["dense", "pruned-wiki", "pruned-squad", "pruned-mixed", "exp1", "exp2", "exp3", "mixture"]
     stages, by_run, pruned = experiment.plan(recipe, tmp_path)
     kinds = [s.kind for s in stages]
-    assert (kinds.count("prune"), kinds.count("finetune"), kinds.count("eval")) == (4, 4, 32)
-    assert by_run["exp1"]["_model"].input is by_run["exp3"]["_model"].input  # one pruned model for both
-    assert by_run["exp2"]["squad"].key != by_run["exp3"]["squad"].key
+    # full: 3 calibrations x 3 seeds + magnitude; 4 fine-tunings x 3 seeds; dense once + 7 runs x 3 seeds, 4 tasks
+    assert (kinds.count("prune"), kinds.count("finetune"), kinds.count("eval")) == \
+        ((4, 4, 32) if quick else (10, 12, 4 + 7 * 3 * 4))
+    assert recipe.seeds == ([0] if quick else [0, 1, 2])
+    for seed in recipe.seeds:
+        assert by_run["exp1"][seed]["_model"].input is by_run["exp3"][seed]["_model"].input  # one pruned model
+        assert by_run["exp2"][seed]["squad"].key != by_run["exp3"][seed]["squad"].key
+        assert by_run["dense"][seed]["squad"] is by_run["dense"][0]["squad"]
+    assert recipe.tasks["squad"] == ({"limit": 4} if quick else {"sample": 96})
     assert {c.a for c in recipe.claims} <= set(names) and len(recipe.claims) == 8
     assert recipe.prune["nsamples"] == (2 if quick else 32)

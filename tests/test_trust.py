@@ -42,7 +42,9 @@ def test_perplexity_windows_follow_the_bos_policy(adds_bos, data_dir):
     tok = tiny_tokenizer(adds_bos)
     model = tiny_model("llama")
     seen = []
-    model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["input_ids"].clone()), with_kwargs=True)
+    # what the embedding reads (OutputHead's one-time check of 8 tokens aside)
+    model.get_input_embeddings().register_forward_pre_hook(
+        lambda m, a: seen.append(a[0].clone()) if a[0].shape[1] == 16 else None)
     res = perplexity(model, tok, seqlen=16, max_windows=3, data_dir_path=data_dir)
     windows = torch.cat(seen)
     text = text_ids(tok, wikitext2_text("test", data_dir), "always")  # the text without special tokens

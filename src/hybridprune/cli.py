@@ -165,6 +165,9 @@ def cmd_prune(args):
     from .evaluate import perplexity
 
     config = _config(args)
+    if args.compare_ppl:
+        from .evaluate import check_ppl_args
+        check_ppl_args(args.ppl_seqlen, args.max_windows)
     _check_out(args.out, args.overwrite)
     data_dir(args.data_dir)
     _check_context(args, args.model, seqlen=args.seqlen, ppl_seqlen=args.ppl_seqlen if args.compare_ppl else None)
@@ -228,12 +231,12 @@ def cmd_ppl(args):
     from .evaluate import perplexity
     from .models import read_record
 
+    from .evaluate import check_ppl_args
+    check_ppl_args(args.seqlen, args.max_windows, args.batch_size)
     data_dir(args.data_dir)
     _check_device(args)
+    _check_context(args, args.model, seqlen=args.seqlen)  # a missing model is refused before --out's folder is made
     _out_file(args.out)
-    if args.batch_size < 1:
-        raise HybridPruneError(f"--batch-size must be >= 1, got {args.batch_size}")
-    _check_context(args, args.model, seqlen=args.seqlen)
     model, tok = _load(args, args.model)
     res = perplexity(model, tok, seqlen=args.seqlen, max_windows=args.max_windows, batch_size=args.batch_size,
                      data_dir_path=args.data_dir, bos=args.bos)
@@ -250,23 +253,29 @@ def _eval_one(args, spec):
     from .tasks import evaluate_model, parse_tasks
     tasks = parse_tasks(args.tasks)
     model, tok = _load(args, spec)
-    results = evaluate_model(model, tok, tasks, limit=args.limit, seed=args.seed, batch_size=args.batch_size,
+    results = evaluate_model(model, tok, tasks, limit=args.limit, sample=args.sample, sample_seed=args.sample_seed,
+                             seed=args.seed, batch_size=args.batch_size,
                              num_fewshot=args.num_fewshot, gsm8k_mode=args.gsm8k_mode,
                              chat_template=args.chat_template, data_dir_path=args.data_dir,
                              ppl_seqlen=args.ppl_seqlen, ppl_windows=args.ppl_windows,
                              samples_path=getattr(args, "samples_file", None), fewshot_seed=args.fewshot_seed,
                              bos=args.bos, generate_batch_size=args.generate_batch_size)
     record = read_record(spec) if Path(spec).is_dir() else None
-    return {"model": spec, "hybridprune": record, "limit": args.limit, "seed": args.seed,
+    return {"model": spec, "hybridprune": record, "limit": args.limit, "sample": args.sample,
+            "sample_seed": args.sample_seed if args.sample else None, "seed": args.seed,
             "fewshot_seed": args.fewshot_seed, "tasks": results}
 
 
 def _check_eval_args(args):
     from .data import check_bos, data_dir
     from .tasks import parse_tasks
+    from .tasks import check_eval_args
     parse_tasks(args.tasks)
-    if args.limit is not None and args.limit < 1:
-        raise HybridPruneError(f"--limit must be >= 1, got {args.limit}")
+    if hasattr(args, "models") and len(args.models) < 2:
+        raise HybridPruneError("compare needs two or more models or results files; to see one model's numbers "
+                               "use `hybridprune eval`")
+    check_eval_args(limit=args.limit, sample=args.sample, batch_size=args.batch_size,
+                    generate_batch_size=args.generate_batch_size, windows=args.ppl_windows)
     if args.num_fewshot is not None and args.num_fewshot < 0:
         raise HybridPruneError(f"--num-fewshot must be >= 0, got {args.num_fewshot}")
     check_bos(args.bos)
@@ -323,7 +332,7 @@ def cmd_compare(args):
     print(f"wrote {out / 'compare.md'}, {out / 'compare.json'}, {out / 'compare.png'}")
 
 
-SETTINGS = ("n", "num_fewshot", "fewshot_seed", "mode", "split", "bos", "prompt")
+SETTINGS = ("n", "num_fewshot", "fewshot_seed", "mode", "split", "bos", "prompt", "doc_ids")
 
 
 def _check_same_settings(runs, specs):
@@ -372,6 +381,11 @@ def _add_out_args(p, resume_help):
 def _add_eval_args(p):
     p.add_argument("--tasks", default="wikitext2,squad,gsm8k,boolq", help="comma-separated: wikitext2,squad,gsm8k,boolq")
     p.add_argument("--limit", type=int, default=None, help="first N examples of each task (deterministic)")
+    p.add_argument("--sample", type=int, default=None, metavar="N",
+                   help="instead of --limit: a seeded subset of N examples of each task spread over its articles / "
+                        "passages (SQuAD: at most 2 questions of a paragraph, articles in turn)")
+    p.add_argument("--sample-seed", type=int, default=0, help="seed of --sample (default 0; the same examples for "
+                                                                 "every model)")
     p.add_argument("--seed", type=int, default=0, help="seed of random sampling in lm-eval (default 0)")
     p.add_argument("--fewshot-seed", type=int, default=1234,
                    help="seed of the few-shot exemplar sampler (default 1234, lm-eval's: the stock tasks' prompts)")

@@ -173,28 +173,87 @@ def parse_tasks(text: str) -> list[str]:
     return names
 
 
+# ----------------------------------------------------------------------------- which examples
+
+# Examples that share a passage are not independent units: SQuAD questions on one paragraph, BoolQ questions on
+# one passage. (stratum, cluster) fields per task; a seeded sample spreads over strata (SQuAD articles) and
+# takes at most PER_CLUSTER examples of a cluster; the paired bootstrap resamples clusters.
+UNITS = {"squad": ("title", "context"), "boolq": (None, "passage"), "gsm8k": (None, None)}
+PER_CLUSTER = 2
+
+
+def task_rows(name: str, root=None) -> list[dict]:
+    """The evaluated split of a task, in lm-eval's document order."""
+    if name == "squad":
+        return squad_examples("eval", root)
+    if name == "boolq":
+        return boolq_examples("validation", root)
+    if name == "gsm8k":
+        return gsm8k_examples("test", root)
+    raise HybridPruneError(f"unknown task {name!r}; use any of: {', '.join(TASKS)}")
+
+
+def _unit_keys(name: str, rows: list[dict]) -> tuple[list, list]:
+    stratum_key, cluster_key = UNITS[name]
+    clusters = [r[cluster_key] if cluster_key else i for i, r in enumerate(rows)]
+    strata = [r[stratum_key] if stratum_key else c for r, c in zip(rows, clusters)]
+    return strata, clusters
+
+
+def spread_sample(name: str, rows: list[dict], n: int, seed: int = 0) -> list[int]:
+    """n document indices (sorted), the same for a given seed: strata (articles) in a seeded order take turns, each
+    turn adding one not yet used cluster (paragraph or passage) of that stratum with at most PER_CLUSTER of its
+    examples, so the sample is spread over the whole split instead of being its first article."""
+    import random
+    rng = random.Random(seed)
+    strata, clusters = _unit_keys(name, rows)
+    tree: dict = {}
+    for i, (s, c) in enumerate(zip(strata, clusters)):
+        tree.setdefault(s, {}).setdefault(c, []).append(i)
+    queues = []
+    for s in sorted(tree, key=str):
+        cl = [sorted(v) for _, v in sorted(tree[s].items(), key=lambda kv: kv[1][0])]
+        rng.shuffle(cl)
+        for members in cl:
+            rng.shuffle(members)
+        queues.append([m[:PER_CLUSTER] for m in cl])
+    rng.shuffle(queues)
+    chosen: list[int] = []
+    while len(chosen) < n and any(queues):
+        for q in queues:
+            if q and len(chosen) < n:
+                chosen.extend(q.pop(0)[: n - len(chosen)])
+    return sorted(chosen)
+
+
+def cluster_ids(name: str, rows: list[dict], indices: list[int]) -> list[int]:
+    """For each selected document, the number of its cluster (first appearance order): equal numbers move
+    together in the bootstrap."""
+    _, clusters = _unit_keys(name, rows)
+    numbering: dict = {}
+    return [numbering.setdefault(clusters[i], len(numbering)) for i in indices]
+
+
 # ----------------------------------------------------------------------------- running
 
 def evaluate_model(model, tokenizer, tasks: list[str], limit: int | None = None, seed: int = 0, batch_size: int = 8,
                    num_fewshot: int | None = None, gsm8k_mode: str = "fewshot", chat_template: bool = False,
                    data_dir_path=None, ppl_seqlen: int = 2048, ppl_windows: int | None = None,
                    samples_path=None, fewshot_seed: int = LM_EVAL_FEWSHOT_SEED, bos: str = "auto",
-                   generate_batch_size: int | None = None) -> dict:
+                   generate_batch_size: int | None = None, sample: int | None = None, sample_seed: int = 0) -> dict:
     """Run the tasks on an in-memory model; returns {task: {metric: value, metric_stderr: ..., n, split, prompt}}.
 
     seed seeds sampling (none of these tasks samples); fewshot_seed picks the exemplars (lm-eval's default);
     bos: whether every prompt starts with BOS (data.resolve_bos; auto asks the tokenizer).
     batch_size: log-likelihood requests (their logits are batch x length x vocab); generate_batch_size: greedy
     generation (default batch_size), which keeps only the last position's logits and gains most from width.
+    sample: a seeded subset of each task's split spread over its articles/passages (spread_sample, seed
+    sample_seed), instead of lm-eval's first `limit` examples. Every entry records its `doc_ids` and `clusters`.
     """
     from .data import resolve_bos
     from .evaluate import perplexity
 
-    if limit is not None and limit < 1:
-        raise HybridPruneError(f"--limit must be >= 1, got {limit}")
-    for flag, value in (("--batch-size", batch_size), ("--generate-batch-size", generate_batch_size)):
-        if value is not None and (not isinstance(value, int) or value < 1):
-            raise HybridPruneError(f"{flag} must be a whole number >= 1, got {value}")
+    check_eval_args(limit=limit, sample=sample, batch_size=batch_size, generate_batch_size=generate_batch_size)
     if not hasattr(model, "generate") and any(t in ("gsm8k", "squad") for t in tasks):
         raise HybridPruneError(f"{type(model).__name__} cannot generate; gsm8k and squad need a causal LM")
     configs = {t: task_config(t, data_dir_path, num_fewshot, gsm8k_mode) for t in tasks if t != "wikitext2"}
@@ -204,6 +263,7 @@ def evaluate_model(model, tokenizer, tasks: list[str], limit: int | None = None,
         ppl = perplexity(model, tokenizer, seqlen=ppl_seqlen, max_windows=ppl_windows, data_dir_path=data_dir_path,
                          bos=bos)
         results["wikitext2"] = {"ppl": ppl["ppl"], "n": ppl["windows"], "split": "test", "bos": bos,
+                                "clusters": list(range(ppl["windows"])),
                                 "prompt": f"rows joined with blank lines, windows of {ppl_seqlen} tokens",
                                 "per_example": {"nll": ppl["window_nll"]}}
     if not configs:
@@ -216,15 +276,25 @@ def evaluate_model(model, tokenizer, tasks: list[str], limit: int | None = None,
     lm.generate_batch_size = generate_batch_size or batch_size
     from .models import input_device
     lm._device = input_device(model)  # a model offloaded by accelerate reports the meta device as its own
+    root = data_dir(data_dir_path)
+    rows = {name: task_rows(name, root) for name in configs}
+    if sample is not None:
+        docs = {name: spread_sample(name, rows[name], sample, sample_seed) for name in configs}
+    else:
+        docs = {name: list(range(min(limit or len(r), len(r)))) for name, r in rows.items()}
     out = simple_evaluate(model=lm, tasks=[{k: v for k, v in c.items() if not k.startswith("_")}
                                            for c in configs.values()], task_manager=_task_manager(),
-                          limit=limit, log_samples=True, random_seed=seed, numpy_random_seed=seed,
-                          torch_random_seed=seed, fewshot_random_seed=fewshot_seed, apply_chat_template=chat_template)
+                          limit=None if sample is not None else limit, log_samples=True,
+                          samples={configs[n]["task"]: d for n, d in docs.items()} if sample is not None else None,
+                          random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=fewshot_seed, apply_chat_template=chat_template)
     for name, cfg in configs.items():
         raw = out["results"][cfg["task"]]
         entry = {"n": raw.get("sample_len", out["n-samples"][cfg["task"]]["effective"]), "split": cfg["_split"],
                  "prompt": cfg["_prompt"], "num_fewshot": cfg["num_fewshot"], "fewshot_seed": fewshot_seed,
                  "bos": bos}
+        entry.update(doc_ids=docs[name], clusters=cluster_ids(name, rows[name], docs[name]),
+                     selection=f"seeded sample of {sample} spread over {UNITS[name][0] or 'the split'}, seed "
+                               f"{sample_seed}" if sample is not None else f"first {len(docs[name])}")
         if "_mode" in cfg:
             entry["mode"] = cfg["_mode"] + (" (chat template)" if chat_template else "")
         for key, value in raw.items():
@@ -246,6 +316,18 @@ def evaluate_model(model, tokenizer, tasks: list[str], limit: int | None = None,
     return results
 
 
+def check_eval_args(limit=None, sample=None, batch_size=8, generate_batch_size=None, windows=None,
+                    windows_flag: str = "--ppl-windows") -> None:
+    """Evaluation options, checked before any model is read (the CLI and recipes call this too)."""
+    for flag, value, low in (("--limit", limit, 1), ("--sample", sample, 1), ("--batch-size", batch_size, 1),
+                             ("--generate-batch-size", generate_batch_size, 1), (windows_flag, windows, 1)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low):
+            raise HybridPruneError(f"{flag} must be a whole number >= {low}, got {value!r}")
+    if limit is not None and sample is not None:
+        raise HybridPruneError("--limit (the first N examples) and --sample (a spread-out seeded subset) exclude "
+                               "each other; give one")
+
+
 @functools.lru_cache(maxsize=1)
 def _lm_class():
     """lm-eval's HFLM with two speed-ups for greedy generation that leave its outputs unchanged:
@@ -257,13 +339,49 @@ def _lm_class():
     - batches of alike prompt lengths: requests sorted longest first are cut into batches whose prompts are all
       at least SAME_LENGTH of the batch's longest, so a wide batch does not spend its time on left padding;
     - stopping row by row (`_StopPerRow`): lm-eval's criteria say "done" only when *every* row holds the *same*
-      stop string, so one row that ended with EOS instead of "\n" kept its whole batch decoding to max_gen_toks."""
+      stop string, so one row that ended with EOS instead of "\n" kept its whole batch decoding to max_gen_toks;
+    - log-likelihoods from the continuation's positions only, a few at a time (evaluate.OutputHead): lm-eval
+      takes the log-softmax of batch x length x vocabulary logits (a GSM8K gold-answer batch of 16 x 1,300
+      tokens is 4 GB at a 49k vocabulary). Same sums and greedy flags, same order, truncation and padding."""
     import torch
     from lm_eval.models.huggingface import HFLM
     from transformers import StoppingCriteriaList
 
     class FastGenerateLM(HFLM):
         generate_batch_size = None
+
+        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
+            from .evaluate import TOKENS_PER_PASS, OutputHead
+            head = OutputHead(self.model)
+            # longest first, as lm-eval's Collator, so a batch's padding is small; results in request order
+            order = sorted(range(len(requests)), key=lambda i: -len(requests[i][1]) - len(requests[i][2]))
+            width = override_bs or self.batch_size_per_gpu
+            batches: list[list[int]] = []  # at most `width` rows and TOKENS_PER_PASS padded tokens each
+            def padded(i):  # the batch's input length when request i is its longest
+                return min(len(requests[i][1]) + len(requests[i][2]) - 1, self.max_length)
+            for i in order:
+                if not batches or len(batches[-1]) >= width or \
+                        (len(batches[-1]) + 1) * padded(batches[-1][0]) > TOKENS_PER_PASS:
+                    batches.append([])
+                batches[-1].append(i)
+            out: list = [None] * len(requests)
+            with torch.no_grad():
+                for batch in batches:
+                    # too long for the context: truncate from the left, as lm-eval; the last token is not an input
+                    inps = [(requests[i][1] + requests[i][2])[-(self.max_length + 1):][:-1] for i in batch]
+                    ids = torch.zeros(len(batch), max(map(len, inps)), dtype=torch.long)
+                    for row, inp in enumerate(inps):  # right padding: causal attention never sees it
+                        ids[row, :len(inp)] = torch.tensor(inp)
+                    hidden = head.hidden(ids.to(self.device))
+                    for row, i in enumerate(batch):
+                        cont = requests[i][2]
+                        h = hidden[row, len(inps[row]) - len(cont):len(inps[row])]
+                        lp, greedy = head.token_logprobs(h, torch.tensor(cont), greedy=True)
+                        out[i] = (float(lp.double().sum()), bool(greedy.all()))
+                        if requests[i][0] is not None:
+                            self.cache_hook.add_partial("loglikelihood", requests[i][0], out[i])
+                    del hidden
+            return out
 
         def generate_until(self, requests, disable_tqdm: bool = False):
             width = self.generate_batch_size or self.batch_size_per_gpu
