@@ -7,7 +7,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from .errors import HybridPruneError
@@ -88,6 +90,8 @@ def _tiers(text):
 
 
 def _check_out(out, overwrite):
+    from .models import check_out_path
+    check_out_path(out)
     if Path(out).exists() and not overwrite:
         raise HybridPruneError(f"output folder {out} exists; pass --overwrite or choose another --out")
 
@@ -141,6 +145,24 @@ def _check_context(args, spec, **seqlens):
                                    f"use --{flag.replace('_', '-')} {min(2048, ctx)} or less")
 
 
+def _check_calibration_memory(args, config):
+    """The engine keeps every calibration sample's hidden states at the current layer's input and output
+    (nsamples x seqlen x hidden, twice); refuse, before loading, what cannot fit in the memory available."""
+    from .models import available_memory, model_config
+    from .scoring import needs_calibration
+    hidden = getattr(model_config(args.model, args.trust_remote_code), "hidden_size", None)
+    free = available_memory()
+    if not needs_calibration(config.method) or not isinstance(hidden, int) or not free:
+        return
+    elem = 2 if args.dtype in ("bfloat16", "bf16", "float16", "fp16") else 4
+    need = 2 * config.nsamples * config.seqlen * hidden * elem
+    if need > 0.8 * free:
+        raise HybridPruneError(f"--nsamples {config.nsamples} x --seqlen {config.seqlen} holds about "
+                               f"{need / 2**30:.1f} GiB of layer activations (hidden size {hidden}), more than the "
+                               f"{free / 2**30:.1f} GiB this machine has available; use fewer --nsamples or a shorter "
+                               f"--seqlen (the papers use 128 x 2048)")
+
+
 def _check_device(args):
     from .engine import default_device
     if args.device:
@@ -171,6 +193,7 @@ def cmd_prune(args):
     _check_out(args.out, args.overwrite)
     data_dir(args.data_dir)
     _check_context(args, args.model, seqlen=args.seqlen, ppl_seqlen=args.ppl_seqlen if args.compare_ppl else None)
+    _check_calibration_memory(args, config)
     if _streams(args):
         from .streaming import prune_streamed
         result, out = prune_streamed(args.model, config, args.out, overwrite=args.overwrite, dtype=args.dtype,
@@ -598,6 +621,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminated) if main_thread else None  # as Ctrl-C: temporaries go
     try:
         args.func(args)
     except HybridPruneError as e:
@@ -608,7 +633,14 @@ def main(argv=None) -> int:
         return 130
     except BrokenPipeError:  # the reader of our output went away (`hybridprune inspect out | head`): stop quietly
         return 1
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _terminated(signum, frame):
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ Offline fallbacks (the data directory has no WikiText-2 train and no SQuAD train
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 from functools import lru_cache
@@ -270,7 +271,7 @@ def parse_calib(spec: str) -> list[tuple[str, float]]:
             weight = float(w)
         except ValueError:
             raise HybridPruneError(f"bad mixture item {item!r}; write mixed:wikitext2=0.5,squad=0.5") from None
-        if name not in CALIB_SOURCES or weight < 0:
+        if name not in CALIB_SOURCES or not math.isfinite(weight) or weight < 0:
             raise HybridPruneError(f"bad mixture item {item!r}; sources: {', '.join(CALIB_SOURCES)}, weights >= 0")
         parts.append((name, weight))
     if abs(sum(w for _, w in parts) - 1) > 1e-6:

@@ -16,6 +16,7 @@ Memory: one layer on the device, plus the calibration activations (nsamples x se
 from __future__ import annotations
 
 import math
+import re
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -80,8 +81,7 @@ class PruneConfig:
             raise HybridPruneError(f"unknown --squad-format {self.squad_format!r}; use one of: "
                                    f"{', '.join(SQUAD_FORMATS)}")
         check_bos(self.bos)
-        if needs_calibration(self.method):
-            parse_calib(self.calib)
+        parse_calib(self.calib)  # magnitude reads none, but records it: a typo is refused all the same
         default_device(self.device)
         self.skip = tuple(self.skip or ())
         pattern = self.build_pattern()
@@ -142,6 +142,8 @@ class _StopForward(Exception):
 
 def default_device(device: str | None) -> str:
     if device:
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+            raise HybridPruneError(f"unknown --device {device!r}; use cpu, cuda or cuda:N")
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise HybridPruneError(f"--device {device} asked for, but no CUDA device is available; use --device cpu")
         return device
@@ -283,6 +285,18 @@ class _Pruner:
         self.refit = config.refit_steps()
         self.skipped: list[str] = []
         self.uncalibrated: list[str] = []
+
+    def check_skip(self) -> None:
+        """Every --skip pattern must match a matrix: a typo would otherwise prune everything, recorded as skipping
+        nothing. The error names the closest names."""
+        import difflib
+        names = [f"{self.prefix}.{i}.{n}" for i, layer in enumerate(self.layers) for n in models.find_linears(layer)]
+        for pattern in self.config.skip:
+            if not any(models.name_matches(n, pattern) for n in names):
+                parts = sorted({c for n in names for c in n.split(".") if not c.isdigit()} | {"layers.0"})
+                close = difflib.get_close_matches(pattern, parts, n=3, cutoff=0.5) or parts[:5]
+                raise HybridPruneError(f"--skip {pattern!r} matches no prunable matrix; closest names: "
+                                       f"{', '.join(close)} (e.g. {names[0]})")
 
     def linears(self, i: int, layer: nn.Module) -> dict[str, nn.Module]:
         out = {}
@@ -433,6 +447,7 @@ def prune(model: nn.Module, config: PruneConfig | None = None, tokenizer=None, s
     else:
         stream.check_finite_weights()  # reads one matrix at a time
     pruner = _Pruner(model, config, floors, stream)
+    pruner.check_skip()
     if not needs_calibration(config.method):
         bos = "no calibration"
     else:

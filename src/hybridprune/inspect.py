@@ -37,10 +37,15 @@ def check_tiers(W: torch.Tensor, tiers: torch.Tensor, b: int, n: int, m: int, k:
             "bad_blocks": bad}
 
 
+TIER_TOLERANCE = 0.02  # tier counts are rounded per matrix (or layer) and edge blocks are smaller than 16 x 16
+
+
 def inspect_folder(folder, plot_dir=None, matrices=None) -> dict:
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise HybridPruneError(f"{folder} is not a saved model folder (no config.json)")
+    if plot_dir and Path(plot_dir).exists() and not Path(plot_dir).is_dir():
+        raise HybridPruneError(f"--plot {plot_dir} is a file; give a folder for the PNG pictures")
     model, _ = models.load_model(str(folder))
     report = models.sparsity_report(model)
     record = models.read_record(folder) or {}
@@ -82,6 +87,17 @@ def inspect_folder(folder, plot_dir=None, matrices=None) -> dict:
                                   f"(row,col) {blocks}")
         lines.append("blocks by tier: " + ", ".join(f"{t} {c}" for t, c in zip(TIER_NAMES, totals))
                      + f"; tier rules hold: {'yes' if ok else 'NO'}")
+        want = detail.get("sparsity")
+        if want is not None and detail.get("retention") is None:  # the adaptive rule has no fixed target
+            tiered = [models.weight_matrix(mats[n]) for n in tier_maps if n in mats and n not in skipped]
+            got = sum(int((W == 0).sum()) for W in tiered) / max(sum(W.numel() for W in tiered), 1)
+            if abs(got - want) > TIER_TOLERANCE:
+                violations.append(f"tiered matrices: measured sparsity {got:.4f}, but the recorded pattern "
+                                  f"({detail.get('tiers')}) gives {want:.4f}")
+    recorded = record.get("sparsity")
+    if recorded is not None and abs(recorded - report["overall"]) > 1e-4:
+        violations.append(f"measured sparsity {report['overall']:.4f} differs from the {recorded:.4f} recorded in "
+                          f"{models.RECORD_FILE}")
     lines.append(f"{'layer':<24}{'sparsity':>9}  matrices")
     for layer in report["layers"]:
         cells = " ".join(f"{n.split('.')[-1]}={v['sparsity']:.3f}" for n, v in layer["matrices"].items())

@@ -6,6 +6,7 @@ and prunable matrices as the Linear / Conv1D modules inside those layers (never 
 from __future__ import annotations
 
 import contextlib
+import errno
 import importlib.metadata
 import json
 import os
@@ -118,8 +119,8 @@ def _load_error(spec: str, e: Exception) -> HybridPruneError:
                             "(a truncated or corrupt model.safetensors must be re-saved or re-downloaded)")
 
 
-def model_context(spec: str, trust_remote_code: bool = False) -> int | None:
-    """The model's context length from its config alone (no weights loaded), or None if it does not say."""
+def model_config(spec: str, trust_remote_code: bool = False):
+    """The model's (text) config alone, no weights loaded; a failure is one line naming the model."""
     from transformers import AutoConfig
 
     path, _ = resolve_model(spec)
@@ -128,11 +129,27 @@ def model_context(spec: str, trust_remote_code: bool = False) -> int | None:
         cfg = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as e:  # any loading failure becomes one line naming the model (see load_model)
         raise _load_error(spec, e) from None
-    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+
+def model_context(spec: str, trust_remote_code: bool = False) -> int | None:
+    """The model's context length from its config alone (no weights loaded), or None if it does not say."""
+    cfg = model_config(spec, trust_remote_code)
     for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
         value = getattr(cfg, key, None)
         if isinstance(value, int) and value > 0:
             return value
+    return None
+
+
+def available_memory() -> int | None:
+    """Bytes this machine can still give (MemAvailable), None where /proc/meminfo does not say."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return None
 
 
@@ -271,7 +288,7 @@ def atomic_dir(dest: str | Path, overwrite: bool = False):
     The temporary is named after this process, so a later run can tell (and remove) one left by a killed run;
     the result gets the permissions of a folder made with the user's umask, not mkdtemp's private 0700.
     """
-    dest = Path(dest)
+    dest = check_out_path(dest)
     if dest.exists() and not overwrite:
         raise HybridPruneError(f"output folder {dest} exists; pass --overwrite or choose another --out")
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -284,20 +301,55 @@ def atomic_dir(dest: str | Path, overwrite: bool = False):
             old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
             dest.rename(old)
             tmp.rename(dest)
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
         else:
             tmp.rename(dest)
+    except Exception as e:
+        if disk_full(e):
+            raise HybridPruneError(f"no space left on the device while writing {dest}; free some space or choose "
+                                   "another --out (nothing was written)") from None
+        raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def check_out_path(dest: str | Path) -> Path:
+    """An output path must name something of its own: not `.`, `..` or a folder holding the current one."""
+    dest = Path(dest)
+    if dest.name in ("", ".", "..") or Path.cwd() == dest.resolve() or dest.resolve() in Path.cwd().parents:
+        raise HybridPruneError(f"--out {str(dest)!r} is the current folder or one above it; name a new folder, "
+                               "e.g. --out out/pruned")
+    return dest
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def disk_full(e: BaseException) -> bool:
+    """An OSError with ENOSPC, or a library's error that wraps one (safetensors: 'No space left on device')."""
+    return getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in str(e) or \
+        "StorageFull" in str(e)
+
+
 def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write a file through a temporary sibling and a rename: readers never see half a file."""
+    """Write a file through a temporary sibling and a rename: readers never see half a file, and a failed write
+    (a full disk) leaves nothing behind."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    tmp.replace(path)
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if disk_full(e):
+            raise HybridPruneError(f"no space left on the device while writing {path}; free some space or write "
+                                   "elsewhere (nothing was written)") from None
+        raise
 
 
 def versions() -> dict:

@@ -38,11 +38,19 @@ def load_schedule(path) -> list[tuple[float, float, float]]:
     rounds = data.get("rounds") if isinstance(data, dict) else data
     if not rounds:
         raise HybridPruneError(f"schedule {path} has no `rounds:` list")
+    if not isinstance(rounds, list) or not all(isinstance(r, (list, str)) for r in rounds):
+        raise HybridPruneError(f"schedule {path}: `rounds:` must be a list of [dense, nm, topk] triples, e.g. "
+                               f"[[0.5, 0.3, 0.2], [0.35, 0.45, 0.2]], got {rounds!r}")
     out = []
-    for r in rounds:
+    for i, r in enumerate(rounds, 1):
         tiers = parse_tiers(r.replace("/", ",") if isinstance(r, str) else tuple(r))
         TieredBlocks(tiers=tiers)  # validates the ratios
-        out.append(tuple(float(x) for x in tiers))
+        tiers = tuple(float(x) for x in tiers)
+        if out and (tiers[0] > out[-1][0] + 1e-9 or tiers[2] < out[-1][2] - 1e-9):
+            raise HybridPruneError(f"schedule {path}: round {i} {list(tiers)} moves blocks up the tiers after round "
+                                   f"{i - 1} {list(out[-1])}; blocks only move down, so the dense share may only "
+                                   "shrink and the top-k share only grow")
+        out.append(tiers)
     return out
 
 

@@ -42,6 +42,15 @@ class ShardReader:
     for each read and closed after it, so pages read from its memory map do not pile up in the process."""
 
     def __init__(self, folder):
+        try:
+            self._open(folder)
+        except HybridPruneError:
+            raise
+        except Exception as e:  # a truncated or corrupt shard: one line naming the folder and the cause
+            raise HybridPruneError(f"cannot read the safetensors weights of {folder}: "
+                                   f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+    def _open(self, folder):
         from safetensors import safe_open
         self.folder = Path(folder)
         if (self.folder / INDEX).is_file():
