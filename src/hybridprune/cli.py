@@ -28,7 +28,7 @@ def _add_model_args(p):
 
 def _add_pattern_args(p):
     g = p.add_argument_group("pattern")
-    g.add_argument("--method", default="wanda", help="magnitude | wanda | sparsegpt (default: wanda)")
+    g.add_argument("--method", default="wanda", help="magnitude | wanda | ria | sparsegpt (default: wanda)")
     g.add_argument("--pattern", default="unstructured",
                    help="unstructured | N:M such as 2:4 or 4:8 | three-tier | block | block-topk")
     g.add_argument("--sparsity", type=float, default=0.5, help="target sparsity for unstructured/block (default 0.5)")
@@ -46,7 +46,7 @@ def _add_pattern_args(p):
     t.add_argument("--tier-nm", default="2:4", help="N:M inside tier-2 blocks (default 2:4)")
     t.add_argument("--topk", type=int, default=15, help="weights kept in each tier-3 block (default 15)")
     t.add_argument("--tier-metric", default=None,
-                   help="picks weights inside tiers 2 and 3: wanda | sparsegpt | magnitude (default: the --method's "
+                   help="picks weights inside tiers 2 and 3: wanda | ria | sparsegpt | magnitude (default: the --method's "
                         "own score)")
     t.add_argument("--tier-scope", default="layer",
                    help="where blocks are ranked: layer (default) | matrix (original design) | model")
@@ -59,6 +59,21 @@ def _add_pattern_args(p):
                         "block patterns with --method wanda, 0 otherwise (unstructured/N:M stay as in the papers)")
     t.add_argument("--retention", type=float, default=None,
                    help="adaptive: an N:M candidate block stays dense if N:M keeps less than this share of its score")
+    o = p.add_argument_group("layer-wise sparsity")
+    o.add_argument("--layer-sparsity", default="uniform",
+                   help="uniform | owl: OWL (Yin et al. 2024) gives layers with more outliers a lower sparsity within "
+                        "[s - lambda, s + lambda] at the same overall sparsity; block patterns shift tier ratios")
+    o.add_argument("--owl-m", type=float, default=5.0, help="OWL: an outlier scores above M x its layer's mean (5)")
+    o.add_argument("--owl-lambda", type=float, default=0.08, help="OWL: the largest change of a layer's sparsity "
+                                                                   "(0.08)")
+    d = p.add_argument_group("mask refinement")
+    d.add_argument("--dsnot", action="store_true", help="DSnoT (Zhang et al. 2024): training-free prune-and-grow "
+                   "swaps that shrink each row's expected reconstruction error; sparsity and pattern rules stay exact")
+    d.add_argument("--dsnot-cycles", type=int, default=50, help="DSnoT: swaps per row at most (50)")
+    d.add_argument("--dsnot-threshold", type=float, default=0.1, help="DSnoT: stop a row once |error| <= this (0.1)")
+    d.add_argument("--dsnot-skip", action="append", default=None, metavar="PATTERN",
+                   help="matrices DSnoT leaves with their first mask (default: mlp, as DSnoT's reference code; "
+                        "--dsnot-skip none refines every matrix)")
 
 
 def _add_calib_args(p):
@@ -81,7 +96,17 @@ def _config(args):
                        data_dir=args.data_dir, sparsegpt_block=args.sparsegpt_block, percdamp=args.percdamp,
                        tiers=_tiers(args.tiers), block_size=args.block_size, tier_nm=args.tier_nm, topk=args.topk,
                        tier_metric=args.tier_metric, scope=args.tier_scope, retention=args.retention,
-                       block_score=args.block_score, refit=args.refit, bos=args.bos)
+                       block_score=args.block_score, refit=args.refit, bos=args.bos,
+                       layer_sparsity=args.layer_sparsity, owl_m=args.owl_m, owl_lambda=args.owl_lambda,
+                       dsnot=args.dsnot, dsnot_cycles=args.dsnot_cycles, dsnot_threshold=args.dsnot_threshold,
+                       dsnot_skip=_dsnot_skip(args.dsnot_skip))
+
+
+def _dsnot_skip(items):
+    from .dsnot import DSNOT_SKIP
+    if items is None:
+        return DSNOT_SKIP
+    return tuple(s for item in items for s in item.split(",") if s and s != "none")
 
 
 def _tiers(text):

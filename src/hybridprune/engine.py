@@ -28,13 +28,15 @@ from tqdm.auto import tqdm
 from . import models
 from .data import SQUAD_FORMATS, calibration_samples, check_bos, parse_calib, resolve_bos
 from .errors import HybridPruneError
-from .patterns import NM, TieredBlocks, assign_tiers, make_pattern, tier_counts
+from .dsnot import DSNOT_CYCLES, DSNOT_SKIP, DSNOT_THRESHOLD, nm_groups, refine, tier_groups
+from .layerwise import OWL_LAMBDA, OWL_M, check_owl, layer_pattern, outlier_ratio, owl_sparsities
+from .patterns import NM, TieredBlocks, assign_tiers, expand_tiers, make_pattern, tier_counts
 from .scoring import METHODS, InputStats, inverse_hessian, needs_calibration, refit_kept, score, sparsegpt_prune
 
 
 @dataclass
 class PruneConfig:
-    method: str = "wanda"               # magnitude | wanda | sparsegpt
+    method: str = "wanda"               # magnitude | wanda | ria | sparsegpt
     pattern: str = "unstructured"       # unstructured | N:M (2:4, 4:8) | three-tier | block | block-topk
     sparsity: float = 0.5               # unstructured, block, block-topk
     # unstructured comparison group: row (Wanda's rule) | matrix; None = the method's paper: matrix for SparseGPT
@@ -66,6 +68,15 @@ class PruneConfig:
     # BOS at the start of every calibration window: auto (if the tokenizer adds one itself) | always | papers
     # (windows cut from the text as tokenized once, the Wanda/SparseGPT convention)
     bos: str = "auto"
+    # per-layer sparsity: uniform | owl (Yin et al. 2024; layerwise.py), with the paper's M and lambda
+    layer_sparsity: str = "uniform"
+    owl_m: float = OWL_M
+    owl_lambda: float = OWL_LAMBDA
+    # DSnoT prune-and-grow refinement of the mask (dsnot.py), with the reference code's defaults
+    dsnot: bool = False
+    dsnot_cycles: int = DSNOT_CYCLES
+    dsnot_threshold: float = DSNOT_THRESHOLD
+    dsnot_skip: tuple[str, ...] = DSNOT_SKIP
 
     def __post_init__(self):
         # Every value is checked here, before any model or data is loaded.
@@ -96,6 +107,19 @@ class PruneConfig:
                                        f"use --method {pattern.tier_metric} or --tier-metric magnitude")
             if pattern.tier_metric == "sparsegpt" and self.method != "sparsegpt":
                 raise HybridPruneError("--tier-metric sparsegpt needs --method sparsegpt (its inverse Hessians)")
+        self.dsnot_skip = tuple(self.dsnot_skip or ())
+        if self.dsnot:
+            if self.method not in ("wanda", "ria"):
+                raise HybridPruneError(f"--dsnot refines a Wanda or RIA mask with their calibration statistics; "
+                                       f"use --method wanda or ria, not {self.method}")
+            if not isinstance(self.dsnot_cycles, int) or self.dsnot_cycles < 1:
+                raise HybridPruneError(f"--dsnot-cycles must be a whole number >= 1, got {self.dsnot_cycles}")
+            if not (math.isfinite(self.dsnot_threshold) and self.dsnot_threshold >= 0):
+                raise HybridPruneError(f"--dsnot-threshold must be a finite number >= 0, got {self.dsnot_threshold}")
+        if self.layer_sparsity not in ("uniform", "owl"):
+            raise HybridPruneError(f"unknown --layer-sparsity {self.layer_sparsity!r}; use uniform or owl")
+        if self.layer_sparsity == "owl":
+            check_owl(pattern, self.owl_m, self.owl_lambda)
         if self.refit is not None and self.refit < 0:
             raise HybridPruneError(f"--refit {self.refit} must be >= 0 (0 turns the refit off)")
         if self.refit and not needs_calibration(self.method):
@@ -134,6 +158,7 @@ class PruneResult:
     skipped: list[str] = field(default_factory=list)
     uncalibrated: list[str] = field(default_factory=list)  # matrices no calibration token reached (MoE experts)
     bos: str = ""                                           # the BOS policy the calibration windows used
+    layer_sparsity: dict[str, float] = field(default_factory=dict)  # OWL: each layer's target
 
 
 class _StopForward(Exception):
@@ -285,6 +310,9 @@ class _Pruner:
         self.refit = config.refit_steps()
         self.skipped: list[str] = []
         self.uncalibrated: list[str] = []
+        self.layer_patterns: dict[int, object] = {}  # OWL: a pattern per layer
+        self.outliers: list[float] = []              # OWL: each layer's outlier ratio (scoring pass)
+        self.sizes: list[int] = []
 
     def check_skip(self) -> None:
         """Every --skip pattern must match a matrix: a typo would otherwise prune everything, recorded as skipping
@@ -350,32 +378,48 @@ class _Pruner:
                           f"{', ...' if len(missing) > 4 else ''}): pruned by magnitude, without reconstruction",
                           stacklevel=2)
 
+    def dsnot(self, W, keep, st, initial, pattern, tiers):
+        """DSnoT's swaps, inside the pattern's groups (N:M groups; for tiers, N:M groups and top-k block rows)."""
+        groups = None
+        if isinstance(pattern, NM):
+            groups = nm_groups(W.shape, pattern.m, W.device)
+        elif self.tiered:
+            groups = tier_groups(expand_tiers(tiers, *W.shape, pattern.block_size).to(W.device),
+                                 pattern.block_size, pattern.m)
+        return refine(W.detach().float(), keep, (st.sum / st.sequences).to(W.device),
+                      (st.var_sum / st.sequences).to(W.device), initial, groups, self.config.dsnot_cycles,
+                      self.config.dsnot_threshold)
+
     def prune_layer(self, i, linears, stats, tier_maps):
         self.note_uncalibrated(i, linears, stats)
         hinv = self.inverse_hessians(linears, stats)
         scores = self.scores(linears, stats, hinv)
         full = {name: f"{self.prefix}.{i}.{name}" for name in linears}
+        pattern = self.layer_patterns.get(i, self.pattern)
         budgets = dict(self.budgets)
-        if self.tiered and self.pattern.scope == "layer":
-            bs = {full[n]: self.pattern.block_scores(s) for n, (s, _) in scores.items()}
-            budgets.update(layer_budgets(self.pattern, bs, self.floors))
+        if self.tiered and pattern.scope == "layer":
+            bs = {full[n]: pattern.block_scores(s) for n, (s, _) in scores.items()}
+            budgets.update(layer_budgets(pattern, bs, self.floors))
         for name, mod in linears.items():
             s, inner = scores[name]
             fname = full[name]
             W = models.weight_matrix(mod)
             floor = self.floors.get(fname)
             W0 = W.detach().float().clone() if self.refit else None
-            keep, tiers = self.pattern.keep(s, inner, floor=floor, budget=budgets.get(fname))
+            keep, tiers = pattern.keep(s, inner, floor=floor, budget=budgets.get(fname))
+            st = stats.get(name)
+            if self.config.dsnot and floor is None and st is not None and st.sequences and \
+                    not any(models.name_matches(name, p) for p in self.config.dsnot_skip):
+                keep = self.dsnot(W, keep, st, inner, pattern, tiers)
             if floor is not None:
                 keep &= W != 0  # progressive rounds never regrow a weight pruned in an earlier round
             if hinv[name] is not None:
                 Wf = W.detach().float().clone()
                 fixed = keep if (self.tiered or floor is not None) else None
-                keep = sparsegpt_prune(Wf, hinv[name], self.pattern, self.config.sparsegpt_block,
+                keep = sparsegpt_prune(Wf, hinv[name], pattern, self.config.sparsegpt_block,
                                        self.config.percdamp, fixed_keep=fixed)
                 W.copy_(Wf.to(W.dtype))
             W.mul_(keep)
-            st = stats.get(name)
             if W0 is not None and st is not None and st.tokens:
                 if not refit_kept(W, W0, keep, st.H, self.refit, self.config.percdamp):
                     warnings.warn(f"the refit of {fname} went non-finite; its weights are kept as masked "
@@ -414,7 +458,13 @@ class _Pruner:
             for name, st in stats.items():
                 if not torch.isfinite(st.sq).all():
                     raise _non_finite(f"the input of {self.prefix}.{i}.{name}")
-            if dry:
+            if dry and self.config.layer_sparsity == "owl":  # Wanda's score (|W| without calibration data)
+                owl = [score("wanda" if self.calibrated else "magnitude", models.weight_matrix(mod), stats.get(n))
+                       for n, mod in linears.items()]
+                self.outliers.append(outlier_ratio(owl, self.config.owl_m))
+                self.sizes.append(sum(x.numel() for x in owl))
+                del owl
+            elif dry:
                 hinv = self.inverse_hessians(linears, stats)
                 for name, (s, _) in self.scores(linears, stats, hinv).items():
                     block_scores[f"{self.prefix}.{i}.{name}"] = self.pattern.block_scores(s).cpu()
@@ -464,11 +514,19 @@ def prune(model: nn.Module, config: PruneConfig | None = None, tokenizer=None, s
         bs = pruner.run(samples, dry=True, desc="scoring blocks")
         pruner.budgets = layer_budgets(pruner.pattern, bs, pruner.floors)
         pruner.skipped = []
+    layer_sparsity = {}
+    if config.layer_sparsity == "owl":
+        # OWL needs every layer's outlier ratio before the first is pruned: one dense scoring pass.
+        pruner.run(samples, dry=True, desc="outlier ratios")
+        pruner.skipped = []
+        targets = owl_sparsities(pruner.outliers, pruner.sizes, pruner.pattern.expected_sparsity, config.owl_lambda)
+        pruner.layer_patterns = {i: layer_pattern(pruner.pattern, s) for i, s in enumerate(targets)}
+        layer_sparsity = {str(i): s for i, s in enumerate(targets)}
     tier_maps = pruner.run(samples)
     model.train(was_training)
     return PruneResult(tier_maps=tier_maps, seconds=time.perf_counter() - start,
                        pattern=pruner.pattern.describe(), skipped=pruner.skipped,
-                       uncalibrated=sorted(set(pruner.uncalibrated)), bos=bos)
+                       uncalibrated=sorted(set(pruner.uncalibrated)), bos=bos, layer_sparsity=layer_sparsity)
 
 
 TIERS_FILE = "tiers.safetensors"
@@ -478,7 +536,7 @@ def pruned_record(config: PruneConfig, result: PruneResult, source: str, extra: 
     """What hybridprune.json says about a pruning run."""
     return {"model": source, "prune": {**config.record(), "bos": result.bos or config.bos},
             "prune_seconds": round(result.seconds, 2), "skipped": result.skipped,
-            "uncalibrated": result.uncalibrated, **(extra or {})}
+            "uncalibrated": result.uncalibrated, "layer_sparsity": result.layer_sparsity or None, **(extra or {})}
 
 
 def save_pruned(model, tokenizer, out, config: PruneConfig, result: PruneResult, source: str,

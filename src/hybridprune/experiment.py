@@ -54,7 +54,7 @@ def plan(recipe: Recipe, out: Path) -> tuple[list[Stage], dict, dict]:
     def prune_stage(pattern, calib_name, seed=None):
         config = dict(recipe.patterns[pattern])
         if calib_name is None:  # the calibration-free reference for the overlap table
-            config.update(method="magnitude", tier_metric=None, refit=None)
+            config.update(method="magnitude", tier_metric=None, refit=None, dsnot=False, layer_sparsity="uniform")
             label = f"prune magnitude ({pattern})"
         else:
             config.update(calib=recipe.calibration[calib_name], seed=seed)

@@ -59,8 +59,10 @@ def inspect_folder(folder, plot_dir=None, matrices=None) -> dict:
     skipped = set(record.get("skipped") or [])
     if detail.get("pattern") == "unstructured" or detail.get("pattern", "").count(":") == 1:
         # Unstructured and N:M fix every matrix's zero count (up to rounding to whole weights of a row).
-        want = detail.get("sparsity", 0)
+        by_layer = record.get("layer_sparsity") or {}  # OWL: each layer's own target
         for name, mod in mats.items():
+            layer = re.search(r"\.(\d+)\.", name)
+            want = by_layer.get(layer.group(1), detail.get("sparsity", 0)) if layer else detail.get("sparsity", 0)
             W = models.weight_matrix(mod)
             got = float((W == 0).float().mean())
             # per row int(cols * s) (per matrix or column block: at least as many), N:M exactly 1 - n/m

@@ -189,7 +189,7 @@ class TieredBlocks:
     n: int = 2
     m: int = 4
     topk: int = 15
-    tier_metric: str = "wanda"       # what picks weights inside tiers 1 and 2: wanda | sparsegpt | magnitude
+    tier_metric: str = "wanda"       # what picks weights inside tiers 1 and 2: wanda | ria | sparsegpt | magnitude
     scope: str = "matrix"            # where blocks are ranked: matrix | layer | model
     retention: float | None = None   # adaptive: an N:M candidate stays dense if N:M keeps < retention of its score
     block_score: str = "mean"        # mean | row: mean of the score, or of the score relative to its row's mean
@@ -211,8 +211,9 @@ class TieredBlocks:
         if not 0 <= self.topk <= self.block_size ** 2:
             raise HybridPruneError(f"--topk {self.topk} must be within [0, {self.block_size ** 2}] "
                                    f"for {self.block_size}x{self.block_size} blocks")
-        if self.tier_metric not in ("wanda", "sparsegpt", "magnitude"):
-            raise HybridPruneError(f"unknown tier metric {self.tier_metric!r}; use wanda, sparsegpt or magnitude")
+        if self.tier_metric not in ("wanda", "ria", "sparsegpt", "magnitude"):
+            raise HybridPruneError(f"unknown tier metric {self.tier_metric!r}; use wanda, ria, sparsegpt or "
+                                   "magnitude")
         if self.scope not in ("matrix", "layer", "model"):
             raise HybridPruneError(f"unknown tier scope {self.scope!r}; use matrix, layer or model")
         if self.block_score not in ("mean", "row"):

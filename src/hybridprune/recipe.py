@@ -2,6 +2,8 @@
 
     model, dtype      the model spec and the dtype it is loaded and computed in
     prune             PruneConfig options shared by every pruned run; `patterns:` an axis of overrides
+    methods           an axis crossed with patterns: {wanda: {}, ria: {}, owl: {layer_sparsity: owl}} (an empty entry
+                      is the method of that name); runs are then `exp1@three-tier+ria`
     calibration       named calibration sources (data.parse_calib specs)
     finetune          named FinetuneConfig option sets
     seeds             an axis: each seed sets the calibration draw and the fine-tuning seed (LoRA initialisation,
@@ -25,8 +27,8 @@ import yaml
 
 from .errors import HybridPruneError
 
-TOP_KEYS = {"model", "prune", "patterns", "calibration", "finetune", "runs", "tasks", "claims", "eval", "quick",
-            "dtype", "seeds"}
+TOP_KEYS = {"model", "prune", "patterns", "methods", "calibration", "finetune", "runs", "tasks", "claims", "eval",
+            "quick", "dtype", "seeds"}
 TASK_KEYS = {"wikitext2": {"windows", "seqlen"}, "boolq": {"limit", "sample", "num_fewshot"},
              "squad": {"limit", "sample", "num_fewshot"}, "gsm8k": {"limit", "sample", "num_fewshot", "mode"}}
 METRICS = {"wikitext2": {"ppl"}, "boolq": {"acc", "gold_nll", "margin"}, "squad": {"exact_match", "f1", "gold_nll"},
@@ -155,17 +157,32 @@ def _build(path: Path, raw: dict, quick: bool) -> Recipe:
         fail(line(raw, "dtype"), str(e))
 
     patterns_raw = raw.get("patterns") or {prune_opts.get("pattern", "unstructured"): {}}
-    patterns = {}
+    methods_raw = raw.get("methods")
+    if methods_raw is not None and (not isinstance(methods_raw, dict) or not _plain(methods_raw)):
+        fail(line(raw, "methods"), "`methods:` must name at least one method, e.g. {wanda: {}, ria: {}, "
+                                   "owl: {layer_sparsity: owl}}")
+    methods = {}
+    for name, opts in _plain(methods_raw or {}).items():  # an empty entry is the method of that name
+        methods[name] = dict(opts) if opts else {"method": name}
+    patterns, bases = {}, {}
     for name, opts in _plain(patterns_raw).items():
         opts = opts or {}
         bad = set(opts) - prune_fields
         if bad:
             fail(line(patterns_raw, name), f"unknown prune option {sorted(bad)[0]!r} in pattern {name!r}")
-        patterns[name] = {**prune_opts, **opts}
-        try:
-            PruneConfig(**{**patterns[name], "device": "cpu"})
-        except (HybridPruneError, TypeError) as e:
-            fail(line(patterns_raw, name) if "patterns" in raw else line(raw, "prune"), str(e))
+        # the methods axis crosses the patterns axis: one variant per pattern and method, `three-tier+ria`
+        for mname, mopts in (methods.items() if methods else [(None, {})]):
+            bad = set(mopts) - prune_fields
+            if bad:
+                fail(line(methods_raw, mname), f"unknown prune option {sorted(bad)[0]!r} in method {mname!r}")
+            variant = name if mname is None else f"{name}+{mname}"
+            patterns[variant], bases[variant] = {**prune_opts, **opts, **mopts}, name
+            try:
+                PruneConfig(**{**patterns[variant], "device": "cpu"})
+            except (HybridPruneError, TypeError) as e:
+                where = line(methods_raw, mname) if mname is not None else \
+                    line(patterns_raw, name) if "patterns" in raw else line(raw, "prune")
+                fail(where, f"{variant}: {e}" if mname is not None else str(e))
 
     calib_raw = section("calibration")
     if not isinstance(calib_raw, dict) or not _plain(calib_raw):
@@ -214,10 +231,11 @@ def _build(path: Path, raw: dict, quick: bool) -> Recipe:
                                       f"({', '.join(finetune)})")
         if calib is None and ft != "none":
             fail(line(r, "finetune"), f"run {name!r} fine-tunes without calibration; give it a calibration")
-        if pat is not None and pat not in patterns:
+        if pat is not None and pat not in bases.values():
             fail(line(r, "pattern"), f"run {name!r} names pattern {pat!r}, not in `patterns:`")
-        for p in ([pat] if pat else list(patterns)) if calib is not None else [None]:
-            full = name if p is None or pat or len(patterns) == 1 else f"{name}@{p}"
+        chosen = [v for v in patterns if pat is None or bases[v] == pat]
+        for p in chosen if calib is not None else [None]:
+            full = name if p is None or len(chosen) == 1 else f"{name}@{p}"
             runs.append(Run(full, calib, ft, p))
 
     tasks_raw = section("tasks")

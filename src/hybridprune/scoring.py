@@ -2,6 +2,8 @@
 
 - magnitude: |W|
 - wanda:     |W| * ||X_j||_2, the input feature's norm over all calibration tokens (Sun et al., 2023)
+- ria:       relative importance and activations (Zhang et al., 2024):
+             (|W_ij| / sum_k |W_ik| + |W_ij| / sum_k |W_kj|) * ||X_j||_2 ^ a, a = 0.5
 - sparsegpt: OBS pruning with weight reconstruction from the Hessian H = 2/n X^T X (Frantar & Alistarh, 2023);
              its score is the OBS saliency w^2 / [U]_jj^2 that the reference code ranks by (U the upper Cholesky
              factor of the damped H^-1), here computed once on the unpruned weights
@@ -19,7 +21,8 @@ import torch
 from .errors import HybridPruneError
 from .patterns import NM, Unstructured, lowest_k
 
-METHODS = ("magnitude", "wanda", "sparsegpt")
+METHODS = ("magnitude", "wanda", "ria", "sparsegpt")
+RIA_POWER = 0.5  # the paper's a
 
 
 class InputStats:
@@ -27,10 +30,18 @@ class InputStats:
 
     def __init__(self, features: int, device, hessian: bool):
         self.tokens = 0
+        self.sequences = 0  # DSnoT's statistics are per calibration sequence, as its reference code keeps them
         self.sq = torch.zeros(features, dtype=torch.float32, device=device)
+        self.sum = torch.zeros(features, dtype=torch.float64, device=device)      # sum of x over all tokens
+        self.var_sum = torch.zeros(features, dtype=torch.float64, device=device)  # sum of within-sequence variances
         self.H = torch.zeros(features, features, dtype=torch.float32, device=device) if hessian else None
 
     def add(self, x: torch.Tensor) -> None:
+        seqs = x.reshape(-1, x.shape[-2], x.shape[-1]).double() if x.dim() > 2 else x[None].double()
+        self.sum += seqs.sum((0, 1))
+        self.var_sum += seqs.var(1, unbiased=False).sum(0)
+        self.sequences += seqs.shape[0]
+        del seqs
         x = x.reshape(-1, x.shape[-1]).float()
         n = x.shape[0]
         self.sq += (x * x).sum(0)
@@ -52,6 +63,15 @@ def wanda_score(W: torch.Tensor, stats: InputStats | None) -> torch.Tensor:
     return W.abs().float() * stats.sq.sqrt().to(W.device)[None, :]
 
 
+def ria_score(W: torch.Tensor, stats: InputStats | None, power: float = RIA_POWER) -> torch.Tensor:
+    """RIA: each weight relative to its output row's and its input column's total |W|, times ||X_j|| ** power."""
+    A = W.abs().float()
+    relative = A / A.sum(1, keepdim=True).clamp_min(1e-30) + A / A.sum(0, keepdim=True).clamp_min(1e-30)
+    if stats is None or stats.tokens == 0:
+        return relative  # no activations reached this matrix (an unrouted expert): the relative part alone
+    return relative * stats.sq.sqrt().to(W.device)[None, :] ** power
+
+
 def sparsegpt_score(W: torch.Tensor, hinv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """OBS saliency w_ij^2 / U_jj^2 (U, dead) = inverse_hessian(H): what SparseGPT's reference code ranks by.
 
@@ -69,6 +89,8 @@ def score(method: str, W: torch.Tensor, stats: InputStats | None, hinv=None) -> 
         return magnitude_score(W)
     if method == "wanda":
         return wanda_score(W, stats)
+    if method == "ria":
+        return ria_score(W, stats)
     if method == "sparsegpt":
         if hinv is None:
             raise HybridPruneError("the SparseGPT score needs the input's inverse Hessian")
@@ -181,4 +203,4 @@ def refit_kept(W: torch.Tensor, W0: torch.Tensor, keep: torch.Tensor, H: torch.T
 
 
 def needs_calibration(method: str) -> bool:
-    return method in ("wanda", "sparsegpt")
+    return method in ("wanda", "ria", "sparsegpt")

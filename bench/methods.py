@@ -1,0 +1,80 @@
+"""Pruning methods side by side on the default model (issue: the methods practitioners compare against).
+
+Every variant prunes a fresh copy of the model from the same calibration tokens (16 x 512 WikiText-2 by default)
+in this one process, one after another, and is scored on the same WikiText-2 test windows (16 x 2048). A variant
+is `method[+owl][+dsnot]@pattern`, the pattern `unstructured:S`, `2:4` or `three-tier`. Prints one line per
+variant (perplexity, sparsity, pruning time and its ratio to Wanda's of the same pattern) and writes JSON.
+
+    python bench/methods.py                                   # the default grid (see --variants)
+    python bench/methods.py --variants wanda@unstructured:0.7,wanda+owl@unstructured:0.7 --json out.json
+"""
+import argparse
+import time
+
+import torch
+from _common import report, write_json
+
+DEFAULT = ",".join([
+    "magnitude@unstructured:0.5", "wanda@unstructured:0.5", "ria@unstructured:0.5", "sparsegpt@unstructured:0.5",
+    "wanda@unstructured:0.6", "wanda+dsnot@unstructured:0.6",
+    "wanda@unstructured:0.7", "wanda+owl@unstructured:0.7", "ria@unstructured:0.7", "wanda+dsnot@unstructured:0.7",
+    "wanda@2:4", "ria@2:4", "wanda+dsnot@2:4",
+    "wanda@three-tier", "ria@three-tier", "wanda+owl@three-tier",
+])
+
+
+def config(variant: str, args):
+    from hybridprune import PruneConfig
+    what, pattern = variant.split("@")
+    method, *extras = what.split("+")
+    sparsity = 0.5
+    if pattern.startswith("unstructured:"):
+        pattern, sparsity = "unstructured", float(pattern.split(":")[1])
+    return PruneConfig(method=method, pattern=pattern, sparsity=sparsity, nsamples=args.nsamples,
+                       seqlen=args.seqlen, device="cpu", layer_sparsity="owl" if "owl" in extras else "uniform",
+                       dsnot="dsnot" in extras)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--variants", default=DEFAULT)
+    ap.add_argument("--nsamples", type=int, default=16)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--windows", type=int, default=16, help="perplexity windows of 2048 tokens")
+    ap.add_argument("--json", help="also write the results here")
+    args = ap.parse_args()
+    from hybridprune import load_model, perplexity, prune, sparsity_report
+    from hybridprune.data import calibration_samples
+    from hybridprune.evaluate import wikitext2_test_ids
+
+    variants = args.variants.split(",")
+    configs = {v: config(v, args) for v in variants}  # every name checked before any work
+    dense, tok = load_model(args.model)
+    state = {k: v.clone() for k, v in dense.state_dict().items()}
+    samples = calibration_samples(tok, "wikitext2", args.nsamples, args.seqlen, seed=0)
+    ids = wikitext2_test_ids(tok)
+    rows, wanda_s = [], {}
+    for v in variants:
+        dense.load_state_dict(state)
+        t = time.perf_counter()
+        result = prune(dense, configs[v], samples=samples)
+        seconds = time.perf_counter() - t
+        pattern = v.split("@")[1]
+        if v.startswith("wanda@"):
+            wanda_s[pattern] = seconds
+        row = {"variant": v, "ppl": round(perplexity(dense, ids=ids, seqlen=2048, max_windows=args.windows,
+                                                     progress=False)["ppl"], 2),
+               "sparsity": round(sparsity_report(dense)["overall"], 4), "prune_s": round(seconds, 1),
+               "vs_wanda_time": round(seconds / wanda_s[pattern], 2) if pattern in wanda_s else None}
+        if result.layer_sparsity:
+            s = list(result.layer_sparsity.values())
+            row["layer_sparsity"] = f"{min(s):.3f}-{max(s):.3f}"
+        rows.append(row)
+        report(row)
+    write_json(rows, args.json)
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    main()

@@ -1,0 +1,302 @@
+"""RIA and OWL against plain transcriptions of their papers' rules (numpy / plain torch hooks, no code shared with
+the implementation)."""
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_model
+from hybridprune import PruneConfig, prune
+from hybridprune.errors import HybridPruneError
+from hybridprune.layerwise import owl_sparsities
+from hybridprune.models import find_decoder_layers, find_linears, weight_matrix
+
+
+def cfg(**kw):
+    return PruneConfig(**{**dict(nsamples=6, seqlen=24, batch_size=2, device="cpu"), **kw})
+
+
+def dense_inputs(model, samples):
+    """Every linear's input rows in the dense model, by plain forward hooks: {(layer, name): [tokens, in]}."""
+    _, layers = find_decoder_layers(model)
+    seen, handles = {}, []
+    for i, layer in enumerate(layers):
+        for name, mod in find_linears(layer).items():
+            def hook(m, args, key=(i, name)):
+                seen.setdefault(key, []).append(args[0].detach().reshape(-1, args[0].shape[-1]).double())
+            handles.append(mod.register_forward_pre_hook(hook))
+    with torch.no_grad():
+        model(samples)
+    for h in handles:
+        h.remove()
+    return {k: torch.cat(v).numpy() for k, v in seen.items()}
+
+
+def test_ria_mask_equals_the_papers_rule(samples):
+    model, dense = tiny_model("llama"), tiny_model("llama")
+    X = dense_inputs(dense, samples)
+    prune(model, cfg(method="ria", sparsity=0.5), samples=samples)
+    layer0 = find_linears(find_decoder_layers(model)[1][0])
+    for name, mod in find_linears(find_decoder_layers(dense)[1][0]).items():  # layer 0 saw the dense inputs
+        W = np.abs(weight_matrix(mod).detach().double().numpy())
+        norm = np.sqrt((X[(0, name)] ** 2).sum(0))
+        metric = (W / W.sum(1, keepdims=True) + W / W.sum(0, keepdims=True)) * norm ** 0.5
+        k = int(W.shape[1] * 0.5)
+        expect = np.ones_like(W, dtype=bool)
+        np.put_along_axis(expect, np.argsort(metric, 1, kind="stable")[:, :k], False, 1)
+        got = (weight_matrix(layer0[name]) != 0).numpy()
+        assert (got == expect).all(), f"{name}: {(got != expect).sum()} weights differ"
+
+
+def test_ria_works_with_every_pattern(samples):
+    for pattern in ("2:4", "three-tier"):
+        m = tiny_model("llama")
+        prune(m, cfg(method="ria", pattern=pattern, refit=0), samples=samples)
+        W = weight_matrix(find_linears(find_decoder_layers(m)[1][1])["mlp.down_proj"])
+        assert 0.3 < float((W == 0).float().mean()) < 0.6
+
+
+def owl_reference(ratios, sparsity, lam):
+    """OWL's reference code, transcribed: min-max onto [0, 2 lambda], minus the mean, plus 1 - s (keep ratios)."""
+    r = np.asarray(ratios, dtype=np.float64)
+    keep = (r - r.min()) * (1 / (r.max() - r.min()) * lam * 2)
+    keep = keep - keep.mean() + (1 - sparsity)
+    return 1 - keep
+
+
+def test_owl_sparsities_equal_the_reference_and_average_exactly():
+    ratios = [0.01, 0.05, 0.02, 0.09, 0.04]
+    got = owl_sparsities(ratios, [100] * 5, 0.7, 0.08)
+    assert got == pytest.approx(owl_reference(ratios, 0.7, 0.08).tolist(), abs=1e-12)
+    # spread 2 lambda around the mean (the reference code's rule; skewed ratios can leave [s - lambda, s + lambda])
+    assert max(got) - min(got) == pytest.approx(0.16) and np.mean(got) == pytest.approx(0.7)
+    assert np.argmin(got) == np.argmax(ratios)  # most outliers, lowest sparsity
+    sizes = [100, 300, 50, 200, 25]  # unequal layers: the mean over weights, not over layers, is the target
+    got = owl_sparsities(ratios, sizes, 0.5, 0.1)
+    assert np.dot(got, sizes) / sum(sizes) == pytest.approx(0.5, abs=1e-12)
+    with pytest.raises(HybridPruneError, match="at least two decoder layers"):
+        owl_sparsities([0.1], [10], 0.5, 0.08)
+
+
+def test_owl_end_to_end_on_a_tiny_model(samples):
+    dense, model = tiny_model("llama"), tiny_model("llama")
+    X = dense_inputs(dense, samples)
+    _, layers = find_decoder_layers(dense)
+    ratios, sizes = [], []
+    for i, layer in enumerate(layers):  # Wanda scores of the dense model, all matrices of a layer together
+        scores = np.concatenate([(np.abs(weight_matrix(mod).detach().double().numpy())
+                                  * np.sqrt((X[(i, n)] ** 2).sum(0))).ravel() for n, mod in find_linears(layer).items()])
+        ratios.append((scores > 5 * scores.mean()).mean())
+        sizes.append(scores.size)
+    expect = owl_reference(ratios, 0.5, 0.08)
+    result = prune(model, cfg(sparsity=0.5, layer_sparsity="owl"), samples=samples)
+    got = [result.layer_sparsity[str(i)] for i in range(len(layers))]
+    assert got == pytest.approx(expect.tolist(), abs=1e-9) and abs(got[0] - got[1]) == pytest.approx(0.16)
+    for i, layer in enumerate(find_decoder_layers(model)[1]):
+        for name, mod in find_linears(layer).items():
+            W = weight_matrix(mod)
+            per_row = (W == 0).sum(1)
+            assert (per_row == int(W.shape[1] * got[i])).all(), (i, name)  # Wanda's per-row rule at s_l
+    total = sum(int((weight_matrix(m) == 0).sum()) for layer in find_decoder_layers(model)[1]
+                for m in find_linears(layer).values())
+    assert total / sum(sizes) == pytest.approx(0.5, abs=0.01)
+
+
+def test_inspect_checks_each_layer_against_its_owl_target(samples, tmp_path):
+    from conftest import tiny_tokenizer
+    from hybridprune import save_pruned
+    from hybridprune.inspect import inspect_folder
+    model = tiny_model("llama")
+    config = cfg(sparsity=0.5, layer_sparsity="owl")
+    result = prune(model, config, samples=samples)
+    save_pruned(model, tiny_tokenizer(False), tmp_path / "m", config, result, source="tiny")
+    assert inspect_folder(tmp_path / "m")["violations"] == []
+    low = min(result.layer_sparsity, key=result.layer_sparsity.get)  # the layer allowed to keep the most
+    mod = find_linears(find_decoder_layers(model)[1][int(low)])["mlp.up_proj"]
+    mod.weight.data[mod.weight.data == 0] = 1.0  # regrow its zeros: now below even its own target
+    save_pruned(model, tiny_tokenizer(False), tmp_path / "m", config, result, source="tiny", overwrite=True)
+    assert any("up_proj: sparsity" in v for v in inspect_folder(tmp_path / "m")["violations"])
+
+
+def test_owl_shifts_tiers_of_block_patterns(samples, tmp_path):
+    from hybridprune import save_pruned
+    from hybridprune.inspect import inspect_folder
+    model = tiny_model("llama")
+    config = cfg(pattern="three-tier", layer_sparsity="owl", refit=0)
+    result = prune(model, config, samples=samples)
+    s = list(result.layer_sparsity.values())
+    assert np.mean(s) == pytest.approx(config.build_pattern().expected_sparsity, abs=1e-9) and s[0] != s[1]
+    tiers = result.tier_maps
+    dense_share = [float(np.mean([(t == 0).float().mean() for n, t in tiers.items() if f".{i}." in n])) for i in (0, 1)]
+    assert (dense_share[0] > dense_share[1]) == (s[0] < s[1])  # the lower-sparsity layer has more dense blocks
+    from conftest import tiny_tokenizer
+    save_pruned(model, tiny_tokenizer(False), tmp_path / "m", config, result, source="tiny")
+    assert inspect_folder(tmp_path / "m")["violations"] == []
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(pattern="2:4", layer_sparsity="owl"), "N:M fixes every layer"),
+    (dict(layer_sparsity="owl", owl_lambda=0.6), "--owl-lambda must be within"),
+    (dict(layer_sparsity="owl", sparsity=0.95, owl_lambda=0.06), "leaves no weights"),
+    (dict(layer_sparsity="owl", owl_m=0), "--owl-m must be > 0"),
+    (dict(layer_sparsity="owls"), "unknown --layer-sparsity"),
+    (dict(pattern="three-tier", tier_scope="model", layer_sparsity="owl"), "--tier-scope model"),
+    (dict(method="rya"), "unknown method 'rya'"),
+])
+def test_bad_method_options(kw, match):
+    kw = {("scope" if k == "tier_scope" else k): v for k, v in kw.items()}
+    with pytest.raises(HybridPruneError, match=match):
+        cfg(**kw)
+
+
+def test_owl_needs_two_layers(samples):
+    from conftest import tiny_config
+    from transformers import AutoModelForCausalLM
+    c = tiny_config("llama")
+    c.num_hidden_layers = 1
+    torch.manual_seed(0)
+    with pytest.raises(HybridPruneError, match="nothing to redistribute|at least two decoder layers"):
+        prune(AutoModelForCausalLM.from_config(c).eval(), cfg(layer_sparsity="owl"), samples=samples)
+
+
+# ----------------------------------------------------------------------------- DSnoT
+
+def dsnot_reference(W, mu, var, initial, keep, m=None, cycles=50, thr=0.1):
+    """DSnoT's rule row by row in plain Python: grow the pruned weight of the error's sign with the largest
+    |W mu| / var, prune the kept weight of the opposite sign with the lowest initial score (N:M: the kept weight of
+    the grown weight's group with the lowest score), stop at the first swap that would flip the error's sign or
+    once |error| <= thr."""
+    keep = keep.copy()
+    for i in range(W.shape[0]):
+        D = W[i] * mu
+        key = D / var
+        err = D[~keep[i]].sum()
+        s0 = np.sign(err)
+        pruned = np.flatnonzero(~keep[i])
+        grow_pos = sorted([j for j in pruned if D[j] > 0], key=lambda j: -key[j])
+        grow_neg = sorted([j for j in pruned if D[j] < 0], key=lambda j: key[j])
+        kept = np.flatnonzero(keep[i])
+        prune_pos = sorted([j for j in kept if D[j] > 0], key=lambda j: initial[i, j])
+        prune_neg = sorted([j for j in kept if D[j] < 0], key=lambda j: initial[i, j])
+        movable = set(kept.tolist())
+        for _ in range(cycles):
+            grow = grow_pos if err > 0 else grow_neg
+            if not grow:
+                break
+            g = grow.pop(0)
+            if m is None:
+                prune = prune_pos if err < 0 else prune_neg
+                if not prune:
+                    break
+                p = prune.pop(0)
+            else:
+                group = [j for j in range(g - g % m, g - g % m + m) if j in movable]
+                if not group:
+                    continue
+                p = min(group, key=lambda j: initial[i, j])
+            after = err + D[p] - D[g]
+            if abs(err) <= thr or np.sign(after) != s0:
+                break
+            keep[i, p], keep[i, g] = False, True
+            movable.discard(p)
+            err = after
+    return keep
+
+
+@pytest.mark.parametrize("nm", [None, 4])
+def test_dsnot_equals_the_reference_rule(nm):
+    from hybridprune.dsnot import nm_groups, refine
+    rng = np.random.default_rng(0)
+    W, mu, var = rng.normal(size=(12, 64)), rng.normal(size=64) * 3, rng.uniform(0.5, 2, size=64)
+    initial = np.abs(W) * rng.uniform(0.5, 2, size=64)
+    keep = np.ones_like(W, dtype=bool)
+    if nm is None:
+        np.put_along_axis(keep, np.argsort(initial, 1, kind="stable")[:, :38], False, 1)  # 60%
+    else:
+        for g in range(0, 64, 4):
+            np.put_along_axis(keep[:, g:g + 4], np.argsort(initial[:, g:g + 4], 1)[:, :2], False, 1)
+    expect = dsnot_reference(W, mu, var, initial, keep, m=nm)
+    t = torch.from_numpy
+    got = refine(t(W), t(keep), t(mu), t(var), t(initial),
+                 None if nm is None else nm_groups(W.shape, nm)).numpy()
+    assert (got != keep).any() and (got == expect).all(), f"{(got != expect).sum()} weights differ"
+    assert (got.sum(1) == keep.sum(1)).all()  # every swap is one out, one in: exact per row
+    err = lambda k: np.abs(((W * mu) * ~k).sum(1))
+    assert err(got).mean() < err(keep).mean()  # the expected reconstruction error shrinks
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4", "three-tier"])
+def test_dsnot_keeps_sparsity_and_pattern_rules(pattern, samples, tmp_path):
+    from conftest import tiny_tokenizer
+    from hybridprune import save_pruned
+    from hybridprune.inspect import inspect_folder
+    base = dict(pattern=pattern, sparsity=0.6, refit=0)
+    plain, refined = tiny_model("llama"), tiny_model("llama")
+    prune(plain, cfg(**base), samples=samples)
+    config = cfg(**base, dsnot=True, dsnot_skip=())
+    result = prune(refined, config, samples=samples)
+    moved = 0  # layer 0 saw the same inputs in both models, so it had the same first mask (and tiers)
+    a, b = find_decoder_layers(plain)[1][0], find_decoder_layers(refined)[1][0]
+    for name, mod in find_linears(a).items():
+        za, zb = weight_matrix(mod) == 0, weight_matrix(find_linears(b)[name]) == 0
+        assert torch.equal(za.sum(1), zb.sum(1)), name  # exact, row by row
+        moved += int((za != zb).sum())
+    assert moved > 0
+    save_pruned(refined, tiny_tokenizer(False), tmp_path / "m", config, result, source="tiny")
+    assert inspect_folder(tmp_path / "m")["violations"] == []
+
+
+def test_dsnot_skips_mlp_by_default_like_its_reference(samples):
+    plain, refined = tiny_model("llama"), tiny_model("llama")
+    prune(plain, cfg(sparsity=0.6), samples=samples)
+    prune(refined, cfg(sparsity=0.6, dsnot=True), samples=samples)
+    layer_a, layer_b = (find_linears(find_decoder_layers(m)[1][0]) for m in (plain, refined))
+    assert torch.equal(weight_matrix(layer_a["mlp.down_proj"]), weight_matrix(layer_b["mlp.down_proj"]))
+    assert any(not torch.equal(weight_matrix(layer_a[n]) == 0, weight_matrix(layer_b[n]) == 0)
+               for n in layer_a if n.startswith("self_attn"))
+
+
+def test_dsnot_bad_options():
+    with pytest.raises(HybridPruneError, match="--dsnot refines a Wanda or RIA mask"):
+        cfg(method="sparsegpt", dsnot=True)
+    with pytest.raises(HybridPruneError, match="--dsnot-cycles"):
+        cfg(dsnot=True, dsnot_cycles=0)
+    with pytest.raises(HybridPruneError, match="--dsnot-threshold"):
+        cfg(dsnot=True, dsnot_threshold=float("nan"))
+
+
+def test_methods_axis_in_recipes(tmp_path):
+    from hybridprune import experiment
+    text = """\
+model: m
+prune: {method: wanda, pattern: unstructured, sparsity: 0.5, nsamples: 2, seqlen: 32}
+methods:
+  wanda: {}
+  ria: {}
+  dsnot: {method: wanda, dsnot: true}
+  owl: {layer_sparsity: owl}
+calibration:
+  wiki: wikitext2
+  squad: squad
+runs:
+  - {name: dense}
+  - {name: pruned-wiki, calibration: wiki}
+  - {name: pruned-squad, calibration: squad}
+tasks:
+  wikitext2: {windows: 24, seqlen: 16}
+claims:
+  - pruned-wiki < pruned-squad on wikitext2.ppl
+"""
+    (tmp_path / "r.yaml").write_text(text)
+    recipe = experiment.load_recipe(tmp_path / "r.yaml")
+    names = [r.name for r in recipe.runs]
+    assert names[0] == "dense" and "pruned-wiki@unstructured+ria" in names and len(names) == 9
+    assert recipe.patterns["unstructured+ria"]["method"] == "ria"
+    assert recipe.patterns["unstructured+owl"] == {**recipe.patterns["unstructured+wanda"], "layer_sparsity": "owl"}
+    stages, by_run, pruned = experiment.plan(recipe, tmp_path / "run")
+    kinds = [s.kind for s in stages]
+    assert kinds.count("prune") == 2 * 4 + 1  # 2 calibrations x 4 methods, one magnitude reference for all
+    from hybridprune.report import _expand
+    assert len(_expand(recipe.claims[0], names)) == 4  # the claim is judged per method
+    (tmp_path / "r.yaml").write_text(text.replace("owl: {layer_sparsity: owl}", "owl: {layer_sparsity: owls}"))
+    with pytest.raises(HybridPruneError, match="line 7: unstructured\\+owl: unknown --layer-sparsity"):
+        experiment.load_recipe(tmp_path / "r.yaml")
