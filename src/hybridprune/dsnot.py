@@ -57,7 +57,12 @@ def refine(W: torch.Tensor, keep: torch.Tensor, mean: torch.Tensor, var: torch.T
         pptr = torch.zeros_like(gptr)
     else:
         score = initial.double().masked_fill(~keep, float("inf"))  # only weights kept at the start may go
-        width = int(torch.bincount(groups[groups >= 0]).max()) if (groups >= 0).any() else 1
+        # groups are runs of adjacent columns: each position's group start, found once
+        cols_ = torch.arange(W.shape[1], device=W.device).expand_as(groups)
+        new = torch.ones_like(groups, dtype=torch.bool)
+        new[:, 1:] = groups[:, 1:] != groups[:, :-1]
+        gstart = torch.where(new, cols_, torch.zeros_like(cols_)).cummax(1).values
+        width = int((cols_ - gstart).max()) + 1
     active = torch.ones(W.shape[0], dtype=torch.bool, device=W.device)
     for _ in range(cycles):
         if not active.any():
@@ -82,7 +87,7 @@ def refine(W: torch.Tensor, keep: torch.Tensor, mean: torch.Tensor, var: torch.T
         else:
             # the kept weight of the grown weight's group with the lowest score
             gid = groups[rows, g_idx]
-            start = (groups[rows] == gid[:, None]).float().argmax(1)
+            start = gstart[rows, g_idx]
             cols = (start[:, None] + torch.arange(width, device=W.device)[None, :]).clamp(max=W.shape[1] - 1)
             same = groups[rows[:, None], cols] == gid[:, None]
             cand = score[rows[:, None], cols].masked_fill(~same, float("inf"))

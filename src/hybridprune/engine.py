@@ -239,7 +239,8 @@ def _layer_output(out):
 
 
 @torch.no_grad()
-def collect_stats(layer: nn.Module, linears: dict[str, nn.Module], batches, hessian: bool) -> dict[str, InputStats]:
+def collect_stats(layer: nn.Module, linears: dict[str, nn.Module], batches, hessian: bool,
+                  moments: bool = False) -> dict[str, InputStats]:
     """Pass 1: input statistics of every matrix. Matrices reading the same tensor share one InputStats."""
     stats: dict[str, InputStats] = {}
     state = {"seen": {}, "fired": set()}
@@ -251,7 +252,7 @@ def collect_stats(layer: nn.Module, linears: dict[str, nn.Module], batches, hess
             if key in state["seen"]:
                 stats[name] = state["seen"][key][1]
             else:
-                st = stats.setdefault(name, InputStats(x.shape[-1], x.device, hessian))
+                st = stats.setdefault(name, InputStats(x.shape[-1], x.device, hessian, moments))
                 st.add(x)
                 state["seen"][key] = (x, st)  # holding x keeps its memory from being reused this pass
             state["fired"].add(name)
@@ -454,7 +455,8 @@ class _Pruner:
                 batches = [[h.to(where), _to(a, where), {k: _to(v, where) for k, v in kw.items()}]
                            for h, a, kw in batches]
             linears = self.linears(i, layer)
-            stats = collect_stats(layer, linears, batches, hessian) if batches is not None and linears else {}
+            stats = collect_stats(layer, linears, batches, hessian, self.config.dsnot and not dry) \
+                if batches is not None and linears else {}
             for name, st in stats.items():
                 if not torch.isfinite(st.sq).all():
                     raise _non_finite(f"the input of {self.prefix}.{i}.{name}")

@@ -70,7 +70,6 @@ class FinetuneConfig:
     save_steps: int = 50
     device: str | None = None         # where training runs (default: cuda if available)
     bos: str = "auto"                 # BOS at the start of every sequence: auto | always | papers (data.resolve_bos)
-    bf16: bool | None = None          # bf16 autocast (fp32 master weights); None: on a GPU that has bf16, not on CPU
 
     def __post_init__(self):
         # Every value is checked before any model is loaded or any checkpoint folder is made.
@@ -293,8 +292,7 @@ def finetune(model, tokenizer, config: FinetuneConfig, work_dir, resume: bool = 
         output_dir=str(work_dir), max_steps=config.steps, learning_rate=config.lr,
         per_device_train_batch_size=config.batch_size, gradient_accumulation_steps=config.grad_accum,
         logging_steps=config.logging_steps, save_strategy="steps", save_steps=config.save_steps, save_total_limit=2,
-        report_to=[], seed=config.seed, use_cpu=not use_cuda,
-        bf16=(use_cuda and torch.cuda.is_bf16_supported()) if config.bf16 is None else config.bf16,
+        report_to=[], seed=config.seed, use_cpu=not use_cuda, bf16=use_cuda and torch.cuda.is_bf16_supported(),
         remove_unused_columns=False, dataloader_num_workers=0, lr_scheduler_type="cosine", warmup_steps=0,
         disable_tqdm=None)
     trainer = Trainer(model=train_model, args=args, train_dataset=dataset,

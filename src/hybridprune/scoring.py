@@ -26,22 +26,26 @@ RIA_POWER = 0.5  # the paper's a
 
 
 class InputStats:
-    """Running statistics of one input tensor: squared column norms and, for SparseGPT, the Hessian."""
+    """Running statistics of one input tensor: squared column norms, for SparseGPT the Hessian, for DSnoT the
+    per-sequence moments."""
 
-    def __init__(self, features: int, device, hessian: bool):
+    def __init__(self, features: int, device, hessian: bool, moments: bool = False):
         self.tokens = 0
-        self.sequences = 0  # DSnoT's statistics are per calibration sequence, as its reference code keeps them
         self.sq = torch.zeros(features, dtype=torch.float32, device=device)
-        self.sum = torch.zeros(features, dtype=torch.float64, device=device)      # sum of x over all tokens
-        self.var_sum = torch.zeros(features, dtype=torch.float64, device=device)  # sum of within-sequence variances
         self.H = torch.zeros(features, features, dtype=torch.float32, device=device) if hessian else None
+        # DSnoT's statistics, per calibration sequence as its reference code keeps them: the sum of x over all
+        # tokens and the sum of within-sequence variances
+        self.sequences = 0
+        self.sum = torch.zeros(features, dtype=torch.float64, device=device) if moments else None
+        self.var_sum = torch.zeros(features, dtype=torch.float64, device=device) if moments else None
 
     def add(self, x: torch.Tensor) -> None:
-        seqs = x.reshape(-1, x.shape[-2], x.shape[-1]).double() if x.dim() > 2 else x[None].double()
-        self.sum += seqs.sum((0, 1))
-        self.var_sum += seqs.var(1, unbiased=False).sum(0)
-        self.sequences += seqs.shape[0]
-        del seqs
+        if self.sum is not None:
+            seqs = x.reshape(-1, x.shape[-2], x.shape[-1]).double() if x.dim() > 2 else x[None].double()
+            self.sum += seqs.sum((0, 1))
+            self.var_sum += seqs.var(1, unbiased=False).sum(0)
+            self.sequences += seqs.shape[0]
+            del seqs
         x = x.reshape(-1, x.shape[-1]).float()
         n = x.shape[0]
         self.sq += (x * x).sum(0)
