@@ -61,8 +61,8 @@ def _add_pattern_args(p):
                    help="adaptive: an N:M candidate block stays dense if N:M keeps less than this share of its score")
     o = p.add_argument_group("layer-wise sparsity")
     o.add_argument("--layer-sparsity", default="uniform",
-                   help="uniform | owl: OWL (Yin et al. 2024) gives layers with more outliers a lower sparsity within "
-                        "[s - lambda, s + lambda] at the same overall sparsity; block patterns shift tier ratios")
+                   help="uniform | owl: OWL (Yin et al. 2024) gives layers with more outliers a lower sparsity, spread "
+                        "over 2 lambda around s at the same overall sparsity; block patterns shift tier ratios")
     o.add_argument("--owl-m", type=float, default=5.0, help="OWL: an outlier scores above M x its layer's mean (5)")
     o.add_argument("--owl-lambda", type=float, default=0.08, help="OWL: the largest change of a layer's sparsity "
                                                                    "(0.08)")
