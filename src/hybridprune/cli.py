@@ -161,21 +161,24 @@ def _add_offload_args(p):
 
 
 def _check_context(args, spec, **seqlens):
-    """Refuse a window longer than the model's context, reading only its config (before any weight is loaded)."""
-    from .models import model_context
-    ctx = model_context(spec, trust_remote_code=args.trust_remote_code)
+    """Refuse a window longer than the model's context, reading only its config (before any weight is loaded);
+    returns that config."""
+    from .models import context_length, model_config
+    model_cfg = model_config(spec, trust_remote_code=args.trust_remote_code)
+    ctx = context_length(model_cfg)
     for flag, value in seqlens.items():
         if ctx and value is not None and value > ctx:
             raise HybridPruneError(f"--{flag.replace('_', '-')} {value} exceeds the model's context of {ctx} tokens; "
                                    f"use --{flag.replace('_', '-')} {min(2048, ctx)} or less")
+    return model_cfg
 
 
-def _check_calibration_memory(args, config):
+def _check_calibration_memory(args, config, model_cfg):
     """The engine keeps every calibration sample's hidden states at the current layer's input and output
     (nsamples x seqlen x hidden, twice); refuse, before loading, what cannot fit in the memory available."""
-    from .models import available_memory, model_config
+    from .models import available_memory
     from .scoring import needs_calibration
-    hidden = getattr(model_config(args.model, args.trust_remote_code), "hidden_size", None)
+    hidden = getattr(model_cfg, "hidden_size", None)
     free = available_memory()
     if not needs_calibration(config.method) or not isinstance(hidden, int) or not free:
         return
@@ -217,8 +220,9 @@ def cmd_prune(args):
         check_ppl_args(args.ppl_seqlen, args.max_windows)
     _check_out(args.out, args.overwrite)
     data_dir(args.data_dir)
-    _check_context(args, args.model, seqlen=args.seqlen, ppl_seqlen=args.ppl_seqlen if args.compare_ppl else None)
-    _check_calibration_memory(args, config)
+    model_cfg = _check_context(args, args.model, seqlen=args.seqlen,
+                               ppl_seqlen=args.ppl_seqlen if args.compare_ppl else None)
+    _check_calibration_memory(args, config, model_cfg)
     if _streams(args):
         from .streaming import prune_streamed
         result, out = prune_streamed(args.model, config, args.out, overwrite=args.overwrite, dtype=args.dtype,

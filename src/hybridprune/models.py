@@ -132,9 +132,8 @@ def model_config(spec: str, trust_remote_code: bool = False):
     return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
 
 
-def model_context(spec: str, trust_remote_code: bool = False) -> int | None:
-    """The model's context length from its config alone (no weights loaded), or None if it does not say."""
-    cfg = model_config(spec, trust_remote_code)
+def context_length(cfg) -> int | None:
+    """The context length a model's config gives, or None if it does not say."""
     for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
         value = getattr(cfg, key, None)
         if isinstance(value, int) and value > 0:
