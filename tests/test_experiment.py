@@ -266,6 +266,12 @@ def test_shipped_recipe_plans_the_study(quick, tmp_path):
     assert (kinds.count("prune"), kinds.count("finetune"), kinds.count("eval")) == \
         ((4, 4, 32) if quick else (10, 12, 4 + 7 * 3 * 4))
     assert recipe.seeds == ([0] if quick else [0, 1, 2])
+    # seed by seed (a stopped run leaves whole seeds): every stage of a seed before any of the next one
+    seed_of = {st.key: seed for run in by_run.values() for seed, cell in sorted(run.items(), reverse=True)
+               for st in [*cell.values(), *(cell["_model"].input for _ in [0] if cell["_model"] and cell["_model"].input)]
+               if st is not None}
+    order = [seed_of[st.key] for st in stages if st.key in seed_of]
+    assert order == sorted(order)
     for seed in recipe.seeds:
         assert by_run["exp1"][seed]["_model"].input is by_run["exp3"][seed]["_model"].input  # one pruned model
         assert by_run["exp2"][seed]["squad"].key != by_run["exp3"][seed]["squad"].key

@@ -5,7 +5,9 @@ Bad input ends with one line on stderr and exit code 2; output folders appear on
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import os
 import json
 import signal
 import sys
@@ -24,6 +26,12 @@ def _add_model_args(p):
     p.add_argument("--bos", default="auto", help="BOS token at the start of every calibration / perplexity window, "
                    "prompt and training sequence: auto (if the tokenizer adds one itself, e.g. Gemma) | always | "
                    "papers (text tokenized once, then cut: the Wanda/SparseGPT convention) (default auto)")
+
+
+def _add_kernel_args(p):
+    p.add_argument("--kernels", action="store_true", help="compute the pruned matrices from their packed form with "
+                   "hybridprune's sparse CPU kernels (a packed folder, or an unpruned-format pruned folder packed in "
+                   "memory); a model with nothing pruned runs dense")
 
 
 def _add_pattern_args(p):
@@ -131,8 +139,12 @@ def _load(args, spec, to_device: bool = True):
         raise HybridPruneError("--max-memory and --offload-folder need --device-map auto")
     if device_map and args.device:
         raise HybridPruneError("--device-map places the layers itself; drop --device")
+    kernels = getattr(args, "kernels", False)
+    if kernels and (device_map or (args.device and args.device != "cpu")):
+        raise HybridPruneError("--kernels computes on the CPU; drop --device/--device-map, or drop --kernels")
     model, tok = load_model(spec, dtype=args.dtype, trust_remote_code=args.trust_remote_code, device_map=device_map,
-                            max_memory=max_memory, offload_folder=getattr(args, "offload_folder", None))
+                            max_memory=max_memory, offload_folder=getattr(args, "offload_folder", None),
+                            kernels=kernels)
     if args.device and to_device and not device_map:
         model.to(args.device)
     return model, tok
@@ -225,9 +237,10 @@ def cmd_prune(args):
     _check_calibration_memory(args, config, model_cfg)
     if _streams(args):
         from .streaming import prune_streamed
-        result, out = prune_streamed(args.model, config, args.out, overwrite=args.overwrite, dtype=args.dtype,
-                                     trust_remote_code=args.trust_remote_code)
-        _say_pruned(result, out, config, "layer-streamed")
+        with _saving(args) as (target, overwrite):
+            result, _ = prune_streamed(args.model, config, target, overwrite=overwrite, dtype=args.dtype,
+                                         trust_remote_code=args.trust_remote_code)
+        _say_pruned(result, Path(args.out), config, "layer-streamed")
         return
     model, tok = _load(args, args.model, to_device=False)
     extra = {}
@@ -243,9 +256,28 @@ def cmd_prune(args):
                             data_dir_path=args.data_dir, bos=args.bos)
         print(f"pruned perplexity {pruned['ppl']:.2f}  ({pruned['windows']} windows x {pruned['seqlen']})")
         extra["pruned_ppl"] = pruned
-    out = save_pruned(model, tok, args.out, config, result, source=args.model, overwrite=args.overwrite,
-                      extra_record=extra)
-    _say_pruned(result, out, config)
+    with _saving(args) as (target, overwrite):
+        save_pruned(model, tok, target, config, result, source=args.model, overwrite=overwrite, extra_record=extra)
+    _say_pruned(result, Path(args.out), config)
+
+
+@contextlib.contextmanager
+def _saving(args):
+    """(folder, overwrite) for `prune` to write: --out itself (--save dense), or a temporary sibling (named as
+    atomic_dir's, so a killed run's is cleaned up) that is packed into --out and removed (--save packed)."""
+    if args.save == "dense":
+        yield args.out, args.overwrite
+        return
+    from .models import _remove, clean_stale_temporaries
+    from .packing import pack_folder
+    out = Path(args.out)
+    clean_stale_temporaries(out)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-unpacked")
+    try:
+        yield tmp, True
+        pack_folder(tmp, out, overwrite=args.overwrite)
+    finally:
+        _remove(tmp)
 
 
 def _streams(args) -> bool:
@@ -453,6 +485,22 @@ def _add_eval_args(p):
     p.add_argument("--ppl-windows", type=int, default=None, help="wikitext2: evaluate only the first N windows")
 
 
+def cmd_pack(args):
+    from .packing import is_packed, pack_folder, unpack_folder
+    _check_out(args.out, args.overwrite)
+    if not Path(args.model).is_dir():
+        raise HybridPruneError(f"{args.model} is not a folder; pack takes a folder saved by `hybridprune prune`")
+    if args.unpack:
+        if not is_packed(args.model):
+            raise HybridPruneError(f"{args.model} is not packed (no packed.safetensors); nothing to unpack")
+        unpack_folder(args.model, args.out, overwrite=args.overwrite)
+        print(f"unpacked to {args.out}")
+        return
+    stats = pack_folder(args.model, args.out, overwrite=args.overwrite)
+    print(f"saved to {args.out}: prunable matrices {stats['dense_bytes'] / 1e6:.1f} MB -> "
+          f"{stats['packed_bytes'] / 1e6:.1f} MB ({stats['packed_bytes'] / stats['dense_bytes']:.3f} of dense)")
+
+
 def cmd_inspect(args):
     from .inspect import inspect_folder
     report = inspect_folder(args.model, plot_dir=args.plot, matrices=args.matrix)
@@ -520,7 +568,8 @@ def cmd_experiment(args):
     from .data import data_dir
     from .experiment import run_experiment
     data_dir(args.data_dir)
-    run_experiment(args.recipe, args.out, quick=args.quick, only=args.only, device=args.device, dtype=args.dtype)
+    run_experiment(args.recipe, args.out, quick=args.quick, only=args.only, device=args.device, dtype=args.dtype,
+                   kernels=args.kernels)
 
 
 def _add_ft_args(p, prefix_method=False):
@@ -551,6 +600,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="default", help="default | folder | file.gguf | hub id")
     p.add_argument("--out", required=True, help="output folder (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--save", default="dense", choices=["dense", "packed"], help="dense: a from_pretrained folder, "
+                   "pruned weights as zeros (default); packed: only what is kept (see `hybridprune pack`)")
     p.add_argument("--compare-ppl", action="store_true", help="measure WikiText-2 perplexity before and after")
     p.add_argument("--max-windows", type=int, default=None, help="with --compare-ppl: windows to evaluate")
     p.add_argument("--ppl-seqlen", type=int, default=2048, help="with --compare-ppl: window length")
@@ -571,6 +622,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write the result as JSON here")
     _add_model_args(p)
     _add_offload_args(p)
+    _add_kernel_args(p)
     p.set_defaults(func=cmd_ppl)
 
     p = sub.add_parser("eval", help="task metrics of one model", description="WikiText-2 perplexity and "
@@ -581,6 +633,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_args(p)
     _add_model_args(p)
     _add_offload_args(p)
+    _add_kernel_args(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("compare", help="task metrics of several models side by side",
@@ -592,7 +645,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_args(p)
     _add_model_args(p)
     _add_offload_args(p)
+    _add_kernel_args(p)
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("pack", help="store a pruned model packed (only what is kept)", description="Write a pruned "
+                       "model folder in hybridprune's packed format: per pruned matrix a bitmask and values "
+                       "(unstructured), values and 2-bit positions (N:M), or a tier map and per-tier blocks "
+                       "(three-tier, block, block-topk), all in packed.safetensors; other tensors as they are. "
+                       "Every command takes the packed folder; --unpack writes the dense folder back, bit for bit.")
+    p.add_argument("model", help="a folder saved by `hybridprune prune` (or `finetune`); with --unpack a packed one")
+    p.add_argument("--out", required=True, help="output folder (written atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--unpack", action="store_true", help="packed folder -> ordinary from_pretrained folder")
+    p.set_defaults(func=cmd_pack)
 
     p = sub.add_parser("inspect", help="sparsity report of a saved model", description="Per-layer and per-matrix "
                        "sparsity, N:M validity and tier statistics of a saved model folder.")
@@ -642,6 +707,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16: load and compute in this dtype "
                    "(default: the recipe's dtype:, else as saved); part of every stage's key")
     p.add_argument("--data-dir", help="data directory in the layout of shared/data")
+    p.add_argument("--kernels", action="store_true", help="evaluation stages compute pruned matrices with the "
+                   "packed sparse kernels (as the recipe's eval: {kernels: true}; part of their stage keys)")
     p.set_defaults(func=cmd_experiment)
     for sp in sub.choices.values():  # no prefix matching: --block would otherwise pass for --block-size
         sp.allow_abbrev = False

@@ -46,12 +46,14 @@ def plan(recipe: Recipe, out: Path) -> tuple[list[Stage], dict, dict]:
     """The stages in execution order; by_run[run][seed] = {task: eval stage, '_model': model stage}; the pruned
     models by (pattern, calibration, seed), plus magnitude references by pattern under ('magnitude', pattern)."""
     stages: dict[str, Stage] = {}
+    rank: dict[str, int] = {}  # the index of the first seed that needs a stage: seeds run one after another
     several = len(recipe.seeds) > 1
 
-    def add(stage: Stage) -> Stage:
+    def add(stage: Stage, seed_index: int = 0) -> Stage:
+        rank.setdefault(stage.key, seed_index)
         return stages.setdefault(stage.key, stage)
 
-    def prune_stage(pattern, calib_name, seed=None):
+    def prune_stage(pattern, calib_name, seed=None, seed_index=0):
         config = dict(recipe.patterns[pattern])
         if calib_name is None:  # the calibration-free reference for the overlap table
             config.update(method="magnitude", tier_metric=None, refit=None, dsnot=False, layer_sparsity="uniform")
@@ -61,21 +63,21 @@ def plan(recipe: Recipe, out: Path) -> tuple[list[Stage], dict, dict]:
             label = f"prune {pattern} / calibration {calib_name}" + (f" / seed {seed}" if several else "")
         spec = {"model": recipe.model, "dtype": recipe.dtype, "config": config}
         key = _key(["prune", spec])
-        return add(Stage("prune", key, label, spec, out / "stages" / f"prune-{key}"))
+        return add(Stage("prune", key, label, spec, out / "stages" / f"prune-{key}"), seed_index)
 
     by_run, pruned = {}, {}
     for run in recipe.runs:
         by_run[run.name] = {}
-        for seed in recipe.seeds:
+        for seed_index, seed in enumerate(recipe.seeds):
             model_stage = None
             if run.calibration is not None:
-                model_stage = prune_stage(run.pattern, run.calibration, seed)
+                model_stage = prune_stage(run.pattern, run.calibration, seed, seed_index)
                 pruned[(run.pattern, run.calibration, seed)] = model_stage
                 if run.finetune != "none":
                     spec = {"input": model_stage.key, "config": {**recipe.finetune[run.finetune], "seed": seed}}
                     key = _key(["finetune", spec])
                     model_stage = add(Stage("finetune", key, f"finetune {run.finetune} on {model_stage.label}", spec,
-                                            out / "stages" / f"finetune-{key}", model_stage))
+                                            out / "stages" / f"finetune-{key}", model_stage), seed_index)
             cell = by_run[run.name][seed] = {"_model": model_stage}
             for task, settings in recipe.tasks.items():  # the dense model's stages are the same at every seed
                 spec = {"input": model_stage.key if model_stage else f"dense:{recipe.model}", "task": task,
@@ -83,11 +85,11 @@ def plan(recipe: Recipe, out: Path) -> tuple[list[Stage], dict, dict]:
                 key = _key(["eval", spec])
                 what = model_stage.label if model_stage else "dense"
                 cell[task] = add(Stage("eval", key, f"eval {task} on {what}", spec, out / "stages" / f"eval-{key}.json",
-                                       model_stage))
+                                       model_stage), seed_index)
     for pattern in {p for p, _, _ in pruned}:
         pruned[("magnitude", pattern)] = prune_stage(pattern, None)
-    order = {"prune": 0, "finetune": 1, "eval": 2}
-    return sorted(stages.values(), key=lambda s: order[s.kind]), by_run, pruned
+    order = {"prune": 0, "finetune": 1, "eval": 2}  # seed by seed, so that a stopped run leaves whole seeds
+    return sorted(stages.values(), key=lambda s: (rank[s.key], order[s.kind])), by_run, pruned
 
 
 def _run_stage(stage: Stage, recipe: Recipe, device: str | None, loaded: dict) -> None:
@@ -114,7 +116,7 @@ def _run_stage(stage: Stage, recipe: Recipe, device: str | None, loaded: dict) -
         spec = str(stage.input.path) if stage.input else recipe.model
         if loaded.get("eval_spec") != spec:
             loaded.pop("eval_model", None)  # free the previous model before reading the next
-            model, tok = models.load_model(spec, dtype=recipe.dtype)
+            model, tok = models.load_model(spec, dtype=recipe.dtype, kernels=bool(recipe.eval.get("kernels")))
             if device:
                 model.to(device)
             loaded.update(eval_spec=spec, eval_model=(model, tok))
@@ -132,7 +134,7 @@ def _run_stage(stage: Stage, recipe: Recipe, device: str | None, loaded: dict) -
 
 
 def run_experiment(recipe_path, out, quick: bool = False, only: str | None = None, device: str | None = None,
-                   dtype: str | None = None, log=print) -> dict:
+                   dtype: str | None = None, kernels: bool = False, log=print) -> dict:
     """Run every unfinished stage of the recipe, then write the report. Returns the results dict."""
     from . import models
     from .engine import default_device
@@ -146,6 +148,8 @@ def run_experiment(recipe_path, out, quick: bool = False, only: str | None = Non
         from .models import _dtype
         _dtype(dtype)  # refuse an unknown name before any work
         recipe.dtype = dtype
+    if kernels:
+        recipe.eval["kernels"] = True
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise HybridPruneError(f"--out {out} is a file; give a folder for the run (its stages are cached there)")

@@ -385,6 +385,7 @@ def finetune_and_save(model_spec: str, config: FinetuneConfig, out, overwrite=Fa
         return res
     prior = models.read_record(model_spec) if Path(model_spec).is_dir() else None
     record = {**(prior or {"model": model_spec}), "finetune": res["record"]}
+    record.pop("packed", None)  # a packed input is saved unpacked (pack the result with `hybridprune pack`)
 
     tiers = Path(model_spec) / "tiers.safetensors"
     keep_adapter = res["adapter"] is not None and not config.merge

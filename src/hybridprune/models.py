@@ -154,14 +154,25 @@ def available_memory() -> int | None:
 
 def load_model(spec: str = "default", dtype: str | torch.dtype | None = None, device: str | None = None,
                trust_remote_code: bool = False, device_map: str | None = None, max_memory: dict | None = None,
-               offload_folder: str | None = None):
+               offload_folder: str | None = None, kernels: bool = False):
     """Load (model, tokenizer) from any spec. The model is in eval mode with the KV cache off.
-    device_map / max_memory / offload_folder: accelerate's placement and offloading (from_pretrained's)."""
+    device_map / max_memory / offload_folder: accelerate's placement and offloading (from_pretrained's).
+    A packed folder (packing.py) loads as the same model; kernels=True computes its pruned matrices from their
+    packed form (kernels.py), also for an unpacked pruned folder, which is then packed in memory."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path, _ = resolve_model(spec)
     _hub_check(spec, path)
     torch_dtype = _dtype(dtype)
+    from .packing import is_packed, load_packed
+    if is_packed(path):
+        if device_map:
+            raise HybridPruneError(f"{spec} is packed: --device-map is not supported for packed folders; "
+                                   "unpack it with `hybridprune pack --unpack`, or drop --device-map")
+        model, tok = load_packed(path, dtype=dtype, kernels=kernels)
+        if device:
+            model.to(device)
+        return model, tok
     kwargs = dict(dtype=torch_dtype, trust_remote_code=trust_remote_code)
     if device_map:
         kwargs["device_map"] = device_map
@@ -177,6 +188,9 @@ def load_model(spec: str = "default", dtype: str | torch.dtype | None = None, de
     model.config.use_cache = False
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
+    if kernels:
+        from .kernels import use_kernels
+        use_kernels(model, path)
     return model, tok
 
 

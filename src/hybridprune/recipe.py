@@ -33,7 +33,7 @@ TASK_KEYS = {"wikitext2": {"windows", "seqlen"}, "boolq": {"limit", "sample", "n
              "squad": {"limit", "sample", "num_fewshot"}, "gsm8k": {"limit", "sample", "num_fewshot", "mode"}}
 METRICS = {"wikitext2": {"ppl"}, "boolq": {"acc", "gold_nll", "margin"}, "squad": {"exact_match", "f1", "gold_nll"},
            "gsm8k": {"exact_match[strict-match]", "exact_match[flexible-extract]", "gold_nll"}}
-EVAL_KEYS = ("batch_size", "generate_batch_size", "sample_seed")
+EVAL_KEYS = ("batch_size", "generate_batch_size", "sample_seed", "kernels")
 CLAIM = re.compile(r"^\s*(\S+)\s*(>=|<=|>|<)\s*(\S+)\s+on\s+(\w+)\.(\S+)\s*$")
 
 
@@ -296,6 +296,10 @@ def _build(path: Path, raw: dict, quick: bool) -> Recipe:
     for k, v in ev.items():
         if k not in EVAL_KEYS:
             fail(line(raw.get("eval"), k), f"unknown eval option {k!r}; use any of: {', '.join(EVAL_KEYS)}")
+        if k == "kernels":
+            if not isinstance(v, bool):
+                fail(line(raw.get("eval"), k), f"eval kernels must be true or false, got {v!r}")
+            continue
         low = 0 if k == "sample_seed" else 1
         if not isinstance(v, int) or isinstance(v, bool) or v < low:
             fail(line(raw.get("eval"), k), f"eval {k} must be a whole number >= {low}, got {v!r}")

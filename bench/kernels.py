@@ -1,0 +1,201 @@
+"""Packed sparse kernels against torch's dense matmul, side by side in this one process.
+
+Per pattern and shape: the packed bytes over the dense bytes, the kernel's time over torch's (F.linear on the
+dense matrix with its zeros) at several batch sizes, and the read ceiling: this machine's read bandwidth,
+measured as a sum over as many bytes as the dense matrix, so the fastest a kernel that reads the packed bytes
+once could be. Then end to end: greedy decoding on the default model, dense against pruned three-tier and
+Wanda 50% through the kernels, tokens per second and whether the outputs are the same.
+
+    python bench/kernels.py                              # 11008 x 4096 fp32 (a 7B MLP matrix), then end to end
+    python bench/kernels.py --shape 4096x4096 --dtype bfloat16 --batches 1,8 --no-e2e --no-bytes --json out.json
+"""
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from _common import report, write_json
+
+
+def timed(fn, reps: int) -> float:
+    """Median seconds of `reps` calls after two warm-ups."""
+    fn(), fn()
+    out = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return statistics.median(out)
+
+
+def pruned_matrix(pattern: str, N: int, K: int, dtype, seed: int = 0):
+    """A random matrix pruned by magnitude to `pattern`, its layout and tier map (the timing does not depend on
+    which weights are kept, only on the pattern)."""
+    from hybridprune import patterns
+    torch.manual_seed(seed)
+    W = torch.randn(N, K)
+    tiers = None
+    if pattern == "unstructured":
+        keep = patterns.unstructured_keep(W.abs(), 0.5)
+        layout = {"kind": "unstructured"}
+    elif pattern == "2:4":
+        keep = patterns.nm_keep(W.abs(), 2, 4)
+        layout = {"kind": "nm", "n": 2, "m": 4}
+    else:
+        keep, tiers = patterns.TieredBlocks().keep(W.abs())
+        layout = {"kind": "tiered", "block": 16, "n": 2, "m": 4, "k": 15}
+    return (W * keep).to(dtype), {**layout, "shape": [N, K]}, tiers
+
+
+def kernel_rows(args) -> list:
+    from hybridprune import kernels, packing
+    N, K = map(int, args.shape.split("x"))
+    dtype = getattr(torch, args.dtype)
+    rows = []
+    ext = kernels.extension()
+    bw_buf = torch.randn(N, K).to(dtype)
+    t_sum = timed(lambda: bw_buf.sum(), args.reps)
+    bandwidth = N * K * bw_buf.element_size() / t_sum
+    del bw_buf
+    print(f"# {N}x{K} {args.dtype}, threads {torch.get_num_threads()}, AVX2 path: {ext.has_avx2()}, "
+          f"read bandwidth {bandwidth / 1e9:.1f} GB/s (sum over {N * K * dtype.itemsize / 1e6:.0f} MB)", flush=True)
+    for pattern in args.patterns.split(","):
+        W, layout, tiers = pruned_matrix(pattern, N, K, dtype)
+        packed = packing.pack_matrix(W, layout, pattern, tiers)
+        module = kernels.PackedLinear(layout, packed)
+        dense_bytes = W.numel() * W.element_size()
+        ratio = packing.packed_bytes(packed) / dense_bytes
+        for B in map(int, args.batches.split(",")):
+            x = torch.randn(B, K).to(dtype)
+            with torch.no_grad():
+                t_dense = timed(lambda: F.linear(x, W), args.reps)
+                t_kernel = timed(lambda: module(x), args.reps)  # as dispatched (dense strips from DENSE_FROM rows)
+                default, kernels.DENSE_FROM = kernels.DENSE_FROM, dict.fromkeys(kernels.DENSE_FROM, 1 << 62)
+                t_direct = timed(lambda: module(x), args.reps)  # the sparse kernel at every batch size
+                kernels.DENSE_FROM = default
+            ceiling = t_dense / (ratio * dense_bytes / bandwidth)  # dense time over reading the packed bytes once
+            row = dict(pattern=pattern, shape=args.shape, dtype=args.dtype, batch=B, threads=torch.get_num_threads(),
+                       bytes_ratio=round(ratio, 4), dense_ms=round(t_dense * 1e3, 2), kernel_ms=round(t_kernel * 1e3, 2),
+                       sparse_kernel_ms=round(t_direct * 1e3, 2), speedup=round(t_dense / t_kernel, 2), read_ceiling_speedup=round(ceiling, 2),
+                       dense_GBps=round(dense_bytes / t_dense / 1e9, 1),
+                       kernel_GBps=round(ratio * dense_bytes / t_kernel / 1e9, 1),
+                       bandwidth_GBps=round(bandwidth / 1e9, 1))
+            report(row)
+            rows.append(row)
+        del W, packed, module
+    return rows
+
+
+def model_bytes_rows(args) -> list:
+    """The default model pruned (magnitude: the bytes depend on the pattern, not on which weights are kept),
+    saved, packed: prunable bytes packed over dense, and both folders' sizes."""
+    import tempfile
+    from pathlib import Path
+
+    from hybridprune import PruneConfig, models, packing, prune
+    from hybridprune.engine import save_pruned
+    rows = []
+    for dtype in ("float32", "bfloat16"):
+        for name, cfg in (("three-tier", dict(pattern="three-tier")), ("2:4", dict(pattern="2:4")),
+                          ("unstructured50", dict(pattern="unstructured", sparsity=0.5))):
+            model, tok = models.load_model("default", dtype=dtype)
+            config = PruneConfig(method="magnitude", **cfg)
+            result = prune(model, config, tokenizer=tok)
+            with tempfile.TemporaryDirectory() as tmp:
+                dense, packed = Path(tmp) / "dense", Path(tmp) / "packed"
+                save_pruned(model, tok, dense, config, result, source="default")
+                stats = packing.pack_folder(dense, packed, log=lambda *a: None)
+                row = dict(model="default", pattern=name, dtype=dtype,
+                           prunable_bytes_ratio=round(stats["packed_bytes"] / stats["dense_bytes"], 4),
+                           prunable_MB=f"{stats['dense_bytes'] / 1e6:.1f}->{stats['packed_bytes'] / 1e6:.1f}",
+                           folder_MB=f"{packing.folder_bytes(dense) / 1e6:.1f}->{packing.folder_bytes(packed) / 1e6:.1f}")
+            report(row)
+            rows.append(row)
+    return rows
+
+
+def e2e_rows(args) -> list:
+    """Greedy decoding, dense vs pruned (packed, through the kernels), same prompts; tokens/s and equality."""
+    from hybridprune import PruneConfig, kernels, models, prune
+    model, tok = models.load_model("default")
+    prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,",
+               "The three laws of thermodynamics"]
+
+    def decode(m):
+        m.config.use_cache = True
+        outs, tokens, seconds = [], 0, 0.0
+        with torch.no_grad():
+            for p in prompts:
+                ids = tok(p, return_tensors="pt")
+                t = time.perf_counter()
+                g = m.generate(**ids, max_new_tokens=args.new_tokens, do_sample=False, pad_token_id=tok.eos_token_id)
+                seconds += time.perf_counter() - t
+                tokens += g.shape[1] - ids["input_ids"].shape[1]
+                outs.append(g[0].tolist())
+        return outs, tokens / seconds
+
+    dense_out, dense_tps = decode(model)
+    rows = []
+    for name, cfg in (("three-tier", dict(pattern="three-tier")), ("wanda50", dict(pattern="unstructured", sparsity=0.5))):
+        pruned, _ = models.load_model("default")
+        result = prune(pruned, PruneConfig(method="wanda", calib="wikitext2", nsamples=8, seqlen=256, **cfg), tokenizer=tok)
+        ref_out, ref_tps = decode(pruned)  # the pruned model as dense matrices with zeros
+        n = kernels.sparsify_(pruned, PruneConfig(method="wanda", **cfg), result)
+        out, tps = decode(pruned)
+        row = dict(model="default", pattern=name, packed_matrices=n, new_tokens=args.new_tokens,
+                   dense_tok_s=round(dense_tps, 1), zeros_dense_tok_s=round(ref_tps, 1), kernels_tok_s=round(tps, 1),
+                   speedup=round(tps / dense_tps, 2), same_outputs_as_unpacked=out == ref_out)
+        report(row)
+        rows.append(row)
+        del pruned
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="11008x4096", help="N x K of the weight matrix (default: a 7B MLP matrix)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--patterns", default="three-tier,2:4,unstructured")
+    ap.add_argument("--batches", default="1,2,4,8,16,64,128")
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--new-tokens", type=int, default=48)
+    ap.add_argument("--no-e2e", action="store_true", help="no end-to-end decoding")
+    ap.add_argument("--no-bytes", action="store_true", help="no packed sizes of the default model")
+    ap.add_argument("--json", help="also write the rows to this JSON file")
+    ap.add_argument("--plot", help="also draw time against batch size per pattern into this PNG")
+    args = ap.parse_args()
+    rows = kernel_rows(args)
+    if not args.no_bytes:
+        rows += model_bytes_rows(args)
+    if not args.no_e2e:
+        rows += e2e_rows(args)
+    write_json(rows, args.json)
+    if args.plot:
+        plot(rows, args.plot)
+
+
+def plot(rows: list, path: str) -> None:
+    """Milliseconds per matmul against batch size: torch dense and each pattern's packed kernel (as dispatched)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [r for r in rows if "kernel_ms" in r]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4), sharey=True)
+    for ax, pattern in zip(axes, dict.fromkeys(r["pattern"] for r in rows)):
+        sel = [r for r in rows if r["pattern"] == pattern]
+        b = [r["batch"] for r in sel]
+        ax.plot(b, [r["dense_ms"] for r in sel], "o-", label="torch dense (zeros kept)")
+        ax.plot(b, [r["kernel_ms"] for r in sel], "s-", label="packed kernel")
+        ax.plot(b, [r["sparse_kernel_ms"] for r in sel], "x:", label="sparse kernel at every batch")
+        ax.set(xscale="log", yscale="log", xlabel="batch (rows of x)", title=f"{pattern}, bytes x{sel[0]['bytes_ratio']}")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(f"ms per x @ W.T ({rows[0]['shape']} {rows[0]['dtype']}, {rows[0]['threads']} threads)")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

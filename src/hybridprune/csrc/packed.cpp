@@ -1,0 +1,602 @@
+// Sparse matrix products computed from hybridprune's packed weights, without unpacking them.
+//
+//   y[b, n] = sum_k W[n, k] * x[b, k]  for W stored as one of
+//     unstructured  a row-major bitmask (bit k%8 of byte k/8) and the kept values in row order;
+//     2:4           per row K/2 values and a 2-bit position per value (value j at bits 2*(j%4) of byte j/4);
+//     tiered        16x16 blocks with a tier map: dense blocks column-major, 2:4 blocks as 8 value columns of
+//                   16 rows (value t of row r at t*16+r) with one 32-bit word of positions per column (2 bits
+//                   per row), top-k blocks as k values and k one-byte positions (row*16+col) in the block.
+//
+// Two implementations give bit-identical results: an AVX2+FMA one and a portable one that performs the same
+// fused multiply-adds in the same order (std::fma), so a CPU without AVX2 computes exactly the same numbers.
+// Every product accumulates in fp32; weights may be fp32 or bf16 (stored as their upper 16 bits).
+// Threads: at::parallel_for over rows (unstructured, 2:4) or 16-row block rows (tiered).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define HP_X86 1
+#endif
+
+namespace {
+
+inline float to_f(float v) { return v; }
+inline float to_f(uint16_t v) {
+  uint32_t u = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// The fixed reduction order of 8 lanes that both implementations use.
+inline float reduce8(const float* a) {
+  float s4[4], s2[2];
+  for (int i = 0; i < 4; i++) s4[i] = a[i] + a[i + 4];
+  for (int i = 0; i < 2; i++) s2[i] = s4[i] + s4[i + 2];
+  return s2[0] + s2[1];
+}
+
+constexpr int BC = 4;  // batch rows per pass over a weight row / block row (the weights stay in cache)
+
+// ----------------------------------------------------------------------------- portable
+
+template <typename W>
+void unstructured_portable(const float* x, int64_t B, int64_t Kp, const uint8_t* mask, const W* vals,
+                           const int64_t* rowptr, int64_t n0, int64_t n1, int64_t N, float* y) {
+  const int64_t mb = Kp / 8;
+  for (int64_t r = n0; r < n1; r++) {
+    for (int64_t b = 0; b < B; b++) {
+      float acc[2][8] = {{0}};  // even and odd mask bytes, as the AVX2 code
+      const W* v = vals + rowptr[r];
+      const float* xb = x + b * Kp;
+      for (int64_t c = 0; c < mb; c++) {
+        const uint8_t m = mask[r * mb + c];
+        if (!m) continue;
+        for (int i = 0; i < 8; i++) {
+          const float w = (m >> i) & 1 ? to_f(*v++) : 0.0f;
+          acc[c % 2][i] = std::fma(w, xb[c * 8 + i], acc[c % 2][i]);
+        }
+      }
+      float sum[8];
+      for (int i = 0; i < 8; i++) sum[i] = acc[0][i] + acc[1][i];
+      y[b * N + r] = reduce8(sum);
+    }
+  }
+}
+
+template <typename W>
+void nm24_portable(const float* x, int64_t B, int64_t K, const W* vals, const uint8_t* pos, int64_t n0,
+                   int64_t n1, int64_t N, float* y) {
+  const int64_t nv = K / 2;
+  for (int64_t r = n0; r < n1; r++) {
+    for (int64_t b = 0; b < B; b++) {
+      float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      const float* xb = x + b * K;
+      for (int64_t j0 = 0; j0 < nv; j0 += 8) {  // 8 kept values = 4 groups = 16 columns
+        for (int i = 0; i < 8; i++) {
+          const int64_t j = j0 + i;
+          const int p = (pos[r * (nv / 4) + j / 4] >> (2 * (j % 4))) & 3;
+          acc[i] = std::fma(to_f(vals[r * nv + j]), xb[(j / 2) * 4 + p], acc[i]);
+        }
+      }
+      y[b * N + r] = reduce8(acc);
+    }
+  }
+}
+
+template <typename W>
+void tiered_portable(const float* x, int64_t B, int64_t C, const int8_t* tiers, const W* dense,
+                     const W* nmv, const uint32_t* nmp, const W* tkv, const uint8_t* tkp, int64_t k,
+                     const int64_t* off, int64_t r0, int64_t r1, int64_t Np, float* y) {
+  const int64_t Kp = C * 16;
+  for (int64_t R = r0; R < r1; R++) {
+    for (int64_t b = 0; b < B; b++) {
+      float acc[16] = {0}, top[16] = {0};
+      int64_t d = off[R * 3], n = off[R * 3 + 1], t = off[R * 3 + 2];
+      const float* xb = x + b * Kp;
+      for (int64_t c = 0; c < C; c++) {
+        const float* xc = xb + c * 16;
+        const int tier = tiers[R * C + c];
+        if (tier == 0) {
+          const W* w = dense + d++ * 256;
+          for (int j = 0; j < 16; j++)
+            for (int i = 0; i < 16; i++) acc[i] = std::fma(to_f(w[j * 16 + i]), xc[j], acc[i]);
+        } else if (tier == 1) {
+          const W* w = nmv + n * 128;
+          const uint32_t* p = nmp + n * 8;
+          n++;
+          for (int s = 0; s < 8; s++)
+            for (int i = 0; i < 16; i++)
+              acc[i] = std::fma(to_f(w[s * 16 + i]), xc[(s / 2) * 4 + ((p[s] >> (2 * i)) & 3)], acc[i]);
+        } else if (tier == 2) {
+          const W* w = tkv + t * k;
+          const uint8_t* p = tkp + t * k;
+          t++;
+          for (int64_t e = 0; e < k; e++) top[p[e] >> 4] = std::fma(to_f(w[e]), xc[p[e] & 15], top[p[e] >> 4]);
+        }
+      }
+      for (int i = 0; i < 16; i++) y[b * Np + R * 16 + i] = acc[i] + top[i];
+    }
+  }
+}
+
+
+// ----------------------------------------------------------------------------- decoding rows to dense
+
+template <typename W>
+void unstructured_rows(const uint8_t* mask, const W* vals, const int64_t* rowptr, int64_t Kp, int64_t r0,
+                       int64_t r1, float* out) {
+  const int64_t mb = Kp / 8;
+  for (int64_t r = r0; r < r1; r++) {
+    const W* v = vals + rowptr[r];
+    float* o = out + (r - r0) * Kp;
+    for (int64_t c = 0; c < mb; c++) {
+      const uint8_t m = mask[r * mb + c];
+      for (int i = 0; i < 8; i++) o[c * 8 + i] = (m >> i) & 1 ? to_f(*v++) : 0.0f;
+    }
+  }
+}
+
+template <typename W>
+void nm24_rows(const W* vals, const uint8_t* pos, int64_t K, int64_t r0, int64_t r1, float* out) {
+  const int64_t nv = K / 2;
+  for (int64_t r = r0; r < r1; r++) {
+    float* o = out + (r - r0) * K;
+    std::fill(o, o + K, 0.0f);
+    for (int64_t j = 0; j < nv; j++)
+      o[(j / 2) * 4 + ((pos[r * (nv / 4) + j / 4] >> (2 * (j % 4))) & 3)] = to_f(vals[r * nv + j]);
+  }
+}
+
+template <typename W>
+void tiered_rows(int64_t C, const int8_t* tiers, const W* dense, const W* nmv, const uint32_t* nmp, const W* tkv,
+                 const uint8_t* tkp, int64_t k, const int64_t* off, int64_t R0, int64_t R1, float* out) {
+  const int64_t Kp = C * 16;
+  for (int64_t R = R0; R < R1; R++) {
+    float* o = out + (R - R0) * 16 * Kp;
+    std::fill(o, o + 16 * Kp, 0.0f);
+    int64_t d = off[R * 3], n = off[R * 3 + 1], t = off[R * 3 + 2];
+    for (int64_t c = 0; c < C; c++) {
+      float* oc = o + c * 16;
+      const int tier = tiers[R * C + c];
+      if (tier == 0) {
+        const W* w = dense + d++ * 256;
+        for (int j = 0; j < 16; j++)
+          for (int i = 0; i < 16; i++) oc[i * Kp + j] = to_f(w[j * 16 + i]);
+      } else if (tier == 1) {
+        const W* w = nmv + n * 128;
+        const uint32_t* p = nmp + n * 8;
+        n++;
+        for (int s = 0; s < 8; s++)
+          for (int i = 0; i < 16; i++) oc[i * Kp + (s / 2) * 4 + ((p[s] >> (2 * i)) & 3)] = to_f(w[s * 16 + i]);
+      } else if (tier == 2) {
+        const W* w = tkv + t * k;
+        const uint8_t* p = tkp + t * k;
+        t++;
+        for (int64_t e = 0; e < k; e++) oc[(p[e] >> 4) * Kp + (p[e] & 15)] = to_f(w[e]);
+      }
+    }
+  }
+}
+
+// ----------------------------------------------------------------------------- AVX2 + FMA
+
+#ifdef HP_X86
+#define HP_AVX2 __attribute__((target("avx2,fma")))
+
+struct ExpandTable {  // for each byte of mask: where each lane's value sits among the packed ones
+  alignas(32) int32_t perm[256][8];
+  alignas(32) int32_t keep[256][8];
+  ExpandTable() {
+    for (int m = 0; m < 256; m++) {
+      int c = 0;
+      for (int i = 0; i < 8; i++) {
+        const bool on = (m >> i) & 1;
+        perm[m][i] = on ? c : 0;
+        keep[m][i] = on ? -1 : 0;
+        c += on;
+      }
+    }
+  }
+};
+const ExpandTable& expand_table() {
+  static ExpandTable t;
+  return t;
+}
+
+HP_AVX2 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+HP_AVX2 inline __m256 load8(const uint16_t* p) {
+  __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+HP_AVX2 inline void store_reduce(__m256 acc, float* out) {
+  alignas(32) float a[8];
+  _mm256_store_ps(a, acc);
+  *out = reduce8(a);
+}
+
+// The 8 weights of one mask byte: the next popcount(m) values moved to the lanes of m's set bits, zeros elsewhere.
+template <typename W>
+HP_AVX2 __attribute__((always_inline)) inline __m256 expand8(const ExpandTable& T, int m, const W* src, const W* end, W* tail) {
+  if (src + 8 > end) {  // the last values of the matrix: never read past its end
+    const int64_t left = end - src;
+    for (int i = 0; i < 8; i++) tail[i] = i < left ? src[i] : W(0);
+    src = tail;
+  }
+  return _mm256_and_ps(
+      _mm256_permutevar8x32_ps(load8(src), _mm256_load_si256(reinterpret_cast<const __m256i*>(T.perm[m]))),
+      _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(T.keep[m]))));
+}
+
+// Two accumulators per batch row (even and odd mask bytes), so consecutive FMAs do not wait on each other;
+// the portable code sums in the same order.
+template <typename W>
+HP_AVX2 void unstructured_avx2(const float* x, int64_t B, int64_t Kp, const uint8_t* mask, const W* vals,
+                               int64_t nvals, const int64_t* rowptr, int64_t n0, int64_t n1, int64_t N, float* y) {
+  const ExpandTable& T = expand_table();
+  const int64_t mb = Kp / 8;
+  const W* vend = vals + nvals;
+  W tail[16];
+  for (int64_t r = n0; r < n1; r++) {
+    for (int64_t b0 = 0; b0 < B; b0 += BC) {
+      const int bc = static_cast<int>(std::min<int64_t>(BC, B - b0));
+      __m256 even[BC], odd[BC];
+      for (int i = 0; i < BC; i++) even[i] = odd[i] = _mm256_setzero_ps();
+      const W* v = vals + rowptr[r];
+      const uint8_t* mr = mask + r * mb;
+      const float* xr = x + b0 * Kp;
+      int64_t c = 0;
+      for (; c + 8 <= mb; c += 8) {  // 64 columns: each byte's values start at a popcount of one word
+        uint64_t mw;
+        std::memcpy(&mw, mr + c, 8);
+        for (int q = 0; q < 8; q += 2) {
+          const int m0 = static_cast<int>((mw >> (8 * q)) & 0xFF), m1 = static_cast<int>((mw >> (8 * q + 8)) & 0xFF);
+          const uint64_t below = (uint64_t(1) << (8 * q)) - 1;
+          if (m0) {
+            const __m256 w = expand8(T, m0, v + __builtin_popcountll(mw & below), vend, tail);
+            for (int i = 0; i < bc; i++) even[i] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xr + i * Kp + (c + q) * 8), even[i]);
+          }
+          if (m1) {
+            const __m256 w = expand8(T, m1, v + __builtin_popcountll(mw & ((below << 8) | 0xFF)), vend, tail);
+            for (int i = 0; i < bc; i++) odd[i] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xr + i * Kp + (c + q + 1) * 8), odd[i]);
+          }
+        }
+        v += __builtin_popcountll(mw);
+      }
+      for (; c < mb; c++) {
+        const int m = mr[c];
+        if (m) {
+          const __m256 w = expand8(T, m, v, vend, tail);
+          if (c % 2)
+            for (int i = 0; i < bc; i++) odd[i] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xr + i * Kp + c * 8), odd[i]);
+          else
+            for (int i = 0; i < bc; i++) even[i] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xr + i * Kp + c * 8), even[i]);
+        }
+        v += __builtin_popcount(m);
+      }
+      for (int i = 0; i < bc; i++) store_reduce(_mm256_add_ps(even[i], odd[i]), y + (b0 + i) * N + r);
+    }
+  }
+}
+
+template <typename W>
+HP_AVX2 void nm24_avx2(const float* x, int64_t B, int64_t K, const W* vals, const uint8_t* pos, int64_t n0,
+                       int64_t n1, int64_t N, float* y) {
+  const int64_t nv = K / 2;
+  const __m256i shifts = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
+  const __m256i base = _mm256_setr_epi32(0, 0, 4, 4, 0, 0, 4, 4);
+  const __m256i three = _mm256_set1_epi32(3);
+  for (int64_t r = n0; r < n1; r++) {
+    const W* vr = vals + r * nv;
+    const uint8_t* pr = pos + r * (nv / 4);
+    for (int64_t b0 = 0; b0 < B; b0 += BC) {
+      const int bc = static_cast<int>(std::min<int64_t>(BC, B - b0));
+      __m256 acc[BC];
+      for (int i = 0; i < BC; i++) acc[i] = _mm256_setzero_ps();
+      for (int64_t j0 = 0; j0 < nv; j0 += 8) {
+        uint16_t p16;
+        std::memcpy(&p16, pr + j0 / 4, 2);
+        const __m256i idx = _mm256_add_epi32(
+            base, _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(p16), shifts), three));
+        const __m256 w = load8(vr + j0);
+        for (int i = 0; i < bc; i++) {
+          const float* xc = x + (b0 + i) * K + j0 * 2;
+          const __m256 xg = _mm256_blend_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(xc), idx),
+                                            _mm256_permutevar8x32_ps(_mm256_loadu_ps(xc + 8), idx), 0xF0);
+          acc[i] = _mm256_fmadd_ps(w, xg, acc[i]);
+        }
+      }
+      for (int i = 0; i < bc; i++) store_reduce(acc[i], y + (b0 + i) * N + r);
+    }
+  }
+}
+
+template <typename W>
+HP_AVX2 void tiered_avx2(const float* x, int64_t B, int64_t C, const int8_t* tiers, const W* dense,
+                         const W* nmv, const uint32_t* nmp, const W* tkv, const uint8_t* tkp, int64_t k,
+                         const int64_t* off, int64_t r0, int64_t r1, int64_t Np, float* y) {
+  const int64_t Kp = C * 16;
+  const __m256i sh_lo = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
+  const __m256i sh_hi = _mm256_setr_epi32(16, 18, 20, 22, 24, 26, 28, 30);
+  for (int64_t R = r0; R < r1; R++) {
+    for (int64_t b0 = 0; b0 < B; b0 += BC) {
+      const int bc = static_cast<int>(std::min<int64_t>(BC, B - b0));
+      __m256 lo[BC], hi[BC];
+      float top[BC][16];
+      for (int i = 0; i < BC; i++) {
+        lo[i] = _mm256_setzero_ps();
+        hi[i] = _mm256_setzero_ps();
+        for (int j = 0; j < 16; j++) top[i][j] = 0.0f;
+      }
+      int64_t d = off[R * 3], n = off[R * 3 + 1], t = off[R * 3 + 2];
+      for (int64_t c = 0; c < C; c++) {
+        const int tier = tiers[R * C + c];
+        const float* xc = x + b0 * Kp + c * 16;
+        if (tier == 0) {
+          const W* w = dense + d++ * 256;
+          for (int j = 0; j < 16; j++) {
+            const __m256 wl = load8(w + j * 16), wh = load8(w + j * 16 + 8);
+            for (int i = 0; i < bc; i++) {
+              const __m256 xv = _mm256_broadcast_ss(xc + i * Kp + j);
+              lo[i] = _mm256_fmadd_ps(wl, xv, lo[i]);
+              hi[i] = _mm256_fmadd_ps(wh, xv, hi[i]);
+            }
+          }
+        } else if (tier == 1) {
+          const W* w = nmv + n * 128;
+          const uint32_t* p = nmp + n * 8;
+          n++;
+          for (int s = 0; s < 8; s++) {
+            const __m256 wl = load8(w + s * 16), wh = load8(w + s * 16 + 8);
+            const __m256i ps = _mm256_set1_epi32(static_cast<int>(p[s]));
+            const __m256i pl = _mm256_srlv_epi32(ps, sh_lo), ph = _mm256_srlv_epi32(ps, sh_hi);
+            for (int i = 0; i < bc; i++) {
+              const __m256 xq = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(xc + i * Kp + (s / 2) * 4));
+              lo[i] = _mm256_fmadd_ps(wl, _mm256_permutevar_ps(xq, pl), lo[i]);
+              hi[i] = _mm256_fmadd_ps(wh, _mm256_permutevar_ps(xq, ph), hi[i]);
+            }
+          }
+        } else if (tier == 2) {
+          const W* w = tkv + t * k;
+          const uint8_t* p = tkp + t * k;
+          t++;
+          for (int i = 0; i < bc; i++)
+            for (int64_t e = 0; e < k; e++)
+              top[i][p[e] >> 4] = std::fma(to_f(w[e]), xc[i * Kp + (p[e] & 15)], top[i][p[e] >> 4]);
+        }
+      }
+      for (int i = 0; i < bc; i++) {
+        alignas(32) float a[16];
+        _mm256_store_ps(a, lo[i]);
+        _mm256_store_ps(a + 8, hi[i]);
+        for (int j = 0; j < 16; j++) y[(b0 + i) * Np + R * 16 + j] = a[j] + top[i][j];
+      }
+    }
+  }
+}
+
+
+template <typename W>
+HP_AVX2 void unstructured_rows_avx2(const uint8_t* mask, const W* vals, int64_t nvals, const int64_t* rowptr,
+                                    int64_t Kp, int64_t r0, int64_t r1, float* out) {
+  const ExpandTable& T = expand_table();
+  const int64_t mb = Kp / 8;
+  W tail[16];
+  for (int64_t r = r0; r < r1; r++) {
+    const W* v = vals + rowptr[r];
+    float* o = out + (r - r0) * Kp;
+    for (int64_t c = 0; c < mb; c++) {
+      const int m = mask[r * mb + c];
+      _mm256_storeu_ps(o + c * 8, expand8(T, m, v, vals + nvals, tail));
+      v += __builtin_popcount(m);
+    }
+  }
+}
+
+bool cpu_has_avx2() {
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+}
+#else
+bool cpu_has_avx2() { return false; }
+#endif
+
+// ----------------------------------------------------------------------------- entry points
+
+// impl: 0 = the fastest this CPU runs, 1 = portable, 2 = AVX2 (refused where the CPU lacks it)
+bool use_avx2(int64_t impl) {
+  TORCH_CHECK(impl >= 0 && impl <= 2, "impl must be 0 (auto), 1 (portable) or 2 (avx2)");
+  TORCH_CHECK(impl != 2 || cpu_has_avx2(), "this CPU has no AVX2+FMA; use impl 0 or 1");
+  return impl == 2 || (impl == 0 && cpu_has_avx2());
+}
+
+void check_x(const torch::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous() && x.device().is_cpu(),
+              "x must be a contiguous 2-D float32 CPU tensor");
+}
+
+bool is_bf16(const torch::Tensor& v) {
+  TORCH_CHECK(v.scalar_type() == torch::kFloat32 || v.scalar_type() == torch::kBFloat16,
+              "packed values must be float32 or bfloat16");
+  TORCH_CHECK(v.is_contiguous(), "packed values must be contiguous");
+  return v.scalar_type() == torch::kBFloat16;
+}
+
+template <typename W>
+const W* ptr(const torch::Tensor& v) {
+  return reinterpret_cast<const W*>(v.data_ptr());
+}
+
+int64_t grain(int64_t work_per_item) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, work_per_item)); }
+
+torch::Tensor unstructured_mm(torch::Tensor x, torch::Tensor mask, torch::Tensor values, torch::Tensor rowptr,
+                              int64_t impl) {
+  check_x(x);
+  const int64_t B = x.size(0), Kp = x.size(1), N = mask.size(0);
+  TORCH_CHECK(Kp % 8 == 0 && mask.size(1) == Kp / 8, "x width must be the mask width x 8");
+  TORCH_CHECK(rowptr.numel() == N + 1 && rowptr.scalar_type() == torch::kInt64, "rowptr must hold N+1 int64");
+  const bool bf = is_bf16(values), fast = use_avx2(impl);
+  auto y = torch::empty({B, N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const uint8_t* mp = mask.data_ptr<uint8_t>();
+  const int64_t* rp = rowptr.data_ptr<int64_t>();
+  float* yp = y.data_ptr<float>();
+  const int64_t nv = values.numel();
+  at::parallel_for(0, N, grain(Kp * B), [&](int64_t n0, int64_t n1) {
+#ifdef HP_X86
+    if (fast) {
+      if (bf) unstructured_avx2(xp, B, Kp, mp, ptr<uint16_t>(values), nv, rp, n0, n1, N, yp);
+      else unstructured_avx2(xp, B, Kp, mp, ptr<float>(values), nv, rp, n0, n1, N, yp);
+      return;
+    }
+#endif
+    if (bf) unstructured_portable(xp, B, Kp, mp, ptr<uint16_t>(values), rp, n0, n1, N, yp);
+    else unstructured_portable(xp, B, Kp, mp, ptr<float>(values), rp, n0, n1, N, yp);
+  });
+  return y;
+}
+
+torch::Tensor nm24_mm(torch::Tensor x, torch::Tensor values, torch::Tensor positions, int64_t impl) {
+  check_x(x);
+  const int64_t B = x.size(0), K = x.size(1), N = values.size(0);
+  TORCH_CHECK(K % 16 == 0, "2:4 kernels need the input width to be a multiple of 16");
+  TORCH_CHECK(values.dim() == 2 && values.size(1) == K / 2, "2:4 values must be [N, K/2]");
+  TORCH_CHECK(positions.dim() == 2 && positions.size(0) == N && positions.size(1) == K / 8,
+              "2:4 positions must be [N, K/8] bytes");
+  const bool bf = is_bf16(values), fast = use_avx2(impl);
+  auto y = torch::empty({B, N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const uint8_t* pp = positions.data_ptr<uint8_t>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, N, grain(K * B), [&](int64_t n0, int64_t n1) {
+#ifdef HP_X86
+    if (fast) {
+      if (bf) nm24_avx2(xp, B, K, ptr<uint16_t>(values), pp, n0, n1, N, yp);
+      else nm24_avx2(xp, B, K, ptr<float>(values), pp, n0, n1, N, yp);
+      return;
+    }
+#endif
+    if (bf) nm24_portable(xp, B, K, ptr<uint16_t>(values), pp, n0, n1, N, yp);
+    else nm24_portable(xp, B, K, ptr<float>(values), pp, n0, n1, N, yp);
+  });
+  return y;
+}
+
+torch::Tensor tiered_mm(torch::Tensor x, torch::Tensor tiers, torch::Tensor dense, torch::Tensor nm_values,
+                        torch::Tensor nm_positions, torch::Tensor topk_values, torch::Tensor topk_positions,
+                        torch::Tensor offsets, int64_t impl) {
+  check_x(x);
+  TORCH_CHECK(tiers.dim() == 2 && tiers.scalar_type() == torch::kInt8, "tier map must be 2-D int8");
+  const int64_t B = x.size(0), R = tiers.size(0), C = tiers.size(1);
+  TORCH_CHECK(x.size(1) == C * 16, "x width must be the tier map width x 16");
+  TORCH_CHECK(offsets.scalar_type() == torch::kInt64 && offsets.numel() == (R + 1) * 3, "offsets must be [R+1, 3]");
+  TORCH_CHECK(nm_positions.scalar_type() == torch::kInt32, "2:4 block positions must be int32 words");
+  TORCH_CHECK(topk_positions.scalar_type() == torch::kUInt8, "top-k positions must be uint8");
+  const bool bf = is_bf16(dense), fast = use_avx2(impl);
+  TORCH_CHECK(is_bf16(nm_values) == bf && is_bf16(topk_values) == bf, "all packed values must share one dtype");
+  const int64_t* op = offsets.data_ptr<int64_t>();
+  const int64_t nd = dense.numel() / 256, nn = nm_values.numel() / 128, nt = topk_positions.size(0);
+  TORCH_CHECK(op[R * 3] == nd && op[R * 3 + 1] == nn && op[R * 3 + 2] == nt, "offsets disagree with the blocks");
+  const int64_t k = topk_positions.dim() == 2 ? topk_positions.size(1) : 0;
+  const int64_t Np = R * 16;
+  auto y = torch::empty({B, Np}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const int8_t* tp = tiers.data_ptr<int8_t>();
+  const uint32_t* np_ = reinterpret_cast<const uint32_t*>(nm_positions.data_ptr<int32_t>());
+  const uint8_t* kp = topk_positions.data_ptr<uint8_t>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, R, grain(C * 256 * B / 4), [&](int64_t r0, int64_t r1) {
+#define HP_TIERED(IMPL, W)                                                                                   \
+  IMPL(xp, B, C, tp, ptr<W>(dense), ptr<W>(nm_values), np_, ptr<W>(topk_values), kp, k, op, r0, r1, Np, yp)
+#ifdef HP_X86
+    if (fast) {
+      if (bf) HP_TIERED(tiered_avx2, uint16_t);
+      else HP_TIERED(tiered_avx2, float);
+      return;
+    }
+#endif
+    if (bf) HP_TIERED(tiered_portable, uint16_t);
+    else HP_TIERED(tiered_portable, float);
+#undef HP_TIERED
+  });
+  return y;
+}
+
+// Rows [r0, r1) of the matrix as dense fp32 (for large batches, where a dense matmul of the rows is faster).
+torch::Tensor unstructured_decode(torch::Tensor mask, torch::Tensor values, torch::Tensor rowptr, int64_t r0,
+                                  int64_t r1) {
+  const int64_t Kp = mask.size(1) * 8;
+  TORCH_CHECK(0 <= r0 && r0 <= r1 && r1 <= mask.size(0), "row range out of bounds");
+  const bool bf = is_bf16(values);
+  auto out = torch::empty({r1 - r0, Kp}, torch::kFloat32);
+  const uint8_t* mp = mask.data_ptr<uint8_t>();
+  const int64_t* rp = rowptr.data_ptr<int64_t>();
+  float* o = out.data_ptr<float>();
+  const bool fast = use_avx2(0);
+  const int64_t nv = values.numel();
+  at::parallel_for(r0, r1, grain(Kp), [&](int64_t a, int64_t b) {
+#ifdef HP_X86
+    if (fast) {
+      if (bf) unstructured_rows_avx2(mp, ptr<uint16_t>(values), nv, rp, Kp, a, b, o + (a - r0) * Kp);
+      else unstructured_rows_avx2(mp, ptr<float>(values), nv, rp, Kp, a, b, o + (a - r0) * Kp);
+      return;
+    }
+#endif
+    if (bf) unstructured_rows(mp, ptr<uint16_t>(values), rp, Kp, a, b, o + (a - r0) * Kp);
+    else unstructured_rows(mp, ptr<float>(values), rp, Kp, a, b, o + (a - r0) * Kp);
+  });
+  return out;
+}
+
+torch::Tensor nm24_decode(torch::Tensor values, torch::Tensor positions, int64_t r0, int64_t r1) {
+  const int64_t K = values.size(1) * 2;
+  TORCH_CHECK(0 <= r0 && r0 <= r1 && r1 <= values.size(0), "row range out of bounds");
+  const bool bf = is_bf16(values);
+  auto out = torch::empty({r1 - r0, K}, torch::kFloat32);
+  const uint8_t* pp = positions.data_ptr<uint8_t>();
+  float* o = out.data_ptr<float>();
+  at::parallel_for(r0, r1, grain(K), [&](int64_t a, int64_t b) {
+    if (bf) nm24_rows(ptr<uint16_t>(values), pp, K, a, b, o + (a - r0) * K);
+    else nm24_rows(ptr<float>(values), pp, K, a, b, o + (a - r0) * K);
+  });
+  return out;
+}
+
+torch::Tensor tiered_decode(torch::Tensor tiers, torch::Tensor dense, torch::Tensor nm_values,
+                            torch::Tensor nm_positions, torch::Tensor topk_values, torch::Tensor topk_positions,
+                            torch::Tensor offsets, int64_t R0, int64_t R1) {
+  const int64_t R = tiers.size(0), C = tiers.size(1), Kp = C * 16;
+  TORCH_CHECK(0 <= R0 && R0 <= R1 && R1 <= R, "block row range out of bounds");
+  const bool bf = is_bf16(dense);
+  const int64_t k = topk_positions.dim() == 2 ? topk_positions.size(1) : 0;
+  auto out = torch::empty({(R1 - R0) * 16, Kp}, torch::kFloat32);
+  const int8_t* tp = tiers.data_ptr<int8_t>();
+  const uint32_t* np_ = reinterpret_cast<const uint32_t*>(nm_positions.data_ptr<int32_t>());
+  const uint8_t* kp = topk_positions.data_ptr<uint8_t>();
+  const int64_t* op = offsets.data_ptr<int64_t>();
+  float* o = out.data_ptr<float>();
+  at::parallel_for(R0, R1, 1, [&](int64_t a, int64_t b) {
+    if (bf) tiered_rows(C, tp, ptr<uint16_t>(dense), ptr<uint16_t>(nm_values), np_, ptr<uint16_t>(topk_values), kp, k,
+                        op, a, b, o + (a - R0) * 16 * Kp);
+    else tiered_rows(C, tp, ptr<float>(dense), ptr<float>(nm_values), np_, ptr<float>(topk_values), kp, k, op, a, b,
+                     o + (a - R0) * 16 * Kp);
+  });
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "hybridprune: matrix products from packed sparse weights (AVX2+FMA and portable, same results)";
+  m.def("unstructured_mm", &unstructured_mm, "x[B,Kp] @ W.T from a bitmask and kept values");
+  m.def("nm24_mm", &nm24_mm, "x[B,K] @ W.T from 2:4 values and 2-bit positions");
+  m.def("tiered_mm", &tiered_mm, "x[B,C*16] @ W.T from a 16x16 block tier map (dense / 2:4 / top-k)");
+  m.def("unstructured_decode", &unstructured_decode, "rows [r0, r1) of a bitmask-packed matrix, dense fp32");
+  m.def("nm24_decode", &nm24_decode, "rows [r0, r1) of a 2:4-packed matrix, dense fp32");
+  m.def("tiered_decode", &tiered_decode, "block rows [R0, R1) of a tiered matrix, dense fp32");
+  m.def("has_avx2", &cpu_has_avx2, "whether this CPU runs the AVX2+FMA path");
+}

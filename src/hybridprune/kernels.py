@@ -1,0 +1,197 @@
+"""Sparse kernels: nn.Linear replaced by a module that computes x @ W.T from the packed weights (packing.py).
+
+    sparsify_(model, ...)        one call swaps every packed matrix's module for a PackedLinear
+    PackedLinear.forward(x)      csrc/packed.cpp: unstructured (bitmask), 2:4, tiered 16x16 blocks (dense / 2:4 /
+                                 top-k); fp32 or bf16 weights, fp32 accumulation, threads over rows
+The extension is compiled from csrc/packed.cpp with torch's C++ extension mechanism the first time it is used
+(`make setup` does it once) into the hybridprune cache folder; nothing prebuilt is downloaded.
+Two implementations give bit-identical results: AVX2+FMA where the CPU has it, and a portable one
+(HYBRIDPRUNE_KERNELS=portable forces it). Layouts the kernels do not cover (blocks other than 16x16, an N:M other
+than 2:4) keep their packed form on disk and compute with the unpacked matrix.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import sysconfig
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import models
+from .errors import HybridPruneError
+from .packing import layout_for, pack_matrix, unpack_matrix
+
+_SOURCE = Path(__file__).parent / "csrc" / "packed.cpp"
+_EXT = None
+IMPLS = {"auto": 0, "portable": 1, "avx2": 2}
+# rows of x from which a dense matmul of decoded strips beats the sparse kernel, per layout (bench/kernels.py:
+# 11008 x 4096 fp32 on 2 AVX2 cores)
+DENSE_FROM = {"unstructured": 48, "nm": 24, "tiered": 96}
+STRIP = 512       # rows decoded at a time for it
+
+
+def extension():
+    """The compiled kernels (built on first use, then loaded from the cache)."""
+    global _EXT
+    if _EXT is None:
+        from torch.utils.cpp_extension import load
+        digest = hashlib.sha256(_SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:12]
+        build = models.cache_dir() / "kernels" / digest
+        build.mkdir(parents=True, exist_ok=True)
+        scripts = sysconfig.get_path("scripts")  # ninja comes with the venv; a plain .venv/bin/python lacks PATH
+        if scripts and scripts not in os.environ.get("PATH", "").split(os.pathsep):
+            os.environ["PATH"] = scripts + os.pathsep + os.environ.get("PATH", "")
+        try:
+            _EXT = load(name=f"hybridprune_packed_{digest}", sources=[str(_SOURCE)], build_directory=str(build),
+                        extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
+        except Exception as e:
+            raise HybridPruneError(f"building the sparse kernels failed ({str(e).splitlines()[0]}); they need g++ "
+                                   f"and ninja (`make setup` installs ninja); run without --kernels") from None
+    return _EXT
+
+
+def impl() -> int:
+    name = os.environ.get("HYBRIDPRUNE_KERNELS", "auto")
+    if name not in IMPLS:
+        raise HybridPruneError(f"HYBRIDPRUNE_KERNELS={name!r}; use one of {', '.join(IMPLS)}")
+    return IMPLS[name]
+
+
+def covered(layout: dict) -> bool:
+    """Whether a kernel computes this layout from its packed form."""
+    if layout["kind"] == "unstructured":
+        return True
+    if layout["kind"] == "nm":
+        return (layout["n"], layout["m"]) == (2, 4) and layout["shape"][1] % 16 == 0
+    return layout["block"] == 16 and (layout["n"], layout["m"]) == (2, 4)
+
+
+class PackedLinear(nn.Module):
+    """y = x @ W.T + b with W held packed (its buffers are the packed tensors, in the kernels' layout)."""
+
+    def __init__(self, layout: dict, tensors: dict, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.layout = dict(layout)
+        self.out_features, self.in_features = layout["shape"]
+        self.kind = layout["kind"] if covered(layout) else "unpacked"
+        if self.kind == "unpacked":
+            self.register_buffer("weight", unpack_matrix(tensors, layout))
+        else:
+            for name, t in tensors.items():
+                self.register_buffer(name, t.contiguous())
+        if self.kind == "unstructured":  # where each row's values start
+            pop = torch.tensor([bin(i).count("1") for i in range(256)])
+            per_row = pop[tensors["mask"].to(torch.int64)].sum(1)
+            self.register_buffer("rowptr", torch.cat([torch.zeros(1, dtype=torch.int64), per_row.cumsum(0)]))
+        if self.kind == "tiered":
+            counts = torch.stack([(tensors["tiers"] == i).sum(1) for i in range(3)], 1).to(torch.int64)
+            self.register_buffer("offsets", torch.cat([torch.zeros(1, 3, dtype=torch.int64), counts.cumsum(0)]))
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, packed={self.layout['kind']}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)
+        if self.kind == "unpacked":
+            y = x2 @ self.weight.to(x.dtype).t()
+        else:
+            if x.device.type != "cpu":
+                raise HybridPruneError("the packed kernels run on the CPU; load the model without --kernels on "
+                                       f"{x.device.type}")
+            y = self.matmul(x2.float()).to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def matmul(self, x: torch.Tensor, implementation: int | None = None) -> torch.Tensor:
+        """x [B, in] fp32 -> x @ W.T [B, out] fp32: the sparse kernel, or from DENSE_FROM rows of x on, a dense
+        matmul over strips of rows decoded from the packed form (prefill, where dense units win)."""
+        ext, which = extension(), impl() if implementation is None else implementation
+        K, N = self.in_features, self.out_features
+        if x.shape[0] >= DENSE_FROM[self.kind]:
+            return self.dense_matmul(x)
+        if self.kind == "unstructured":
+            xp = _pad(x, self.mask.shape[1] * 8 - K)
+            return ext.unstructured_mm(xp, self.mask, self.values, self.rowptr, which)
+        if self.kind == "nm":
+            return ext.nm24_mm(x.contiguous(), self.values, self.positions, which)
+        xp = _pad(x, self.tiers.shape[1] * 16 - K)
+        y = ext.tiered_mm(xp, self.tiers, self.dense, self.nm_values, self.nm_positions, self.topk_values,
+                          self.topk_positions, self.offsets, which)
+        return y[:, :N]
+
+
+    def dense_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ W.T with W decoded STRIP rows at a time (a strip stays in cache; the whole matrix never exists)."""
+        ext, K, N = extension(), self.in_features, self.out_features
+        y = torch.empty(x.shape[0], N, dtype=torch.float32)
+        if self.kind == "tiered":
+            xp, step = _pad(x, self.tiers.shape[1] * 16 - K), STRIP // 16
+            for R0 in range(0, self.tiers.shape[0], step):
+                R1 = min(R0 + step, self.tiers.shape[0])
+                W = ext.tiered_decode(self.tiers, self.dense, self.nm_values, self.nm_positions, self.topk_values,
+                                      self.topk_positions, self.offsets, R0, R1)
+                rows = min(R1 * 16, N) - R0 * 16
+                torch.mm(xp, W[:rows].t(), out=y[:, R0 * 16:R0 * 16 + rows])
+            return y
+        xp = _pad(x, self.mask.shape[1] * 8 - K) if self.kind == "unstructured" else x.contiguous()
+        for r0 in range(0, N, STRIP):
+            r1 = min(r0 + STRIP, N)
+            W = ext.unstructured_decode(self.mask, self.values, self.rowptr, r0, r1) if self.kind == "unstructured" \
+                else ext.nm24_decode(self.values, self.positions, r0, r1)
+            torch.mm(xp, W.t(), out=y[:, r0:r1])
+        return y
+
+
+def _pad(x: torch.Tensor, extra: int) -> torch.Tensor:
+    return torch.nn.functional.pad(x, (0, extra)).contiguous() if extra else x.contiguous()
+
+
+def sparsify_(model: nn.Module, config=None, result=None, packed: dict | None = None, layouts: dict | None = None,
+              record: dict | None = None, tier_maps: dict | None = None) -> int:
+    """Swap each pruned matrix's module for a PackedLinear, in place. Returns how many were swapped.
+
+    config/result: the PruneConfig and PruneResult of `prune(model, config)` (the pattern and tier maps), or
+    record/tier_maps: a saved folder's hybridprune.json and tiers.safetensors; each prunable matrix is then packed
+    here from the model's own zeros. packed/layouts: the tensors and layouts of a packed folder
+    (packing.read_packed), keyed by weight name.
+    """
+    if config is not None and result is not None:
+        from .engine import pruned_record
+        record, tier_maps = pruned_record(config, result, "memory"), result.tier_maps
+    if packed is None:
+        packed, layouts = {}, {}
+        if not record or "prune" not in record:
+            return 0
+        pattern = record["prune"].get("pattern_detail") or {}
+        skipped = set(record.get("skipped") or [])
+        for name, mod in models.prunable_matrices(model).items():
+            W = models.weight_matrix(mod).detach()
+            layout = layout_for(pattern, name, W, tier_maps or {}, skipped)
+            if layout is not None:
+                layout["transposed"] = not isinstance(mod, nn.Linear)
+                layouts[f"{name}.weight"] = layout
+                packed[f"{name}.weight"] = pack_matrix(W, layout, name, (tier_maps or {}).get(name))
+    for key, layout in layouts.items():
+        name = key[:-len(".weight")]
+        mod = model.get_submodule(name)
+        new = PackedLinear(layout, packed[key], getattr(mod, "bias", None))
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, new)
+    return len(layouts)
+
+
+def use_kernels(model: nn.Module, spec: str) -> int:
+    """`--kernels` on a model loaded from `spec` (an unpacked pruned folder): pack in memory and swap.
+    A model with no pruning record is left dense, with a warning."""
+    from .engine import load_tier_maps
+    record = models.read_record(spec) if Path(spec).is_dir() else None
+    n = sparsify_(model, record=record, tier_maps=load_tier_maps(spec) if Path(spec).is_dir() else {})
+    if n == 0:
+        print(f"--kernels: {spec} has nothing to pack (not pruned by hybridprune); running dense", file=sys.stderr)
+    return n

@@ -1,0 +1,412 @@
+"""The packed format: a pruned matrix keeps only what is kept, in safetensors.
+
+    unstructured  mask [N, ceil(K/8)] uint8 (bit k%8 of byte k/8 = column k kept), values [nnz] in row order
+    N:M           values [N, K/M*N] and positions [N, ceil(K/M*N*bits/8)] uint8, the position of each kept value
+                  inside its group in `bits` bits (2 for M <= 4, 4 for M <= 16, 8 above), ascending per group
+    tiered        tiers [R, C] int8 (0 dense, 1 N:M, 2 top-k) over BxB blocks (edge blocks padded with zeros),
+                  then per tier in block order (row of blocks by row of blocks):
+                    dense         [nd, B, B]   the block, column-major (column j's B values together)
+                    nm_values     [nn, B/M*N, B]  kept value t of every block row, t-major
+                    nm_positions  [nn, B/M*N] int32  the 2-bit positions of value t of the B rows in one word
+                    topk_values   [nt, k]       and  topk_positions [nt, k] uint8: row * B + column
+Tensors that were not pruned are stored as they are. Every packed tensor of matrix `W` is named `W.<field>`,
+and the folder's hybridprune.json records {"packed": {"format", "version", "matrices": {W: layout}}}.
+The layouts are the ones the kernels read (kernels.py), so loading never converts them.
+
+Unpacking restores every weight bit for bit; a pruned weight reads back as +0.0 (pruning by a multiply can
+leave -0.0, the same number).
+"""
+from __future__ import annotations
+
+import json
+import math
+import struct
+from pathlib import Path
+
+import torch
+
+from . import models
+from .errors import HybridPruneError
+from .patterns import from_blocks, to_blocks
+
+FORMAT, VERSION = "hybridprune-packed", 1
+PACKED_FILE = "packed.safetensors"
+
+
+def is_packed(path) -> bool:
+    p = Path(path)
+    return p.is_dir() and (p / PACKED_FILE).is_file()
+
+
+def _bits(m: int) -> int:
+    return 2 if m <= 4 else 4 if m <= 16 else 8
+
+
+def _pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """[..., L] small ints -> [..., ceil(L*bits/8)] uint8, value i at bits (i % per) * bits of byte i // per."""
+    per = 8 // bits
+    pad = (-values.shape[-1]) % per
+    v = torch.nn.functional.pad(values.to(torch.int32), (0, pad)).reshape(*values.shape[:-1], -1, per)
+    return (v << (bits * torch.arange(per, dtype=torch.int32))).sum(-1).to(torch.uint8)
+
+
+def _unpack_bits(packed: torch.Tensor, bits: int, length: int) -> torch.Tensor:
+    per = 8 // bits
+    v = (packed.to(torch.int32).unsqueeze(-1) >> (bits * torch.arange(per, dtype=torch.int32))) & ((1 << bits) - 1)
+    return v.reshape(*packed.shape[:-1], -1)[..., :length].to(torch.int64)
+
+
+def _choose(nonzero: torch.Tensor, count: int) -> torch.Tensor:
+    """Positions of `count` entries per row of the last dim: the non-zeros first, then zeros, ascending."""
+    width = nonzero.shape[-1]
+    key = (~nonzero).to(torch.int64) * width + torch.arange(width)
+    return torch.sort(torch.topk(key, count, dim=-1, largest=False).indices, dim=-1).values
+
+
+# ----------------------------------------------------------------------------- one matrix
+
+def pack_matrix(W: torch.Tensor, layout: dict, name: str, tiers: torch.Tensor | None = None) -> dict:
+    """Pack one [out, in] matrix. Refuses (naming the matrix) where its zeros break the pattern."""
+    W = W.detach().cpu().contiguous()
+    N, K = W.shape
+    kind = layout["kind"]
+    if kind == "unstructured":
+        Kp = -(-K // 8) * 8
+        keep = torch.nn.functional.pad(W != 0, (0, Kp - K))
+        return {"mask": _pack_bits(keep, 1), "values": W[W != 0].contiguous()}
+    if kind == "nm":
+        n, m = layout["n"], layout["m"]
+        if K % m:
+            raise HybridPruneError(f"{name}: {K} inputs do not split into groups of {m}; it cannot be packed as {n}:{m}")
+        g = W.reshape(N, K // m, m)
+        nz = g != 0
+        if (nz.sum(-1) > n).any():
+            raise HybridPruneError(f"{name} breaks its recorded {n}:{m} pattern (a group keeps more than {n}); "
+                                   "it was changed after pruning: re-prune it or save it unpacked")
+        pos = _choose(nz, n)
+        return {"values": g.gather(-1, pos).reshape(N, -1).contiguous(),
+                "positions": _pack_bits(pos.reshape(N, -1), _bits(m))}
+    if kind == "tiered":
+        return _pack_tiered(W, layout, name, tiers)
+    raise HybridPruneError(f"{name}: unknown packed layout {kind!r}")
+
+
+def _pack_tiered(W, layout, name, tiers):
+    b, n, m, k = layout["block"], layout["n"], layout["m"], layout["k"]
+    N, K = W.shape
+    R, C = -(-N // b), -(-K // b)
+    if tiers is None or tuple(tiers.shape) != (R, C):
+        got = "none" if tiers is None else "x".join(map(str, tiers.shape))
+        raise HybridPruneError(f"{name}: its tier map is {got}, a {N}x{K} matrix in {b}x{b} blocks needs {R}x{C}; "
+                               "the folder's tiers.safetensors does not belong to these weights")
+    blocks = to_blocks(W, b).reshape(R * C, b, b)  # edge blocks padded with zeros
+    flat = tiers.reshape(-1).to(torch.int64)
+    out = {"tiers": tiers.to(torch.int8).contiguous()}
+    out["dense"] = blocks[flat == 0].transpose(1, 2).contiguous()
+    nmb = blocks[flat == 1].reshape(-1, b, b // m, m)
+    nz = nmb != 0
+    if (nz.sum(-1) > n).any():
+        raise HybridPruneError(f"{name} breaks its recorded pattern: an N:M-tier block has a group with more than "
+                               f"{n} of {m} kept; re-prune it or save it unpacked")
+    pos = _choose(nz, n)  # [nn, b rows, groups, n]
+    vals = nmb.gather(-1, pos).reshape(-1, b, b // m * n)
+    out["nm_values"] = vals.transpose(1, 2).contiguous()  # [nn, t, rows]
+    shifts = 2 * torch.arange(b, dtype=torch.int64)
+    words = (pos.reshape(-1, b, b // m * n).transpose(1, 2).to(torch.int64) << shifts).sum(-1)
+    out["nm_positions"] = torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32).contiguous()
+    tk = blocks[flat == 2].reshape(-1, b * b)
+    nz = tk != 0
+    if (nz.sum(-1) > k).any():
+        raise HybridPruneError(f"{name} breaks its recorded pattern: a top-k block keeps more than k={k}; "
+                               "re-prune it or save it unpacked")
+    pos = _choose(nz, k) if k else torch.zeros(tk.shape[0], 0, dtype=torch.int64)
+    out["topk_values"] = tk.gather(-1, pos).contiguous()
+    out["topk_positions"] = pos.to(torch.uint8).contiguous()
+    return out
+
+
+def unpack_matrix(t: dict, layout: dict) -> torch.Tensor:
+    """The dense [out, in] matrix back from its packed tensors."""
+    N, K = layout["shape"]
+    kind = layout["kind"]
+    if kind == "unstructured":
+        keep = ((t["mask"].to(torch.int32).unsqueeze(-1) >> torch.arange(8, dtype=torch.int32)) & 1).bool()
+        keep = keep.reshape(N, -1)[:, :K]
+        W = torch.zeros(N, K, dtype=t["values"].dtype)
+        W[keep] = t["values"]
+        return W
+    if kind == "nm":
+        n, m = layout["n"], layout["m"]
+        pos = _unpack_bits(t["positions"], _bits(m), K // m * n).reshape(N, K // m, n)
+        W = torch.zeros(N, K // m, m, dtype=t["values"].dtype)
+        W.scatter_(-1, pos, t["values"].reshape(N, K // m, n))
+        return W.reshape(N, K)
+    b, n, m, k = layout["block"], layout["n"], layout["m"], layout["k"]
+    tiers = t["tiers"]
+    R, C = tiers.shape
+    flat = tiers.reshape(-1).to(torch.int64)
+    dtype = t["dense"].dtype
+    blocks = torch.zeros(R * C, b, b, dtype=dtype)
+    blocks[flat == 0] = t["dense"].transpose(1, 2)
+    words = t["nm_positions"].to(torch.int64) & 0xFFFFFFFF
+    pos = ((words.unsqueeze(-1) >> (2 * torch.arange(b))) & 3).transpose(1, 2)  # [nn, rows, t]
+    nn_ = pos.shape[0]
+    nmb = torch.zeros(nn_, b, b // m, m, dtype=dtype)
+    nmb.scatter_(-1, pos.reshape(nn_, b, b // m, n), t["nm_values"].transpose(1, 2).reshape(nn_, b, b // m, n))
+    blocks[flat == 1] = nmb.reshape(nn_, b, b)
+    tk = torch.zeros(t["topk_values"].shape[0], b * b, dtype=dtype)
+    tk.scatter_(-1, t["topk_positions"].to(torch.int64), t["topk_values"])
+    blocks[flat == 2] = tk.reshape(-1, b, b)
+    return from_blocks(blocks.reshape(R, C, b * b), N, K, b).contiguous()
+
+
+def expected_shapes(layout: dict, t: dict) -> dict:
+    """The shape each packed tensor must have, from the layout (and, for values, from the mask / tier map)."""
+    N, K = layout["shape"]
+    kind = layout["kind"]
+    if kind == "unstructured":
+        out = {"mask": (N, -(-K // 8))}
+        if "mask" in t and tuple(t["mask"].shape) == out["mask"]:
+            out["values"] = (int(sum(bin(i).count("1") * int(c) for i, c in
+                                     enumerate(torch.bincount(t["mask"].reshape(-1).to(torch.int64),
+                                                              minlength=256).tolist()))),)
+        return out
+    if kind == "nm":
+        n, m = layout["n"], layout["m"]
+        return {"values": (N, K // m * n), "positions": (N, -(-(K // m * n) * _bits(m) // 8))}
+    b, n, m, k = layout["block"], layout["n"], layout["m"], layout["k"]
+    R, C = -(-N // b), -(-K // b)
+    out = {"tiers": (R, C)}
+    if "tiers" in t and tuple(t["tiers"].shape) == (R, C):
+        counts = [int((t["tiers"] == i).sum()) for i in range(3)]
+        out.update(dense=(counts[0], b, b), nm_values=(counts[1], b // m * n, b), nm_positions=(counts[1], b // m * n),
+                   topk_values=(counts[2], k), topk_positions=(counts[2], k))
+    return out
+
+
+# ----------------------------------------------------------------------------- which layout a matrix gets
+
+def layout_for(pattern: dict, name: str, W: torch.Tensor, tier_maps: dict, skipped: set) -> dict | None:
+    """The layout of one prunable matrix under the recorded pattern; None = store it as it is."""
+    N, K = W.shape
+    base = {"shape": [N, K], "dtype": str(W.dtype).replace("torch.", "")}
+    kind = pattern.get("pattern")
+    if name in skipped:
+        return None
+    if name in tier_maps:
+        b = int(pattern.get("block_size", 16))
+        n, m = map(int, str(pattern.get("tier_nm", "2:4")).split(":"))
+        if b > 16 or m > 4 or b % m or b * 2 > 32:
+            raise HybridPruneError(f"{name}: the packed format covers blocks up to 16x16 with an N:M tier of M <= 4 "
+                                   f"(this model has {b}x{b}, {n}:{m}); keep it unpacked")
+        return {**base, "kind": "tiered", "block": b, "n": n, "m": m, "k": int(pattern.get("topk", 0))}
+    if kind in ("three-tier", "block", "block-topk"):
+        raise HybridPruneError(f"{name} has no tier map in tiers.safetensors although the model was pruned "
+                               f"{kind}; the folder is incomplete: re-prune it")
+    if kind and ":" in str(kind):
+        return {**base, "kind": "nm", "n": int(pattern["n"]), "m": int(pattern["m"])}
+    # unstructured (also any other pattern): a bitmask, where it is smaller than the matrix
+    kept = int((W != 0).sum())
+    item = W.element_size()
+    if kept * item + N * -(-K // 8) >= N * K * item:
+        return None
+    return {**base, "kind": "unstructured"}
+
+
+def packed_bytes(t: dict) -> int:
+    return sum(v.numel() * v.element_size() for v in t.values())
+
+
+# ----------------------------------------------------------------------------- folders
+
+def _prunable_names(folder: Path) -> dict[str, bool]:
+    """Full module name -> whether its weight is stored transposed (GPT-2's Conv1D), from the model's class
+    built on the meta device (no weights read)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    config = AutoConfig.from_pretrained(folder)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    prefix, layers = models.find_decoder_layers(model)
+    out = {}
+    for i, layer in enumerate(layers):
+        for name, mod in models.find_linears(layer).items():
+            out[f"{prefix}.{i}.{name}"] = not isinstance(mod, torch.nn.Linear)
+    return out
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    files = sorted(folder.glob("*.safetensors"))
+    return [f for f in files if f.name not in ("tiers.safetensors", PACKED_FILE) and f.parent.name != "adapter"]
+
+
+def pack_folder(src, out, overwrite: bool = False, log=print) -> dict:
+    """Pack a saved pruned model folder into `out`. Returns {"dense_bytes", "packed_bytes", "matrices"}."""
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from .engine import load_tier_maps
+
+    src = Path(src)
+    if is_packed(src):
+        raise HybridPruneError(f"{src} is already packed")
+    record = models.read_record(src)
+    if not record or "prune" not in record:
+        raise HybridPruneError(f"{src} has no hybridprune.json recording a pruning run, so nothing says which "
+                               "weights are pruned; prune it with `hybridprune prune` first")
+    files = _weight_files(src)
+    if not files:
+        raise HybridPruneError(f"{src} has no *.safetensors weights to pack")
+    pattern = record["prune"].get("pattern_detail") or {}
+    tier_maps = load_tier_maps(src)
+    skipped = set(record.get("skipped") or [])
+    prunable = _prunable_names(src)
+    tensors, layouts = {}, {}
+    stats = {"dense_bytes": 0, "packed_bytes": 0, "matrices": 0}
+    for f in files:
+        with safe_open(str(f), "pt") as sf:
+            for key in sf.keys():
+                t = sf.get_tensor(key)
+                mod = key[:-len(".weight")] if key.endswith(".weight") else None
+                if mod in prunable and t.dim() == 2:
+                    W = t.t() if prunable[mod] else t
+                    layout = layout_for(pattern, mod, W, tier_maps, skipped)
+                    stats["dense_bytes"] += t.numel() * t.element_size()
+                    if layout is not None:
+                        packed = pack_matrix(W, layout, mod, tier_maps.get(mod))
+                        layout["transposed"] = prunable[mod]
+                        layouts[key] = layout
+                        tensors.update({f"{key}.{field}": v for field, v in packed.items()})
+                        stats["packed_bytes"] += packed_bytes(packed)
+                        stats["matrices"] += 1
+                        continue
+                    stats["packed_bytes"] += t.numel() * t.element_size()
+                tensors[key] = t.contiguous()
+    if not layouts:
+        raise HybridPruneError(f"{src}: no matrix has fewer bytes packed than dense (nothing is pruned); "
+                               "there is nothing to pack")
+    with models.atomic_dir(out, overwrite=overwrite) as tmp:
+        for f in src.iterdir():  # config, tokenizer, generation config, tier maps, record: as they are
+            if f.is_file() and f.suffix != ".safetensors" and f.name != "model.safetensors.index.json" \
+                    or f.name == "tiers.safetensors":
+                shutil.copy(f, tmp / f.name)
+        save_file(tensors, str(tmp / PACKED_FILE), metadata={"format": FORMAT, "version": str(VERSION)})
+        rec = {**record, "packed": {"format": FORMAT, "version": VERSION, "file": PACKED_FILE, "matrices": layouts,
+                                    "dense_bytes": stats["dense_bytes"], "packed_bytes": stats["packed_bytes"]}}
+        (tmp / models.RECORD_FILE).write_text(json.dumps(rec, indent=2, default=str))
+    log(f"packed {stats['matrices']} matrices: {stats['dense_bytes'] / 1e6:.1f} MB -> "
+        f"{stats['packed_bytes'] / 1e6:.1f} MB ({stats['packed_bytes'] / stats['dense_bytes']:.3f})")
+    return stats
+
+
+def _check_file(f: Path) -> dict:
+    """Read a safetensors header and refuse a truncated file, naming the first tensor that lies past its end."""
+    size = f.stat().st_size
+    with open(f, "rb") as fh:
+        raw = fh.read(8)
+        if len(raw) < 8:
+            raise HybridPruneError(f"{f} is truncated ({size} bytes): re-pack the model")
+        n = struct.unpack("<Q", raw)[0]
+        if 8 + n > size:
+            raise HybridPruneError(f"{f} is truncated inside its header: re-pack the model")
+        header = json.loads(fh.read(n))
+    for key, info in header.items():
+        if key != "__metadata__" and 8 + n + info["data_offsets"][1] > size:
+            raise HybridPruneError(f"{f} is truncated: tensor {key} lies past the end of the file; re-pack the model")
+    return header
+
+
+def read_packed(folder) -> tuple[dict, dict, dict]:
+    """(plain tensors, {weight name: packed tensors}, {weight name: layout}), every size checked."""
+    from safetensors.torch import load_file
+    folder = Path(folder)
+    record = models.read_record(folder) or {}
+    info = record.get("packed") or {}
+    if info.get("format") != FORMAT or int(info.get("version", 0)) > VERSION:
+        raise HybridPruneError(f"{folder / models.RECORD_FILE} does not describe a {FORMAT} v{VERSION} folder "
+                               "(a newer hybridprune wrote it, or it is not packed)")
+    f = folder / PACKED_FILE
+    _check_file(f)
+    try:
+        everything = load_file(str(f))
+    except Exception as e:
+        raise HybridPruneError(f"{f} cannot be read ({str(e).splitlines()[0]}); re-pack the model") from None
+    layouts = info["matrices"]
+    packed = {key: {} for key in layouts}
+    plain = {}
+    for name, t in everything.items():
+        owner = name.rsplit(".", 1)[0]
+        if owner in layouts:
+            packed[owner][name.rsplit(".", 1)[1]] = t
+        else:
+            plain[name] = t
+    for key, layout in layouts.items():
+        want = expected_shapes(layout, packed[key])
+        for field, shape in want.items():
+            got = packed[key].get(field)
+            if got is None:
+                raise HybridPruneError(f"{f}: tensor {key}.{field} is missing; re-pack the model")
+            if tuple(got.shape) != tuple(shape):
+                raise HybridPruneError(f"{f}: tensor {key}.{field} is {list(got.shape)}, its metadata says "
+                                       f"{list(shape)}; re-pack the model")
+    return plain, packed, layouts
+
+
+def unpacked_state(folder) -> tuple[dict, dict, dict]:
+    """(the full state dict with every packed matrix unpacked, the packed tensors, the layouts)."""
+    plain, packed, layouts = read_packed(folder)
+    state = dict(plain)
+    for key, layout in layouts.items():
+        W = unpack_matrix(packed[key], layout)
+        state[key] = W.t().contiguous() if layout.get("transposed") else W
+    return state, packed, layouts
+
+
+def load_packed(folder, dtype=None, kernels: bool = False):
+    """Load a packed folder as an ordinary transformers model (weights unpacked), or, with kernels=True, with
+    every packed matrix computed from its packed form (kernels.PackedLinear). Returns (model, tokenizer)."""
+    from transformers import AutoConfig, AutoTokenizer
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+    folder = Path(folder)
+    state, packed, layouts = unpacked_state(folder)
+    config = AutoConfig.from_pretrained(folder)
+    saved = next(iter(layouts.values()))["dtype"] if layouts else "float32"
+    torch_dtype = models._dtype(dtype if dtype not in (None, "auto") else saved)
+    try:
+        cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]  # the Auto class wants a path; the model class does not
+        model = cls.from_pretrained(None, config=config, state_dict=state, dtype=torch_dtype)
+        tok = AutoTokenizer.from_pretrained(folder)
+    except Exception as e:
+        raise HybridPruneError(f"cannot load the packed model {folder}: {str(e).splitlines()[0]}") from None
+    del state
+    model.eval()
+    model.config.use_cache = False
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if kernels:
+        from .kernels import sparsify_
+        sparsify_(model, packed=packed, layouts=layouts)
+    return model, tok
+
+
+def unpack_folder(src, out, overwrite: bool = False) -> None:
+    """A packed folder back to an ordinary from_pretrained folder (model.safetensors), every weight restored."""
+    import shutil
+
+    from safetensors.torch import save_file
+    src = Path(src)
+    state, _, _ = unpacked_state(src)
+    record = models.read_record(src) or {}
+    record.pop("packed", None)
+    with models.atomic_dir(out, overwrite=overwrite) as tmp:
+        for f in src.iterdir():
+            if f.is_file() and f.name not in (PACKED_FILE, models.RECORD_FILE):
+                shutil.copy(f, tmp / f.name)
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / models.RECORD_FILE).write_text(json.dumps(record, indent=2, default=str))
+
+
+def folder_bytes(folder) -> int:
+    return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())
+
