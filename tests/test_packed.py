@@ -144,7 +144,7 @@ def pruned_folders(tmp_path_factory, default_tokenizer):
 
 
 @pytest.mark.parametrize("name", ["tt", "u50", "nm"])
-def test_folder_pack_load_unpack(pruned_folders, name, tmp_path):
+def test_folder_pack_load_unpack(pruned_folders, name, tmp_path, capsys):
     from hybridprune import models
     dense, packed = pruned_folders[name]
     assert not any(Path(packed).glob("model*.safetensors"))
@@ -161,6 +161,9 @@ def test_folder_pack_load_unpack(pruned_folders, name, tmp_path):
     # inspect reads the packed folder as the dense one (tiny odd widths put the tiered sparsity off its target
     # through edge blocks, so both report the same violation there)
     assert main(["inspect", str(packed), "--json"]) == main(["inspect", str(dense), "--json"])
+    main(["inspect", str(packed)])
+    assert f"matrices, 0.1 MB dense -> 0.1 MB ({record['packed']['packed_bytes'] / record['packed']['dense_bytes']:.4f})" \
+        in capsys.readouterr().out
 
 
 def test_kernels_keep_outputs_and_perplexity(pruned_folders, default_tokenizer):

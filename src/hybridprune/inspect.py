@@ -56,6 +56,11 @@ def inspect_folder(folder, plot_dir=None, matrices=None) -> dict:
     violations = []
     if detail:
         lines.append(f"pattern {detail.get('pattern')}: expected {detail.get('sparsity', 0):.4f}")
+    packed = record.get("packed")
+    if packed:
+        lines.append(f"packed ({packed['format']} v{packed['version']}): {len(packed['matrices'])} matrices, "
+                     f"{packed['dense_bytes'] / 1e6:.1f} MB dense -> {packed['packed_bytes'] / 1e6:.1f} MB "
+                     f"({packed['packed_bytes'] / packed['dense_bytes']:.4f})")
     skipped = set(record.get("skipped") or [])
     if detail.get("pattern") == "unstructured" or detail.get("pattern", "").count(":") == 1:
         # Unstructured and N:M fix every matrix's zero count (up to rounding to whole weights of a row).
