@@ -22,7 +22,7 @@ from torch import nn
 
 from . import models
 from .errors import HybridPruneError
-from .packing import layout_for, pack_matrix, unpack_matrix
+from .packing import kept_per_row, pack_prunable, unpack_matrix
 
 _SOURCE = Path(__file__).parent / "csrc" / "packed.cpp"
 _EXT = None
@@ -83,8 +83,7 @@ class PackedLinear(nn.Module):
             for name, t in tensors.items():
                 self.register_buffer(name, t.contiguous())
         if self.kind == "unstructured":  # where each row's values start
-            pop = torch.tensor([bin(i).count("1") for i in range(256)])
-            per_row = pop[tensors["mask"].to(torch.int64)].sum(1)
+            per_row = kept_per_row(tensors["mask"])
             self.register_buffer("rowptr", torch.cat([torch.zeros(1, dtype=torch.int64), per_row.cumsum(0)]))
         if self.kind == "tiered":
             counts = torch.stack([(tensors["tiers"] == i).sum(1) for i in range(3)], 1).to(torch.int64)
@@ -171,12 +170,10 @@ def sparsify_(model: nn.Module, config=None, result=None, packed: dict | None = 
         pattern = record["prune"].get("pattern_detail") or {}
         skipped = set(record.get("skipped") or [])
         for name, mod in models.prunable_matrices(model).items():
-            W = models.weight_matrix(mod).detach()
-            layout = layout_for(pattern, name, W, tier_maps or {}, skipped)
-            if layout is not None:
-                layout["transposed"] = not isinstance(mod, nn.Linear)
-                layouts[f"{name}.weight"] = layout
-                packed[f"{name}.weight"] = pack_matrix(W, layout, name, (tier_maps or {}).get(name))
+            done = pack_prunable(name, models.weight_matrix(mod).detach(), not isinstance(mod, nn.Linear), pattern,
+                                 tier_maps or {}, skipped)
+            if done is not None:
+                layouts[f"{name}.weight"], packed[f"{name}.weight"] = done
     for key, layout in layouts.items():
         name = key[:-len(".weight")]
         mod = model.get_submodule(name)
@@ -190,8 +187,9 @@ def use_kernels(model: nn.Module, spec: str) -> int:
     """`--kernels` on a model loaded from `spec` (an unpacked pruned folder): pack in memory and swap.
     A model with no pruning record is left dense, with a warning."""
     from .engine import load_tier_maps
-    record = models.read_record(spec) if Path(spec).is_dir() else None
-    n = sparsify_(model, record=record, tier_maps=load_tier_maps(spec) if Path(spec).is_dir() else {})
+    folder = Path(spec).is_dir()
+    n = sparsify_(model, record=models.read_record(spec) if folder else None,
+                  tier_maps=load_tier_maps(spec) if folder else {})
     if n == 0:
         print(f"--kernels: {spec} has nothing to pack (not pruned by hybridprune); running dense", file=sys.stderr)
     return n

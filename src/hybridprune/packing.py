@@ -160,6 +160,12 @@ def unpack_matrix(t: dict, layout: dict) -> torch.Tensor:
     return from_blocks(blocks.reshape(R, C, b * b), N, K, b).contiguous()
 
 
+def kept_per_row(mask: torch.Tensor) -> torch.Tensor:
+    """Kept weights per row of an unstructured bitmask [N, bytes] (int64 [N])."""
+    popcount = torch.tensor([bin(i).count("1") for i in range(256)])
+    return popcount[mask.to(torch.int64)].sum(1)
+
+
 def expected_shapes(layout: dict, t: dict) -> dict:
     """The shape each packed tensor must have, from the layout (and, for values, from the mask / tier map)."""
     N, K = layout["shape"]
@@ -167,9 +173,7 @@ def expected_shapes(layout: dict, t: dict) -> dict:
     if kind == "unstructured":
         out = {"mask": (N, -(-K // 8))}
         if "mask" in t and tuple(t["mask"].shape) == out["mask"]:
-            out["values"] = (int(sum(bin(i).count("1") * int(c) for i, c in
-                                     enumerate(torch.bincount(t["mask"].reshape(-1).to(torch.int64),
-                                                              minlength=256).tolist()))),)
+            out["values"] = (int(kept_per_row(t["mask"]).sum()),)
         return out
     if kind == "nm":
         n, m = layout["n"], layout["m"]
@@ -196,7 +200,7 @@ def layout_for(pattern: dict, name: str, W: torch.Tensor, tier_maps: dict, skipp
     if name in tier_maps:
         b = int(pattern.get("block_size", 16))
         n, m = map(int, str(pattern.get("tier_nm", "2:4")).split(":"))
-        if b > 16 or m > 4 or b % m or b * 2 > 32:
+        if b > 16 or m > 4 or b % m:
             raise HybridPruneError(f"{name}: the packed format covers blocks up to 16x16 with an N:M tier of M <= 4 "
                                    f"(this model has {b}x{b}, {n}:{m}); keep it unpacked")
         return {**base, "kind": "tiered", "block": b, "n": n, "m": m, "k": int(pattern.get("topk", 0))}
@@ -211,6 +215,17 @@ def layout_for(pattern: dict, name: str, W: torch.Tensor, tier_maps: dict, skipp
     if kept * item + N * -(-K // 8) >= N * K * item:
         return None
     return {**base, "kind": "unstructured"}
+
+
+def pack_prunable(name: str, W: torch.Tensor, transposed: bool, pattern: dict, tier_maps: dict,
+                  skipped: set) -> tuple[dict, dict] | None:
+    """(layout, packed tensors) of one prunable matrix [out, in] under a record's pattern; None = keep it as it
+    is. Used for folders (pack_folder) and for models in memory (kernels.sparsify_)."""
+    layout = layout_for(pattern, name, W, tier_maps, skipped)
+    if layout is None:
+        return None
+    packed = pack_matrix(W, layout, name, tier_maps.get(name))
+    return {**layout, "transposed": transposed}, packed
 
 
 def packed_bytes(t: dict) -> int:
@@ -270,13 +285,11 @@ def pack_folder(src, out, overwrite: bool = False, log=print) -> dict:
                 t = sf.get_tensor(key)
                 mod = key[:-len(".weight")] if key.endswith(".weight") else None
                 if mod in prunable and t.dim() == 2:
-                    W = t.t() if prunable[mod] else t
-                    layout = layout_for(pattern, mod, W, tier_maps, skipped)
+                    done = pack_prunable(mod, t.t() if prunable[mod] else t, prunable[mod], pattern, tier_maps,
+                                         skipped)
                     stats["dense_bytes"] += t.numel() * t.element_size()
-                    if layout is not None:
-                        packed = pack_matrix(W, layout, mod, tier_maps.get(mod))
-                        layout["transposed"] = prunable[mod]
-                        layouts[key] = layout
+                    if done is not None:
+                        layouts[key], packed = done
                         tensors.update({f"{key}.{field}": v for field, v in packed.items()})
                         stats["packed_bytes"] += packed_bytes(packed)
                         stats["matrices"] += 1
