@@ -2,7 +2,7 @@
 
 Every variant prunes a fresh copy of the model from the same calibration tokens (16 x 512 WikiText-2 by default)
 in this one process, one after another, and is scored on the same WikiText-2 test windows (16 x 2048). A variant
-is `method[+owl][+dsnot]@pattern`, the pattern `unstructured:S`, `2:4` or `three-tier`. Prints one line per
+is `method[+owl][+dsnot|+dsnot-sign]@pattern` (dsnot-sign: `--dsnot-same-sign`), the pattern `unstructured:S`, `2:4` or `three-tier`. Prints one line per
 variant (perplexity, sparsity, pruning time and its ratio to Wanda's of the same pattern) and writes JSON.
 
     python bench/methods.py                                   # the default grid (see --variants)
@@ -32,7 +32,7 @@ def config(variant: str, args):
         pattern, sparsity = "unstructured", float(pattern.split(":")[1])
     return PruneConfig(method=method, pattern=pattern, sparsity=sparsity, nsamples=args.nsamples,
                        seqlen=args.seqlen, device="cpu", layer_sparsity="owl" if "owl" in extras else "uniform",
-                       dsnot="dsnot" in extras)
+                       dsnot="dsnot" in extras or "dsnot-sign" in extras, dsnot_same_sign="dsnot-sign" in extras)
 
 
 def main():

@@ -146,3 +146,48 @@ def test_tokenized_data_is_cached_by_what_it_depends_on(tmp_path, default_tokeni
     alpaca = ft.build_dataset(dataclasses.replace(config, template="alpaca"), default_tokenizer, tmp_path)
     assert calls and len(list(tmp_path.glob("squad-*.json"))) == 2  # another template is another entry
     assert alpaca != rows and rows == ft.build_dataset(config, default_tokenizer)  # the cache holds what it builds
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])
+def test_answer_only_logits_give_the_models_own_loss(family):
+    """Training computes the output layer only where a label follows (logits_to_keep); the loss equals the model's
+    own causal-LM loss on full logits, padding and a prompt-only row included."""
+    from hybridprune.finetune import _Collator, answer_loss
+    model = tiny_model(family)
+    g = torch.Generator().manual_seed(1)
+    rows = []
+    for n, prompt in ((20, 14), (13, 9), (17, 17)):  # the last row is all prompt: nothing to learn from it
+        ids = torch.randint(3, 256, (n,), generator=g).tolist()
+        rows.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
+    batch = _Collator(0, logits_to_keep=True)(rows)
+    labels = batch.pop("labels")
+    out = model(**batch)
+    assert out.logits.shape[1] == len(batch["logits_to_keep"]) == 10  # positions 13..18 and 8..11, unioned
+    full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels)
+    torch.testing.assert_close(answer_loss(out, labels), full.loss, rtol=1e-6, atol=1e-6)
+    # a model without logits_to_keep hands over all logits: the same loss
+    torch.testing.assert_close(answer_loss(full, labels), full.loss, rtol=1e-6, atol=1e-6)
+    n = int((labels[:, 1:] != -100).sum())  # accumulated batches divide by their shared count
+    torch.testing.assert_close(answer_loss(out, labels, num_items_in_batch=2 * n), full.loss / 2, rtol=1e-6,
+                               atol=1e-6)
+
+
+def test_gradient_checkpointing_recomputes_layers_and_changes_no_number(samples, tmp_path, monkeypatch):
+    """On by default: every decoder layer runs again in the backward pass (its activations are not kept), and the
+    trained weights are exactly those of a run that keeps them (dropout's random state is replayed)."""
+    from hybridprune.models import find_decoder_layers, find_linears
+    rows = [{"input_ids": s.tolist(), "labels": [-100] * 8 + s.tolist()[8:]} for s in samples]
+    monkeypatch.setattr("hybridprune.finetune.build_dataset", lambda cfg, tok, cache=None: rows)
+    weights, calls = {}, {}
+    for gc in (True, False):
+        model = _pruned("llama", "unstructured", samples)
+        n = calls[gc] = [0]
+        down = find_linears(find_decoder_layers(model)[1][0])["mlp.down_proj"]  # runs inside the layer's forward
+        down.register_forward_hook(lambda *a, n=n: n.__setitem__(0, n[0] + 1))
+        cfg = FinetuneConfig(method="lora", steps=3, batch_size=2, lr=1e-2, lora_dropout=0.1, save_steps=100,
+                             gradient_checkpointing=gc)
+        assert FinetuneConfig().gradient_checkpointing
+        out = finetune(model, _Tok(), cfg, tmp_path / f"work{gc}")["model"]
+        weights[gc] = {k: v.detach().clone() for k, v in out.state_dict().items()}
+    assert calls[True][0] == 2 * calls[False][0] == 6  # forward, then again in backward
+    assert all(torch.equal(weights[True][k], weights[False][k]) for k in weights[False])

@@ -82,6 +82,9 @@ def _add_pattern_args(p):
     d.add_argument("--dsnot-skip", action="append", default=None, metavar="PATTERN",
                    help="matrices DSnoT leaves with their first mask (default: mlp, as DSnoT's reference code; "
                         "--dsnot-skip none refines every matrix)")
+    d.add_argument("--dsnot-same-sign", action="store_true",
+                   help="DSnoT, our variant: on unstructured masks refuse a swap that flips the sign of the row's "
+                        "error (the reference code checks the sign only inside N:M groups)")
 
 
 def _add_calib_args(p):
@@ -107,7 +110,7 @@ def _config(args):
                        block_score=args.block_score, refit=args.refit, bos=args.bos,
                        layer_sparsity=args.layer_sparsity, owl_m=args.owl_m, owl_lambda=args.owl_lambda,
                        dsnot=args.dsnot, dsnot_cycles=args.dsnot_cycles, dsnot_threshold=args.dsnot_threshold,
-                       dsnot_skip=_dsnot_skip(args.dsnot_skip))
+                       dsnot_skip=_dsnot_skip(args.dsnot_skip), dsnot_same_sign=args.dsnot_same_sign)
 
 
 def _dsnot_skip(items):
@@ -546,7 +549,8 @@ def _ft_config(args, data):
                           batch_size=args.ft_batch_size, grad_accum=args.grad_accum, seqlen=args.ft_seqlen,
                           seed=args.seed, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
                           lora_dropout=args.lora_dropout, merge=not args.no_merge, max_examples=args.max_examples,
-                          data_dir=args.data_dir, device=args.device, bos=args.bos)
+                          data_dir=args.data_dir, device=args.device, bos=args.bos,
+                          gradient_checkpointing=args.gradient_checkpointing)
 
 
 def cmd_finetune(args):
@@ -581,6 +585,9 @@ def _add_ft_args(p, prefix_method=False):
     g.add_argument("--lr", type=float, default=1e-4)
     g.add_argument("--ft-batch-size" if prefix_method else "--batch-size", dest="ft_batch_size", type=int, default=8)
     g.add_argument("--grad-accum", type=int, default=1)
+    g.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false",
+                   help="keep every layer's activations for the backward pass instead of recomputing them (faster, "
+                        "memory grows with layers x batch x length)")
     g.add_argument("--ft-seqlen" if prefix_method else "--seqlen", dest="ft_seqlen", type=int, default=512)
     g.add_argument("--lora-r", type=int, default=16)
     g.add_argument("--lora-alpha", type=int, default=32)

@@ -8,9 +8,11 @@ and each cycle swaps one weight to shrink |e_i|:
            (var_j: input j's variance within a sequence, averaged over sequences);
     prune  a kept weight whose D has the opposite sign, the one with the lowest initial score (Wanda's |W| ||X||),
            so that e_i moves back toward 0;
-the swap is made only while |e_i| > threshold and e_i keeps its first sign; a row stops at its first refused swap,
-and all rows stop after max_cycles. Defaults are the reference code's: 50 cycles, threshold 0.1, power 1, and its
-default of leaving the MLP matrices with their initial mask (`skip`).
+the swap is made only while |e_i| > threshold; a row stops at its first refused swap, and all rows stop after
+max_cycles. Swaps inside groups (N:M, block tiers) must also keep e_i's first sign, as in the reference code's N:M
+branch; its unstructured branch runs with `without_same_sign` (its default), so there e_i may cross 0 and the next
+swap pulls it back. Defaults are the reference code's: 50 cycles, threshold 0.1, power 1, and its default of
+leaving the MLP matrices with their initial mask (`skip`).
 
 Every swap removes one weight and restores one in the same row, so the sparsity is exact. Pattern rules hold
 because the pruned weight is chosen inside the grown weight's group: N:M, its group of M (as the reference code's
@@ -37,9 +39,12 @@ def _ordered(values: torch.Tensor, allowed: torch.Tensor, descending: bool) -> t
 
 def refine(W: torch.Tensor, keep: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, initial: torch.Tensor,
            groups: torch.Tensor | None = None, cycles: int = DSNOT_CYCLES, threshold: float = DSNOT_THRESHOLD,
-           power: float = DSNOT_POWER) -> torch.Tensor:
+           power: float = DSNOT_POWER, same_sign: bool | None = None) -> torch.Tensor:
     """The refined keep-mask. W, keep, initial: [R, C]; mean, var: [C]; groups: [R, C] int64 ids of the sets a swap
-    must stay inside (-1: no swap there), None for anywhere in the row."""
+    must stay inside (-1: no swap there), None for anywhere in the row. same_sign: refuse a swap that flips the
+    error's first sign (None: the reference's choice, only inside groups)."""
+    if same_sign is None:
+        same_sign = groups is not None
     keep = keep.clone()
     rows = torch.arange(W.shape[0], device=W.device)
     D = W.double() * mean.double()[None, :]
@@ -96,7 +101,9 @@ def refine(W: torch.Tensor, keep: torch.Tensor, mean: torch.Tensor, var: torch.T
             movable = ok & torch.isfinite(cand[rows, best])  # a group with no kept weight: no swap this cycle
         after = err + D[rows, p_idx] - D[rows, g_idx]
         possible = ok & movable
-        swap = active & possible & (err.abs() > threshold) & (torch.sign(after) == sign0)
+        swap = active & possible & (err.abs() > threshold)
+        if same_sign:
+            swap &= torch.sign(after) == sign0
         # a row stops when its candidates run out or at its first refused swap (as in the reference); a grouped row
         # whose grown weight's group has no kept weight left goes on with the next candidate
         active &= ~(~ok | (possible & ~swap))

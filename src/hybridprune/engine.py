@@ -77,6 +77,7 @@ class PruneConfig:
     dsnot_cycles: int = DSNOT_CYCLES
     dsnot_threshold: float = DSNOT_THRESHOLD
     dsnot_skip: tuple[str, ...] = DSNOT_SKIP
+    dsnot_same_sign: bool = False  # ours: the N:M branch's sign check on unstructured masks too
 
     def __post_init__(self):
         # Every value is checked here, before any model or data is loaded.
@@ -240,8 +241,10 @@ def _layer_output(out):
 
 @torch.no_grad()
 def collect_stats(layer: nn.Module, linears: dict[str, nn.Module], batches, hessian: bool,
-                  moments: bool = False) -> dict[str, InputStats]:
-    """Pass 1: input statistics of every matrix. Matrices reading the same tensor share one InputStats."""
+                  moments: bool = False, outputs: bool = False) -> dict[str, InputStats]:
+    """Pass 1: input statistics of every matrix. Matrices reading the same tensor share one InputStats.
+    outputs: run each batch through the whole layer and put its output in place of the batch's input (a
+    scoring pass that prunes nothing needs no second forward); otherwise stop after the last matrix."""
     stats: dict[str, InputStats] = {}
     state = {"seen": {}, "fired": set()}
 
@@ -256,16 +259,18 @@ def collect_stats(layer: nn.Module, linears: dict[str, nn.Module], batches, hess
                 st.add(x)
                 state["seen"][key] = (x, st)  # holding x keeps its memory from being reused this pass
             state["fired"].add(name)
-            if len(state["fired"]) == len(linears):
+            if len(state["fired"]) == len(linears) and not outputs:
                 raise _StopForward
         return hook
 
     handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in linears.items()]
     try:
-        for hidden, args, kwargs in batches:
+        for b in batches:
             state["seen"], state["fired"] = {}, set()
             try:
-                layer(hidden, *args, **kwargs)
+                out = layer(b[0], *b[1], **b[2])
+                if outputs:
+                    b[0] = _layer_output(out)
             except _StopForward:
                 pass
     finally:
@@ -389,7 +394,7 @@ class _Pruner:
                                  pattern.block_size, pattern.m)
         return refine(W.detach().float(), keep, (st.sum / st.sequences).to(W.device),
                       (st.var_sum / st.sequences).to(W.device), initial, groups, self.config.dsnot_cycles,
-                      self.config.dsnot_threshold)
+                      self.config.dsnot_threshold, same_sign=self.config.dsnot_same_sign or None)
 
     def prune_layer(self, i, linears, stats, tier_maps):
         self.note_uncalibrated(i, linears, stats)
@@ -441,7 +446,8 @@ class _Pruner:
             if self.stream:
                 self.stream.free_outside()
             _check_finite(batches, "the embeddings (inputs of decoder layer 0)")
-        hessian = self.config.method == "sparsegpt" or (self.refit > 0 and not dry)
+        owl_pass = dry and self.config.layer_sparsity == "owl"  # outlier ratios need Wanda's scores only
+        hessian = (self.config.method == "sparsegpt" and not owl_pass) or (self.refit > 0 and not dry)
         for i, layer in enumerate(tqdm(self.layers, desc=desc, unit="layer", leave=False, disable=None)):
             if self.stream:  # a layer-streamed model: read this layer's weights now, straight onto the device
                 self.stream.load_layer(i, layer, self.device)
@@ -455,12 +461,14 @@ class _Pruner:
                 batches = [[h.to(where), _to(a, where), {k: _to(v, where) for k, v in kw.items()}]
                            for h, a, kw in batches]
             linears = self.linears(i, layer)
-            stats = collect_stats(layer, linears, batches, hessian, self.config.dsnot and not dry) \
+            # a scoring pass (dry) changes no weight: the forward that collects statistics also gives the outputs
+            forwarded = dry and batches is not None and bool(linears) and i + 1 < len(self.layers)
+            stats = collect_stats(layer, linears, batches, hessian, self.config.dsnot and not dry, forwarded) \
                 if batches is not None and linears else {}
             for name, st in stats.items():
                 if not torch.isfinite(st.sq).all():
                     raise _non_finite(f"the input of {self.prefix}.{i}.{name}")
-            if dry and self.config.layer_sparsity == "owl":  # Wanda's score (|W| without calibration data)
+            if owl_pass:  # Wanda's score (|W| without calibration data)
                 owl = [score("wanda" if self.calibrated else "magnitude", models.weight_matrix(mod), stats.get(n))
                        for n, mod in linears.items()]
                 self.outliers.append(outlier_ratio(owl, self.config.owl_m))
@@ -474,8 +482,9 @@ class _Pruner:
                 self.prune_layer(i, linears, stats, tier_maps)
             del stats
             if batches is not None and i + 1 < len(self.layers):
-                for b in batches:
-                    b[0] = _layer_output(layer(b[0], *b[1], **b[2]))
+                if not forwarded:
+                    for b in batches:
+                        b[0] = _layer_output(layer(b[0], *b[1], **b[2]))
                 _check_finite(batches, f"the output of decoder layer {self.prefix}.{i}")
             if moved:
                 layer.to(home)

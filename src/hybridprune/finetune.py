@@ -11,10 +11,13 @@ with the one before; any difference is an error.
 
 Templated data puts the loss on the answer only (prompt labels are -100) and ends the answer with EOS. The
 `simple` templates are the evaluation prompts of tasks.py, byte for byte, followed by " answer" (lm-eval's target
-delimiter), so a model is trained on exactly the prompt that `eval` scores.
+delimiter), so a model is trained on exactly the prompt that `eval` scores. The output layer runs only at positions
+whose next token is labelled (transformers' `logits_to_keep`): on SQuAD that is the answer, a few tokens of each
+~300, so training never holds vocabulary x prompt-length logits.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import shutil
@@ -58,6 +61,7 @@ class FinetuneConfig:
     lr: float = 1e-4
     batch_size: int = 8
     grad_accum: int = 1
+    gradient_checkpointing: bool = True  # recompute each layer's activations in backward: memory of one layer
     seqlen: int = 512
     seed: int = 0
     lora_r: int = 16
@@ -179,9 +183,30 @@ def build_dataset(config: FinetuneConfig, tokenizer, cache=None) -> list[dict]:
     return rows
 
 
+def scored_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Positions whose next token is labelled in at least one row: the only ones whose logits the loss reads."""
+    return (labels[:, 1:] != -100).any(0).nonzero().squeeze(1)
+
+
+def answer_loss(outputs, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+    """The causal-LM loss (next-token cross-entropy, summed over labelled tokens and divided by their number in the
+    accumulated batch) from logits computed only at `scored_positions`. On answer-only data (SQuAD) that skips the
+    output layer and the softmax over the vocabulary for nearly every prompt token; the loss is the model's own."""
+    logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+    pos = scored_positions(labels)
+    if logits.shape[1] == labels.shape[1]:  # a model without logits_to_keep: all logits were computed
+        logits = logits[:, pos]
+    target = labels[:, pos + 1].to(logits.device)
+    loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=-100,
+                                             reduction="sum")
+    n = num_items_in_batch if num_items_in_batch is not None else (target != -100).sum()
+    return loss / n
+
+
 class _Collator:
-    def __init__(self, pad_id: int):
+    def __init__(self, pad_id: int, logits_to_keep: bool = False):
         self.pad_id = pad_id
+        self.logits_to_keep = logits_to_keep
 
     def __call__(self, batch):
         width = max(len(b["input_ids"]) for b in batch)
@@ -193,7 +218,10 @@ class _Collator:
             ids[i, :n] = torch.tensor(b["input_ids"])
             labels[i, :n] = torch.tensor(b["labels"])
             mask[i, :n] = 1
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+        out = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+        if self.logits_to_keep:
+            out["logits_to_keep"] = scored_positions(labels)
+        return out
 
 
 # ----------------------------------------------------------------------------- masks
@@ -291,13 +319,17 @@ def finetune(model, tokenizer, config: FinetuneConfig, work_dir, resume: bool = 
     args = TrainingArguments(
         output_dir=str(work_dir), max_steps=config.steps, learning_rate=config.lr,
         per_device_train_batch_size=config.batch_size, gradient_accumulation_steps=config.grad_accum,
+        activation_checkpointing=config.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if config.gradient_checkpointing else None,
         logging_steps=config.logging_steps, save_strategy="steps", save_steps=config.save_steps, save_total_limit=2,
         report_to=[], seed=config.seed, use_cpu=not use_cuda, bf16=use_cuda and torch.cuda.is_bf16_supported(),
         remove_unused_columns=False, dataloader_num_workers=0, lr_scheduler_type="cosine", warmup_steps=0,
         disable_tqdm=None)
+    # the output layer only where the loss reads it (transformers' logits_to_keep, in nearly every causal LM)
+    keep = "logits_to_keep" in inspect.signature(model.forward).parameters
     trainer = Trainer(model=train_model, args=args, train_dataset=dataset,
-                      data_collator=_Collator(tokenizer.pad_token_id or tokenizer.eos_token_id),
-                      callbacks=callbacks)
+                      data_collator=_Collator(tokenizer.pad_token_id or tokenizer.eos_token_id, keep),
+                      compute_loss_func=answer_loss, callbacks=callbacks)
     has_ckpt = resume and any(Path(work_dir).glob("checkpoint-*"))
     out = trainer.train(resume_from_checkpoint=True if has_ckpt else None)
     for h in hooks:
