@@ -7,6 +7,10 @@ variant (perplexity, sparsity, pruning time and its ratio to Wanda's of the same
 
     python bench/methods.py                                   # the default grid (see --variants)
     python bench/methods.py --variants wanda@unstructured:0.7,wanda+owl@unstructured:0.7 --json out.json
+    python bench/methods.py --variants wanda@three-tier,wanda+owl@three-tier --repeat 3   # times: median of 3
+
+--repeat N prunes the whole list N times, variant after variant (so that a slow spell of the machine hits every
+variant alike), scores perplexity once, and reports each variant's median time and its ratio to Wanda's median.
 """
 import argparse
 import time
@@ -42,6 +46,7 @@ def main():
     ap.add_argument("--nsamples", type=int, default=16)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--windows", type=int, default=16, help="perplexity windows of 2048 tokens")
+    ap.add_argument("--repeat", type=int, default=1, help="prune the list this many times; median times")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
     from hybridprune import load_model, perplexity, prune, sparsity_report
@@ -54,12 +59,19 @@ def main():
     state = {k: v.clone() for k, v in dense.state_dict().items()}
     samples = calibration_samples(tok, "wikitext2", args.nsamples, args.seqlen, seed=0)
     ids = wikitext2_test_ids(tok)
-    rows, wanda_s = [], {}
+    rows, wanda_s, times = [], {}, {v: [] for v in variants}
+    for rep in range(args.repeat - 1):  # the earlier repetitions time the prunes only
+        for v in variants:
+            dense.load_state_dict(state)
+            t = time.perf_counter()
+            prune(dense, configs[v], samples=samples)
+            times[v].append(time.perf_counter() - t)
     for v in variants:
         dense.load_state_dict(state)
         t = time.perf_counter()
         result = prune(dense, configs[v], samples=samples)
-        seconds = time.perf_counter() - t
+        times[v].append(time.perf_counter() - t)
+        seconds = sorted(times[v])[len(times[v]) // 2]
         pattern = v.split("@")[1]
         if v.startswith("wanda@"):
             wanda_s[pattern] = seconds
@@ -67,6 +79,8 @@ def main():
                                                      progress=False)["ppl"], 2),
                "sparsity": round(sparsity_report(dense)["overall"], 4), "prune_s": round(seconds, 1),
                "vs_wanda_time": round(seconds / wanda_s[pattern], 2) if pattern in wanda_s else None}
+        if args.repeat > 1:
+            row["prune_s_all"] = [round(x, 1) for x in times[v]]
         if result.layer_sparsity:
             s = list(result.layer_sparsity.values())
             row["layer_sparsity"] = f"{min(s):.3f}-{max(s):.3f}"

@@ -6,7 +6,8 @@
   after each optimizer step (weight decay and Adam moments cannot regrow a weight either).
 
 Training runs through the transformers Trainer (gradient accumulation, checkpoints and `--resume`, bf16 on GPU,
-accelerate / FSDP / DeepSpeed when launched that way). After training the zero set of every matrix is compared
+accelerate / FSDP / DeepSpeed when launched that way, activation checkpointing unless turned off: each layer's
+activations are recomputed in backward, so memory holds one layer's, same results). After training the zero set of every matrix is compared
 with the one before; any difference is an error.
 
 Templated data puts the loss on the answer only (prompt labels are -100) and ends the answer with EOS. The
