@@ -7,8 +7,8 @@
 
 Training runs through the transformers Trainer (gradient accumulation, checkpoints and `--resume`, bf16 on GPU,
 accelerate / FSDP / DeepSpeed when launched that way, activation checkpointing unless turned off: each layer's
-activations are recomputed in backward, so memory holds one layer's, same results). After training the zero set of every matrix is compared
-with the one before; any difference is an error.
+activations are recomputed in backward, so memory holds one layer's, same results). After training the zero set
+of every matrix is compared with the one before; any difference is an error.
 
 Templated data puts the loss on the answer only (prompt labels are -100) and ends the answer with EOS. The
 `simple` templates are the evaluation prompts of tasks.py, byte for byte, followed by " answer" (lm-eval's target
@@ -326,8 +326,9 @@ def finetune(model, tokenizer, config: FinetuneConfig, work_dir, resume: bool = 
         report_to=[], seed=config.seed, use_cpu=not use_cuda, bf16=use_cuda and torch.cuda.is_bf16_supported(),
         remove_unused_columns=False, dataloader_num_workers=0, lr_scheduler_type="cosine", warmup_steps=0,
         disable_tqdm=None)
-    # the output layer only where the loss reads it (transformers' logits_to_keep, in nearly every causal LM)
-    keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+    # the output layer only where the loss reads it (transformers' logits_to_keep, in nearly every causal LM); not
+    # under DataParallel (several GPUs in one process), which would split the position list between replicas
+    keep = "logits_to_keep" in inspect.signature(model.forward).parameters and args.n_gpu <= 1
     trainer = Trainer(model=train_model, args=args, train_dataset=dataset,
                       data_collator=_Collator(tokenizer.pad_token_id or tokenizer.eos_token_id, keep),
                       compute_loss_func=answer_loss, callbacks=callbacks)
