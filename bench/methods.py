@@ -3,7 +3,8 @@
 Every variant prunes a fresh copy of the model from the same calibration tokens (16 x 512 WikiText-2 by default)
 in this one process, one after another, and is scored on the same WikiText-2 test windows (16 x 2048). A variant
 is `method[+owl][+dsnot|+dsnot-sign]@pattern` (dsnot-sign: `--dsnot-same-sign`), the pattern `unstructured:S`,
-`2:4` or `three-tier`. Prints one line per variant (perplexity, sparsity, pruning time and its ratio to Wanda's of the same pattern) and writes JSON.
+`2:4` or `three-tier`. Prints one line per variant (perplexity, sparsity, pruning time and its ratio to Wanda's of
+the same pattern) and writes JSON.
 
     python bench/methods.py                                   # the default grid (see --variants)
     python bench/methods.py --variants wanda@unstructured:0.7,wanda+owl@unstructured:0.7 --json out.json
