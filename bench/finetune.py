@@ -22,6 +22,7 @@ made on the same model and --squad-limit instead of evaluating it again.
 """
 import argparse
 import math
+import resource
 import time
 
 import torch
@@ -176,7 +177,6 @@ def step_time(args):
             loss.backward()
             times[name].append(time.perf_counter() - t)
             losses[name].append(loss.item())
-    import resource
     med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
     row = {"run": "squad-lora-step", "batch": f"{args.batch_size} examples, 512-token cap, fp32, "
            f"{torch.get_num_threads()} threads", "checkpointing": not args.no_checkpointing,
