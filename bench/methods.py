@@ -2,7 +2,8 @@
 
 Every variant prunes a fresh copy of the model from the same calibration tokens (16 x 512 WikiText-2 by default)
 in this one process, one after another, and is scored on the same WikiText-2 test windows (16 x 2048). A variant
-is `method[+owl][+dsnot|+dsnot-sign]@pattern` (dsnot-sign: `--dsnot-same-sign`), the pattern `unstructured:S`,
+is `method[+owl][+dsnot|+dsnot-sign][+realloc|+lsa][+refit]@pattern` (dsnot-sign: `--dsnot-same-sign`; realloc,
+lsa: `--channel-permutation reallocation` or `lsa`, N:M only; refit: `--refit 10`), the pattern `unstructured:S`,
 `2:4` or `three-tier`. Prints one line per variant (perplexity, sparsity, pruning time and its ratio to Wanda's of
 the same pattern) and writes JSON.
 
@@ -23,7 +24,7 @@ DEFAULT = ",".join([
     "magnitude@unstructured:0.5", "wanda@unstructured:0.5", "ria@unstructured:0.5", "sparsegpt@unstructured:0.5",
     "wanda@unstructured:0.6", "wanda+dsnot@unstructured:0.6",
     "wanda@unstructured:0.7", "wanda+owl@unstructured:0.7", "ria@unstructured:0.7", "wanda+dsnot@unstructured:0.7",
-    "wanda@2:4", "ria@2:4", "wanda+dsnot@2:4",
+    "wanda@2:4", "ria@2:4", "ria+lsa@2:4", "wanda+dsnot@2:4",
     "wanda@three-tier", "ria@three-tier", "wanda+owl@three-tier",
 ])
 
@@ -37,7 +38,9 @@ def config(variant: str, args):
         pattern, sparsity = "unstructured", float(pattern.split(":")[1])
     return PruneConfig(method=method, pattern=pattern, sparsity=sparsity, nsamples=args.nsamples,
                        seqlen=args.seqlen, device="cpu", layer_sparsity="owl" if "owl" in extras else "uniform",
-                       dsnot="dsnot" in extras or "dsnot-sign" in extras, dsnot_same_sign="dsnot-sign" in extras)
+                       dsnot="dsnot" in extras or "dsnot-sign" in extras, dsnot_same_sign="dsnot-sign" in extras,
+                       channel_permutation="lsa" if "lsa" in extras else "reallocation" if "realloc" in extras
+                       else "none", refit=10 if "refit" in extras else None)
 
 
 def main():

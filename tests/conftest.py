@@ -39,7 +39,7 @@ def safetensors_tensors(folder) -> dict:
     from safetensors import safe_open
     out = {}
     for f in sorted(Path(folder).glob("*.safetensors")):
-        if f.name != "tiers.safetensors":
+        if f.name not in ("tiers.safetensors", "permutations.safetensors"):
             with safe_open(f, "pt") as g:
                 out.update({k: g.get_tensor(k) for k in g.keys()})
     return out

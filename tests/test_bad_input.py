@@ -51,6 +51,8 @@ def no_load(monkeypatch):
     (["--method", "sparsegpt", "--pattern", "2:4", "--sparsegpt-block", "6"], "multiple of M=4"),
     (["--bos", "sometimes"], "--bos"),
     (["--method", "magnitude", "--pattern", "three-tier", "--tier-metric", "wanda"], "needs calibration"),
+    (["--channel-permutation", "lsa"], "needs an N:M --pattern"),
+    (["--pattern", "2:4", "--channel-permutation", "yes"], "unknown --channel-permutation"),
 ])
 def test_prune_options_refused_before_loading(extra, match, tmp_path, capsys, no_load):
     _refused(["prune", "--model", "m", "--out", str(tmp_path / "o"), *extra], capsys, match, tmp_path)

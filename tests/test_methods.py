@@ -55,6 +55,141 @@ def test_ria_works_with_every_pattern(samples):
         assert 0.3 < float((W == 0).float().mean()) < 0.6
 
 
+def ria_permutation_reference(S, n, m, lsa):
+    """RIA's channel permutation as its reference code describes it, in numpy: columns sorted by summed score, M
+    slices dealt to positions q, q+M, ... (odd slices reversed); then per group position c, the columns at c are
+    assigned to groups by linear_sum_assignment on the kept score of every (column, group) pairing, counted
+    directly (sort each row of the would-be group and add its n largest)."""
+    from scipy.optimize import linear_sum_assignment
+    cols = S.shape[1]
+    order = np.argsort(S.sum(0), kind="stable")
+    index = np.empty(cols, dtype=np.int64)
+    for q in range(m):
+        part = order[q * cols // m:(q + 1) * cols // m]
+        index[q::m] = part[::-1] if q % 2 else part
+    G = cols // m
+    for c in range(m if lsa else 0):
+        P = S[:, index]
+        value = np.zeros((G, G))
+        for h in range(G):
+            for g in range(G):
+                members = [g * m + j for j in range(m) if j != c] + [h * m + c]
+                value[h, g] = np.sort(P[:, members], axis=1)[:, -n:].sum()
+        src, dst = linear_sum_assignment(value, maximize=True)
+        new = index.copy()
+        new[dst * m + c] = index[src * m + c]
+        index = new
+    return index
+
+
+@pytest.mark.parametrize("how", ["reallocation", "lsa"])
+def test_ria_channel_permutation_equals_the_reference_rule(samples, how):
+    """Layer 0 (dense inputs): the saved column order equals the transcription and the mask is 2:4 in that order.
+    (The heuristic alone can keep less than the original order, as in the reference code, which keeps it anyway.)"""
+    model, dense = tiny_model("llama"), tiny_model("llama")
+    X = dense_inputs(dense, samples)
+    result = prune(model, cfg(method="ria", pattern="2:4", channel_permutation=how), samples=samples)
+    layer0 = find_linears(find_decoder_layers(model)[1][0])
+    for name, mod in find_linears(find_decoder_layers(dense)[1][0]).items():
+        W = np.abs(weight_matrix(mod).detach().double().numpy())
+        norm = np.sqrt((X[(0, name)] ** 2).sum(0))
+        metric = (W / W.sum(1, keepdims=True) + W / W.sum(0, keepdims=True)) * norm ** 0.5
+        index = ria_permutation_reference(metric, 2, 4, how == "lsa")
+        got_index = result.permutations[f"model.layers.0.{name}"].numpy()
+        assert (got_index == index).all(), f"{name}: {(got_index != index).sum()} positions differ"
+        P = metric[:, index]
+        expect = np.zeros_like(P, dtype=bool)
+        np.put_along_axis(expect, np.argsort(P.reshape(P.shape[0], -1, 4), 2)[:, :, 2:].reshape(P.shape[0], -1) +
+                          np.repeat(np.arange(0, P.shape[1], 4), 2)[None, :], True, 1)
+        got = (weight_matrix(layer0[name]) != 0).numpy()[:, index]
+        assert (got == expect).all(), f"{name}: {(got != expect).sum()} weights differ"
+    assert set(result.permutations) == {f"model.layers.{i}.{n}" for i in range(2) for n in layer0}
+
+
+def test_lsa_never_loses_kept_score_and_stays_inside_its_slices(monkeypatch):
+    """Each assignment round keeps at least what the order before it kept (keeping the columns in place is one
+    of its choices); with slices of 16 columns no column leaves its slice."""
+    from hybridprune import patterns
+    g = torch.Generator().manual_seed(3)
+    S = torch.rand(40, 64, generator=g) ** 3
+    heuristic = patterns.reallocate_channels(S, 4)
+    full = patterns.permute_channels(S, 2, 4, lsa=True)
+    assert patterns.retained(S, full, 2, 4) >= patterns.retained(S, heuristic, 2, 4) - 1e-6
+    assert sorted(full.tolist()) == list(range(64))
+    monkeypatch.setattr(patterns, "LSA_COLUMNS", 16)
+    sliced = patterns.permute_channels(S, 2, 4, lsa=True)
+    for s in range(0, 64, 16):
+        assert set(sliced[s:s + 16].tolist()) == set(heuristic[s:s + 16].tolist())
+    assert patterns.retained(S, sliced, 2, 4) >= patterns.retained(S, heuristic, 2, 4) - 1e-6
+
+
+def test_channel_permutation_with_dsnot_swaps_inside_permuted_groups(samples):
+    """DSnoT on a permuted 2:4 mask swaps (the masks differ from the unrefined ones) and every group of the saved
+    column order still holds 2 of 4."""
+    from hybridprune.patterns import check_nm
+    masks = []
+    for dsnot in (False, True):
+        model = tiny_model("llama")
+        result = prune(model, cfg(method="wanda", pattern="2:4", channel_permutation="lsa", dsnot=dsnot,
+                                  dsnot_skip=()), samples=samples)
+        masks.append({})
+        for name, mod in find_linears(find_decoder_layers(model)[1][0]).items():  # the same inputs in both runs
+            W = weight_matrix(mod)
+            perm = result.permutations[f"model.layers.0.{name}"].long()
+            assert check_nm(W[:, perm] != 0, 2, 4) and int((W == 0).sum()) == W.numel() // 2, name
+            masks[-1][name] = W != 0
+    swapped = sum(int((masks[0][n] != masks[1][n]).sum()) for n in masks[0])
+    assert swapped > 0
+
+
+def test_channel_permutation_saved_inspected_packed_and_computed(tmp_path, samples):
+    """The column order travels with the model: inspect checks groups in it (and reports its loss), packing stores
+    it, unpacking restores every bit, and the kernels give the unpacked model's logits."""
+    from hybridprune import kernels, packing
+    from hybridprune.engine import PERMUTATIONS_FILE, save_pruned
+    from hybridprune.inspect import inspect_folder
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models as tok_models
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(tok_models.WordLevel({"<unk>": 0}, unk_token="<unk>")),
+                                  unk_token="<unk>")
+    model = tiny_model("llama")
+    config = cfg(method="ria", pattern="2:4", channel_permutation="lsa")
+    result = prune(model, config, samples=samples)
+    out = tmp_path / "ria24"
+    save_pruned(model, tok, out, config, result, source="tiny")
+    report = inspect_folder(out)
+    assert report["nm_valid"] and not report["violations"], report["violations"]
+    W = weight_matrix(find_linears(find_decoder_layers(model)[1][0])["mlp.up_proj"])
+    assert not bool(((W != 0).reshape(W.shape[0], -1, 4).sum(-1) <= 2).all())  # not 2:4 in the original order
+    stats = packing.pack_folder(out, tmp_path / "packed", log=lambda *_: None)
+    assert stats["matrices"] == 14
+    state, packed, layouts = packing.unpacked_state(tmp_path / "packed")
+    assert all(layout.get("permuted") for layout in layouts.values())
+    for key, mod_w in model.state_dict().items():
+        if key in layouts:
+            assert torch.equal(state[key], mod_w), key
+    fast, _ = packing.load_packed(tmp_path / "packed", kernels=True)
+    assert sum(isinstance(m, kernels.PackedLinear) and m.permuted for m in fast.modules()) == 14
+    ids = torch.randint(0, 256, (2, 12))
+    with torch.no_grad():
+        assert torch.allclose(fast(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-5)
+    (out / PERMUTATIONS_FILE).unlink()
+    report = inspect_folder(out)
+    assert not report["nm_valid"] and "no column order" in report["violations"][0]
+    with pytest.raises(HybridPruneError, match="has no column order for it: re-prune it"):
+        packing.pack_folder(out, tmp_path / "again", log=lambda *_: None)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(pattern="unstructured", channel_permutation="lsa"), "needs an N:M --pattern"),
+    (dict(method="sparsegpt", pattern="2:4", channel_permutation="lsa"), "SparseGPT picks its mask"),
+    (dict(pattern="2:4", channel_permutation="hungarian"), "unknown --channel-permutation 'hungarian'"),
+])
+def test_channel_permutation_bad_input(kw, match):
+    with pytest.raises(HybridPruneError, match=match):
+        cfg(**kw)
+
+
 def owl_reference(ratios, sparsity, lam):
     """OWL's reference code, transcribed: min-max onto [0, 2 lambda], minus the mean, plus 1 - s (keep ratios)."""
     r = np.asarray(ratios, dtype=np.float64)
@@ -252,6 +387,26 @@ def test_dsnot_equals_the_reference_rule(nm, same_sign):
     assert (got.sum(1) == keep.sum(1)).all()  # every swap is one out, one in: exact per row
     err = lambda k: np.abs(((W * mu) * ~k).sum(1))
     assert err(got).mean() < err(keep).mean()  # the expected reconstruction error shrinks
+
+
+def test_dsnot_on_permuted_groups_equals_the_reference_rule():
+    """With a channel permutation the groups are columns perm[4g:4g+4]: the swaps equal the row-by-row rule run on
+    the permuted columns, mapped back."""
+    from hybridprune.dsnot import refine_permuted
+    rng = np.random.default_rng(1)
+    W, mu, var = rng.normal(size=(12, 64)), rng.normal(size=64) * 3, rng.uniform(0.5, 2, size=64)
+    initial = np.abs(W) * rng.uniform(0.5, 2, size=64)
+    P = perm = rng.permutation(64)
+    kept_in_order = np.ones_like(W, dtype=bool)  # a 2:4 mask of the permuted columns
+    for g in range(0, 64, 4):
+        np.put_along_axis(kept_in_order[:, g:g + 4], np.argsort(initial[:, P][:, g:g + 4], 1)[:, :2], False, 1)
+    keep = np.empty_like(kept_in_order)
+    keep[:, P] = kept_in_order
+    expect = np.empty_like(keep)
+    expect[:, P] = dsnot_reference(W[:, P], mu[P], var[P], initial[:, P], keep[:, P], m=4)
+    t = torch.from_numpy
+    got = refine_permuted(t(W), t(keep), t(mu), t(var), t(initial), t(perm), 4).numpy()
+    assert (got != keep).any() and (got == expect).all(), f"{(got != expect).sum()} weights differ"
 
 
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4", "three-tier"])

@@ -48,6 +48,10 @@ def _add_pattern_args(p):
     g.add_argument("--sparsegpt-block", type=int, default=128,
                    help="SparseGPT column block: lazy updates and mask selection (default 128; a multiple of M for N:M)")
     g.add_argument("--percdamp", type=float, default=0.01, help="SparseGPT dampening, fraction of mean diag(H)")
+    g.add_argument("--channel-permutation", default="none",
+                   help="N:M only, RIA's channel permutation (Zhang et al. 2024): none | reallocation (columns of "
+                        "mixed importance in each group) | lsa (reallocation, then linear-sum-assignment rounds); "
+                        "the column order is saved with the model and read by inspect, pack and --kernels")
     t = p.add_argument_group("three-tier and block patterns")
     t.add_argument("--tiers", default="0.35,0.45,0.20", help="block fractions dense,N:M,top-k (sum 1)")
     t.add_argument("--block-size", type=int, default=16, help="block edge (default 16)")
@@ -110,7 +114,8 @@ def _config(args):
                        block_score=args.block_score, refit=args.refit, bos=args.bos,
                        layer_sparsity=args.layer_sparsity, owl_m=args.owl_m, owl_lambda=args.owl_lambda,
                        dsnot=args.dsnot, dsnot_cycles=args.dsnot_cycles, dsnot_threshold=args.dsnot_threshold,
-                       dsnot_skip=_dsnot_skip(args.dsnot_skip), dsnot_same_sign=args.dsnot_same_sign)
+                       dsnot_skip=_dsnot_skip(args.dsnot_skip), dsnot_same_sign=args.dsnot_same_sign,
+                       channel_permutation=args.channel_permutation)
 
 
 def _dsnot_skip(items):

@@ -134,3 +134,13 @@ def tier_groups(tiers_full: torch.Tensor, b: int, m: int) -> torch.Tensor:
     out = torch.where(tiers_full == 1, nm.expand(rows, cols), out)
     out = torch.where(tiers_full == 2, topk.expand(rows, cols), out)
     return out
+
+
+def refine_permuted(W: torch.Tensor, keep: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, initial: torch.Tensor,
+                    perm: torch.Tensor, m: int, **kw) -> torch.Tensor:
+    """refine() for N:M groups cut from the columns taken in the order `perm` (a channel permutation): the swaps
+    run on the permuted columns, where each group is M adjacent ones, and the mask comes back in the original
+    column order."""
+    refined = refine(W[:, perm], keep[:, perm], mean[perm], var[perm], initial[:, perm],
+                     nm_groups(W.shape, m, W.device), **kw)
+    return torch.empty_like(keep).index_copy_(1, perm, refined)

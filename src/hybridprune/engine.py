@@ -28,10 +28,13 @@ from tqdm.auto import tqdm
 from . import models
 from .data import SQUAD_FORMATS, calibration_samples, check_bos, parse_calib, resolve_bos
 from .errors import HybridPruneError
-from .dsnot import DSNOT_CYCLES, DSNOT_SKIP, DSNOT_THRESHOLD, nm_groups, refine, tier_groups
+from .dsnot import DSNOT_CYCLES, DSNOT_SKIP, DSNOT_THRESHOLD, nm_groups, refine, refine_permuted, tier_groups
 from .layerwise import OWL_LAMBDA, OWL_M, check_owl, layer_pattern, outlier_ratio, owl_sparsities
-from .patterns import NM, TieredBlocks, assign_tiers, expand_tiers, make_pattern, tier_counts
+from .patterns import NM, TieredBlocks, assign_tiers, expand_tiers, make_pattern, permute_channels, tier_counts
 from .scoring import METHODS, InputStats, inverse_hessian, needs_calibration, refit_kept, score, sparsegpt_prune
+
+
+CHANNEL_PERMUTATIONS = ("none", "reallocation", "lsa")
 
 
 @dataclass
@@ -78,6 +81,9 @@ class PruneConfig:
     dsnot_threshold: float = DSNOT_THRESHOLD
     dsnot_skip: tuple[str, ...] = DSNOT_SKIP
     dsnot_same_sign: bool = False  # ours: the N:M branch's sign check on unstructured masks too
+    # N:M only, RIA's channel permutation (patterns.permute_channels): none | reallocation (the heuristic) |
+    # lsa (the heuristic, then a linear-sum-assignment round per group position); the order is saved with the model
+    channel_permutation: str = "none"
 
     def __post_init__(self):
         # Every value is checked here, before any model or data is loaded.
@@ -117,6 +123,16 @@ class PruneConfig:
                 raise HybridPruneError(f"--dsnot-cycles must be a whole number >= 1, got {self.dsnot_cycles}")
             if not (math.isfinite(self.dsnot_threshold) and self.dsnot_threshold >= 0):
                 raise HybridPruneError(f"--dsnot-threshold must be a finite number >= 0, got {self.dsnot_threshold}")
+        if self.channel_permutation not in CHANNEL_PERMUTATIONS:
+            raise HybridPruneError(f"unknown --channel-permutation {self.channel_permutation!r}; use one of: "
+                                   f"{', '.join(CHANNEL_PERMUTATIONS)}")
+        if self.channel_permutation != "none":
+            if not isinstance(pattern, NM):
+                raise HybridPruneError(f"--channel-permutation reorders the columns of N:M groups; it needs an N:M "
+                                       f"--pattern such as 2:4, not {self.pattern}")
+            if self.method == "sparsegpt":
+                raise HybridPruneError("--channel-permutation orders columns by a score before masking, SparseGPT "
+                                       "picks its mask while it updates the weights; use --method ria or wanda")
         if self.layer_sparsity not in ("uniform", "owl"):
             raise HybridPruneError(f"unknown --layer-sparsity {self.layer_sparsity!r}; use uniform or owl")
         if self.layer_sparsity == "owl":
@@ -148,6 +164,8 @@ class PruneConfig:
         rec["group"] = self.comparison_group()
         rec["tier_metric"] = self.tier_metric or self.method
         rec["pattern_detail"] = self.build_pattern().describe()
+        if self.channel_permutation != "none":  # what packing and inspect read: groups in the saved column order
+            rec["pattern_detail"]["channel_permutation"] = self.channel_permutation
         return rec
 
 
@@ -160,6 +178,7 @@ class PruneResult:
     uncalibrated: list[str] = field(default_factory=list)  # matrices no calibration token reached (MoE experts)
     bos: str = ""                                           # the BOS policy the calibration windows used
     layer_sparsity: dict[str, float] = field(default_factory=dict)  # OWL: each layer's target
+    permutations: dict[str, torch.Tensor] = field(default_factory=dict)  # N:M column order per matrix (RIA)
 
 
 class _StopForward(Exception):
@@ -319,6 +338,7 @@ class _Pruner:
         self.layer_patterns: dict[int, object] = {}  # OWL: a pattern per layer
         self.outliers: list[float] = []              # OWL: each layer's outlier ratio (scoring pass)
         self.sizes: list[int] = []
+        self.permutations: dict[str, torch.Tensor] = {}  # N:M column order per matrix (channel permutation)
 
     def check_skip(self) -> None:
         """Every --skip pattern must match a matrix: a typo would otherwise prune everything, recorded as skipping
@@ -384,17 +404,20 @@ class _Pruner:
                           f"{', ...' if len(missing) > 4 else ''}): pruned by magnitude, without reconstruction",
                           stacklevel=2)
 
-    def dsnot(self, W, keep, st, initial, pattern, tiers):
-        """DSnoT's swaps, inside the pattern's groups (N:M groups; for tiers, N:M groups and top-k block rows)."""
+    def dsnot(self, W, keep, mean, var, initial, pattern, tiers, perm=None):
+        """DSnoT's swaps, inside the pattern's groups (N:M groups; for tiers, N:M groups and top-k block rows).
+        With a channel permutation the swaps run on the columns in their saved order, where the groups are."""
+        opts = dict(cycles=self.config.dsnot_cycles, threshold=self.config.dsnot_threshold,
+                    same_sign=self.config.dsnot_same_sign or None)
+        if perm is not None:
+            return refine_permuted(W, keep, mean, var, initial, perm, pattern.m, **opts)
         groups = None
         if isinstance(pattern, NM):
             groups = nm_groups(W.shape, pattern.m, W.device)
         elif self.tiered:
             groups = tier_groups(expand_tiers(tiers, *W.shape, pattern.block_size).to(W.device),
                                  pattern.block_size, pattern.m)
-        return refine(W.detach().float(), keep, (st.sum / st.sequences).to(W.device),
-                      (st.var_sum / st.sequences).to(W.device), initial, groups, self.config.dsnot_cycles,
-                      self.config.dsnot_threshold, same_sign=self.config.dsnot_same_sign or None)
+        return refine(W, keep, mean, var, initial, groups, **opts)
 
     def prune_layer(self, i, linears, stats, tier_maps):
         self.note_uncalibrated(i, linears, stats)
@@ -412,11 +435,19 @@ class _Pruner:
             W = models.weight_matrix(mod)
             floor = self.floors.get(fname)
             W0 = W.detach().float().clone() if self.refit else None
-            keep, tiers = pattern.keep(s, inner, floor=floor, budget=budgets.get(fname))
+            perm = None
+            if self.config.channel_permutation != "none":  # N:M groups cut from reordered columns (RIA)
+                perm = permute_channels(s, pattern.n, pattern.m, lsa=self.config.channel_permutation == "lsa")
+                keep = torch.empty_like(s, dtype=torch.bool).index_copy_(1, perm, pattern.keep(s[:, perm])[0])
+                tiers = None
+                self.permutations[fname] = perm.to("cpu", torch.int32)
+            else:
+                keep, tiers = pattern.keep(s, inner, floor=floor, budget=budgets.get(fname))
             st = stats.get(name)
             if self.config.dsnot and floor is None and st is not None and st.sequences and \
                     not any(models.name_matches(name, p) for p in self.config.dsnot_skip):
-                keep = self.dsnot(W, keep, st, inner, pattern, tiers)
+                keep = self.dsnot(W.detach().float(), keep, (st.sum / st.sequences).to(W.device),
+                                  (st.var_sum / st.sequences).to(W.device), inner, pattern, tiers, perm)
             if floor is not None:
                 keep &= W != 0  # progressive rounds never regrow a weight pruned in an earlier round
             if hinv[name] is not None:
@@ -537,10 +568,12 @@ def prune(model: nn.Module, config: PruneConfig | None = None, tokenizer=None, s
     model.train(was_training)
     return PruneResult(tier_maps=tier_maps, seconds=time.perf_counter() - start,
                        pattern=pruner.pattern.describe(), skipped=pruner.skipped,
-                       uncalibrated=sorted(set(pruner.uncalibrated)), bos=bos, layer_sparsity=layer_sparsity)
+                       uncalibrated=sorted(set(pruner.uncalibrated)), bos=bos, layer_sparsity=layer_sparsity,
+                       permutations=pruner.permutations)
 
 
 TIERS_FILE = "tiers.safetensors"
+PERMUTATIONS_FILE = "permutations.safetensors"  # N:M column order per matrix (--channel-permutation)
 
 
 def pruned_record(config: PruneConfig, result: PruneResult, source: str, extra: dict | None = None) -> dict:
@@ -552,21 +585,40 @@ def pruned_record(config: PruneConfig, result: PruneResult, source: str, extra: 
 
 def save_pruned(model, tokenizer, out, config: PruneConfig, result: PruneResult, source: str,
                 overwrite: bool = False, extra_record: dict | None = None):
-    """Save the pruned model with its record and, for block patterns, the tier map of every matrix."""
+    """Save the pruned model with its record and, for block patterns, the tier map of every matrix (for a channel
+    permutation, each matrix's column order)."""
     from safetensors.torch import save_file
 
     record = pruned_record(config, result, source, {"loading": "in memory", **(extra_record or {})})
 
     def extra(tmp):
-        if result.tier_maps:
-            save_file({k: v.contiguous() for k, v in result.tier_maps.items()}, str(tmp / TIERS_FILE))
+        save_maps(result, tmp)
 
     return models.save_model(model, tokenizer, out, record, overwrite=overwrite, extra=extra)
 
 
-def load_tier_maps(folder) -> dict[str, torch.Tensor]:
+def save_maps(result: PruneResult, folder) -> None:
+    """The per-matrix tier maps and column orders that a pruned folder keeps beside its weights."""
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+    for name, maps in ((TIERS_FILE, result.tier_maps), (PERMUTATIONS_FILE, result.permutations)):
+        if maps:
+            save_file({k: v.contiguous() for k, v in maps.items()}, str(Path(folder) / name))
+
+
+def _load(folder, name) -> dict[str, torch.Tensor]:
     from pathlib import Path
 
     from safetensors.torch import load_file
-    f = Path(folder) / TIERS_FILE
+    f = Path(folder) / name
     return load_file(str(f)) if f.is_file() else {}
+
+
+def load_tier_maps(folder) -> dict[str, torch.Tensor]:
+    return _load(folder, TIERS_FILE)
+
+
+def load_permutations(folder) -> dict[str, torch.Tensor]:
+    """Each N:M matrix's column order (int32 [in]) where the model was pruned with --channel-permutation."""
+    return _load(folder, PERMUTATIONS_FILE)

@@ -32,6 +32,7 @@ from . import models
 from .data import (boolq_examples, c4_texts, check_bos, cut_windows, data_dir, gsm8k_examples, resolve_bos,
                    squad_examples, text_ids, wikitext2_text)
 from .errors import HybridPruneError
+from .engine import PERMUTATIONS_FILE, TIERS_FILE
 from .tasks import BOOLQ_PROMPT, GSM8K_PROMPT, SQUAD_PROMPT
 
 FT_DATA = ("squad", "gsm8k", "boolq", "wikitext2", "c4")
@@ -421,7 +422,7 @@ def finetune_and_save(model_spec: str, config: FinetuneConfig, out, overwrite=Fa
     record = {**(prior or {"model": model_spec}), "finetune": res["record"]}
     record.pop("packed", None)  # a packed input is saved unpacked (pack the result with `hybridprune pack`)
 
-    tiers = Path(model_spec) / "tiers.safetensors"
+    maps = [Path(model_spec) / f for f in (TIERS_FILE, PERMUTATIONS_FILE)]
     keep_adapter = res["adapter"] is not None and not config.merge
     with tempfile.TemporaryDirectory() as adapter_dir:
         if keep_adapter:
@@ -434,8 +435,9 @@ def finetune_and_save(model_spec: str, config: FinetuneConfig, out, overwrite=Fa
             (tmp / "loss.json").write_text(json.dumps(res["losses"]))
             if keep_adapter:
                 shutil.copytree(adapter_dir, tmp / "adapter")
-            if tiers.is_file():  # tier maps stay valid: no weight moved between zero and non-zero
-                shutil.copy(tiers, tmp / tiers.name)
+            for f in maps:  # tier maps and column orders stay valid: no weight moved between zero and non-zero
+                if f.is_file():
+                    shutil.copy(f, tmp / f.name)
 
         models.save_model(res["model"], tok, out, record, overwrite=overwrite, extra=extra)
     shutil.rmtree(work, ignore_errors=True)

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from . import models
-from .engine import load_tier_maps
+from .engine import load_permutations, load_tier_maps
 from .errors import HybridPruneError
 from .patterns import NM_TIER, TOPK_TIER, check_nm, expand_tiers, parse_nm, to_blocks
 
@@ -75,10 +75,24 @@ def inspect_folder(folder, plot_dir=None, matrices=None) -> dict:
                 violations.append(f"{name}: sparsity {got:.4f} below the pattern's {want:.4f}")
     if detail.get("pattern", "").count(":") == 1:
         nm = parse_nm(detail["pattern"])
-        bad = [name for name, mod in mats.items() if not check_nm(models.weight_matrix(mod) != 0, *nm)]
-        report["nm_valid"] = not bad
-        violations += [f"{name}: a group of {nm[1]} holds more than {nm[0]} non-zeros" for name in bad]
-        lines.append(f"N:M groups valid: {'yes' if not bad else 'NO: ' + ', '.join(bad[:5])}")
+        perms = load_permutations(folder)  # --channel-permutation: groups are cut in each matrix's column order
+        permuted = detail.get("channel_permutation", "none") != "none"
+        bad, unordered = [], []
+        for name, mod in mats.items():
+            if name in skipped:
+                continue
+            W = models.weight_matrix(mod)
+            if permuted and (name not in perms or perms[name].numel() != W.shape[1]):
+                unordered.append(name)
+            elif not check_nm((W[:, perms[name].long()] if permuted else W) != 0, *nm):
+                bad.append(name)
+        report["nm_valid"] = not bad and not unordered
+        violations += [f"{name}: a group of {nm[1]} holds more than {nm[0]} non-zeros"
+                       + (" (in its saved column order)" if permuted else "") for name in bad]
+        violations += [f"{name}: pruned with a channel permutation, but permutations.safetensors has no column "
+                       "order of its size" for name in unordered]
+        lines.append(f"N:M groups valid{' (permuted columns)' if permuted else ''}: "
+                     f"{'yes' if report['nm_valid'] else 'NO: ' + ', '.join((bad + unordered)[:5])}")
     if tier_maps:
         b, k = detail.get("block_size", 16), detail.get("topk", 15)
         n, m = parse_nm(detail.get("tier_nm", "2:4"))

@@ -82,6 +82,9 @@ class PackedLinear(nn.Module):
         else:
             for name, t in tensors.items():
                 self.register_buffer(name, t.contiguous())
+        self.permuted = bool(layout.get("permuted")) and self.kind != "unpacked"
+        if self.permuted:  # the kernel reads x's columns in the order the N:M groups were cut
+            self.register_buffer("perm", tensors["perm"].to(torch.int64))
         if self.kind == "unstructured":  # where each row's values start
             per_row = kept_per_row(tensors["mask"])
             self.register_buffer("rowptr", torch.cat([torch.zeros(1, dtype=torch.int64), per_row.cumsum(0)]))
@@ -102,7 +105,8 @@ class PackedLinear(nn.Module):
             if x.device.type != "cpu":
                 raise HybridPruneError("the packed kernels run on the CPU; load the model without --kernels on "
                                        f"{x.device.type}")
-            y = self.matmul(x2.float()).to(x.dtype)
+            x2 = x2.float()
+            y = self.matmul(x2.index_select(1, self.perm) if self.permuted else x2).to(x.dtype)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*shape[:-1], self.out_features)
@@ -152,17 +156,18 @@ def _pad(x: torch.Tensor, extra: int) -> torch.Tensor:
 
 
 def sparsify_(model: nn.Module, config=None, result=None, packed: dict | None = None, layouts: dict | None = None,
-              record: dict | None = None, tier_maps: dict | None = None) -> int:
+              record: dict | None = None, tier_maps: dict | None = None, perms: dict | None = None) -> int:
     """Swap each pruned matrix's module for a PackedLinear, in place. Returns how many were swapped.
 
     config/result: the PruneConfig and PruneResult of `prune(model, config)` (the pattern and tier maps), or
-    record/tier_maps: a saved folder's hybridprune.json and tiers.safetensors; each prunable matrix is then packed
-    here from the model's own zeros. packed/layouts: the tensors and layouts of a packed folder
+    record/tier_maps/perms: a saved folder's hybridprune.json, tiers.safetensors and permutations.safetensors; each
+    prunable matrix is then packed here from the model's own zeros. packed/layouts: the tensors and layouts of a packed folder
     (packing.read_packed), keyed by weight name.
     """
     if config is not None and result is not None:
         from .engine import pruned_record
         record, tier_maps = pruned_record(config, result, "memory"), result.tier_maps
+        perms = result.permutations
     if packed is None:
         packed, layouts = {}, {}
         if not record or "prune" not in record:
@@ -171,7 +176,7 @@ def sparsify_(model: nn.Module, config=None, result=None, packed: dict | None = 
         skipped = set(record.get("skipped") or [])
         for name, mod in models.prunable_matrices(model).items():
             done = pack_prunable(name, models.weight_matrix(mod).detach(), not isinstance(mod, nn.Linear), pattern,
-                                 tier_maps or {}, skipped)
+                                 tier_maps or {}, skipped, perms)
             if done is not None:
                 layouts[f"{name}.weight"], packed[f"{name}.weight"] = done
     for key, layout in layouts.items():
@@ -186,10 +191,10 @@ def sparsify_(model: nn.Module, config=None, result=None, packed: dict | None = 
 def use_kernels(model: nn.Module, spec: str) -> int:
     """`--kernels` on a model loaded from `spec` (an unpacked pruned folder): pack in memory and swap.
     A model with no pruning record is left dense, with a warning."""
-    from .engine import load_tier_maps
+    from .engine import load_permutations, load_tier_maps
     folder = Path(spec).is_dir()
     n = sparsify_(model, record=models.read_record(spec) if folder else None,
-                  tier_maps=load_tier_maps(spec) if folder else {})
+                  tier_maps=load_tier_maps(spec) if folder else {}, perms=load_permutations(spec) if folder else {})
     if n == 0:
         print(f"--kernels: {spec} has nothing to pack (not pruned by hybridprune); running dense", file=sys.stderr)
     return n

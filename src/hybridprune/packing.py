@@ -2,7 +2,9 @@
 
     unstructured  mask [N, ceil(K/8)] uint8 (bit k%8 of byte k/8 = column k kept), values [nnz] in row order
     N:M           values [N, K/M*N] and positions [N, ceil(K/M*N*bits/8)] uint8, the position of each kept value
-                  inside its group in `bits` bits (2 for M <= 4, 4 for M <= 16, 8 above), ascending per group
+                  inside its group in `bits` bits (2 for M <= 4, 4 for M <= 16, 8 above), ascending per group;
+                  pruned with a channel permutation ("permuted": true): the groups are cut from the columns in
+                  the order perm [K] int32, so these fields describe W[:, perm] and the kernels read x[:, perm]
     tiered        tiers [R, C] int8 (0 dense, 1 N:M, 2 top-k) over BxB blocks (edge blocks padded with zeros),
                   then per tier in block order (row of blocks by row of blocks):
                     dense         [nd, B, B]   the block, column-major (column j's B values together)
@@ -140,7 +142,10 @@ def unpack_matrix(t: dict, layout: dict) -> torch.Tensor:
         pos = _unpack_bits(t["positions"], _bits(m), K // m * n).reshape(N, K // m, n)
         W = torch.zeros(N, K // m, m, dtype=t["values"].dtype)
         W.scatter_(-1, pos, t["values"].reshape(N, K // m, n))
-        return W.reshape(N, K)
+        W = W.reshape(N, K)
+        if layout.get("permuted"):  # position j holds column perm[j]
+            W = torch.empty_like(W).index_copy_(1, t["perm"].to(torch.int64), W)
+        return W
     b, n, m, k = layout["block"], layout["n"], layout["m"], layout["k"]
     tiers = t["tiers"]
     R, C = tiers.shape
@@ -177,7 +182,8 @@ def expected_shapes(layout: dict, t: dict) -> dict:
         return out
     if kind == "nm":
         n, m = layout["n"], layout["m"]
-        return {"values": (N, K // m * n), "positions": (N, -(-(K // m * n) * _bits(m) // 8))}
+        out = {"values": (N, K // m * n), "positions": (N, -(-(K // m * n) * _bits(m) // 8))}
+        return {**out, "perm": (K,)} if layout.get("permuted") else out
     b, n, m, k = layout["block"], layout["n"], layout["m"], layout["k"]
     R, C = -(-N // b), -(-K // b)
     out = {"tiers": (R, C)}
@@ -190,7 +196,8 @@ def expected_shapes(layout: dict, t: dict) -> dict:
 
 # ----------------------------------------------------------------------------- which layout a matrix gets
 
-def layout_for(pattern: dict, name: str, W: torch.Tensor, tier_maps: dict, skipped: set) -> dict | None:
+def layout_for(pattern: dict, name: str, W: torch.Tensor, tier_maps: dict, skipped: set,
+               perms: dict | None = None) -> dict | None:
     """The layout of one prunable matrix under the recorded pattern; None = store it as it is."""
     N, K = W.shape
     base = {"shape": [N, K], "dtype": str(W.dtype).replace("torch.", "")}
@@ -208,7 +215,13 @@ def layout_for(pattern: dict, name: str, W: torch.Tensor, tier_maps: dict, skipp
         raise HybridPruneError(f"{name} has no tier map in tiers.safetensors although the model was pruned "
                                f"{kind}; the folder is incomplete: re-prune it")
     if kind and ":" in str(kind):
-        return {**base, "kind": "nm", "n": int(pattern["n"]), "m": int(pattern["m"])}
+        layout = {**base, "kind": "nm", "n": int(pattern["n"]), "m": int(pattern["m"])}
+        if pattern.get("channel_permutation", "none") != "none":
+            if name not in (perms or {}):
+                raise HybridPruneError(f"{name} was pruned {kind} with a channel permutation, but the folder's "
+                                       "permutations.safetensors has no column order for it: re-prune it")
+            layout["permuted"] = True
+        return layout
     # unstructured (also any other pattern): a bitmask, where it is smaller than the matrix
     kept = int((W != 0).sum())
     item = W.element_size()
@@ -218,13 +231,20 @@ def layout_for(pattern: dict, name: str, W: torch.Tensor, tier_maps: dict, skipp
 
 
 def pack_prunable(name: str, W: torch.Tensor, transposed: bool, pattern: dict, tier_maps: dict,
-                  skipped: set) -> tuple[dict, dict] | None:
+                  skipped: set, perms: dict | None = None) -> tuple[dict, dict] | None:
     """(layout, packed tensors) of one prunable matrix [out, in] under a record's pattern; None = keep it as it
     is. Used for folders (pack_folder) and for models in memory (kernels.sparsify_)."""
-    layout = layout_for(pattern, name, W, tier_maps, skipped)
+    layout = layout_for(pattern, name, W, tier_maps, skipped, perms)
     if layout is None:
         return None
-    packed = pack_matrix(W, layout, name, tier_maps.get(name))
+    if layout.get("permuted"):
+        perm = perms[name].to(torch.int64)
+        if sorted(perm.tolist()) != list(range(W.shape[1])):
+            raise HybridPruneError(f"{name}: its column order in permutations.safetensors is not a permutation of "
+                                   f"its {W.shape[1]} inputs; the file does not belong to these weights")
+        packed = {**pack_matrix(W[:, perm], layout, name), "perm": perm.to(torch.int32)}
+    else:
+        packed = pack_matrix(W, layout, name, tier_maps.get(name))
     return {**layout, "transposed": transposed}, packed
 
 
@@ -251,7 +271,8 @@ def _prunable_names(folder: Path) -> dict[str, bool]:
 
 def _weight_files(folder: Path) -> list[Path]:
     files = sorted(folder.glob("*.safetensors"))
-    return [f for f in files if f.name not in ("tiers.safetensors", PACKED_FILE) and f.parent.name != "adapter"]
+    return [f for f in files if f.name not in ("tiers.safetensors", "permutations.safetensors", PACKED_FILE)
+            and f.parent.name != "adapter"]
 
 
 def pack_folder(src, out, overwrite: bool = False, log=print) -> dict:
@@ -261,7 +282,7 @@ def pack_folder(src, out, overwrite: bool = False, log=print) -> dict:
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from .engine import load_tier_maps
+    from .engine import PERMUTATIONS_FILE, TIERS_FILE, load_permutations, load_tier_maps
 
     src = Path(src)
     if is_packed(src):
@@ -274,7 +295,7 @@ def pack_folder(src, out, overwrite: bool = False, log=print) -> dict:
     if not files:
         raise HybridPruneError(f"{src} has no *.safetensors weights to pack")
     pattern = record["prune"].get("pattern_detail") or {}
-    tier_maps = load_tier_maps(src)
+    tier_maps, perms = load_tier_maps(src), load_permutations(src)
     skipped = set(record.get("skipped") or [])
     prunable = _prunable_names(src)
     tensors, layouts = {}, {}
@@ -286,7 +307,7 @@ def pack_folder(src, out, overwrite: bool = False, log=print) -> dict:
                 mod = key[:-len(".weight")] if key.endswith(".weight") else None
                 if mod in prunable and t.dim() == 2:
                     done = pack_prunable(mod, t.t() if prunable[mod] else t, prunable[mod], pattern, tier_maps,
-                                         skipped)
+                                         skipped, perms)
                     stats["dense_bytes"] += t.numel() * t.element_size()
                     if done is not None:
                         layouts[key], packed = done
@@ -300,9 +321,9 @@ def pack_folder(src, out, overwrite: bool = False, log=print) -> dict:
         raise HybridPruneError(f"{src}: no matrix has fewer bytes packed than dense (nothing is pruned); "
                                "there is nothing to pack")
     with models.atomic_dir(out, overwrite=overwrite) as tmp:
-        for f in src.iterdir():  # config, tokenizer, generation config, tier maps, record: as they are
+        for f in src.iterdir():  # config, tokenizer, generation config, tier maps, column orders: as they are
             if f.is_file() and f.suffix != ".safetensors" and f.name != "model.safetensors.index.json" \
-                    or f.name == "tiers.safetensors":
+                    or f.name in (TIERS_FILE, PERMUTATIONS_FILE):
                 shutil.copy(f, tmp / f.name)
         save_file(tensors, str(tmp / PACKED_FILE), metadata={"format": FORMAT, "version": str(VERSION)})
         rec = {**record, "packed": {"format": FORMAT, "version": VERSION, "file": PACKED_FILE, "matrices": layouts,

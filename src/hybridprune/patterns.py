@@ -63,6 +63,73 @@ def check_nm(keep: torch.Tensor, n: int, m: int) -> bool:
     return bool((keep[:, :cols].reshape(keep.shape[0], -1, m).sum(-1) <= n).all())
 
 
+# ----------------------------------------------------------------------------- N:M channel permutation (RIA)
+#
+# N:M groups are M consecutive input columns. Reordering the columns before the groups are cut lets every
+# group hold columns of mixed importance, so fewer large scores compete for the same N places (Zhang et al.,
+# ICLR 2024, section 3.3). The mask is N:M in the permuted order `index`: column index[j] sits at position j,
+# so W[:, index] has valid groups and y = x[:, index] @ W[:, index].T. The index is stored with the model.
+
+LSA_COLUMNS = 1024  # columns per assignment problem (the reference code splits large matrices the same way)
+
+
+def reallocate_channels(score: torch.Tensor, m: int) -> torch.Tensor:
+    """RIA's heuristic channel reallocation: columns sorted by their summed score, cut into M equal slices;
+    slice q fills positions q, q+M, q+2M, ... (odd slices reversed), so each group takes one column per slice."""
+    cols = score.shape[1]
+    order = torch.sort(score.float().sum(0), stable=True).indices
+    index = torch.empty_like(order)
+    for q in range(m):
+        part = order[cols * q // m: cols * (q + 1) // m]
+        index[q::m] = part.flip(0) if q % 2 else part
+    return index
+
+
+def retained(score: torch.Tensor, index: torch.Tensor, n: int, m: int) -> float:
+    """Total score an N:M mask keeps when the columns are taken in the order `index`."""
+    groups = score.float()[:, index].reshape(score.shape[0], -1, m)
+    return float(groups.topk(n, dim=-1).values.sum())
+
+
+def assign_position(s: torch.Tensor, n: int, m: int, c: int) -> torch.Tensor:
+    """One round of RIA's linear-sum-assignment refinement on a score matrix whose columns are already in group
+    order: the columns at position c of every group are re-assigned to groups so that the total kept score is
+    largest, the other M-1 columns of each group staying where they are. Returns the new column order.
+
+    Placing column v in a group whose other columns are A (a_n their n-th largest) keeps top-n(A) + relu(v - a_n)
+    in each row, so only the second term depends on the assignment.
+    """
+    from scipy.optimize import linear_sum_assignment
+    rows, cols = s.shape
+    groups = cols // m
+    g = s.float().reshape(rows, groups, m)
+    others = torch.cat([g[:, :, :c], g[:, :, c + 1:]], dim=2)
+    a_n = others.topk(n, dim=2).values[:, :, n - 1]            # [rows, groups]
+    v = g[:, :, c]                                             # [rows, groups]: the movable columns
+    gain = torch.empty(groups, groups, dtype=torch.float64)    # [candidate, group]
+    step = max(1, (1 << 24) // max(rows * groups, 1))          # bounds the [rows, step, groups] temporary
+    for h0 in range(0, groups, step):
+        h1 = min(h0 + step, groups)
+        gain[h0:h1] = (v[:, h0:h1, None] - a_n[:, None, :]).clamp_min(0).sum(0).double().cpu()
+    src, dst = linear_sum_assignment(gain.numpy(), maximize=True)
+    order = torch.arange(cols, device=s.device)
+    order[torch.as_tensor(dst, device=s.device) * m + c] = torch.as_tensor(src, device=s.device) * m + c
+    return order
+
+
+def permute_channels(score: torch.Tensor, n: int, m: int, lsa: bool = False) -> torch.Tensor:
+    """The column order for an N:M mask: heuristic reallocation, then (lsa) one assignment round per position
+    inside the group, on slices of at most LSA_COLUMNS columns. Returns index [in] (int64)."""
+    index = reallocate_channels(score, m)
+    if lsa:
+        width = max(m, LSA_COLUMNS // m * m)
+        for c in range(m):
+            for start in range(0, index.numel(), width):
+                part = index[start:start + width]
+                index[start:start + width] = part[assign_position(score[:, part], n, m, c)]
+    return index
+
+
 # ----------------------------------------------------------------------------- blocks
 
 def to_blocks(x: torch.Tensor, b: int, fill: float = 0.0) -> torch.Tensor:

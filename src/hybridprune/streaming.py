@@ -244,7 +244,7 @@ def prune_streamed(spec: str, config, out, overwrite: bool = False, dtype=None, 
                    extra_record: dict | None = None):
     """Prune the safetensors model folder `spec` layer by layer into `out` (written atomically).
     Returns (PruneResult, out path)."""
-    from .engine import TIERS_FILE, prune, pruned_record
+    from .engine import prune, pruned_record, save_maps
 
     folder, _ = models.resolve_model(spec)
     folder = Path(folder)
@@ -262,9 +262,7 @@ def prune_streamed(spec: str, config, out, overwrite: bool = False, dtype=None, 
         tok.save_pretrained(tmp)
         record = pruned_record(config, result, spec, {**(extra_record or {}), "loading": "streamed"})
         models.write_record(tmp, record, report)
-        if result.tier_maps:
-            from safetensors.torch import save_file
-            save_file({k: v.contiguous() for k, v in result.tier_maps.items()}, str(tmp / TIERS_FILE))
+        save_maps(result, tmp)
     return result, Path(out)
 
 
