@@ -82,9 +82,8 @@ class PackedLinear(nn.Module):
         else:
             for name, t in tensors.items():
                 self.register_buffer(name, t.contiguous())
+        # a channel-permuted N:M matrix: the kernel reads x's columns in the order `perm` (a buffer, above)
         self.permuted = bool(layout.get("permuted")) and self.kind != "unpacked"
-        if self.permuted:  # the kernel reads x's columns in the order the N:M groups were cut
-            self.register_buffer("perm", tensors["perm"].to(torch.int64))
         if self.kind == "unstructured":  # where each row's values start
             per_row = kept_per_row(tensors["mask"])
             self.register_buffer("rowptr", torch.cat([torch.zeros(1, dtype=torch.int64), per_row.cumsum(0)]))

@@ -239,7 +239,7 @@ def pack_prunable(name: str, W: torch.Tensor, transposed: bool, pattern: dict, t
         return None
     if layout.get("permuted"):
         perm = perms[name].to(torch.int64)
-        if sorted(perm.tolist()) != list(range(W.shape[1])):
+        if not torch.equal(perm.sort().values, torch.arange(W.shape[1])):
             raise HybridPruneError(f"{name}: its column order in permutations.safetensors is not a permutation of "
                                    f"its {W.shape[1]} inputs; the file does not belong to these weights")
         packed = {**pack_matrix(W[:, perm], layout, name), "perm": perm.to(torch.int32)}
@@ -270,8 +270,9 @@ def _prunable_names(folder: Path) -> dict[str, bool]:
 
 
 def _weight_files(folder: Path) -> list[Path]:
+    from .engine import PERMUTATIONS_FILE, TIERS_FILE
     files = sorted(folder.glob("*.safetensors"))
-    return [f for f in files if f.name not in ("tiers.safetensors", "permutations.safetensors", PACKED_FILE)
+    return [f for f in files if f.name not in (TIERS_FILE, PERMUTATIONS_FILE, PACKED_FILE)
             and f.parent.name != "adapter"]
 
 

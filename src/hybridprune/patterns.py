@@ -85,12 +85,6 @@ def reallocate_channels(score: torch.Tensor, m: int) -> torch.Tensor:
     return index
 
 
-def retained(score: torch.Tensor, index: torch.Tensor, n: int, m: int) -> float:
-    """Total score an N:M mask keeps when the columns are taken in the order `index`."""
-    groups = score.float()[:, index].reshape(score.shape[0], -1, m)
-    return float(groups.topk(n, dim=-1).values.sum())
-
-
 def assign_position(s: torch.Tensor, n: int, m: int, c: int) -> torch.Tensor:
     """One round of RIA's linear-sum-assignment refinement on a score matrix whose columns are already in group
     order: the columns at position c of every group are re-assigned to groups so that the total kept score is
