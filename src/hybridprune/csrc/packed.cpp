@@ -53,8 +53,7 @@ void unstructured_portable(const float* x, int64_t B, int64_t Kp, const uint8_t*
       const W* v = vals + rowptr[r];
       const float* xb = x + b * Kp;
       for (int64_t c = 0; c < mb; c++) {
-        const uint8_t m = mask[r * mb + c];
-        if (!m) continue;
+        const uint8_t m = mask[r * mb + c];  // an empty byte too: the AVX2 code does not branch on it
         for (int i = 0; i < 8; i++) {
           const float w = (m >> i) & 1 ? to_f(*v++) : 0.0f;
           acc[c % 2][i] = std::fma(w, xb[c * 8 + i], acc[c % 2][i]);
@@ -185,20 +184,20 @@ void tiered_rows(int64_t C, const int8_t* tiers, const W* dense, const W* nmv, c
 // ----------------------------------------------------------------------------- AVX2 + FMA
 
 #ifdef HP_X86
-#define HP_AVX2 __attribute__((target("avx2,fma")))
+#define HP_AVX2 __attribute__((target("avx2,fma,popcnt")))  // popcnt: else __builtin_popcount is a libgcc call
 
-struct ExpandTable {  // for each byte of mask: where each lane's value sits among the packed ones
-  alignas(32) int32_t perm[256][8];
-  alignas(32) int32_t keep[256][8];
+// For each byte m of mask, one 32-bit word: nibble i (bits 4i..4i+3) says where lane i's weight sits among the
+// packed values of that byte (low 3 bits) and whether lane i holds a kept weight at all (bit 3). 1 KB, so it stays
+// in L1 beside x.
+struct ExpandTable {
+  uint32_t nib[256];
   ExpandTable() {
     for (int m = 0; m < 256; m++) {
+      uint32_t w = 0;
       int c = 0;
-      for (int i = 0; i < 8; i++) {
-        const bool on = (m >> i) & 1;
-        perm[m][i] = on ? c : 0;
-        keep[m][i] = on ? -1 : 0;
-        c += on;
-      }
+      for (int i = 0; i < 8; i++)
+        if ((m >> i) & 1) w |= (8u | static_cast<uint32_t>(c++)) << (4 * i);
+      nib[m] = w;
     }
   }
 };
@@ -219,99 +218,195 @@ HP_AVX2 inline void store_reduce(__m256 acc, float* out) {
   *out = reduce8(a);
 }
 
-// The 8 weights of one mask byte: the next popcount(m) values moved to the lanes of m's set bits, zeros elsewhere.
-template <typename W>
+// The 8 weights of one mask byte: the next popcount(m) values moved to the lanes of m's set bits, zeros elsewhere
+// (vpermps reads the low 3 bits of each nibble, the blend the kept bit moved to the sign).
+template <bool CHECK = true, typename W>
 HP_AVX2 __attribute__((always_inline)) inline __m256 expand8(const ExpandTable& T, int m, const W* src, const W* end, W* tail) {
-  if (src + 8 > end) {  // the last values of the matrix: never read past its end
+  if (CHECK && src + 8 > end) {  // the last values of the matrix: never read past its end
     const int64_t left = end - src;
     for (int i = 0; i < 8; i++) tail[i] = i < left ? src[i] : W(0);
     src = tail;
   }
-  return _mm256_and_ps(
-      _mm256_permutevar8x32_ps(load8(src), _mm256_load_si256(reinterpret_cast<const __m256i*>(T.perm[m]))),
-      _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(T.keep[m]))));
+  const __m256i idx = _mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(T.nib[m])),
+                                        _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28));
+  return _mm256_blendv_ps(_mm256_setzero_ps(), _mm256_permutevar8x32_ps(load8(src), idx),
+                          _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
 }
 
 // Two accumulators per batch row (even and odd mask bytes), so consecutive FMAs do not wait on each other;
-// the portable code sums in the same order.
+// the portable code sums in the same order. NB (the batch rows of one pass) is a compile-time count, so the
+// accumulators live in registers; the loop over a word's bytes is unrolled and has no branch (an empty byte adds
+// zeros); CHECK guards reads past the values' end, needed only in the matrix's last rows.
+template <int NB, bool CHECK, typename W>
+HP_AVX2 __attribute__((always_inline)) inline void unstructured_row_avx2(const ExpandTable& T, const float* xr,
+    int64_t Kp, const uint8_t* mr, const W* v, const W* vend, W* tail, float* yr, int64_t N) {
+  const int64_t mb = Kp / 8;
+  __m256 even[NB], odd[NB];
+  for (int i = 0; i < NB; i++) even[i] = odd[i] = _mm256_setzero_ps();
+  int64_t c = 0;
+  for (; c + 8 <= mb; c += 8) {  // 64 columns: each byte's values start at a popcount of one word
+    uint64_t mw;
+    std::memcpy(&mw, mr + c, 8);
+#pragma GCC unroll 4
+    for (int q = 0; q < 8; q += 2) {
+      const int m0 = static_cast<int>((mw >> (8 * q)) & 0xFF), m1 = static_cast<int>((mw >> (8 * q + 8)) & 0xFF);
+      const uint64_t below = (uint64_t(1) << (8 * q)) - 1;
+      const __m256 w0 = expand8<CHECK>(T, m0, v + __builtin_popcountll(mw & below), vend, tail);
+      for (int i = 0; i < NB; i++) even[i] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xr + i * Kp + (c + q) * 8), even[i]);
+      const __m256 w1 = expand8<CHECK>(T, m1, v + __builtin_popcountll(mw & ((below << 8) | 0xFF)), vend, tail);
+      for (int i = 0; i < NB; i++) odd[i] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xr + i * Kp + (c + q + 1) * 8), odd[i]);
+    }
+    v += __builtin_popcountll(mw);
+  }
+  for (; c < mb; c++) {
+    const int m = mr[c];
+    const __m256 w = expand8<CHECK>(T, m, v, vend, tail);
+    if (c % 2)
+      for (int i = 0; i < NB; i++) odd[i] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xr + i * Kp + c * 8), odd[i]);
+    else
+      for (int i = 0; i < NB; i++) even[i] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xr + i * Kp + c * 8), even[i]);
+    v += __builtin_popcount(m);
+  }
+  for (int i = 0; i < NB; i++) store_reduce(_mm256_add_ps(even[i], odd[i]), yr + i * N);
+}
+
+template <int NB, typename W>
+HP_AVX2 void unstructured_pass_avx2(const ExpandTable& T, const float* xr, int64_t Kp, const uint8_t* mask,
+                                    const W* vals, const W* vend, const int64_t* rowptr, int64_t n0, int64_t n1,
+                                    W* tail, float* yr, int64_t N) {
+  const int64_t mb = Kp / 8;
+  for (int64_t r = n0; r < n1; r++) {
+    const W* v = vals + rowptr[r];
+    if (vals + rowptr[r + 1] + 8 <= vend)  // no read of this row can pass the end
+      unstructured_row_avx2<NB, false>(T, xr, Kp, mask + r * mb, v, vend, tail, yr + r, N);
+    else
+      unstructured_row_avx2<NB, true>(T, xr, Kp, mask + r * mb, v, vend, tail, yr + r, N);
+  }
+}
+
 template <typename W>
 HP_AVX2 void unstructured_avx2(const float* x, int64_t B, int64_t Kp, const uint8_t* mask, const W* vals,
                                int64_t nvals, const int64_t* rowptr, int64_t n0, int64_t n1, int64_t N, float* y) {
   const ExpandTable& T = expand_table();
-  const int64_t mb = Kp / 8;
   const W* vend = vals + nvals;
   W tail[16];
-  for (int64_t r = n0; r < n1; r++) {
+  // rows in chunks that stay in cache while BC batch rows at a time pass over them
+  for (int64_t r0 = n0; r0 < n1; r0 += 16) {
+    const int64_t r1 = std::min<int64_t>(r0 + 16, n1);
     for (int64_t b0 = 0; b0 < B; b0 += BC) {
-      const int bc = static_cast<int>(std::min<int64_t>(BC, B - b0));
-      __m256 even[BC], odd[BC];
-      for (int i = 0; i < BC; i++) even[i] = odd[i] = _mm256_setzero_ps();
-      const W* v = vals + rowptr[r];
-      const uint8_t* mr = mask + r * mb;
       const float* xr = x + b0 * Kp;
-      int64_t c = 0;
-      for (; c + 8 <= mb; c += 8) {  // 64 columns: each byte's values start at a popcount of one word
-        uint64_t mw;
-        std::memcpy(&mw, mr + c, 8);
-        for (int q = 0; q < 8; q += 2) {
-          const int m0 = static_cast<int>((mw >> (8 * q)) & 0xFF), m1 = static_cast<int>((mw >> (8 * q + 8)) & 0xFF);
-          const uint64_t below = (uint64_t(1) << (8 * q)) - 1;
-          if (m0) {
-            const __m256 w = expand8(T, m0, v + __builtin_popcountll(mw & below), vend, tail);
-            for (int i = 0; i < bc; i++) even[i] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xr + i * Kp + (c + q) * 8), even[i]);
-          }
-          if (m1) {
-            const __m256 w = expand8(T, m1, v + __builtin_popcountll(mw & ((below << 8) | 0xFF)), vend, tail);
-            for (int i = 0; i < bc; i++) odd[i] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xr + i * Kp + (c + q + 1) * 8), odd[i]);
-          }
-        }
-        v += __builtin_popcountll(mw);
+      float* yr = y + b0 * N;
+      switch (std::min<int64_t>(BC, B - b0)) {
+        case 1: unstructured_pass_avx2<1>(T, xr, Kp, mask, vals, vend, rowptr, r0, r1, tail, yr, N); break;
+        case 2: unstructured_pass_avx2<2>(T, xr, Kp, mask, vals, vend, rowptr, r0, r1, tail, yr, N); break;
+        case 3: unstructured_pass_avx2<3>(T, xr, Kp, mask, vals, vend, rowptr, r0, r1, tail, yr, N); break;
+        default: unstructured_pass_avx2<BC>(T, xr, Kp, mask, vals, vend, rowptr, r0, r1, tail, yr, N); break;
       }
-      for (; c < mb; c++) {
-        const int m = mr[c];
-        if (m) {
-          const __m256 w = expand8(T, m, v, vend, tail);
-          if (c % 2)
-            for (int i = 0; i < bc; i++) odd[i] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xr + i * Kp + c * 8), odd[i]);
-          else
-            for (int i = 0; i < bc; i++) even[i] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xr + i * Kp + c * 8), even[i]);
-        }
-        v += __builtin_popcount(m);
-      }
-      for (int i = 0; i < bc; i++) store_reduce(_mm256_add_ps(even[i], odd[i]), y + (b0 + i) * N + r);
     }
   }
+}
+
+// One weight row against NB batch rows (a compile-time count: the accumulators stay in registers).
+template <int NB, typename W>
+HP_AVX2 __attribute__((always_inline)) inline void nm24_row_avx2(const float* x, int64_t K, const W* vr,
+                                                                 const uint8_t* pr, float* yr, int64_t N) {
+  const int64_t nv = K / 2;
+  const __m256i shifts = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
+  const __m256i base = _mm256_setr_epi32(0, 0, 4, 4, 0, 0, 4, 4);
+  const __m256i three = _mm256_set1_epi32(3);
+  __m256 acc[NB];
+  for (int i = 0; i < NB; i++) acc[i] = _mm256_setzero_ps();
+  for (int64_t j0 = 0; j0 < nv; j0 += 8) {
+    uint16_t p16;
+    std::memcpy(&p16, pr + j0 / 4, 2);
+    const __m256i idx = _mm256_add_epi32(base, _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(p16), shifts), three));
+    const __m256 w = load8(vr + j0);
+    for (int i = 0; i < NB; i++) {
+      const float* xc = x + i * K + j0 * 2;
+      const __m256 xg = _mm256_blend_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(xc), idx),
+                                        _mm256_permutevar8x32_ps(_mm256_loadu_ps(xc + 8), idx), 0xF0);
+      acc[i] = _mm256_fmadd_ps(w, xg, acc[i]);
+    }
+  }
+  for (int i = 0; i < NB; i++) store_reduce(acc[i], yr + i * N);
 }
 
 template <typename W>
 HP_AVX2 void nm24_avx2(const float* x, int64_t B, int64_t K, const W* vals, const uint8_t* pos, int64_t n0,
                        int64_t n1, int64_t N, float* y) {
   const int64_t nv = K / 2;
-  const __m256i shifts = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
-  const __m256i base = _mm256_setr_epi32(0, 0, 4, 4, 0, 0, 4, 4);
-  const __m256i three = _mm256_set1_epi32(3);
   for (int64_t r = n0; r < n1; r++) {
     const W* vr = vals + r * nv;
     const uint8_t* pr = pos + r * (nv / 4);
     for (int64_t b0 = 0; b0 < B; b0 += BC) {
-      const int bc = static_cast<int>(std::min<int64_t>(BC, B - b0));
-      __m256 acc[BC];
-      for (int i = 0; i < BC; i++) acc[i] = _mm256_setzero_ps();
-      for (int64_t j0 = 0; j0 < nv; j0 += 8) {
-        uint16_t p16;
-        std::memcpy(&p16, pr + j0 / 4, 2);
-        const __m256i idx = _mm256_add_epi32(
-            base, _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(p16), shifts), three));
-        const __m256 w = load8(vr + j0);
-        for (int i = 0; i < bc; i++) {
-          const float* xc = x + (b0 + i) * K + j0 * 2;
-          const __m256 xg = _mm256_blend_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(xc), idx),
-                                            _mm256_permutevar8x32_ps(_mm256_loadu_ps(xc + 8), idx), 0xF0);
-          acc[i] = _mm256_fmadd_ps(w, xg, acc[i]);
+      const float* xb = x + b0 * K;
+      float* yr = y + b0 * N + r;
+      switch (std::min<int64_t>(BC, B - b0)) {
+        case 1: nm24_row_avx2<1>(xb, K, vr, pr, yr, N); break;
+        case 2: nm24_row_avx2<2>(xb, K, vr, pr, yr, N); break;
+        case 3: nm24_row_avx2<3>(xb, K, vr, pr, yr, N); break;
+        default: nm24_row_avx2<BC>(xb, K, vr, pr, yr, N); break;
+      }
+    }
+  }
+}
+
+// One 16-row block row against NB batch rows (a compile-time count: the accumulators stay in registers).
+template <int NB, typename W>
+HP_AVX2 __attribute__((always_inline)) inline void tiered_row_avx2(const float* x, int64_t C, const int8_t* tr,
+    const W* dense, const W* nmv, const uint32_t* nmp, const W* tkv, const uint8_t* tkp, int64_t k, int64_t d,
+    int64_t n, int64_t t, float* yr, int64_t Np) {
+  const int64_t Kp = C * 16;
+  const __m256i sh_lo = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
+  const __m256i sh_hi = _mm256_setr_epi32(16, 18, 20, 22, 24, 26, 28, 30);
+  __m256 lo[NB], hi[NB];
+  float top[NB][16];
+  for (int i = 0; i < NB; i++) {
+    lo[i] = _mm256_setzero_ps();
+    hi[i] = _mm256_setzero_ps();
+    for (int j = 0; j < 16; j++) top[i][j] = 0.0f;
+  }
+  for (int64_t c = 0; c < C; c++) {
+    const int tier = tr[c];
+    const float* xc = x + c * 16;
+    if (tier == 0) {
+      const W* w = dense + d++ * 256;
+      for (int j = 0; j < 16; j++) {
+        const __m256 wl = load8(w + j * 16), wh = load8(w + j * 16 + 8);
+        for (int i = 0; i < NB; i++) {
+          const __m256 xv = _mm256_broadcast_ss(xc + i * Kp + j);
+          lo[i] = _mm256_fmadd_ps(wl, xv, lo[i]);
+          hi[i] = _mm256_fmadd_ps(wh, xv, hi[i]);
         }
       }
-      for (int i = 0; i < bc; i++) store_reduce(acc[i], y + (b0 + i) * N + r);
+    } else if (tier == 1) {
+      const W* w = nmv + n * 128;
+      const uint32_t* p = nmp + n * 8;
+      n++;
+      for (int s = 0; s < 8; s++) {
+        const __m256 wl = load8(w + s * 16), wh = load8(w + s * 16 + 8);
+        const __m256i ps = _mm256_set1_epi32(static_cast<int>(p[s]));
+        const __m256i pl = _mm256_srlv_epi32(ps, sh_lo), ph = _mm256_srlv_epi32(ps, sh_hi);
+        for (int i = 0; i < NB; i++) {
+          const __m256 xq = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(xc + i * Kp + (s / 2) * 4));
+          lo[i] = _mm256_fmadd_ps(wl, _mm256_permutevar_ps(xq, pl), lo[i]);
+          hi[i] = _mm256_fmadd_ps(wh, _mm256_permutevar_ps(xq, ph), hi[i]);
+        }
+      }
+    } else if (tier == 2) {
+      const W* w = tkv + t * k;
+      const uint8_t* p = tkp + t * k;
+      t++;
+      for (int i = 0; i < NB; i++)
+        for (int64_t e = 0; e < k; e++)
+          top[i][p[e] >> 4] = std::fma(to_f(w[e]), xc[i * Kp + (p[e] & 15)], top[i][p[e] >> 4]);
     }
+  }
+  for (int i = 0; i < NB; i++) {
+    alignas(32) float a[16];
+    _mm256_store_ps(a, lo[i]);
+    _mm256_store_ps(a + 8, hi[i]);
+    for (int j = 0; j < 16; j++) yr[i * Np + j] = a[j] + top[i][j];
   }
 }
 
@@ -320,60 +415,17 @@ HP_AVX2 void tiered_avx2(const float* x, int64_t B, int64_t C, const int8_t* tie
                          const W* nmv, const uint32_t* nmp, const W* tkv, const uint8_t* tkp, int64_t k,
                          const int64_t* off, int64_t r0, int64_t r1, int64_t Np, float* y) {
   const int64_t Kp = C * 16;
-  const __m256i sh_lo = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
-  const __m256i sh_hi = _mm256_setr_epi32(16, 18, 20, 22, 24, 26, 28, 30);
   for (int64_t R = r0; R < r1; R++) {
+    const int64_t d = off[R * 3], n = off[R * 3 + 1], t = off[R * 3 + 2];
     for (int64_t b0 = 0; b0 < B; b0 += BC) {
-      const int bc = static_cast<int>(std::min<int64_t>(BC, B - b0));
-      __m256 lo[BC], hi[BC];
-      float top[BC][16];
-      for (int i = 0; i < BC; i++) {
-        lo[i] = _mm256_setzero_ps();
-        hi[i] = _mm256_setzero_ps();
-        for (int j = 0; j < 16; j++) top[i][j] = 0.0f;
-      }
-      int64_t d = off[R * 3], n = off[R * 3 + 1], t = off[R * 3 + 2];
-      for (int64_t c = 0; c < C; c++) {
-        const int tier = tiers[R * C + c];
-        const float* xc = x + b0 * Kp + c * 16;
-        if (tier == 0) {
-          const W* w = dense + d++ * 256;
-          for (int j = 0; j < 16; j++) {
-            const __m256 wl = load8(w + j * 16), wh = load8(w + j * 16 + 8);
-            for (int i = 0; i < bc; i++) {
-              const __m256 xv = _mm256_broadcast_ss(xc + i * Kp + j);
-              lo[i] = _mm256_fmadd_ps(wl, xv, lo[i]);
-              hi[i] = _mm256_fmadd_ps(wh, xv, hi[i]);
-            }
-          }
-        } else if (tier == 1) {
-          const W* w = nmv + n * 128;
-          const uint32_t* p = nmp + n * 8;
-          n++;
-          for (int s = 0; s < 8; s++) {
-            const __m256 wl = load8(w + s * 16), wh = load8(w + s * 16 + 8);
-            const __m256i ps = _mm256_set1_epi32(static_cast<int>(p[s]));
-            const __m256i pl = _mm256_srlv_epi32(ps, sh_lo), ph = _mm256_srlv_epi32(ps, sh_hi);
-            for (int i = 0; i < bc; i++) {
-              const __m256 xq = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(xc + i * Kp + (s / 2) * 4));
-              lo[i] = _mm256_fmadd_ps(wl, _mm256_permutevar_ps(xq, pl), lo[i]);
-              hi[i] = _mm256_fmadd_ps(wh, _mm256_permutevar_ps(xq, ph), hi[i]);
-            }
-          }
-        } else if (tier == 2) {
-          const W* w = tkv + t * k;
-          const uint8_t* p = tkp + t * k;
-          t++;
-          for (int i = 0; i < bc; i++)
-            for (int64_t e = 0; e < k; e++)
-              top[i][p[e] >> 4] = std::fma(to_f(w[e]), xc[i * Kp + (p[e] & 15)], top[i][p[e] >> 4]);
-        }
-      }
-      for (int i = 0; i < bc; i++) {
-        alignas(32) float a[16];
-        _mm256_store_ps(a, lo[i]);
-        _mm256_store_ps(a + 8, hi[i]);
-        for (int j = 0; j < 16; j++) y[(b0 + i) * Np + R * 16 + j] = a[j] + top[i][j];
+      const float* xb = x + b0 * Kp;
+      float* yr = y + b0 * Np + R * 16;
+      const int8_t* tr = tiers + R * C;
+      switch (std::min<int64_t>(BC, B - b0)) {
+        case 1: tiered_row_avx2<1>(xb, C, tr, dense, nmv, nmp, tkv, tkp, k, d, n, t, yr, Np); break;
+        case 2: tiered_row_avx2<2>(xb, C, tr, dense, nmv, nmp, tkv, tkp, k, d, n, t, yr, Np); break;
+        case 3: tiered_row_avx2<3>(xb, C, tr, dense, nmv, nmp, tkv, tkp, k, d, n, t, yr, Np); break;
+        default: tiered_row_avx2<BC>(xb, C, tr, dense, nmv, nmp, tkv, tkp, k, d, n, t, yr, Np); break;
       }
     }
   }
@@ -398,7 +450,7 @@ HP_AVX2 void unstructured_rows_avx2(const uint8_t* mask, const W* vals, int64_t 
 }
 
 bool cpu_has_avx2() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("popcnt");
   return ok;
 }
 #else
