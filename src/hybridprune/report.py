@@ -36,10 +36,11 @@ def _per_example(entry: dict, metric: str):
     return entry.get("per_example", {}).get(PER_EXAMPLE.get(metric, metric))
 
 
-def _metric_values(entry: dict, metric: str):
-    """(value, spread, per-example values): the spread is the between-seed SD where several seeds ran, else the
-    standard error over examples."""
-    spread = entry.get(metric + "_sd", entry.get(metric + "_stderr"))
+def _metric_values(entry: dict, metric: str, several: bool):
+    """(value, spread, per-example values): with several seeds in the recipe the spread is the between-seed SD
+    (none while a run has one seed's value, or for a run that no seed changes), else the standard error over
+    examples; the two are never mixed in one table."""
+    spread = entry.get(metric + "_sd") if several else entry.get(metric + "_stderr")
     return entry.get(metric), spread, _per_example(entry, metric)
 
 
@@ -272,7 +273,7 @@ def _markdown(recipe, table, pairs, claims, overlap, times) -> str:
         cells = []
         for t, m in cols:
             e = row["tasks"].get(t)
-            cells.append(_fmt(*_metric_values(e, m)[:2]) if e else "-")
+            cells.append(_fmt(*_metric_values(e, m, several)[:2]) if e else "-")
         secs = ", ".join(f"{k} {v:.0f}" for k, v in row["seconds"].items() if v)
         sp = "-" if row["sparsity"] is None else f"{row['sparsity']:.4f}"
         lines.append(f"| {name} | {sp} | " + " | ".join(cells) + f" | {secs} |")
@@ -349,7 +350,8 @@ def _plots(recipe, table, overlap, folder: Path) -> None:
 
     names = list(table)
     for t, m in _columns(recipe):
-        vals = [(_metric_values(table[n]["tasks"][t], m)[:2] if t in table[n]["tasks"] else (None, None))
+        vals = [(_metric_values(table[n]["tasks"][t], m, len(recipe.seeds) > 1)[:2] if t in table[n]["tasks"]
+                 else (None, None))
                 for n in names]
         if all(v is None for v, _ in vals):
             continue
