@@ -36,7 +36,8 @@ def bits(t):
     return t.view(torch.int32) if t.dtype == torch.float32 else t.view(torch.int16)
 
 
-SHAPES = [(37, 75), (50, 96), (16, 16), (33, 128)]  # edge blocks, K not a multiple of 16, a single block
+SHAPES = [(37, 75), (50, 96), (16, 16), (33, 128), (29, 40), (20, 48)]  # edge blocks, K not a multiple of 16,
+# a single block, an odd number of mask bytes per row (40), 2:4 rows of 16 + 8 values (48)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -69,9 +70,9 @@ def test_packed_bytes_match_the_format():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4", "three-tier"])
 def test_kernels_equal_dense_matmul(pattern, dtype):
-    """Both implementations agree bit for bit and stay within fp32 rounding of a float64 reference, on odd
-    shapes, random tier maps, batch 1, 3, 6 (a pass of 4 rows, then 2), 16 and a prefill batch (the dense-strip
-    path)."""
+    """All implementations (portable, AVX2 and AVX-512 where the CPU has them) agree bit for bit and stay within
+    fp32 rounding of a float64 reference, on odd shapes, random tier maps, batch 1, 3, 6 (a pass of 4 rows, then
+    2), 16 and prefill batches (130, 300: the dense-strip path from kernels.DENSE_FROM rows on)."""
     worst = 0.0
     for N, K in SHAPES:
         if pattern == "2:4" and K % 16:
@@ -79,12 +80,14 @@ def test_kernels_equal_dense_matmul(pattern, dtype):
         W, layout, tiers = pruned(pattern, N, K, dtype, seed=N)
         m = kernels.PackedLinear(layout, packing.pack_matrix(W, layout, "w", tiers))
         assert m.kind == layout["kind"]
-        for B in (1, 3, 6, 16, 130):
+        for B in (1, 3, 6, 16, 130, 300):  # 130: sparse or strips by layout; 300: strips for every layout
             x = torch.randn(B, K)
             ref = x.double() @ W.double().t()
             portable = m.matmul(x, 1)
             if kernels.extension().has_avx2():
                 assert torch.equal(portable, m.matmul(x, 2)), (N, K, B)
+            if kernels.extension().has_avx512():
+                assert torch.equal(portable, m.matmul(x, 3)), (N, K, B)
             err = ((portable.double() - ref).abs().max() / ref.abs().max()).item()
             worst = max(worst, err)
             assert err < 1e-5, (N, K, B, err)

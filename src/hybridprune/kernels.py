@@ -5,8 +5,9 @@
                                  top-k); fp32 or bf16 weights, fp32 accumulation, threads over rows
 The extension is compiled from csrc/packed.cpp with torch's C++ extension mechanism the first time it is used
 (`make setup` does it once) into the hybridprune cache folder; nothing prebuilt is downloaded.
-Two implementations give bit-identical results: AVX2+FMA where the CPU has it, and a portable one
-(HYBRIDPRUNE_KERNELS=portable forces it). Layouts the kernels do not cover (blocks other than 16x16, an N:M other
+Three implementations give bit-identical results: AVX-512 (expand-loads for the bitmask, two-source permutes
+for 2:4 positions) and AVX2+FMA where the CPU has them, and a portable one (HYBRIDPRUNE_KERNELS=portable forces
+it; avx2 and avx512 name the others). Layouts the kernels do not cover (blocks other than 16x16, an N:M other
 than 2:4) keep their packed form on disk and compute with the unpacked matrix.
 """
 from __future__ import annotations
@@ -26,10 +27,11 @@ from .packing import kept_per_row, pack_prunable, unpack_matrix
 
 _SOURCE = Path(__file__).parent / "csrc" / "packed.cpp"
 _EXT = None
-IMPLS = {"auto": 0, "portable": 1, "avx2": 2}
-# rows of x from which a dense matmul of decoded strips beats the sparse kernel, per layout (bench/kernels.py:
-# 11008 x 4096 fp32 on 2 AVX2 cores)
-DENSE_FROM = {"unstructured": 48, "nm": 24, "tiered": 96}
+IMPLS = {"auto": 0, "portable": 1, "avx2": 2, "avx512": 3}
+# rows of x from which a dense matmul of decoded strips beats the sparse kernel, per layout (bench/kernels.py,
+# 11008 x 4096 fp32: unstructured and 2:4 on 2 AVX2 cores, tiered re-measured on 2 AVX-512 cores, where its
+# kernel at 128 rows took 58 ms and the strips 77 ms: the tiered decoder is scalar)
+DENSE_FROM = {"unstructured": 48, "nm": 24, "tiered": 256}
 STRIP = 512       # rows decoded at a time for it
 
 

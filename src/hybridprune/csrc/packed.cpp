@@ -72,16 +72,18 @@ void nm24_portable(const float* x, int64_t B, int64_t K, const W* vals, const ui
   const int64_t nv = K / 2;
   for (int64_t r = n0; r < n1; r++) {
     for (int64_t b = 0; b < B; b++) {
-      float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      float acc[16] = {0};  // value j in lane j % 16: two 8-lane halves, as the AVX2 code's two accumulators
       const float* xb = x + b * K;
       for (int64_t j0 = 0; j0 < nv; j0 += 8) {  // 8 kept values = 4 groups = 16 columns
         for (int i = 0; i < 8; i++) {
           const int64_t j = j0 + i;
           const int p = (pos[r * (nv / 4) + j / 4] >> (2 * (j % 4))) & 3;
-          acc[i] = std::fma(to_f(vals[r * nv + j]), xb[(j / 2) * 4 + p], acc[i]);
+          acc[j % 16] = std::fma(to_f(vals[r * nv + j]), xb[(j / 2) * 4 + p], acc[j % 16]);
         }
       }
-      y[b * N + r] = reduce8(acc);
+      float sum[8];
+      for (int i = 0; i < 8; i++) sum[i] = acc[i] + acc[i + 8];
+      y[b * N + r] = reduce8(sum);
     }
   }
 }
@@ -314,21 +316,22 @@ HP_AVX2 __attribute__((always_inline)) inline void nm24_row_avx2(const float* x,
   const __m256i shifts = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
   const __m256i base = _mm256_setr_epi32(0, 0, 4, 4, 0, 0, 4, 4);
   const __m256i three = _mm256_set1_epi32(3);
-  __m256 acc[NB];
-  for (int i = 0; i < NB; i++) acc[i] = _mm256_setzero_ps();
+  __m256 acc[2][NB];  // even and odd groups of 8 values (the portable code's two halves)
+  for (int i = 0; i < NB; i++) acc[0][i] = acc[1][i] = _mm256_setzero_ps();
   for (int64_t j0 = 0; j0 < nv; j0 += 8) {
     uint16_t p16;
     std::memcpy(&p16, pr + j0 / 4, 2);
     const __m256i idx = _mm256_add_epi32(base, _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(p16), shifts), three));
     const __m256 w = load8(vr + j0);
+    __m256* a = acc[(j0 / 8) % 2];
     for (int i = 0; i < NB; i++) {
       const float* xc = x + i * K + j0 * 2;
       const __m256 xg = _mm256_blend_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(xc), idx),
                                         _mm256_permutevar8x32_ps(_mm256_loadu_ps(xc + 8), idx), 0xF0);
-      acc[i] = _mm256_fmadd_ps(w, xg, acc[i]);
+      a[i] = _mm256_fmadd_ps(w, xg, a[i]);
     }
   }
-  for (int i = 0; i < NB; i++) store_reduce(acc[i], yr + i * N);
+  for (int i = 0; i < NB; i++) store_reduce(_mm256_add_ps(acc[0][i], acc[1][i]), yr + i * N);
 }
 
 template <typename W>
@@ -453,17 +456,239 @@ bool cpu_has_avx2() {
   static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("popcnt");
   return ok;
 }
+
+// ----------------------------------------------------------------------------- AVX-512
+
+// 16 lanes: one zmm holds what the AVX2 code keeps in two ymm (unstructured: an even and an odd mask byte;
+// 2:4: an even and an odd group of 8 values; tiered: the block's rows 0-7 and 8-15), so the sums are the same.
+#define HP_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi2,avx2,fma,popcnt")))
+
+HP_AVX512 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+HP_AVX512 inline __m512 load16(const uint16_t* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+HP_AVX512 inline __m512 load8z(const float* p) { return _mm512_maskz_loadu_ps(0xFF, p); }  // lanes 8-15 zero
+HP_AVX512 inline __m512 load8z(const uint16_t* p) {
+  const __m256i h = _mm256_maskz_loadu_epi16(0xFF, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+// The weights of two mask bytes: the next popcount(m) values to the lanes of m's set bits (an expand-load reads
+// only those values, so it never passes the end of the matrix).
+HP_AVX512 inline __m512 expand16(__mmask16 m, const float* src) { return _mm512_maskz_expandloadu_ps(m, src); }
+HP_AVX512 inline __m512 expand16(__mmask16 m, const uint16_t* src) {
+  const __m256i h = _mm256_maskz_expandloadu_epi16(m, src);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+HP_AVX512 inline void store_reduce16(__m512 acc, float* out) {
+  const __m256 hi = _mm256_castsi256_ps(_mm512_extracti64x4_epi64(_mm512_castps_si512(acc), 1));
+  store_reduce(_mm256_add_ps(_mm512_castps512_ps256(acc), hi), out);
+}
+
+// NR consecutive weight rows against NB batch rows: NR x NB independent accumulators (two rows for one batch
+// row, so that consecutive FMAs do not wait on each other).
+template <int NR, int NB, typename W>
+HP_AVX512 __attribute__((always_inline)) inline void unstructured_rows_avx512(const float* xr, int64_t Kp,
+    const uint8_t* mr, const W* vals, const int64_t* rowptr, int64_t r, float* yr, int64_t N) {
+  const int64_t mb = Kp / 8;
+  __m512 acc[NR][NB];
+  const W* v[NR];
+  for (int q = 0; q < NR; q++) {
+    v[q] = vals + rowptr[r + q];
+    for (int i = 0; i < NB; i++) acc[q][i] = _mm512_setzero_ps();
+  }
+  int64_t c = 0;
+  for (; c + 2 <= mb; c += 2) {
+    __m512 xv[NB];
+    for (int i = 0; i < NB; i++) xv[i] = _mm512_loadu_ps(xr + i * Kp + c * 8);
+    for (int q = 0; q < NR; q++) {
+      uint16_t m;
+      std::memcpy(&m, mr + (r + q) * mb + c, 2);
+      const __m512 w = expand16(m, v[q]);
+      v[q] += _mm_popcnt_u32(m);
+      for (int i = 0; i < NB; i++) acc[q][i] = _mm512_fmadd_ps(w, xv[i], acc[q][i]);
+    }
+  }
+  if (c < mb) {  // an odd last byte: the even half only
+    for (int q = 0; q < NR; q++) {
+      const __m512 w = expand16(mr[(r + q) * mb + c], v[q]);
+      for (int i = 0; i < NB; i++) acc[q][i] = _mm512_fmadd_ps(w, load8z(xr + i * Kp + c * 8), acc[q][i]);
+    }
+  }
+  for (int q = 0; q < NR; q++)
+    for (int i = 0; i < NB; i++) store_reduce16(acc[q][i], yr + i * N + r + q);
+}
+
+template <int NB, typename W>
+HP_AVX512 void unstructured_pass_avx512(const float* xr, int64_t Kp, const uint8_t* mask, const W* vals,
+                                        const int64_t* rowptr, int64_t n0, int64_t n1, float* yr, int64_t N) {
+  int64_t r = n0;
+  if (NB == 1)
+    for (; r + 2 <= n1; r += 2) unstructured_rows_avx512<2, NB>(xr, Kp, mask, vals, rowptr, r, yr, N);
+  for (; r < n1; r++) unstructured_rows_avx512<1, NB>(xr, Kp, mask, vals, rowptr, r, yr, N);
+}
+
+template <typename W>
+HP_AVX512 void unstructured_avx512(const float* x, int64_t B, int64_t Kp, const uint8_t* mask, const W* vals,
+                                   const int64_t* rowptr, int64_t n0, int64_t n1, int64_t N, float* y) {
+  for (int64_t r0 = n0; r0 < n1; r0 += 16) {  // rows in chunks that stay in cache over the batch passes
+    const int64_t r1 = std::min<int64_t>(r0 + 16, n1);
+    for (int64_t b0 = 0; b0 < B; b0 += BC) {
+      const float* xr = x + b0 * Kp;
+      float* yr = y + b0 * N;
+      switch (std::min<int64_t>(BC, B - b0)) {
+        case 1: unstructured_pass_avx512<1>(xr, Kp, mask, vals, rowptr, r0, r1, yr, N); break;
+        case 2: unstructured_pass_avx512<2>(xr, Kp, mask, vals, rowptr, r0, r1, yr, N); break;
+        case 3: unstructured_pass_avx512<3>(xr, Kp, mask, vals, rowptr, r0, r1, yr, N); break;
+        default: unstructured_pass_avx512<BC>(xr, Kp, mask, vals, rowptr, r0, r1, yr, N); break;
+      }
+    }
+  }
+}
+
+// 16 kept values (8 groups, 32 columns) per step: one two-source permute gathers their inputs.
+template <int NB, typename W>
+HP_AVX512 __attribute__((always_inline)) inline void nm24_row_avx512(const float* x, int64_t K, const W* vr,
+                                                                     const uint8_t* pr, float* yr, int64_t N) {
+  const int64_t nv = K / 2;
+  const __m512i shifts = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i base = _mm512_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12, 16, 16, 20, 20, 24, 24, 28, 28);
+  const __m512i three = _mm512_set1_epi32(3);
+  __m512 acc[NB];
+  for (int i = 0; i < NB; i++) acc[i] = _mm512_setzero_ps();
+  int64_t j0 = 0;
+  for (; j0 + 16 <= nv; j0 += 16) {
+    uint32_t p32;
+    std::memcpy(&p32, pr + j0 / 4, 4);
+    const __m512i idx = _mm512_add_epi32(base, _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(p32), shifts), three));
+    const __m512 w = load16(vr + j0);
+    for (int i = 0; i < NB; i++) {
+      const float* xc = x + i * K + j0 * 2;
+      acc[i] = _mm512_fmadd_ps(w, _mm512_permutex2var_ps(_mm512_loadu_ps(xc), idx, _mm512_loadu_ps(xc + 16)), acc[i]);
+    }
+  }
+  if (j0 < nv) {  // 8 values left (K % 32 == 16): the even half only
+    uint16_t p16;
+    std::memcpy(&p16, pr + j0 / 4, 2);
+    const __m512i idx = _mm512_add_epi32(base, _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(p16), shifts), three));
+    const __m512 w = load8z(vr + j0);
+    for (int i = 0; i < NB; i++)
+      acc[i] = _mm512_fmadd_ps(w, _mm512_permutexvar_ps(idx, _mm512_loadu_ps(x + i * K + j0 * 2)), acc[i]);
+  }
+  for (int i = 0; i < NB; i++) store_reduce16(acc[i], yr + i * N);
+}
+
+template <typename W>
+HP_AVX512 void nm24_avx512(const float* x, int64_t B, int64_t K, const W* vals, const uint8_t* pos, int64_t n0,
+                           int64_t n1, int64_t N, float* y) {
+  const int64_t nv = K / 2;
+  for (int64_t r = n0; r < n1; r++) {
+    const W* vr = vals + r * nv;
+    const uint8_t* pr = pos + r * (nv / 4);
+    for (int64_t b0 = 0; b0 < B; b0 += BC) {
+      const float* xb = x + b0 * K;
+      float* yr = y + b0 * N + r;
+      switch (std::min<int64_t>(BC, B - b0)) {
+        case 1: nm24_row_avx512<1>(xb, K, vr, pr, yr, N); break;
+        case 2: nm24_row_avx512<2>(xb, K, vr, pr, yr, N); break;
+        case 3: nm24_row_avx512<3>(xb, K, vr, pr, yr, N); break;
+        default: nm24_row_avx512<BC>(xb, K, vr, pr, yr, N); break;
+      }
+    }
+  }
+}
+
+// One 16-row block row: lane i is the block's row i.
+template <int NB, typename W>
+HP_AVX512 __attribute__((always_inline)) inline void tiered_row_avx512(const float* x, int64_t C, const int8_t* tr,
+    const W* dense, const W* nmv, const uint32_t* nmp, const W* tkv, const uint8_t* tkp, int64_t k, int64_t d,
+    int64_t n, int64_t t, float* yr, int64_t Np) {
+  const int64_t Kp = C * 16;
+  const __m512i shifts = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  __m512 acc[NB];
+  float top[NB][16];
+  for (int i = 0; i < NB; i++) {
+    acc[i] = _mm512_setzero_ps();
+    for (int j = 0; j < 16; j++) top[i][j] = 0.0f;
+  }
+  for (int64_t c = 0; c < C; c++) {
+    const int tier = tr[c];
+    const float* xc = x + c * 16;
+    if (tier == 0) {
+      const W* w = dense + d++ * 256;
+      for (int j = 0; j < 16; j++) {
+        const __m512 wj = load16(w + j * 16);
+        for (int i = 0; i < NB; i++) acc[i] = _mm512_fmadd_ps(wj, _mm512_set1_ps(xc[i * Kp + j]), acc[i]);
+      }
+    } else if (tier == 1) {
+      const W* w = nmv + n * 128;
+      const uint32_t* p = nmp + n * 8;
+      n++;
+      for (int s = 0; s < 8; s++) {
+        const __m512 ws = load16(w + s * 16);
+        const __m512i ps = _mm512_srlv_epi32(_mm512_set1_epi32(static_cast<int>(p[s])), shifts);
+        for (int i = 0; i < NB; i++) {
+          const __m512 xq = _mm512_broadcast_f32x4(_mm_loadu_ps(xc + i * Kp + (s / 2) * 4));
+          acc[i] = _mm512_fmadd_ps(ws, _mm512_permutevar_ps(xq, ps), acc[i]);
+        }
+      }
+    } else if (tier == 2) {
+      const W* w = tkv + t * k;
+      const uint8_t* p = tkp + t * k;
+      t++;
+      for (int i = 0; i < NB; i++)
+        for (int64_t e = 0; e < k; e++)
+          top[i][p[e] >> 4] = std::fma(to_f(w[e]), xc[i * Kp + (p[e] & 15)], top[i][p[e] >> 4]);
+    }
+  }
+  for (int i = 0; i < NB; i++) {
+    alignas(64) float a[16];
+    _mm512_store_ps(a, acc[i]);
+    for (int j = 0; j < 16; j++) yr[i * Np + j] = a[j] + top[i][j];
+  }
+}
+
+template <typename W>
+HP_AVX512 void tiered_avx512(const float* x, int64_t B, int64_t C, const int8_t* tiers, const W* dense,
+                             const W* nmv, const uint32_t* nmp, const W* tkv, const uint8_t* tkp, int64_t k,
+                             const int64_t* off, int64_t r0, int64_t r1, int64_t Np, float* y) {
+  const int64_t Kp = C * 16;
+  for (int64_t R = r0; R < r1; R++) {
+    const int64_t d = off[R * 3], n = off[R * 3 + 1], t = off[R * 3 + 2];
+    for (int64_t b0 = 0; b0 < B; b0 += BC) {
+      const float* xb = x + b0 * Kp;
+      float* yr = y + b0 * Np + R * 16;
+      const int8_t* tr = tiers + R * C;
+      switch (std::min<int64_t>(BC, B - b0)) {
+        case 1: tiered_row_avx512<1>(xb, C, tr, dense, nmv, nmp, tkv, tkp, k, d, n, t, yr, Np); break;
+        case 2: tiered_row_avx512<2>(xb, C, tr, dense, nmv, nmp, tkv, tkp, k, d, n, t, yr, Np); break;
+        case 3: tiered_row_avx512<3>(xb, C, tr, dense, nmv, nmp, tkv, tkp, k, d, n, t, yr, Np); break;
+        default: tiered_row_avx512<BC>(xb, C, tr, dense, nmv, nmp, tkv, tkp, k, d, n, t, yr, Np); break;
+      }
+    }
+  }
+}
+
+bool cpu_has_avx512() {
+  static const bool ok = cpu_has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vbmi2");
+  return ok;
+}
 #else
 bool cpu_has_avx2() { return false; }
+bool cpu_has_avx512() { return false; }
 #endif
 
 // ----------------------------------------------------------------------------- entry points
 
-// impl: 0 = the fastest this CPU runs, 1 = portable, 2 = AVX2 (refused where the CPU lacks it)
-bool use_avx2(int64_t impl) {
-  TORCH_CHECK(impl >= 0 && impl <= 2, "impl must be 0 (auto), 1 (portable) or 2 (avx2)");
+// impl: 0 = the fastest this CPU runs, 1 = portable, 2 = AVX2, 3 = AVX-512 (2 and 3 refused where the CPU lacks them)
+enum Path { PORTABLE = 1, AVX2 = 2, AVX512 = 3 };
+Path pick(int64_t impl) {
+  TORCH_CHECK(impl >= 0 && impl <= 3, "impl must be 0 (auto), 1 (portable), 2 (avx2) or 3 (avx512)");
   TORCH_CHECK(impl != 2 || cpu_has_avx2(), "this CPU has no AVX2+FMA; use impl 0 or 1");
-  return impl == 2 || (impl == 0 && cpu_has_avx2());
+  TORCH_CHECK(impl != 3 || cpu_has_avx512(), "this CPU has no AVX-512 (F, BW, VL, VBMI2); use impl 0, 1 or 2");
+  if (impl == 0) return cpu_has_avx512() ? AVX512 : cpu_has_avx2() ? AVX2 : PORTABLE;
+  return static_cast<Path>(impl);
 }
 
 void check_x(const torch::Tensor& x) {
@@ -491,7 +716,8 @@ torch::Tensor unstructured_mm(torch::Tensor x, torch::Tensor mask, torch::Tensor
   const int64_t B = x.size(0), Kp = x.size(1), N = mask.size(0);
   TORCH_CHECK(Kp % 8 == 0 && mask.size(1) == Kp / 8, "x width must be the mask width x 8");
   TORCH_CHECK(rowptr.numel() == N + 1 && rowptr.scalar_type() == torch::kInt64, "rowptr must hold N+1 int64");
-  const bool bf = is_bf16(values), fast = use_avx2(impl);
+  const bool bf = is_bf16(values);
+  const Path path = pick(impl);
   auto y = torch::empty({B, N}, x.options());
   const float* xp = x.data_ptr<float>();
   const uint8_t* mp = mask.data_ptr<uint8_t>();
@@ -500,7 +726,12 @@ torch::Tensor unstructured_mm(torch::Tensor x, torch::Tensor mask, torch::Tensor
   const int64_t nv = values.numel();
   at::parallel_for(0, N, grain(Kp * B), [&](int64_t n0, int64_t n1) {
 #ifdef HP_X86
-    if (fast) {
+    if (path == AVX512) {
+      if (bf) unstructured_avx512(xp, B, Kp, mp, ptr<uint16_t>(values), rp, n0, n1, N, yp);
+      else unstructured_avx512(xp, B, Kp, mp, ptr<float>(values), rp, n0, n1, N, yp);
+      return;
+    }
+    if (path == AVX2) {
       if (bf) unstructured_avx2(xp, B, Kp, mp, ptr<uint16_t>(values), nv, rp, n0, n1, N, yp);
       else unstructured_avx2(xp, B, Kp, mp, ptr<float>(values), nv, rp, n0, n1, N, yp);
       return;
@@ -519,14 +750,20 @@ torch::Tensor nm24_mm(torch::Tensor x, torch::Tensor values, torch::Tensor posit
   TORCH_CHECK(values.dim() == 2 && values.size(1) == K / 2, "2:4 values must be [N, K/2]");
   TORCH_CHECK(positions.dim() == 2 && positions.size(0) == N && positions.size(1) == K / 8,
               "2:4 positions must be [N, K/8] bytes");
-  const bool bf = is_bf16(values), fast = use_avx2(impl);
+  const bool bf = is_bf16(values);
+  const Path path = pick(impl);
   auto y = torch::empty({B, N}, x.options());
   const float* xp = x.data_ptr<float>();
   const uint8_t* pp = positions.data_ptr<uint8_t>();
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, N, grain(K * B), [&](int64_t n0, int64_t n1) {
 #ifdef HP_X86
-    if (fast) {
+    if (path == AVX512) {
+      if (bf) nm24_avx512(xp, B, K, ptr<uint16_t>(values), pp, n0, n1, N, yp);
+      else nm24_avx512(xp, B, K, ptr<float>(values), pp, n0, n1, N, yp);
+      return;
+    }
+    if (path == AVX2) {
       if (bf) nm24_avx2(xp, B, K, ptr<uint16_t>(values), pp, n0, n1, N, yp);
       else nm24_avx2(xp, B, K, ptr<float>(values), pp, n0, n1, N, yp);
       return;
@@ -548,7 +785,8 @@ torch::Tensor tiered_mm(torch::Tensor x, torch::Tensor tiers, torch::Tensor dens
   TORCH_CHECK(offsets.scalar_type() == torch::kInt64 && offsets.numel() == (R + 1) * 3, "offsets must be [R+1, 3]");
   TORCH_CHECK(nm_positions.scalar_type() == torch::kInt32, "2:4 block positions must be int32 words");
   TORCH_CHECK(topk_positions.scalar_type() == torch::kUInt8, "top-k positions must be uint8");
-  const bool bf = is_bf16(dense), fast = use_avx2(impl);
+  const bool bf = is_bf16(dense);
+  const Path path = pick(impl);
   TORCH_CHECK(is_bf16(nm_values) == bf && is_bf16(topk_values) == bf, "all packed values must share one dtype");
   const int64_t* op = offsets.data_ptr<int64_t>();
   const int64_t nd = dense.numel() / 256, nn = nm_values.numel() / 128, nt = topk_positions.size(0);
@@ -565,7 +803,12 @@ torch::Tensor tiered_mm(torch::Tensor x, torch::Tensor tiers, torch::Tensor dens
 #define HP_TIERED(IMPL, W)                                                                                   \
   IMPL(xp, B, C, tp, ptr<W>(dense), ptr<W>(nm_values), np_, ptr<W>(topk_values), kp, k, op, r0, r1, Np, yp)
 #ifdef HP_X86
-    if (fast) {
+    if (path == AVX512) {
+      if (bf) HP_TIERED(tiered_avx512, uint16_t);
+      else HP_TIERED(tiered_avx512, float);
+      return;
+    }
+    if (path == AVX2) {
       if (bf) HP_TIERED(tiered_avx2, uint16_t);
       else HP_TIERED(tiered_avx2, float);
       return;
@@ -588,7 +831,7 @@ torch::Tensor unstructured_decode(torch::Tensor mask, torch::Tensor values, torc
   const uint8_t* mp = mask.data_ptr<uint8_t>();
   const int64_t* rp = rowptr.data_ptr<int64_t>();
   float* o = out.data_ptr<float>();
-  const bool fast = use_avx2(0);
+  const bool fast = pick(0) != PORTABLE;
   const int64_t nv = values.numel();
   at::parallel_for(r0, r1, grain(Kp), [&](int64_t a, int64_t b) {
 #ifdef HP_X86
@@ -643,7 +886,7 @@ torch::Tensor tiered_decode(torch::Tensor tiers, torch::Tensor dense, torch::Ten
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "hybridprune: matrix products from packed sparse weights (AVX2+FMA and portable, same results)";
+  m.doc() = "hybridprune: matrix products from packed sparse weights (AVX-512, AVX2+FMA and portable, same results)";
   m.def("unstructured_mm", &unstructured_mm, "x[B,Kp] @ W.T from a bitmask and kept values");
   m.def("nm24_mm", &nm24_mm, "x[B,K] @ W.T from 2:4 values and 2-bit positions");
   m.def("tiered_mm", &tiered_mm, "x[B,C*16] @ W.T from a 16x16 block tier map (dense / 2:4 / top-k)");
@@ -651,4 +894,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("nm24_decode", &nm24_decode, "rows [r0, r1) of a 2:4-packed matrix, dense fp32");
   m.def("tiered_decode", &tiered_decode, "block rows [R0, R1) of a tiered matrix, dense fp32");
   m.def("has_avx2", &cpu_has_avx2, "whether this CPU runs the AVX2+FMA path");
+  m.def("has_avx512", &cpu_has_avx512, "whether this CPU runs the AVX-512 path (F, BW, VL, VBMI2)");
 }
