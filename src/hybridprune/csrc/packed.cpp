@@ -16,6 +16,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 #define HP_X86 1
@@ -40,6 +41,20 @@ inline float reduce8(const float* a) {
 }
 
 constexpr int BC = 4;  // batch rows per pass over a weight row / block row (the weights stay in cache)
+
+// The passes over a batch of B rows, BC at a time: f(nb, b0) for the pass starting at batch row b0, nb holding its
+// row count as a compile-time constant (nb.value), so that the kernel's accumulators live in registers.
+template <typename F>
+__attribute__((always_inline)) inline void batch_passes(int64_t B, F&& f) {
+  for (int64_t b0 = 0; b0 < B; b0 += BC) {
+    switch (std::min<int64_t>(BC, B - b0)) {
+      case 1: f(std::integral_constant<int, 1>{}, b0); break;
+      case 2: f(std::integral_constant<int, 2>{}, b0); break;
+      case 3: f(std::integral_constant<int, 3>{}, b0); break;
+      default: f(std::integral_constant<int, BC>{}, b0); break;
+    }
+  }
+}
 
 // ----------------------------------------------------------------------------- portable
 
@@ -295,16 +310,11 @@ HP_AVX2 void unstructured_avx2(const float* x, int64_t B, int64_t Kp, const uint
   // rows in chunks that stay in cache while BC batch rows at a time pass over them
   for (int64_t r0 = n0; r0 < n1; r0 += 16) {
     const int64_t r1 = std::min<int64_t>(r0 + 16, n1);
-    for (int64_t b0 = 0; b0 < B; b0 += BC) {
+    batch_passes(B, [&](auto nb, int64_t b0) HP_AVX2 {
       const float* xr = x + b0 * Kp;
       float* yr = y + b0 * N;
-      switch (std::min<int64_t>(BC, B - b0)) {
-        case 1: unstructured_pass_avx2<1>(T, xr, Kp, mask, vals, vend, rowptr, r0, r1, tail, yr, N); break;
-        case 2: unstructured_pass_avx2<2>(T, xr, Kp, mask, vals, vend, rowptr, r0, r1, tail, yr, N); break;
-        case 3: unstructured_pass_avx2<3>(T, xr, Kp, mask, vals, vend, rowptr, r0, r1, tail, yr, N); break;
-        default: unstructured_pass_avx2<BC>(T, xr, Kp, mask, vals, vend, rowptr, r0, r1, tail, yr, N); break;
-      }
-    }
+      unstructured_pass_avx2<decltype(nb)::value>(T, xr, Kp, mask, vals, vend, rowptr, r0, r1, tail, yr, N);
+    });
   }
 }
 
@@ -341,16 +351,11 @@ HP_AVX2 void nm24_avx2(const float* x, int64_t B, int64_t K, const W* vals, cons
   for (int64_t r = n0; r < n1; r++) {
     const W* vr = vals + r * nv;
     const uint8_t* pr = pos + r * (nv / 4);
-    for (int64_t b0 = 0; b0 < B; b0 += BC) {
+    batch_passes(B, [&](auto nb, int64_t b0) HP_AVX2 {
       const float* xb = x + b0 * K;
       float* yr = y + b0 * N + r;
-      switch (std::min<int64_t>(BC, B - b0)) {
-        case 1: nm24_row_avx2<1>(xb, K, vr, pr, yr, N); break;
-        case 2: nm24_row_avx2<2>(xb, K, vr, pr, yr, N); break;
-        case 3: nm24_row_avx2<3>(xb, K, vr, pr, yr, N); break;
-        default: nm24_row_avx2<BC>(xb, K, vr, pr, yr, N); break;
-      }
-    }
+      nm24_row_avx2<decltype(nb)::value>(xb, K, vr, pr, yr, N);
+    });
   }
 }
 
@@ -420,17 +425,12 @@ HP_AVX2 void tiered_avx2(const float* x, int64_t B, int64_t C, const int8_t* tie
   const int64_t Kp = C * 16;
   for (int64_t R = r0; R < r1; R++) {
     const int64_t d = off[R * 3], n = off[R * 3 + 1], t = off[R * 3 + 2];
-    for (int64_t b0 = 0; b0 < B; b0 += BC) {
+    batch_passes(B, [&](auto nb, int64_t b0) HP_AVX2 {
       const float* xb = x + b0 * Kp;
       float* yr = y + b0 * Np + R * 16;
       const int8_t* tr = tiers + R * C;
-      switch (std::min<int64_t>(BC, B - b0)) {
-        case 1: tiered_row_avx2<1>(xb, C, tr, dense, nmv, nmp, tkv, tkp, k, d, n, t, yr, Np); break;
-        case 2: tiered_row_avx2<2>(xb, C, tr, dense, nmv, nmp, tkv, tkp, k, d, n, t, yr, Np); break;
-        case 3: tiered_row_avx2<3>(xb, C, tr, dense, nmv, nmp, tkv, tkp, k, d, n, t, yr, Np); break;
-        default: tiered_row_avx2<BC>(xb, C, tr, dense, nmv, nmp, tkv, tkp, k, d, n, t, yr, Np); break;
-      }
-    }
+      tiered_row_avx2<decltype(nb)::value>(xb, C, tr, dense, nmv, nmp, tkv, tkp, k, d, n, t, yr, Np);
+    });
   }
 }
 
@@ -533,16 +533,11 @@ HP_AVX512 void unstructured_avx512(const float* x, int64_t B, int64_t Kp, const 
                                    const int64_t* rowptr, int64_t n0, int64_t n1, int64_t N, float* y) {
   for (int64_t r0 = n0; r0 < n1; r0 += 16) {  // rows in chunks that stay in cache over the batch passes
     const int64_t r1 = std::min<int64_t>(r0 + 16, n1);
-    for (int64_t b0 = 0; b0 < B; b0 += BC) {
+    batch_passes(B, [&](auto nb, int64_t b0) HP_AVX512 {
       const float* xr = x + b0 * Kp;
       float* yr = y + b0 * N;
-      switch (std::min<int64_t>(BC, B - b0)) {
-        case 1: unstructured_pass_avx512<1>(xr, Kp, mask, vals, rowptr, r0, r1, yr, N); break;
-        case 2: unstructured_pass_avx512<2>(xr, Kp, mask, vals, rowptr, r0, r1, yr, N); break;
-        case 3: unstructured_pass_avx512<3>(xr, Kp, mask, vals, rowptr, r0, r1, yr, N); break;
-        default: unstructured_pass_avx512<BC>(xr, Kp, mask, vals, rowptr, r0, r1, yr, N); break;
-      }
-    }
+      unstructured_pass_avx512<decltype(nb)::value>(xr, Kp, mask, vals, rowptr, r0, r1, yr, N);
+    });
   }
 }
 
@@ -585,16 +580,11 @@ HP_AVX512 void nm24_avx512(const float* x, int64_t B, int64_t K, const W* vals, 
   for (int64_t r = n0; r < n1; r++) {
     const W* vr = vals + r * nv;
     const uint8_t* pr = pos + r * (nv / 4);
-    for (int64_t b0 = 0; b0 < B; b0 += BC) {
+    batch_passes(B, [&](auto nb, int64_t b0) HP_AVX512 {
       const float* xb = x + b0 * K;
       float* yr = y + b0 * N + r;
-      switch (std::min<int64_t>(BC, B - b0)) {
-        case 1: nm24_row_avx512<1>(xb, K, vr, pr, yr, N); break;
-        case 2: nm24_row_avx512<2>(xb, K, vr, pr, yr, N); break;
-        case 3: nm24_row_avx512<3>(xb, K, vr, pr, yr, N); break;
-        default: nm24_row_avx512<BC>(xb, K, vr, pr, yr, N); break;
-      }
-    }
+      nm24_row_avx512<decltype(nb)::value>(xb, K, vr, pr, yr, N);
+    });
   }
 }
 
@@ -655,17 +645,12 @@ HP_AVX512 void tiered_avx512(const float* x, int64_t B, int64_t C, const int8_t*
   const int64_t Kp = C * 16;
   for (int64_t R = r0; R < r1; R++) {
     const int64_t d = off[R * 3], n = off[R * 3 + 1], t = off[R * 3 + 2];
-    for (int64_t b0 = 0; b0 < B; b0 += BC) {
+    batch_passes(B, [&](auto nb, int64_t b0) HP_AVX512 {
       const float* xb = x + b0 * Kp;
       float* yr = y + b0 * Np + R * 16;
       const int8_t* tr = tiers + R * C;
-      switch (std::min<int64_t>(BC, B - b0)) {
-        case 1: tiered_row_avx512<1>(xb, C, tr, dense, nmv, nmp, tkv, tkp, k, d, n, t, yr, Np); break;
-        case 2: tiered_row_avx512<2>(xb, C, tr, dense, nmv, nmp, tkv, tkp, k, d, n, t, yr, Np); break;
-        case 3: tiered_row_avx512<3>(xb, C, tr, dense, nmv, nmp, tkv, tkp, k, d, n, t, yr, Np); break;
-        default: tiered_row_avx512<BC>(xb, C, tr, dense, nmv, nmp, tkv, tkp, k, d, n, t, yr, Np); break;
-      }
-    }
+      tiered_row_avx512<decltype(nb)::value>(xb, C, tr, dense, nmv, nmp, tkv, tkp, k, d, n, t, yr, Np);
+    });
   }
 }
 
