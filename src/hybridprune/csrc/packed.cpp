@@ -200,6 +200,14 @@ void tiered_rows(int64_t C, const int8_t* tiers, const W* dense, const W* nmv, c
 
 // ----------------------------------------------------------------------------- AVX2 + FMA
 
+// A top-k block's k scalar FMAs into the row sums top[i][0..15] of NB batch rows (the vector paths' order).
+template <int NB, typename W>
+__attribute__((always_inline)) inline void topk_block(const W* w, const uint8_t* p, int64_t k, const float* xc,
+                                                      int64_t Kp, float (*top)[16]) {
+  for (int i = 0; i < NB; i++)
+    for (int64_t e = 0; e < k; e++) top[i][p[e] >> 4] = std::fma(to_f(w[e]), xc[i * Kp + (p[e] & 15)], top[i][p[e] >> 4]);
+}
+
 #ifdef HP_X86
 #define HP_AVX2 __attribute__((target("avx2,fma,popcnt")))  // popcnt: else __builtin_popcount is a libgcc call
 
@@ -301,27 +309,10 @@ HP_AVX2 void unstructured_pass_avx2(const ExpandTable& T, const float* xr, int64
   }
 }
 
-template <typename W>
-HP_AVX2 void unstructured_avx2(const float* x, int64_t B, int64_t Kp, const uint8_t* mask, const W* vals,
-                               int64_t nvals, const int64_t* rowptr, int64_t n0, int64_t n1, int64_t N, float* y) {
-  const ExpandTable& T = expand_table();
-  const W* vend = vals + nvals;
-  W tail[16];
-  // rows in chunks that stay in cache while BC batch rows at a time pass over them
-  for (int64_t r0 = n0; r0 < n1; r0 += 16) {
-    const int64_t r1 = std::min<int64_t>(r0 + 16, n1);
-    batch_passes(B, [&](auto nb, int64_t b0) HP_AVX2 {
-      const float* xr = x + b0 * Kp;
-      float* yr = y + b0 * N;
-      unstructured_pass_avx2<decltype(nb)::value>(T, xr, Kp, mask, vals, vend, rowptr, r0, r1, tail, yr, N);
-    });
-  }
-}
 
 // One weight row against NB batch rows (a compile-time count: the accumulators stay in registers).
 template <int NB, typename W>
-HP_AVX2 __attribute__((always_inline)) inline void nm24_row_avx2(const float* x, int64_t K, const W* vr,
-                                                                 const uint8_t* pr, float* yr, int64_t N) {
+HP_AVX2 void nm24_row_avx2(const float* x, int64_t K, const W* vr, const uint8_t* pr, float* yr, int64_t N) {
   const int64_t nv = K / 2;
   const __m256i shifts = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
   const __m256i base = _mm256_setr_epi32(0, 0, 4, 4, 0, 0, 4, 4);
@@ -344,26 +335,12 @@ HP_AVX2 __attribute__((always_inline)) inline void nm24_row_avx2(const float* x,
   for (int i = 0; i < NB; i++) store_reduce(_mm256_add_ps(acc[0][i], acc[1][i]), yr + i * N);
 }
 
-template <typename W>
-HP_AVX2 void nm24_avx2(const float* x, int64_t B, int64_t K, const W* vals, const uint8_t* pos, int64_t n0,
-                       int64_t n1, int64_t N, float* y) {
-  const int64_t nv = K / 2;
-  for (int64_t r = n0; r < n1; r++) {
-    const W* vr = vals + r * nv;
-    const uint8_t* pr = pos + r * (nv / 4);
-    batch_passes(B, [&](auto nb, int64_t b0) HP_AVX2 {
-      const float* xb = x + b0 * K;
-      float* yr = y + b0 * N + r;
-      nm24_row_avx2<decltype(nb)::value>(xb, K, vr, pr, yr, N);
-    });
-  }
-}
 
 // One 16-row block row against NB batch rows (a compile-time count: the accumulators stay in registers).
 template <int NB, typename W>
-HP_AVX2 __attribute__((always_inline)) inline void tiered_row_avx2(const float* x, int64_t C, const int8_t* tr,
-    const W* dense, const W* nmv, const uint32_t* nmp, const W* tkv, const uint8_t* tkp, int64_t k, int64_t d,
-    int64_t n, int64_t t, float* yr, int64_t Np) {
+HP_AVX2 void tiered_row_avx2(const float* x, int64_t C, const int8_t* tr, const W* dense, const W* nmv,
+    const uint32_t* nmp, const W* tkv, const uint8_t* tkp, int64_t k, int64_t d, int64_t n, int64_t t, float* yr,
+    int64_t Np) {
   const int64_t Kp = C * 16;
   const __m256i sh_lo = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
   const __m256i sh_hi = _mm256_setr_epi32(16, 18, 20, 22, 24, 26, 28, 30);
@@ -402,12 +379,8 @@ HP_AVX2 __attribute__((always_inline)) inline void tiered_row_avx2(const float* 
         }
       }
     } else if (tier == 2) {
-      const W* w = tkv + t * k;
-      const uint8_t* p = tkp + t * k;
+      topk_block<NB>(tkv + t * k, tkp + t * k, k, xc, Kp, top);
       t++;
-      for (int i = 0; i < NB; i++)
-        for (int64_t e = 0; e < k; e++)
-          top[i][p[e] >> 4] = std::fma(to_f(w[e]), xc[i * Kp + (p[e] & 15)], top[i][p[e] >> 4]);
     }
   }
   for (int i = 0; i < NB; i++) {
@@ -415,22 +388,6 @@ HP_AVX2 __attribute__((always_inline)) inline void tiered_row_avx2(const float* 
     _mm256_store_ps(a, lo[i]);
     _mm256_store_ps(a + 8, hi[i]);
     for (int j = 0; j < 16; j++) yr[i * Np + j] = a[j] + top[i][j];
-  }
-}
-
-template <typename W>
-HP_AVX2 void tiered_avx2(const float* x, int64_t B, int64_t C, const int8_t* tiers, const W* dense,
-                         const W* nmv, const uint32_t* nmp, const W* tkv, const uint8_t* tkp, int64_t k,
-                         const int64_t* off, int64_t r0, int64_t r1, int64_t Np, float* y) {
-  const int64_t Kp = C * 16;
-  for (int64_t R = r0; R < r1; R++) {
-    const int64_t d = off[R * 3], n = off[R * 3 + 1], t = off[R * 3 + 2];
-    batch_passes(B, [&](auto nb, int64_t b0) HP_AVX2 {
-      const float* xb = x + b0 * Kp;
-      float* yr = y + b0 * Np + R * 16;
-      const int8_t* tr = tiers + R * C;
-      tiered_row_avx2<decltype(nb)::value>(xb, C, tr, dense, nmv, nmp, tkv, tkp, k, d, n, t, yr, Np);
-    });
   }
 }
 
@@ -528,23 +485,10 @@ HP_AVX512 void unstructured_pass_avx512(const float* xr, int64_t Kp, const uint8
   for (; r < n1; r++) unstructured_rows_avx512<1, NB>(xr, Kp, mask, vals, rowptr, r, yr, N);
 }
 
-template <typename W>
-HP_AVX512 void unstructured_avx512(const float* x, int64_t B, int64_t Kp, const uint8_t* mask, const W* vals,
-                                   const int64_t* rowptr, int64_t n0, int64_t n1, int64_t N, float* y) {
-  for (int64_t r0 = n0; r0 < n1; r0 += 16) {  // rows in chunks that stay in cache over the batch passes
-    const int64_t r1 = std::min<int64_t>(r0 + 16, n1);
-    batch_passes(B, [&](auto nb, int64_t b0) HP_AVX512 {
-      const float* xr = x + b0 * Kp;
-      float* yr = y + b0 * N;
-      unstructured_pass_avx512<decltype(nb)::value>(xr, Kp, mask, vals, rowptr, r0, r1, yr, N);
-    });
-  }
-}
 
 // 16 kept values (8 groups, 32 columns) per step: one two-source permute gathers their inputs.
 template <int NB, typename W>
-HP_AVX512 __attribute__((always_inline)) inline void nm24_row_avx512(const float* x, int64_t K, const W* vr,
-                                                                     const uint8_t* pr, float* yr, int64_t N) {
+HP_AVX512 void nm24_row_avx512(const float* x, int64_t K, const W* vr, const uint8_t* pr, float* yr, int64_t N) {
   const int64_t nv = K / 2;
   const __m512i shifts = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
   const __m512i base = _mm512_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12, 16, 16, 20, 20, 24, 24, 28, 28);
@@ -573,26 +517,12 @@ HP_AVX512 __attribute__((always_inline)) inline void nm24_row_avx512(const float
   for (int i = 0; i < NB; i++) store_reduce16(acc[i], yr + i * N);
 }
 
-template <typename W>
-HP_AVX512 void nm24_avx512(const float* x, int64_t B, int64_t K, const W* vals, const uint8_t* pos, int64_t n0,
-                           int64_t n1, int64_t N, float* y) {
-  const int64_t nv = K / 2;
-  for (int64_t r = n0; r < n1; r++) {
-    const W* vr = vals + r * nv;
-    const uint8_t* pr = pos + r * (nv / 4);
-    batch_passes(B, [&](auto nb, int64_t b0) HP_AVX512 {
-      const float* xb = x + b0 * K;
-      float* yr = y + b0 * N + r;
-      nm24_row_avx512<decltype(nb)::value>(xb, K, vr, pr, yr, N);
-    });
-  }
-}
 
 // One 16-row block row: lane i is the block's row i.
 template <int NB, typename W>
-HP_AVX512 __attribute__((always_inline)) inline void tiered_row_avx512(const float* x, int64_t C, const int8_t* tr,
-    const W* dense, const W* nmv, const uint32_t* nmp, const W* tkv, const uint8_t* tkp, int64_t k, int64_t d,
-    int64_t n, int64_t t, float* yr, int64_t Np) {
+HP_AVX512 void tiered_row_avx512(const float* x, int64_t C, const int8_t* tr, const W* dense, const W* nmv,
+    const uint32_t* nmp, const W* tkv, const uint8_t* tkp, int64_t k, int64_t d, int64_t n, int64_t t, float* yr,
+    int64_t Np) {
   const int64_t Kp = C * 16;
   const __m512i shifts = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
   __m512 acc[NB];
@@ -623,12 +553,8 @@ HP_AVX512 __attribute__((always_inline)) inline void tiered_row_avx512(const flo
         }
       }
     } else if (tier == 2) {
-      const W* w = tkv + t * k;
-      const uint8_t* p = tkp + t * k;
+      topk_block<NB>(tkv + t * k, tkp + t * k, k, xc, Kp, top);
       t++;
-      for (int i = 0; i < NB; i++)
-        for (int64_t e = 0; e < k; e++)
-          top[i][p[e] >> 4] = std::fma(to_f(w[e]), xc[i * Kp + (p[e] & 15)], top[i][p[e] >> 4]);
     }
   }
   for (int i = 0; i < NB; i++) {
@@ -638,18 +564,50 @@ HP_AVX512 __attribute__((always_inline)) inline void tiered_row_avx512(const flo
   }
 }
 
-template <typename W>
-HP_AVX512 void tiered_avx512(const float* x, int64_t B, int64_t C, const int8_t* tiers, const W* dense,
-                             const W* nmv, const uint32_t* nmp, const W* tkv, const uint8_t* tkp, int64_t k,
-                             const int64_t* off, int64_t r0, int64_t r1, int64_t Np, float* y) {
+
+// The drivers of both vector paths: a thread's rows (block rows), then passes of up to BC batch rows; WIDE picks
+// the AVX-512 functions, else the AVX2 ones.
+template <bool WIDE, typename W>
+void unstructured_fast(const float* x, int64_t B, int64_t Kp, const uint8_t* mask, const W* vals, int64_t nvals,
+                       const int64_t* rowptr, int64_t n0, int64_t n1, int64_t N, float* y) {
+  const ExpandTable& T = expand_table();
+  W tail[16];
+  for (int64_t r0 = n0; r0 < n1; r0 += 16) {  // rows in chunks that stay in cache over the batch passes
+    const int64_t r1 = std::min<int64_t>(r0 + 16, n1);
+    batch_passes(B, [&](auto nb, int64_t b0) {
+      constexpr int NB = decltype(nb)::value;
+      if constexpr (WIDE) unstructured_pass_avx512<NB>(x + b0 * Kp, Kp, mask, vals, rowptr, r0, r1, y + b0 * N, N);
+      else unstructured_pass_avx2<NB>(T, x + b0 * Kp, Kp, mask, vals, vals + nvals, rowptr, r0, r1, tail, y + b0 * N, N);
+    });
+  }
+}
+
+template <bool WIDE, typename W>
+void nm24_fast(const float* x, int64_t B, int64_t K, const W* vals, const uint8_t* pos, int64_t n0, int64_t n1,
+               int64_t N, float* y) {
+  const int64_t nv = K / 2;
+  for (int64_t r = n0; r < n1; r++) {
+    batch_passes(B, [&](auto nb, int64_t b0) {
+      constexpr int NB = decltype(nb)::value;
+      if constexpr (WIDE) nm24_row_avx512<NB>(x + b0 * K, K, vals + r * nv, pos + r * (nv / 4), y + b0 * N + r, N);
+      else nm24_row_avx2<NB>(x + b0 * K, K, vals + r * nv, pos + r * (nv / 4), y + b0 * N + r, N);
+    });
+  }
+}
+
+template <bool WIDE, typename W>
+void tiered_fast(const float* x, int64_t B, int64_t C, const int8_t* tiers, const W* dense, const W* nmv,
+                 const uint32_t* nmp, const W* tkv, const uint8_t* tkp, int64_t k, const int64_t* off, int64_t r0,
+                 int64_t r1, int64_t Np, float* y) {
   const int64_t Kp = C * 16;
   for (int64_t R = r0; R < r1; R++) {
     const int64_t d = off[R * 3], n = off[R * 3 + 1], t = off[R * 3 + 2];
-    batch_passes(B, [&](auto nb, int64_t b0) HP_AVX512 {
+    batch_passes(B, [&](auto nb, int64_t b0) {
+      constexpr int NB = decltype(nb)::value;
       const float* xb = x + b0 * Kp;
       float* yr = y + b0 * Np + R * 16;
-      const int8_t* tr = tiers + R * C;
-      tiered_row_avx512<decltype(nb)::value>(xb, C, tr, dense, nmv, nmp, tkv, tkp, k, d, n, t, yr, Np);
+      if constexpr (WIDE) tiered_row_avx512<NB>(xb, C, tiers + R * C, dense, nmv, nmp, tkv, tkp, k, d, n, t, yr, Np);
+      else tiered_row_avx2<NB>(xb, C, tiers + R * C, dense, nmv, nmp, tkv, tkp, k, d, n, t, yr, Np);
     });
   }
 }
@@ -712,13 +670,13 @@ torch::Tensor unstructured_mm(torch::Tensor x, torch::Tensor mask, torch::Tensor
   at::parallel_for(0, N, grain(Kp * B), [&](int64_t n0, int64_t n1) {
 #ifdef HP_X86
     if (path == AVX512) {
-      if (bf) unstructured_avx512(xp, B, Kp, mp, ptr<uint16_t>(values), rp, n0, n1, N, yp);
-      else unstructured_avx512(xp, B, Kp, mp, ptr<float>(values), rp, n0, n1, N, yp);
+      if (bf) unstructured_fast<true>(xp, B, Kp, mp, ptr<uint16_t>(values), nv, rp, n0, n1, N, yp);
+      else unstructured_fast<true>(xp, B, Kp, mp, ptr<float>(values), nv, rp, n0, n1, N, yp);
       return;
     }
     if (path == AVX2) {
-      if (bf) unstructured_avx2(xp, B, Kp, mp, ptr<uint16_t>(values), nv, rp, n0, n1, N, yp);
-      else unstructured_avx2(xp, B, Kp, mp, ptr<float>(values), nv, rp, n0, n1, N, yp);
+      if (bf) unstructured_fast<false>(xp, B, Kp, mp, ptr<uint16_t>(values), nv, rp, n0, n1, N, yp);
+      else unstructured_fast<false>(xp, B, Kp, mp, ptr<float>(values), nv, rp, n0, n1, N, yp);
       return;
     }
 #endif
@@ -744,13 +702,13 @@ torch::Tensor nm24_mm(torch::Tensor x, torch::Tensor values, torch::Tensor posit
   at::parallel_for(0, N, grain(K * B), [&](int64_t n0, int64_t n1) {
 #ifdef HP_X86
     if (path == AVX512) {
-      if (bf) nm24_avx512(xp, B, K, ptr<uint16_t>(values), pp, n0, n1, N, yp);
-      else nm24_avx512(xp, B, K, ptr<float>(values), pp, n0, n1, N, yp);
+      if (bf) nm24_fast<true>(xp, B, K, ptr<uint16_t>(values), pp, n0, n1, N, yp);
+      else nm24_fast<true>(xp, B, K, ptr<float>(values), pp, n0, n1, N, yp);
       return;
     }
     if (path == AVX2) {
-      if (bf) nm24_avx2(xp, B, K, ptr<uint16_t>(values), pp, n0, n1, N, yp);
-      else nm24_avx2(xp, B, K, ptr<float>(values), pp, n0, n1, N, yp);
+      if (bf) nm24_fast<false>(xp, B, K, ptr<uint16_t>(values), pp, n0, n1, N, yp);
+      else nm24_fast<false>(xp, B, K, ptr<float>(values), pp, n0, n1, N, yp);
       return;
     }
 #endif
@@ -789,13 +747,13 @@ torch::Tensor tiered_mm(torch::Tensor x, torch::Tensor tiers, torch::Tensor dens
   IMPL(xp, B, C, tp, ptr<W>(dense), ptr<W>(nm_values), np_, ptr<W>(topk_values), kp, k, op, r0, r1, Np, yp)
 #ifdef HP_X86
     if (path == AVX512) {
-      if (bf) HP_TIERED(tiered_avx512, uint16_t);
-      else HP_TIERED(tiered_avx512, float);
+      if (bf) HP_TIERED(tiered_fast<true>, uint16_t);
+      else HP_TIERED(tiered_fast<true>, float);
       return;
     }
     if (path == AVX2) {
-      if (bf) HP_TIERED(tiered_avx2, uint16_t);
-      else HP_TIERED(tiered_avx2, float);
+      if (bf) HP_TIERED(tiered_fast<false>, uint16_t);
+      else HP_TIERED(tiered_fast<false>, float);
       return;
     }
 #endif
