@@ -171,14 +171,17 @@ def test_one_more_seed_computes_only_that_seed(two_seeds, tmp_path, tiny_llama_d
 
 def test_partial_report_never_mixes_standard_errors_into_seed_spreads(two_seeds, tmp_path, tiny_llama_dir):
     """A report written while only seed 0 of [0, 7] exists shows values without a spread (the table's header
-    promises between-seed SDs), not seed 0's standard errors over examples."""
+    promises between-seed SDs), not seed 0's standard errors over examples, and the sparsity and stage times of
+    the seeds that exist."""
     import shutil
     root, _ = two_seeds
     shutil.copytree(root / "run", tmp_path / "run")
     path = tmp_path / "r.yaml"
     path.write_text(SEEDS_RECIPE.format(model=tiny_llama_dir, seeds="[0, 7]"))
     res = experiment.run_experiment(path, tmp_path / "run", only="report", log=lambda *a: None)
-    entry = res["runs"]["pruned-wiki"]["tasks"]["boolq"]
+    wiki = res["runs"]["pruned-wiki"]
+    assert wiki["sparsity"] == pytest.approx(0.5, abs=0.01) and wiki["seconds"]["prune"] > 0  # from seed 0 alone
+    entry = wiki["tasks"]["boolq"]
     assert entry["acc_stderr"] > 0 and "acc_sd" not in entry  # one seed's entry, as stored
     text = (tmp_path / "run" / "report.md").read_text()
     assert "between-seed SD" in text

@@ -72,7 +72,7 @@ def build_report(recipe: Recipe, stages, by_run, pruned, times, out: Path) -> di
         sparsity, seconds = [], collections.defaultdict(list)
         for seed, cell in by_run[run.name].items():
             model_stage = cell["_model"]
-            if model_stage is not None:
+            if model_stage is not None and model_stage.done():  # a partial report: the seeds that have a model
                 sparsity.append((models.read_record(model_stage.path) or {}).get("sparsity"))
                 s = model_stage
                 while s is not None:
