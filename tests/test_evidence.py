@@ -183,6 +183,11 @@ def test_partial_report_never_mixes_standard_errors_into_seed_spreads(two_seeds,
     assert wiki["sparsity"] == pytest.approx(0.5, abs=0.01) and wiki["seconds"]["prune"] > 0  # from seed 0 alone
     entry = wiki["tasks"]["boolq"]
     assert entry["acc_stderr"] > 0 and "acc_sd" not in entry  # one seed's entry, as stored
+    overlap = res["overlap"]["unstructured"]
+    pair = overlap["pairs"].get("wiki/seed 0 vs squad/seed 0") or overlap["pairs"]["squad/seed 0 vs wiki/seed 0"]
+    summary = overlap["summary"]  # from the seed that exists
+    assert summary["squad vs wiki (same seed)"]["values"] == [pair["overall"]]
+    assert "wiki: seed vs seed" not in summary
     text = (tmp_path / "run" / "report.md").read_text()
     assert "between-seed SD" in text
     row = next(line for line in text.splitlines() if line.startswith("| pruned-wiki |"))

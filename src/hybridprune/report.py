@@ -231,8 +231,8 @@ def _overlap_summary(rows: dict, recipe: Recipe) -> dict:
     for c in calibs:
         groups[f"{c}: seed vs seed"] = [get(member(c, s), member(c, t)) for s, t in itertools.combinations(recipe.seeds, 2)]
         groups[f"{c} vs magnitude"] = [get(member(c, s), "magnitude") for s in recipe.seeds]
-    return {k: {"mean": statistics.fmean(v), "min": min(v), "max": max(v), "values": v}
-            for k, v in groups.items() if v and None not in v}
+    groups = {k: [x for x in v if x is not None] for k, v in groups.items()}  # a partial report: seeds that ran
+    return {k: {"mean": statistics.fmean(v), "min": min(v), "max": max(v), "values": v} for k, v in groups.items() if v}
 
 
 def _fmt(v, spread=None):
@@ -309,7 +309,7 @@ def _markdown(recipe, table, pairs, claims, overlap, times) -> str:
     lines += ["", "## Mask overlap (Jaccard index of the pruned sets)", ""]
     for pattern, o in overlap.items():
         lines += [f"Pattern `{pattern}`:", ""]
-        if "summary" in o:
+        if o.get("summary"):
             lines += ["| what | mean | range |", "|---|---:|---|"]
             lines += [f"| {k} | {v['mean']:.4f} | {v['min']:.4f} - {v['max']:.4f} |" for k, v in o["summary"].items()]
             lines.append("")
