@@ -200,6 +200,14 @@ void tiered_rows(int64_t C, const int8_t* tiers, const W* dense, const W* nmv, c
 
 // ----------------------------------------------------------------------------- AVX2 + FMA
 
+// A block row's outputs for NB batch rows: the vector sums plus the top-k blocks' sums, row by row.
+template <int NB>
+__attribute__((always_inline)) inline void store_block_row(const float (*a)[16], const float (*top)[16], float* yr,
+                                                           int64_t Np) {
+  for (int i = 0; i < NB; i++)
+    for (int j = 0; j < 16; j++) yr[i * Np + j] = a[i][j] + top[i][j];
+}
+
 // A top-k block's k scalar FMAs into the row sums top[i][0..15] of NB batch rows (the vector paths' order).
 template <int NB, typename W>
 __attribute__((always_inline)) inline void topk_block(const W* w, const uint8_t* p, int64_t k, const float* xc,
@@ -383,12 +391,12 @@ HP_AVX2 void tiered_row_avx2(const float* x, int64_t C, const int8_t* tr, const 
       t++;
     }
   }
+  alignas(32) float a[NB][16];
   for (int i = 0; i < NB; i++) {
-    alignas(32) float a[16];
-    _mm256_store_ps(a, lo[i]);
-    _mm256_store_ps(a + 8, hi[i]);
-    for (int j = 0; j < 16; j++) yr[i * Np + j] = a[j] + top[i][j];
+    _mm256_store_ps(a[i], lo[i]);
+    _mm256_store_ps(a[i] + 8, hi[i]);
   }
+  store_block_row<NB>(a, top, yr, Np);
 }
 
 
@@ -557,11 +565,9 @@ HP_AVX512 void tiered_row_avx512(const float* x, int64_t C, const int8_t* tr, co
       t++;
     }
   }
-  for (int i = 0; i < NB; i++) {
-    alignas(64) float a[16];
-    _mm512_store_ps(a, acc[i]);
-    for (int j = 0; j < 16; j++) yr[i * Np + j] = a[j] + top[i][j];
-  }
+  alignas(64) float a[NB][16];
+  for (int i = 0; i < NB; i++) _mm512_store_ps(a[i], acc[i]);
+  store_block_row<NB>(a, top, yr, Np);
 }
 
 
