@@ -37,11 +37,10 @@ def _per_example(entry: dict, metric: str):
 
 
 def _metric_values(entry: dict, metric: str, several: bool):
-    """(value, spread, per-example values): with several seeds in the recipe the spread is the between-seed SD
-    (none while a run has one seed's value, or for a run that no seed changes), else the standard error over
-    examples; the two are never mixed in one table."""
-    spread = entry.get(metric + "_sd") if several else entry.get(metric + "_stderr")
-    return entry.get(metric), spread, _per_example(entry, metric)
+    """(value, spread): with several seeds in the recipe the spread is the between-seed SD (none while a run has
+    one seed's value, or for a run that no seed changes), else the standard error over examples; the two are
+    never mixed in one table."""
+    return entry.get(metric), entry.get(metric + ("_sd" if several else "_stderr"))
 
 
 def _summary(task: str, by_seed: dict[int, dict]) -> dict:
@@ -273,7 +272,7 @@ def _markdown(recipe, table, pairs, claims, overlap, times) -> str:
         cells = []
         for t, m in cols:
             e = row["tasks"].get(t)
-            cells.append(_fmt(*_metric_values(e, m, several)[:2]) if e else "-")
+            cells.append(_fmt(*_metric_values(e, m, several)) if e else "-")
         secs = ", ".join(f"{k} {v:.0f}" for k, v in row["seconds"].items() if v)
         sp = "-" if row["sparsity"] is None else f"{row['sparsity']:.4f}"
         lines.append(f"| {name} | {sp} | " + " | ".join(cells) + f" | {secs} |")
@@ -350,9 +349,8 @@ def _plots(recipe, table, overlap, folder: Path) -> None:
 
     names = list(table)
     for t, m in _columns(recipe):
-        vals = [(_metric_values(table[n]["tasks"][t], m, len(recipe.seeds) > 1)[:2] if t in table[n]["tasks"]
-                 else (None, None))
-                for n in names]
+        vals = [_metric_values(table[n]["tasks"][t], m, len(recipe.seeds) > 1) if t in table[n]["tasks"]
+                else (None, None) for n in names]
         if all(v is None for v, _ in vals):
             continue
         fig, ax = plt.subplots(figsize=(max(4, 0.9 * len(names)), 3.2))

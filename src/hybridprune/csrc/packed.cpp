@@ -453,7 +453,7 @@ HP_AVX512 inline void store_reduce16(__m512 acc, float* out) {
 // NR consecutive weight rows against NB batch rows: NR x NB independent accumulators (two rows for one batch
 // row, so that consecutive FMAs do not wait on each other).
 template <int NR, int NB, typename W>
-HP_AVX512 __attribute__((always_inline)) inline void unstructured_rows_avx512(const float* xr, int64_t Kp,
+HP_AVX512 __attribute__((always_inline)) inline void unstructured_row_avx512(const float* xr, int64_t Kp,
     const uint8_t* mr, const W* vals, const int64_t* rowptr, int64_t r, float* yr, int64_t N) {
   const int64_t mb = Kp / 8;
   __m512 acc[NR][NB];
@@ -489,8 +489,8 @@ HP_AVX512 void unstructured_pass_avx512(const float* xr, int64_t Kp, const uint8
                                         const int64_t* rowptr, int64_t n0, int64_t n1, float* yr, int64_t N) {
   int64_t r = n0;
   if (NB == 1)
-    for (; r + 2 <= n1; r += 2) unstructured_rows_avx512<2, NB>(xr, Kp, mask, vals, rowptr, r, yr, N);
-  for (; r < n1; r++) unstructured_rows_avx512<1, NB>(xr, Kp, mask, vals, rowptr, r, yr, N);
+    for (; r + 2 <= n1; r += 2) unstructured_row_avx512<2, NB>(xr, Kp, mask, vals, rowptr, r, yr, N);
+  for (; r < n1; r++) unstructured_row_avx512<1, NB>(xr, Kp, mask, vals, rowptr, r, yr, N);
 }
 
 
