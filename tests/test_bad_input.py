@@ -163,7 +163,7 @@ def test_progressive_refuses_no_merge(tmp_path, tiny_llama_dir, capsys, no_load)
               "--finetune-between", "wikitext2", "--no-merge"], capsys, "--no-merge cannot be used", tmp_path)
 
 
-def test_progressive_resume_refuses_changed_settings(tmp_path, tiny_llama_dir, capsys, monkeypatch):
+def test_progressive_resume_refuses_changed_settings(tmp_path, tiny_llama_dir, data_dir, capsys, monkeypatch):
     sched = tmp_path / "s.yaml"
     sched.write_text("rounds:\n  - [0.6, 0.4, 0.0]\n  - [0.35, 0.45, 0.20]\n")
     out = tmp_path / "prog"
@@ -236,7 +236,7 @@ def test_eval_creates_the_parent_of_out_before_the_run(tiny_llama_dir, tmp_path,
     assert json.loads(ppl_out.read_text())["windows"] == 1
 
 
-def test_inspect_fails_on_a_broken_block(tmp_path, tiny_llama_dir, capsys):
+def test_inspect_fails_on_a_broken_block(tmp_path, tiny_llama_dir, data_dir, capsys):  # prunes: WikiText-2
     out = tmp_path / "tt"
     assert main(["prune", "--model", str(tiny_llama_dir), "--pattern", "three-tier", "--nsamples", "2",
                  "--seqlen", "16", "--out", str(out)]) == 0
