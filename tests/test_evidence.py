@@ -134,11 +134,9 @@ def two_seeds(tmp_path_factory, tiny_llama_dir, data_dir):
         return model, tok
 
     def running(stage, *a):
-        if stage.kind != "eval":
-            run_stage(stage, *a)  # the stage runs with whatever the previous ones left
+        run_stage(stage, *a)
+        if stage.kind != "eval":  # counted after the stage ran with whatever the previous ones left
             alive.append(sum(r() is not None for r in evaluated))
-        else:
-            run_stage(stage, *a)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(models, "load_model", loading)
         mp.setattr(experiment, "_run_stage", running)

@@ -94,12 +94,11 @@ def plan(recipe: Recipe, out: Path) -> tuple[list[Stage], dict, dict]:
 
 def _run_stage(stage: Stage, recipe: Recipe, device: str | None, loaded: dict) -> None:
     """Run one stage. `loaded` keeps the last model that eval stages loaded (a model's eval stages run one after
-    another, so it is read once, not once per task) and the tokenized fine-tuning data (out/stages/data)."""
+    another, so it is read once, not once per task); tokenized fine-tuning data is cached on disk (out/stages/data)."""
     from . import models
     from .engine import PruneConfig, prune, save_pruned
-    if stage.kind != "eval" and "eval_model" in loaded:  # a prune or fine-tune stage needs no evaluated model
-        loaded.pop("eval_model")
-        loaded.pop("eval_spec")
+    if stage.kind != "eval" and loaded:  # a prune or fine-tune stage needs no evaluated model
+        loaded.clear()
         _release()
     if stage.kind == "prune":
         from .streaming import prune_streamed, streamable
