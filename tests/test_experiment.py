@@ -276,6 +276,31 @@ def test_shipped_recipe_plans_the_study(quick, tmp_path):
         assert by_run["exp1"][seed]["_model"].input is by_run["exp3"][seed]["_model"].input  # one pruned model
         assert by_run["exp2"][seed]["squad"].key != by_run["exp3"][seed]["squad"].key
         assert by_run["dense"][seed]["squad"] is by_run["dense"][0]["squad"]
-    assert recipe.tasks["squad"] == ({"limit": 4} if quick else {"sample": 96})
+    assert recipe.tasks["squad"] == {**({"limit": 4} if quick else {"sample": 96}), "generate_batch_size": 32}
     assert {c.a for c in recipe.claims} <= set(names) and len(recipe.claims) == 8
     assert recipe.prune["nsamples"] == (2 if quick else 32)
+
+
+def test_a_generating_task_sets_its_own_generation_width(tmp_path, monkeypatch):
+    """SQuAD's long prompts hold a KV cache per batch row: a task's generate_batch_size overrides eval's for
+    that task alone, and is in that task's stage key only."""
+    from hybridprune import models, tasks
+    base = RECIPE.format(model="m", boolq_limit=4).replace("eval: {batch_size: 4}",
+                                                           "eval: {batch_size: 4, generate_batch_size: 8}")
+    keys = {}
+    for width in ("", ", generate_batch_size: 3"):
+        (tmp_path / "r.yaml").write_text(base.replace("boolq: {limit: 4}",
+                                                      "boolq: {limit: 4}\n  squad: {limit: 2%s}" % width))
+        recipe = experiment.load_recipe(tmp_path / "r.yaml")
+        stages, by_run, _ = experiment.plan(recipe, tmp_path)
+        keys[width] = {t: by_run["dense"][0][t].key for t in ("boolq", "squad")}
+    assert keys[""]["boolq"] == keys[", generate_batch_size: 3"]["boolq"]
+    assert keys[""]["squad"] != keys[", generate_batch_size: 3"]["squad"]
+    widths = {}
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: (object(), object()))
+    monkeypatch.setattr(models, "write_text_atomic", lambda *a, **k: None)
+    monkeypatch.setattr(tasks, "evaluate_model", lambda m, t, names, **kw: widths.update({names[0]: kw}) or {})
+    for task in ("boolq", "squad"):
+        experiment._run_stage(by_run["dense"][0][task], recipe, None, {})
+    assert widths["squad"]["generate_batch_size"] == 3 and widths["boolq"]["generate_batch_size"] == 8
+    assert widths["squad"]["batch_size"] == widths["boolq"]["batch_size"] == 4

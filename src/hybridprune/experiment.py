@@ -130,7 +130,7 @@ def _run_stage(stage: Stage, recipe: Recipe, device: str | None, loaded: dict) -
                              num_fewshot=s.get("num_fewshot"), gsm8k_mode=s.get("mode", "fewshot"),
                              ppl_seqlen=s.get("seqlen", 2048), ppl_windows=s.get("windows"),
                              batch_size=recipe.eval.get("batch_size", 8),
-                             generate_batch_size=recipe.eval.get("generate_batch_size"))
+                             generate_batch_size=s.get("generate_batch_size", recipe.eval.get("generate_batch_size")))
         record = models.read_record(spec) if stage.input else None
         models.write_text_atomic(stage.path, json.dumps({"model": spec, "stage": stage.spec, "hybridprune": record,
                                                          "results": res}, default=str))

@@ -33,6 +33,7 @@ from .data import (boolq_examples, c4_texts, check_bos, cut_windows, data_dir, g
                    squad_examples, text_ids, wikitext2_text)
 from .errors import HybridPruneError
 from .engine import PERMUTATIONS_FILE, TIERS_FILE
+from .streaming import trim_heap
 from .tasks import BOOLQ_PROMPT, GSM8K_PROMPT, SQUAD_PROMPT
 
 FT_DATA = ("squad", "gsm8k", "boolq", "wikitext2", "c4")
@@ -307,7 +308,7 @@ def finetune(model, tokenizer, config: FinetuneConfig, work_dir, resume: bool = 
                           fan_in_fan_out=any(not isinstance(m, torch.nn.Linear)
                                              for m in models.prunable_matrices(model).values()))
         train_model = get_peft_model(model, lcfg)
-        hooks, callbacks = [], []
+        hooks, callbacks = [], [_trim_callback()]
     else:
         train_model = model
         hooks, reapply = mask_gradients(model, masks)
@@ -315,7 +316,7 @@ def finetune(model, tokenizer, config: FinetuneConfig, work_dir, resume: bool = 
         class ReapplyMask(TrainerCallback):
             def on_step_end(self, args, state, control, **kw):
                 reapply()
-        callbacks = [ReapplyMask()]
+        callbacks = [ReapplyMask(), _trim_callback()]
 
     use_cuda = device.startswith("cuda")
     args = TrainingArguments(
@@ -353,6 +354,18 @@ def finetune(model, tokenizer, config: FinetuneConfig, work_dir, resume: bool = 
               "train_seconds": round(out.metrics.get("train_runtime", math.nan), 1),
               "tokens_per_second": _tokens_per_second(dataset, config, out)}
     return {"model": model, "adapter": adapter, "record": record, "losses": losses}
+
+
+def _trim_callback():
+    from transformers import TrainerCallback
+
+    class TrimHeap(TrainerCallback):
+        """Free heap pages back to the OS after every step: steps of different lengths leave fragments of their
+        activations below glibc's mmap threshold, and without this the RSS of a SQuAD LoRA stage climbed from step
+        to step (25 SQuAD steps alone: peak 2,725 MiB without, 2,577 with it; the same model bit for bit)."""
+        def on_step_end(self, args, state, control, **kw):
+            trim_heap()
+    return TrimHeap()
 
 
 @dataclass

@@ -9,7 +9,9 @@
     seeds             an axis: each seed sets the calibration draw and the fine-tuning seed (LoRA initialisation,
                       data order); the evaluated examples stay the same for every seed
     runs              {name, calibration, finetune, pattern}: what to build and evaluate
-    tasks             per task: limit (first N) or sample (a seeded subset spread over articles), windows, ...
+    tasks             per task: limit (first N) or sample (a seeded subset spread over articles), windows, ...;
+                      a generating task may set its own generate_batch_size (long prompts: a narrower batch
+                      holds a smaller KV cache)
     eval              batch sizes and the seed of the evaluation sample
     claims            `a > b on task.metric`, judged by the report
     quick             prune / finetune / tasks overrides for a smoke run (both profiles are checked)
@@ -30,7 +32,8 @@ from .errors import HybridPruneError
 TOP_KEYS = {"model", "prune", "patterns", "methods", "calibration", "finetune", "runs", "tasks", "claims", "eval",
             "quick", "dtype", "seeds"}
 TASK_KEYS = {"wikitext2": {"windows", "seqlen"}, "boolq": {"limit", "sample", "num_fewshot"},
-             "squad": {"limit", "sample", "num_fewshot"}, "gsm8k": {"limit", "sample", "num_fewshot", "mode"}}
+             "squad": {"limit", "sample", "num_fewshot", "generate_batch_size"},
+             "gsm8k": {"limit", "sample", "num_fewshot", "mode", "generate_batch_size"}}
 METRICS = {"wikitext2": {"ppl"}, "boolq": {"acc", "gold_nll", "margin"}, "squad": {"exact_match", "f1", "gold_nll"},
            "gsm8k": {"exact_match[strict-match]", "exact_match[flexible-extract]", "gold_nll"}}
 EVAL_KEYS = ("batch_size", "generate_batch_size", "sample_seed", "kernels")
