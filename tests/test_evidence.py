@@ -294,7 +294,7 @@ def test_capped_heap_gives_freed_tensors_back():
     the OS when freed."""
     script = textwrap.dedent("""
         import re, sys, torch
-        from hybridprune.streaming import cap_heap_growth
+        from hybridprune.heap import cap_heap_growth
         def rss():
             return int(re.search(r"VmRSS:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) >> 10
         if sys.argv[1] == "cap":

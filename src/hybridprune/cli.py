@@ -729,7 +729,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from .streaming import cap_heap_growth
+    from .heap import cap_heap_growth
     cap_heap_growth()
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminated) if main_thread else None  # as Ctrl-C: temporaries go

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import HybridPruneError
+from .heap import cap_heap_growth, release
 from .recipe import Recipe, load_recipe
 from .report import build_report
 
@@ -99,7 +100,7 @@ def _run_stage(stage: Stage, recipe: Recipe, device: str | None, loaded: dict) -
     from .engine import PruneConfig, prune, save_pruned
     if stage.kind != "eval" and loaded:  # a prune or fine-tune stage needs no evaluated model
         loaded.clear()
-        _release()
+        release()
     if stage.kind == "prune":
         from .streaming import prune_streamed, streamable
         config = PruneConfig(**stage.spec["config"], device=device)
@@ -147,7 +148,6 @@ def run_experiment(recipe_path, out, quick: bool = False, only: str | None = Non
         raise HybridPruneError(f"unknown --only {only!r}; use prune, finetune, eval or report")
     default_device(device)
     recipe = load_recipe(recipe_path, quick=quick)
-    from .streaming import cap_heap_growth
     cap_heap_growth()  # before any stage: freed tensors go back to the OS (the study's peak is one stage's)
     if dtype is not None:
         from .models import _dtype
@@ -176,7 +176,7 @@ def run_experiment(recipe_path, out, quick: bool = False, only: str | None = Non
         log(f"[stage {i}/{len(todo)}] {stage.label}" + (f"  (ETA {eta})" if eta else ""))
         t = time.perf_counter()
         _run_stage(stage, recipe, device, loaded)
-        _release()
+        release()  # the study's peak RSS is its largest stage, not their sum
         seconds = time.perf_counter() - t
         took.setdefault(_timing_group(stage), []).append(seconds)
         times[stage.key] = round(seconds, 1)
@@ -188,16 +188,6 @@ def run_experiment(recipe_path, out, quick: bool = False, only: str | None = Non
     results = build_report(recipe, stages, by_run, pruned, times, out)
     log(f"wrote {out / 'report.md'}, results.json, results.csv and plots/")
     return results
-
-
-def _release() -> None:
-    """Collect what the stage left and give freed heap back to the OS: the next stage's peak must not stand on
-    the last one's fragments (the study's peak RSS is its largest stage, not their sum)."""
-    import gc
-
-    from .streaming import trim_heap
-    gc.collect()
-    trim_heap()
 
 
 def _timing_group(stage: Stage) -> str:

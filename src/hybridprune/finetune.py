@@ -33,7 +33,7 @@ from .data import (boolq_examples, c4_texts, check_bos, cut_windows, data_dir, g
                    squad_examples, text_ids, wikitext2_text)
 from .errors import HybridPruneError
 from .engine import PERMUTATIONS_FILE, TIERS_FILE
-from .streaming import trim_heap
+from .heap import trim_heap
 from .tasks import BOOLQ_PROMPT, GSM8K_PROMPT, SQUAD_PROMPT
 
 FT_DATA = ("squad", "gsm8k", "boolq", "wikitext2", "c4")
@@ -308,7 +308,7 @@ def finetune(model, tokenizer, config: FinetuneConfig, work_dir, resume: bool = 
                           fan_in_fan_out=any(not isinstance(m, torch.nn.Linear)
                                              for m in models.prunable_matrices(model).values()))
         train_model = get_peft_model(model, lcfg)
-        hooks, callbacks = [], [_trim_callback()]
+        hooks, callbacks = [], []
     else:
         train_model = model
         hooks, reapply = mask_gradients(model, masks)
@@ -316,8 +316,9 @@ def finetune(model, tokenizer, config: FinetuneConfig, work_dir, resume: bool = 
         class ReapplyMask(TrainerCallback):
             def on_step_end(self, args, state, control, **kw):
                 reapply()
-        callbacks = [ReapplyMask(), _trim_callback()]
+        callbacks = [ReapplyMask()]
 
+    callbacks.append(_trim_callback())
     use_cuda = device.startswith("cuda")
     args = TrainingArguments(
         output_dir=str(work_dir), max_steps=config.steps, learning_rate=config.lr,

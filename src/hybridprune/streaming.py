@@ -21,6 +21,7 @@ import torch
 
 from . import models
 from .errors import HybridPruneError
+from .heap import trim_heap
 
 INDEX = "model.safetensors.index.json"
 _BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2}
@@ -264,31 +265,3 @@ def prune_streamed(spec: str, config, out, overwrite: bool = False, dtype=None, 
         models.write_record(tmp, record, report)
         save_maps(result, tmp)
     return result, Path(out)
-
-
-MMAP_THRESHOLD = 4 << 20
-
-
-def cap_heap_growth(threshold: int = MMAP_THRESHOLD) -> bool:
-    """Allocations of `threshold` bytes and more get their own mapping from glibc, so memory a freed tensor held
-    goes back to the OS at once. By default glibc raises that threshold (up to 32 MB) after each large free, and
-    the activations of a training step, the KV cache regrowing at each generated token and the score tensors of
-    pruning then pile up as heap fragments: RSS far above what is alive (a WikiText-2 LoRA step of the study held
-    up to 3.1 GiB with 1.6 GiB alive). At 4 MB the stage peaks at 2.6 GiB instead of 2.9 for 2% more time; lower
-    thresholds save more and cost more (1 MB: 2.0 GiB, ~20% slower). Returns False where malloc is not glibc's."""
-    try:
-        import ctypes
-        return bool(ctypes.CDLL("libc.so.6").mallopt(-3, int(threshold)))  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        return False
-
-
-def trim_heap() -> None:
-    """Give freed heap memory back to the OS (glibc): without it, the score and statistics tensors of each layer
-    (tens of MB, below malloc's mmap threshold) leave fragments, and RSS crept up ~70 MB a layer on a 26-layer
-    model until it plateaued at about a third of the model's size."""
-    try:
-        import ctypes
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
