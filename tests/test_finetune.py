@@ -193,3 +193,60 @@ def test_gradient_checkpointing_recomputes_layers_and_changes_no_number(samples,
         weights[gc] = {k: v.detach().clone() for k, v in out.state_dict().items()}
     assert calls[True][0] == 2 * calls[False][0] == 6  # forward, then again in backward
     assert all(torch.equal(weights[True][k], weights[False][k]) for k in weights[False])
+
+
+def test_token_rows_hold_the_rows_compactly_and_collate_the_same():
+    """The training rows are flat int32 tensors with offsets (not Python lists); each row and each batch is what
+    the lists would give."""
+    from hybridprune.finetune import TokenRows, _Collator
+    g = torch.Generator().manual_seed(3)
+    rows = []
+    for n in (5, 1, 17, 9):
+        ids = torch.randint(0, 49_000, (n,), generator=g).tolist()
+        rows.append({"input_ids": ids, "labels": [-100] * (n // 2) + ids[n // 2:]})
+    data = TokenRows(rows)
+    assert len(data) == 4 and data.ids.dtype == torch.int32 and data.ids.numel() == 32
+    for i, r in enumerate(rows):
+        assert data[i]["input_ids"].tolist() == r["input_ids"] and data[i]["labels"].tolist() == r["labels"]
+    a, b = _Collator(0, True)([data[i] for i in (2, 0, 3)]), _Collator(0, True)([rows[i] for i in (2, 0, 3)])
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_lora_keeps_no_masks_through_training_and_checks_zero_counts(samples, tmp_path, monkeypatch):
+    """LoRA freezes the base: the merge reads each matrix's own non-zero set, so no bool masks are held through
+    training (101 MiB on the default model); a matrix that lost a zero is still an error."""
+    from hybridprune import finetune as ft
+    model = _pruned("llama", "unstructured", samples)
+    masks = capture_masks(model)
+    rows = [{"input_ids": s.tolist(), "labels": s.tolist()} for s in samples]
+    monkeypatch.setattr(ft, "build_dataset", lambda cfg, tok, cache=None: rows)
+    monkeypatch.setattr(ft, "capture_masks", lambda m: pytest.fail("LoRA captured the masks"))
+    cfg = FinetuneConfig(method="lora", steps=2, batch_size=2, lr=1e-2, save_steps=100)
+    out = finetune(model, _Tok(), cfg, tmp_path / "work")["model"]
+    for name, mod in prunable_matrices(out).items():
+        assert torch.equal(mod.weight != 0, masks[name]), name
+    counts = ft.zero_counts(out)
+    q = next(n for n in counts if n.endswith("q_proj"))
+    with torch.no_grad():
+        prunable_matrices(out)[q].weight[prunable_matrices(out)[q].weight == 0] = 0.5  # regrow them all
+    with pytest.raises(HybridPruneError, match=f"regrew {counts[q]} pruned weights in {q}"):
+        ft.check_zero_counts(out, counts)
+
+
+def test_bf16_autocast_runs_the_matmuls_in_bf16_and_keeps_fp32_weights(samples, tmp_path, monkeypatch):
+    from hybridprune.models import find_decoder_layers, find_linears
+    rows = [{"input_ids": s.tolist(), "labels": s.tolist()} for s in samples]
+    monkeypatch.setattr("hybridprune.finetune.build_dataset", lambda cfg, tok, cache=None: rows)
+    with pytest.raises(HybridPruneError, match="--autocast must be auto, bf16 or fp32"):
+        FinetuneConfig(autocast="fp16")
+    for autocast, want in (("auto", torch.float32), ("bf16", torch.bfloat16)):  # auto on a CPU: fp32
+        model = _pruned("llama", "unstructured", samples)
+        masks = capture_masks(model)
+        seen = set()
+        down = find_linears(find_decoder_layers(model)[1][0])["mlp.down_proj"]
+        down.register_forward_hook(lambda m, i, o: seen.add(o.dtype))
+        cfg = FinetuneConfig(method="lora", steps=2, batch_size=2, lr=1e-2, save_steps=100, autocast=autocast)
+        res = finetune(model, _Tok(), cfg, tmp_path / f"work-{autocast}")
+        assert seen == {want} and res["record"]["autocast"] == {"auto": "fp32", "bf16": "bf16"}[autocast]
+        for name, mod in prunable_matrices(res["model"]).items():
+            assert mod.weight.dtype == torch.float32 and torch.equal(mod.weight != 0, masks[name]), name

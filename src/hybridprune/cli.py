@@ -555,7 +555,7 @@ def _ft_config(args, data):
                           seed=args.seed, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
                           lora_dropout=args.lora_dropout, merge=not args.no_merge, max_examples=args.max_examples,
                           data_dir=args.data_dir, device=args.device, bos=args.bos,
-                          gradient_checkpointing=args.gradient_checkpointing)
+                          gradient_checkpointing=args.gradient_checkpointing, autocast=args.autocast)
 
 
 def cmd_finetune(args):
@@ -593,6 +593,9 @@ def _add_ft_args(p, prefix_method=False):
     g.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false",
                    help="keep every layer's activations for the backward pass instead of recomputing them (faster, "
                         "memory grows with layers x batch x length)")
+    g.add_argument("--autocast", default="auto", choices=("auto", "bf16", "fp32"),
+                   help="auto: bf16 autocast on a GPU that has bf16, fp32 elsewhere; bf16: matmuls in bfloat16 on any "
+                        "device, CPUs with AVX-512 BF16 / AMX included (weights and optimizer stay fp32); fp32: never")
     g.add_argument("--ft-seqlen" if prefix_method else "--seqlen", dest="ft_seqlen", type=int, default=512)
     g.add_argument("--lora-r", type=int, default=16)
     g.add_argument("--lora-alpha", type=int, default=32)

@@ -1,14 +1,16 @@
 """Sparsity-preserving fine-tuning: pruned weights stay exactly zero.
 
 - `lora`: PEFT LoRA on every prunable matrix of the decoder layers; at the end the update is merged through the
-  mask captured before training, W <- W + M * (scale * B @ A), so a dense LoRA delta never fills the zeros.
+  mask, W <- W + M * (scale * B @ A), so a dense LoRA delta never fills the zeros (the base weights are frozen, so
+  their non-zero set at the merge is the mask before training).
 - `full`: every prunable matrix trains with its gradient multiplied by its mask, and the mask is re-applied
   after each optimizer step (weight decay and Adam moments cannot regrow a weight either).
 
-Training runs through the transformers Trainer (gradient accumulation, checkpoints and `--resume`, bf16 on GPU,
-accelerate / FSDP / DeepSpeed when launched that way, activation checkpointing unless turned off: each layer's
-activations are recomputed in backward, so memory holds one layer's, same results). After training the zero set
-of every matrix is compared with the one before; any difference is an error.
+Training runs through the transformers Trainer (gradient accumulation, checkpoints and `--resume`, bf16 autocast
+on GPU by default and on any device with `autocast="bf16"`, accelerate / FSDP / DeepSpeed when launched that way,
+activation checkpointing unless turned off: each layer's activations are recomputed in backward, so memory holds
+one layer's, same results). After training the zero set of every matrix is compared with the one before (LoRA:
+its count of zeros); any difference is an error.
 
 Templated data puts the loss on the answer only (prompt labels are -100) and ends the answer with EOS. The
 `simple` templates are the evaluation prompts of tasks.py, byte for byte, followed by " answer" (lm-eval's target
@@ -77,6 +79,8 @@ class FinetuneConfig:
     save_steps: int = 50
     device: str | None = None         # where training runs (default: cuda if available)
     bos: str = "auto"                 # BOS at the start of every sequence: auto | always | papers (data.resolve_bos)
+    autocast: str = "auto"            # auto: bf16 on a GPU that has it, else fp32 | bf16: matmuls in bfloat16 under
+    #                                   torch.autocast on any device (weights, gradients, optimizer stay fp32) | fp32
 
     def __post_init__(self):
         # Every value is checked before any model is loaded or any checkpoint folder is made.
@@ -96,6 +100,8 @@ class FinetuneConfig:
         if self.max_examples is not None and self.max_examples < 1:
             raise HybridPruneError(f"--max-examples must be >= 1, got {self.max_examples}")
         check_bos(self.bos)
+        if self.autocast not in ("auto", "bf16", "fp32"):
+            raise HybridPruneError(f"--autocast must be auto, bf16 or fp32, got {self.autocast!r}")
         from .engine import default_device
         default_device(self.device)
         if self.data not in FT_DATA:
@@ -206,6 +212,25 @@ def answer_loss(outputs, labels: torch.Tensor, num_items_in_batch=None) -> torch
     return loss / n
 
 
+class TokenRows(torch.utils.data.Dataset):
+    """Tokenized rows held as two flat int32 tensors and offsets, not as lists of Python ints (on SQuAD's fitting
+    half, 5,390 rows of 1.1M tokens, the lists took 79 MiB through training; these take 8.5). Row i is a dict of
+    int64 tensors."""
+
+    def __init__(self, rows: list[dict]):
+        lengths = torch.tensor([len(r["input_ids"]) for r in rows], dtype=torch.long)
+        self.offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+        self.ids = torch.tensor([t for r in rows for t in r["input_ids"]], dtype=torch.int32)
+        self.labels = torch.tensor([t for r in rows for t in r["labels"]], dtype=torch.int32)
+
+    def __len__(self):
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i):
+        a, b = int(self.offsets[i]), int(self.offsets[i + 1])
+        return {"input_ids": self.ids[a:b].long(), "labels": self.labels[a:b].long()}
+
+
 class _Collator:
     def __init__(self, pad_id: int, logits_to_keep: bool = False):
         self.pad_id = pad_id
@@ -218,8 +243,8 @@ class _Collator:
         mask = torch.zeros((len(batch), width), dtype=torch.long)
         for i, b in enumerate(batch):
             n = len(b["input_ids"])
-            ids[i, :n] = torch.tensor(b["input_ids"])
-            labels[i, :n] = torch.tensor(b["labels"])
+            ids[i, :n] = torch.as_tensor(b["input_ids"])
+            labels[i, :n] = torch.as_tensor(b["labels"])
             mask[i, :n] = 1
         out = {"input_ids": ids, "labels": labels, "attention_mask": mask}
         if self.logits_to_keep:
@@ -241,20 +266,34 @@ def check_masks(model, masks: dict[str, torch.Tensor]) -> None:
             raise HybridPruneError(f"fine-tuning regrew {int((now & ~masks[name]).sum())} pruned weights in {name}")
 
 
-def merge_lora_through_mask(peft_model, masks: dict[str, torch.Tensor]):
-    """Fold each LoRA delta into its base weight only where the weight was non-zero; return the plain model."""
+def zero_counts(model) -> dict[str, int]:
+    """Pruned (zero) weights per prunable matrix: all that LoRA needs to keep before training (its base is frozen)."""
+    return {name: int((mod.weight == 0).sum()) for name, mod in models.prunable_matrices(model).items()}
+
+
+def merge_lora_through_mask(peft_model, prunable):
+    """Fold each LoRA delta into its base weight only where the weight is non-zero; return the plain model.
+    `prunable`: the names of the prunable matrices (a dict keyed by them will do). LoRA freezes the base weights,
+    so each one's own non-zero set at merge time is the mask it had before training: it is computed here, one
+    matrix at a time, instead of being held through training (101 MiB of bools on the default model)."""
     from peft.tuners.lora import LoraLayer
     base = peft_model.get_base_model()
     with torch.no_grad():
         for name, module in base.named_modules():
             if isinstance(module, LoraLayer):  # PEFT put it where the original matrix was: same name
                 layer = module.get_base_layer()
+                keep = layer.weight != 0 if name in prunable else None
                 for adapter in module.active_adapters:
                     delta = module.get_delta_weight(adapter).to(layer.weight.dtype)
-                    if name in masks:
-                        delta = delta * masks[name]
-                    layer.weight += delta
+                    layer.weight += delta if keep is None else delta * keep
     return peft_model.unload()
+
+
+def check_zero_counts(model, before: dict[str, int]) -> None:
+    """After a LoRA merge: no matrix lost a zero (the merge only adds where the weight was non-zero)."""
+    for name, n in zero_counts(model).items():
+        if n < before[name]:
+            raise HybridPruneError(f"fine-tuning regrew {before[name] - n} pruned weights in {name}")
 
 
 # ----------------------------------------------------------------------------- training
@@ -291,11 +330,13 @@ def finetune(model, tokenizer, config: FinetuneConfig, work_dir, resume: bool = 
     # launched on several processes, each one computes on its own device (accelerate's), set before the masks
     device = str(state.device) if state.processes > 1 else default_device(config.device)
     model.to(device)
-    masks = capture_masks(model)
-    zeros_before = sum(int((~m).sum()) for m in masks.values())
+    # LoRA keeps the zero counts only (its base weights are frozen); full tuning needs the masks for its gradients
+    masks = capture_masks(model) if config.method == "full" else None
+    counts = zero_counts(model)
+    zeros_before = sum(counts.values())
     if zeros_before == 0:
         print("warning: the model has no pruned weights; nothing to preserve, fine-tuning anyway")
-    dataset = build_dataset(config, tokenizer, data_cache)
+    dataset = TokenRows(build_dataset(config, tokenizer, data_cache))
     model.config.use_cache = False
     # Seed before the adapters are made: their random init must not depend on what this process did before
     # (an experiment resumed in a new process must give the same model as an uninterrupted one).
@@ -320,13 +361,14 @@ def finetune(model, tokenizer, config: FinetuneConfig, work_dir, resume: bool = 
 
     callbacks.append(_trim_callback())
     use_cuda = device.startswith("cuda")
+    bf16 = config.autocast == "bf16" or (config.autocast == "auto" and use_cuda and torch.cuda.is_bf16_supported())
     args = TrainingArguments(
         output_dir=str(work_dir), max_steps=config.steps, learning_rate=config.lr,
         per_device_train_batch_size=config.batch_size, gradient_accumulation_steps=config.grad_accum,
         activation_checkpointing=config.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False} if config.gradient_checkpointing else None,
         logging_steps=config.logging_steps, save_strategy="steps", save_steps=config.save_steps, save_total_limit=2,
-        report_to=[], seed=config.seed, use_cpu=not use_cuda, bf16=use_cuda and torch.cuda.is_bf16_supported(),
+        report_to=[], seed=config.seed, use_cpu=not use_cuda, bf16=bf16,
         remove_unused_columns=False, dataloader_num_workers=0, lr_scheduler_type="cosine", warmup_steps=0,
         disable_tqdm=None)
     # the output layer only where the loss reads it (transformers' logits_to_keep, in nearly every causal LM); not
@@ -342,13 +384,15 @@ def finetune(model, tokenizer, config: FinetuneConfig, work_dir, resume: bool = 
     adapter = None
     if config.method == "lora":
         adapter = train_model
-        model = merge_lora_through_mask(train_model, masks) if config.merge else train_model
-    model.eval()
-    if config.method == "full" or config.merge:
+        model = merge_lora_through_mask(train_model, counts) if config.merge else train_model
+        if config.merge:
+            check_zero_counts(model, counts)
+    else:
         check_masks(model, masks)
+    model.eval()
     losses = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
     record = {**asdict(config), "bos": resolve_bos(tokenizer, config.bos), "device": device,
-              "processes": state.processes, "parallel": state.kind,
+              "processes": state.processes, "parallel": state.kind, "autocast": "bf16" if bf16 else "fp32",
               "dtype": str(next(model.parameters()).dtype), "final_loss": losses[-1][1] if losses else out.training_loss,
               "first_loss": losses[0][1] if losses else None, "train_loss": out.training_loss,
               "examples": len(dataset), "zeros_preserved": zeros_before,
@@ -406,7 +450,7 @@ def launch_state() -> LaunchState:
 
 
 def _tokens_per_second(dataset, config, out) -> float:
-    mean_len = sum(len(r["input_ids"]) for r in dataset) / len(dataset)
+    mean_len = len(dataset.ids) / len(dataset)
     tokens = config.steps * config.batch_size * config.grad_accum * mean_len
     return round(tokens / max(out.metrics.get("train_runtime", 1.0), 1e-9), 1)
 
