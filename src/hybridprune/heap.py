@@ -25,8 +25,9 @@ def cap_heap_growth(threshold: int = MMAP_THRESHOLD) -> bool:
 
     It also caps oneDNN's primitive cache (which bf16 matmuls on the CPU go through) at 32 unless the user set
     ONEDNN_PRIMITIVE_CACHE_CAPACITY: every new shape (a fine-tuning batch of another length) builds primitives with
-    their own buffers, and the default 1,024 of them raised a bf16-autocast SQuAD LoRA stage from 2.1 to 2.7 GiB in
-    15 steps (32: no slower; 0: 3.4x slower). oneDNN reads the value once, so this must run before its first use."""
+    their own buffers, and the default 1,024 of them raised a bf16-autocast SQuAD LoRA from 2,130 to 2,708 MiB in 15
+    steps (60 steps: 3,513 MiB against 2,560; 32 is no slower, 0 is 3.4x slower). oneDNN reads the value once, so
+    this must run before its first use."""
     os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(ONEDNN_PRIMITIVES))
     try:
         import ctypes
