@@ -22,7 +22,7 @@ import yaml
 
 from hybridprune.experiment import plan, run_experiment
 from hybridprune.recipe import METRICS, load_recipe
-from hybridprune.report import PER_EXAMPLE
+from hybridprune.report import _per_example
 from hybridprune.stats import paired_bootstrap
 
 MAIN = {"wikitext2": ["ppl"], "squad": ["f1", "exact_match", "gold_nll"], "boolq": ["acc", "gold_nll"],
@@ -44,6 +44,10 @@ def variant(recipe_path: Path, seeds: list[int], out: Path) -> Path:
 def stage_seconds(folder: Path) -> dict:
     f = folder / "stages" / "times.json"
     return json.loads(f.read_text()) if f.is_file() else {}
+
+
+def result(stage, task: str) -> dict:
+    return json.loads(stage.path.read_text())["results"][task]
 
 
 def main():
@@ -71,16 +75,13 @@ def main():
                            "bf16_seconds": t_bf.get(b.key), "final_loss": [la[-1][1], lb[-1][1]],
                            "largest_loss_gap": max(abs(x[1] - y[1]) for x, y in zip(la, lb))})
             for task in bf.tasks:
-                ea = json.loads(fp_runs[run.name][seed][task].path.read_text())["results"][task]
-                eb = json.loads(bf_runs[run.name][seed][task].path.read_text())["results"][task]
+                fp_seeds = {s: result(fp_runs[run.name][s][task], task) for s in fp.seeds}
+                ea, eb = fp_seeds[seed], result(bf_runs[run.name][seed][task], task)
                 for metric in (m for m in MAIN.get(task, []) if m in METRICS[task] and m in ea):
-                    spread = statistics.stdev([json.loads(fp_runs[run.name][s][task].path.read_text())
-                                               ["results"][task][metric] for s in fp.seeds]) if len(fp.seeds) > 1 \
-                        else None
+                    spread = statistics.stdev(e[metric] for e in fp_seeds.values()) if len(fp_seeds) > 1 else None
                     row = {"run": run.name, "seed": seed, "task": task, "metric": metric, "fp32": ea[metric],
                            "bf16": eb[metric], "diff": eb[metric] - ea[metric], "fp32_seed_sd": spread}
-                    pa = ea.get("per_example", {}).get(PER_EXAMPLE.get(metric, metric))
-                    pb = eb.get("per_example", {}).get(PER_EXAMPLE.get(metric, metric))
+                    pa, pb = _per_example(ea, metric), _per_example(eb, metric)
                     if pa is not None and pb is not None:
                         ci = paired_bootstrap(pb, pa, clusters=ea.get("clusters"))
                         row.update(per_example_diff=ci["diff"], lo=ci["lo"], hi=ci["hi"], units=ci.get("units"))
