@@ -118,10 +118,12 @@ def test_generation_stops_row_by_row(default_tokenizer):
 def test_fast_generation_equals_lm_evals_own_batching(tiny_llama_dir, data_dir, tmp_path, monkeypatch):
     """Greedy generation with the static cache, its own batch width, length buckets and row-by-row stopping gives
     lm-eval's plain HFLM outputs; every batch holds prompts of alike length (at least SAME_LENGTH of its longest),
-    and a batch whose rows all stopped ends before max_gen_toks."""
+    and a batch whose rows all stopped ends before max_gen_toks. The gold answers' log-likelihoods come from the
+    generation's own prefill (no second pass over any prompt) and equal lm-eval's."""
     from lm_eval.models.huggingface import HFLM
+    from transformers import StaticCache
 
-    from hybridprune import load_model, tasks
+    from hybridprune import evaluate, load_model, tasks
     model, tok = load_model(str(tiny_llama_dir))
     newline = tok.encode("\n", add_special_tokens=False)[0]
     with torch.no_grad():  # the random model then writes "\n" often, at different steps in different rows
@@ -134,18 +136,26 @@ def test_fast_generation_equals_lm_evals_own_batching(tiny_llama_dir, data_dir, 
         return plain_generate_until(self, requests, disable_tqdm)
 
     def spy_generate(*args, **kwargs):
-        caches.append(kwargs.get("cache_implementation"))
+        cache = kwargs.get("past_key_values")
+        caches.append("prefilled" if isinstance(cache, StaticCache) else kwargs.get("cache_implementation"))
         out = plain_generate(*args, **kwargs)
         generated.append(out.shape[1] - kwargs["input_ids"].shape[1])
         return out
     monkeypatch.setattr(HFLM, "generate_until", spy_batches)
     monkeypatch.setattr(model, "generate", spy_generate)
+    passes = []  # forward passes over whole prompts that extend no KV cache: what the gold scores would cost
+    plain_hidden = evaluate.OutputHead.hidden
+
+    def spy_hidden(self, input_ids, attention_mask=None, **cache):
+        passes.append(("past_key_values" in cache, tuple(input_ids.shape)))
+        return plain_hidden(self, input_ids, attention_mask, **cache)
+    monkeypatch.setattr(evaluate.OutputHead, "hidden", spy_hidden)
 
     def outputs(path):
         return [json.loads(line)["output"] for line in path.read_text().splitlines()]
     fast = tasks.evaluate_model(model, tok, ["squad"], limit=12, batch_size=2, generate_batch_size=4,
                                 samples_path=tmp_path / "fast.jsonl")
-    fast_batches, fast_caches, fast_generated = list(batches), list(caches), list(generated)
+    fast_batches, fast_caches, fast_generated, fast_passes = list(batches), list(caches), list(generated), list(passes)
     batches.clear(), caches.clear(), generated.clear()
     monkeypatch.setattr(tasks, "_lm_class", lambda: HFLM)
     plain = tasks.evaluate_model(model, tok, ["squad"], limit=12, batch_size=2, samples_path=tmp_path / "plain.jsonl")
@@ -156,7 +166,9 @@ def test_fast_generation_equals_lm_evals_own_batching(tiny_llama_dir, data_dir, 
     assert fast_ex["gold_nll"] == pytest.approx(plain_ex["gold_nll"], rel=1e-6)
     assert len(fast_batches) > 1 and sum(map(len, fast_batches)) == 12
     assert all(len(b) <= 4 and min(b) >= tasks.SAME_LENGTH * max(b) for b in fast_batches), fast_batches
-    assert set(fast_caches) == {"static"} and set(caches) == {None}
+    assert set(fast_caches) == {"prefilled"} and set(caches) == {None}
+    # every pass extended a generation's cache, but OutputHead's one check of its split on a few tokens
+    assert [shape for cached, shape in fast_passes if not cached] == [(1, 8)], fast_passes
     answers = [o[0][0] for o in outputs(tmp_path / "fast.jsonl")]
     assert len({len(a) for a in answers}) > 1, answers  # rows stopped at different steps
     assert min(fast_generated) < 32, fast_generated  # ... and a batch ended once all its rows had

@@ -51,13 +51,14 @@ class OutputHead:
         mine = self.logits(self.hidden(ids)[0])
         self.split = mine.shape == full.shape and torch.allclose(mine, full, rtol=1e-4, atol=1e-4)
 
-    def hidden(self, input_ids, attention_mask=None) -> torch.Tensor:
-        """[batch, length, hidden] last hidden states (or, after a failed check, the whole model's logits)."""
+    def hidden(self, input_ids, attention_mask=None, **cache) -> torch.Tensor:
+        """[batch, length, hidden] last hidden states (or, after a failed check, the whole model's logits).
+        cache: past_key_values (and position_ids) to extend a KV cache in place, as generation does."""
         if self.split and not self.checked:
             self._check(input_ids)
-        if not self.split:
-            return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-        return self.body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
+        kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, use_cache="past_key_values" in cache,
+                      **cache)
+        return self.body(**kwargs)[0] if self.split else self.model(**kwargs).logits
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """fp32 logits of some positions' hidden states ([n, hidden] -> [n, vocab])."""

@@ -342,7 +342,10 @@ def _lm_class():
       stop string, so one row that ended with EOS instead of "\n" kept its whole batch decoding to max_gen_toks;
     - log-likelihoods from the continuation's positions only, a few at a time (evaluate.OutputHead): lm-eval
       takes the log-softmax of batch x length x vocabulary logits (a GSM8K gold-answer batch of 16 x 1,300
-      tokens is 4 GB at a 49k vocabulary). Same sums and greedy flags, same order, truncation and padding."""
+      tokens is 4 GB at a 49k vocabulary). Same sums and greedy flags, same order, truncation and padding;
+    - one prefill for a prompt's generation and its gold answer's log-likelihood (`_prefill_scoring_golds`): the
+      gold answer is scored on the generation's own KV cache, which is then rewound to the prompt, where it would
+      otherwise be a second forward pass over the whole prompt (a third of a SQuAD evaluation)."""
     import torch
     from lm_eval.models.huggingface import HFLM
     from transformers import StoppingCriteriaList
@@ -350,11 +353,30 @@ def _lm_class():
     class FastGenerateLM(HFLM):
         generate_batch_size = None
 
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.gold_wanted: dict = {}  # prompt tokens -> its gold answer's tokens, for tasks with a gold answer
+            self.gold_scored: dict = {}  # (prompt tokens, answer tokens) -> (log-likelihood, greedy), until asked
+
+        def output_head(self):
+            from .evaluate import OutputHead
+            if getattr(self, "_head", None) is None:  # one per evaluation: it checks its split once
+                self._head = OutputHead(self.model)
+            return self._head
+
         def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
-            from .evaluate import TOKENS_PER_PASS, OutputHead
-            head = OutputHead(self.model)
+            from .evaluate import TOKENS_PER_PASS
+            head = self.output_head()
+            out: list = [None] * len(requests)
+            todo = []
+            for i, (key, context, continuation) in enumerate(requests):  # scored already, during generation
+                out[i] = self.gold_scored.pop((tuple(context), tuple(continuation)), None)
+                if out[i] is None:
+                    todo.append(i)
+                elif key is not None:
+                    self.cache_hook.add_partial("loglikelihood", key, out[i])
             # longest first, as lm-eval's Collator, so a batch's padding is small; results in request order
-            order = sorted(range(len(requests)), key=lambda i: -len(requests[i][1]) - len(requests[i][2]))
+            order = sorted(todo, key=lambda i: -len(requests[i][1]) - len(requests[i][2]))
             width = override_bs or self.batch_size_per_gpu
             batches: list[list[int]] = []  # at most `width` rows and TOKENS_PER_PASS padded tokens each
             def padded(i):  # the batch's input length when request i is its longest
@@ -364,7 +386,6 @@ def _lm_class():
                         (len(batches[-1]) + 1) * padded(batches[-1][0]) > TOKENS_PER_PASS:
                     batches.append([])
                 batches[-1].append(i)
-            out: list = [None] * len(requests)
             with torch.no_grad():
                 for batch in batches:
                     # too long for the context: truncate from the left, as lm-eval; the last token is not an input
@@ -384,6 +405,13 @@ def _lm_class():
             return out
 
         def generate_until(self, requests, disable_tqdm: bool = False):
+            self.gold_wanted = {}
+            for r in requests:  # gold_scores asks for these next; only where the whole pair fits, as it would
+                task = str(getattr(r, "task_name", "")).removeprefix("hybridprune_")
+                if task in ("squad", "gsm8k") and getattr(self.model, "_can_compile_fullgraph", False):
+                    context, continuation = self._encode_pair(*gold_pair(task, r.args[0], r.doc))
+                    if len(context) + len(continuation) <= self.max_length:
+                        self.gold_wanted[tuple(context)] = list(continuation)
             width = self.generate_batch_size or self.batch_size_per_gpu
             lengths = [len(self.tok_encode(r.args[0])) for r in requests]
             batches: list[list[int]] = []
@@ -406,7 +434,12 @@ def _lm_class():
         def _model_generate(self, context, max_length, stop, **generation_kwargs):
             if getattr(self.model, "_can_compile_fullgraph", False):
                 # no automatic torch.compile on GPU: batch shapes vary, and recompiling would cost more than it saves
-                generation_kwargs.update(cache_implementation="static", disable_compile=True)
+                generation_kwargs["disable_compile"] = True
+                cache = self._prefill_scoring_golds(context, generation_kwargs.get("attention_mask"), max_length)
+                if cache is not None:
+                    generation_kwargs["past_key_values"] = cache
+                else:
+                    generation_kwargs["cache_implementation"] = "static"
             # lm-eval's own sampling settings: temperature 0 means greedy, and is then dropped
             if generation_kwargs.get("temperature", 0.0) == 0.0 and generation_kwargs.get("do_sample") is None:
                 generation_kwargs["do_sample"] = False
@@ -419,6 +452,44 @@ def _lm_class():
                     stopping_criteria=StoppingCriteriaList(
                         [_StopPerRow(self.tokenizer, stop, context.shape[1], context.shape[0])]),
                     use_cache=True, **generation_kwargs)
+        def _prefill_scoring_golds(self, context, mask, max_length):
+            """A static KV cache holding the left-padded prompts but their last token, after scoring each row's
+            gold answer (gold_wanted) on it: the last prompt token and the answer but its last token go through
+            the model on top of the cache, then the cache is rewound to the prompt, and generate() goes on from
+            the last prompt token. None (generate() prefills as usual) where no row has a gold answer or the
+            cache cannot be rewound (a sliding-window layer keeps no past to go back to)."""
+            from transformers import StaticCache
+            from transformers.cache_utils import StaticLayer
+            mask = torch.ones_like(context) if mask is None else mask
+            prompts = [tuple(c[m.bool()].tolist()) for c, m in zip(context.cpu(), mask.cpu())]
+            golds = [self.gold_wanted.get(p) for p in prompts]
+            rows, length = context.shape
+            if not any(golds) or length < 2:
+                return None
+            span = max(len(g) for g in golds if g)
+            cache = StaticCache(config=self.model.config, max_cache_len=max(max_length, length - 1 + span))
+            if any(type(layer) is not StaticLayer for layer in cache.layers):
+                return None
+            head = self.output_head()
+            positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # as generate() counts them under left padding
+            ids = context[:, -1:].repeat(1, span)  # the last prompt token, then the answer; the rest is masked
+            answer_mask = torch.zeros(rows, span, dtype=mask.dtype, device=mask.device)
+            for row, gold in enumerate(golds):
+                gold = gold or []
+                ids[row, 1:len(gold)] = torch.tensor(gold[:-1], dtype=ids.dtype)
+                answer_mask[row, :max(1, len(gold))] = 1
+            with torch.no_grad():
+                head.hidden(context[:, :-1], mask[:, :-1], past_key_values=cache, position_ids=positions[:, :-1])
+                hidden = head.hidden(ids, torch.cat([mask[:, :-1], answer_mask], 1), past_key_values=cache,
+                                     position_ids=positions[:, -1:] + torch.arange(span, device=positions.device))
+                for row, (prompt, gold) in enumerate(zip(prompts, golds)):
+                    if gold:
+                        lp, greedy = head.token_logprobs(hidden[row, :len(gold)], torch.tensor(gold), greedy=True)
+                        self.gold_scored[(prompt, tuple(gold))] = (float(lp.double().sum()), bool(greedy.all()))
+            del hidden
+            for layer in cache.layers:  # rewound: generate() writes its tokens over the answer's
+                layer.cumulative_length.fill_(length - 1)
+            return cache if cache.get_seq_length() == length - 1 else None
     return FastGenerateLM
 
 
@@ -486,6 +557,11 @@ def gold_answer(task: str, doc: dict) -> str:
     raise ValueError(task)
 
 
+def gold_pair(task: str, prompt: str, doc: dict) -> tuple[str, str]:
+    """The (context, continuation) whose log-likelihood is a generation task's gold-answer score."""
+    return prompt, " " + gold_answer(task, doc)
+
+
 def gold_scores(lm, task: str, samples: list[dict]) -> dict[str, list[float]]:
     """Per document: gold_nll (mean per-token NLL of the gold answer after the scored prompt) and, for BoolQ,
     margin (log p(correct) - log p(wrong)). Token counts are lm-eval's own context/continuation split."""
@@ -502,7 +578,7 @@ def gold_scores(lm, task: str, samples: list[dict]) -> dict[str, list[float]]:
             margin.append(lls[gold] - lls[1 - gold])
         return {"gold_nll": nll, "margin": margin}
     from lm_eval.api.instance import Instance
-    pairs = [(s["arguments"][0][0], " " + gold_answer(task, s["doc"])) for s in docs]
+    pairs = [gold_pair(task, s["arguments"][0][0], s["doc"]) for s in docs]
     requests = [Instance(request_type="loglikelihood", doc=s["doc"], arguments=pair, idx=0)
                 for s, pair in zip(docs, pairs)]
     lls = [ll for ll, _ in lm.loglikelihood(requests, disable_tqdm=True)]
