@@ -452,6 +452,7 @@ def _lm_class():
                     stopping_criteria=StoppingCriteriaList(
                         [_StopPerRow(self.tokenizer, stop, context.shape[1], context.shape[0])]),
                     use_cache=True, **generation_kwargs)
+
         def _prefill_scoring_golds(self, context, mask, max_length):
             """A static KV cache holding the left-padded prompts but their last token, after scoring each row's
             gold answer (gold_wanted) on it: the last prompt token and the answer but its last token go through
