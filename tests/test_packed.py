@@ -291,3 +291,29 @@ def test_recipe_eval_kernels(tmp_path):
     (tmp_path / "c.yaml").write_text(text.replace("eval: {batch_size: 4}", "eval: {batch_size: 4, kernels: 1}"))
     with pytest.raises(HybridPruneError, match="c.yaml line 17: eval kernels must be true or false, got 1$"):
         experiment.load_recipe(tmp_path / "c.yaml")
+
+
+@pytest.mark.skipif(not kernels.extension().has_avx512(), reason="the packed GEMM needs AVX-512")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4", "three-tier"])
+def test_packed_gemm_equals_dense_matmul(pattern, dtype):
+    """The large-batch GEMM (not yet dispatched by PackedLinear): odd shapes with edge blocks, batch tiles of 16,
+    32 and 48 rows and a remainder, within fp32 rounding of a float64 product."""
+    ext = kernels.extension()
+    for N, K in SHAPES + [(130, 256)]:
+        if pattern == "2:4" and K % 16:
+            continue
+        W, layout, tiers = pruned(pattern, N, K, dtype, seed=N)
+        m = kernels.PackedLinear(layout, packing.pack_matrix(W, layout, "w", tiers))
+        for B in (1, 3, 17, 33, 70):
+            x = torch.randn(B, K)
+            if m.kind == "unstructured":
+                y = ext.unstructured_gemm(kernels._pad(x, m.mask.shape[1] * 8 - K), m.mask, m.values, m.rowptr)
+            elif m.kind == "nm":
+                y = ext.nm24_gemm(x.contiguous(), m.values, m.positions)
+            else:
+                y = ext.tiered_gemm(kernels._pad(x, m.tiers.shape[1] * 16 - K), m.tiers, m.dense, m.nm_values,
+                                    m.nm_positions, m.topk_values, m.topk_positions, m.offsets)[:, :N]
+            ref = x.double() @ W.double().t()
+            err = ((y.double() - ref).abs().max() / ref.abs().max()).item()
+            assert err < 1e-5, (N, K, B, err)

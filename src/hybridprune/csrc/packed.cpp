@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <vector>
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 #define HP_X86 1
@@ -618,6 +619,187 @@ void tiered_fast(const float* x, int64_t B, int64_t C, const int8_t* tiers, cons
   }
 }
 
+// ----------------------------------------------------------------------------- AVX-512 GEMM for large batches
+//
+// From a few dozen batch rows on (prefill), re-reading the packed weights for every 4 batch rows costs more than
+// decoding them once. So each thread decodes 16 weight rows at a time (one block row for tiered) into a buffer
+// that stays in L2, and multiplies it against x^T, packed once per call in tiles of 48 batch rows:
+// c[i][m] += W(i, k) * xT[k][m], 8 weight rows x 48 batch rows in 24 registers, W(i, k) broadcast from the buffer.
+// Each (row, batch row) pair accumulates its products in k order with one FMA each, in fp32.
+constexpr int GR = 16;    // weight rows decoded at a time
+constexpr int GKC = 512;  // k per pass over the buffers
+constexpr int GG = 8;     // chunks of 16 rows decoded before the passes over x^T (each k-slice of x^T read once per 128 rows)
+constexpr int GNR = 8, GNM = 3;  // register tile: GNR weight rows x GNM*16 batch rows
+static_assert(GNM <= 3, "batch tiles of 16, 32 or 48 rows");
+// Row stride of a row-major buffer: one cache line more than the row, so that 16 rows 16 KB apart do not all
+// fall into the same L1 set (at 512 batch rows it lifted the row-major layouts from about 0.8x dense to 0.9-1.0x,
+// in noisy runs).
+inline int64_t gemm_ld(int64_t Kp) { return Kp + 16; }
+
+// NR rows x NM*16 batch rows; w(i, k) = w[k * 16 + i] (KMAJ) or w[i * rs + k]; xt[k * NM*16 + m]; c[i * ldc + m].
+template <int NR, int NM, bool KMAJ>
+HP_AVX512 __attribute__((always_inline)) inline void gemm_tile(const float* w, int64_t rs, const float* xt,
+    int64_t kc, float* c, int64_t ldc) {
+  __m512 acc[NR][NM];
+  for (int i = 0; i < NR; i++)
+    for (int j = 0; j < NM; j++) acc[i][j] = _mm512_loadu_ps(c + i * ldc + j * 16);
+  for (int64_t k = 0; k < kc; k++) {
+    __m512 b[NM];
+    for (int j = 0; j < NM; j++) b[j] = _mm512_loadu_ps(xt + k * NM * 16 + j * 16);
+    for (int i = 0; i < NR; i++) {
+      const __m512 a = _mm512_set1_ps(KMAJ ? w[k * 16 + i] : w[i * rs + k]);
+      for (int j = 0; j < NM; j++) acc[i][j] = _mm512_fmadd_ps(a, b[j], acc[i][j]);
+    }
+  }
+  for (int i = 0; i < NR; i++)
+    for (int j = 0; j < NM; j++) _mm512_storeu_ps(c + i * ldc + j * 16, acc[i][j]);
+}
+
+// Row-major decoders (rows r .. r+rows of the matrix into out[GR][Kp], rows past `rows` zero) and the tiered one
+// (block row R into out[Kp][16], k-major: a dense block is then a copy of its column-major values).
+template <typename W>
+HP_AVX512 void unstructured_rows_avx512(const uint8_t* mask, const W* vals, const int64_t* rowptr, int64_t Kp,
+                                        int64_t r, int64_t rows, float* out) {
+  const int64_t mb = Kp / 8;
+  for (int64_t q = 0; q < rows; q++) {
+    const W* v = vals + rowptr[r + q];
+    const uint8_t* mr = mask + (r + q) * mb;
+    float* o = out + q * gemm_ld(Kp);
+    int64_t c = 0;
+    for (; c + 2 <= mb; c += 2) {
+      uint16_t m;
+      std::memcpy(&m, mr + c, 2);
+      _mm512_storeu_ps(o + c * 8, expand16(m, v));
+      v += _mm_popcnt_u32(m);
+    }
+    if (c < mb) _mm512_mask_storeu_ps(o + c * 8, 0xFF, expand16(mr[c], v));
+  }
+  for (int64_t q = rows; q < GR; q++) std::memset(out + q * gemm_ld(Kp), 0, Kp * sizeof(float));
+}
+
+template <typename W>
+HP_AVX512 void nm24_rows_avx512(const W* vals, const uint8_t* pos, int64_t K, int64_t r, int64_t rows, float* out) {
+  const int64_t nv = K / 2;
+  // lane l is column 4g + c of a 16-column step (g = l / 4): the step's values 2g and 2g+1 and their positions
+  const __m512i ev = _mm512_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2, 4, 4, 4, 4, 6, 6, 6, 6);
+  const __m512i od = _mm512_add_epi32(ev, _mm512_set1_epi32(1));
+  const __m512i col = _mm512_setr_epi32(0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3);
+  const __m512i three = _mm512_set1_epi32(3);
+  for (int64_t q = 0; q < rows; q++) {
+    const W* v = vals + (r + q) * nv;
+    const uint8_t* p = pos + (r + q) * (nv / 4);
+    float* o = out + q * gemm_ld(K);
+    for (int64_t j0 = 0; j0 < nv; j0 += 8) {  // 8 values, 16 columns
+      uint16_t p16;
+      std::memcpy(&p16, p + j0 / 4, 2);
+      const __m512 w = load8z(v + j0);
+      const __m512i pw = _mm512_set1_epi32(p16);
+      const __m512i pe = _mm512_and_si512(_mm512_srlv_epi32(pw, _mm512_add_epi32(ev, ev)), three);
+      const __m512i po = _mm512_and_si512(_mm512_srlv_epi32(pw, _mm512_add_epi32(od, od)), three);
+      __m512 d = _mm512_maskz_mov_ps(_mm512_cmpeq_epi32_mask(pe, col), _mm512_permutexvar_ps(ev, w));
+      d = _mm512_mask_mov_ps(d, _mm512_cmpeq_epi32_mask(po, col), _mm512_permutexvar_ps(od, w));
+      _mm512_storeu_ps(o + j0 * 2, d);
+    }
+  }
+  for (int64_t q = rows; q < GR; q++) std::memset(out + q * gemm_ld(K), 0, K * sizeof(float));
+}
+
+template <typename W>
+HP_AVX512 void tiered_rows_avx512(int64_t C, const int8_t* tr, const W* dense, const W* nmv, const uint32_t* nmp,
+                                  const W* tkv, const uint8_t* tkp, int64_t k, int64_t d, int64_t n, int64_t t,
+                                  float* out) {
+  const __m512i shifts = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i three = _mm512_set1_epi32(3);
+  for (int64_t c = 0; c < C; c++) {
+    float* o = out + c * 256;  // column c*16 + j of the 16 rows at o[j * 16 + i]
+    const int tier = tr[c];
+    if (tier == 0) {
+      const W* w = dense + d++ * 256;
+      for (int j = 0; j < 16; j++) _mm512_storeu_ps(o + j * 16, load16(w + j * 16));
+    } else if (tier == 1) {
+      const W* w = nmv + n * 128;
+      const uint32_t* p = nmp + n * 8;
+      n++;
+      for (int g = 0; g < 4; g++) {  // value columns 2g and 2g+1 fill columns 4g .. 4g+3
+        const __m512 we = load16(w + 2 * g * 16), wo = load16(w + (2 * g + 1) * 16);
+        const __m512i pe = _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(static_cast<int>(p[2 * g])), shifts), three);
+        const __m512i po = _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(static_cast<int>(p[2 * g + 1])), shifts), three);
+        for (int cc = 0; cc < 4; cc++) {
+          const __m512i cv = _mm512_set1_epi32(cc);
+          __m512 col = _mm512_maskz_mov_ps(_mm512_cmpeq_epi32_mask(pe, cv), we);
+          col = _mm512_mask_mov_ps(col, _mm512_cmpeq_epi32_mask(po, cv), wo);
+          _mm512_storeu_ps(o + (4 * g + cc) * 16, col);
+        }
+      }
+    } else {
+      for (int j = 0; j < 16; j++) _mm512_storeu_ps(o + j * 16, _mm512_setzero_ps());
+      if (tier == 2) {
+        const W* w = tkv + t * k;
+        const uint8_t* p = tkp + t * k;
+        t++;
+        for (int64_t e = 0; e < k; e++) o[(p[e] & 15) * 16 + (p[e] >> 4)] = to_f(w[e]);
+      }
+    }
+  }
+}
+
+// Weight rows chunk*16 .. chunk*16+15 for chunks [c0, c1) against every batch row, GG chunks at a time (so that
+// a k-slice of x^T is read once per 64 weight rows): decode(chunk, buf) fills a chunk's buffer, k-major (KMAJ) or
+// row-major; xt holds x^T in tiles of 32 (the last maybe 16) batch rows.
+template <bool KMAJ, typename Decode>
+HP_AVX512 void gemm_chunks(const float* xt, int64_t M, int64_t Mp, int64_t Kp, int64_t N, float* y, int64_t ldy,
+                           int64_t c0, int64_t c1, Decode& decode) {
+  const int64_t ld = gemm_ld(Kp);
+  std::vector<float> buf(static_cast<size_t>(GG * GR * ld)), acc(static_cast<size_t>(GG * GR * Mp));
+  for (int64_t g0 = c0; g0 < c1; g0 += GG) {
+    const int64_t ng = std::min<int64_t>(GG, c1 - g0);
+    for (int64_t g = 0; g < ng; g++) decode(g0 + g, buf.data() + g * GR * ld);
+    std::fill(acc.begin(), acc.end(), 0.0f);
+    for (int64_t k0 = 0; k0 < Kp; k0 += GKC) {
+      const int64_t kc = std::min<int64_t>(GKC, Kp - k0);
+      for (int64_t g = 0; g < ng; g++) {
+        const float* bg = buf.data() + g * GR * ld;
+        float* ag = acc.data() + g * GR * Mp;
+        for (int64_t m0 = 0; m0 < Mp; m0 += GNM * 16) {
+          const int64_t nm = std::min<int64_t>(GNM, (Mp - m0) / 16);
+          const float* tile = xt + m0 * Kp + k0 * nm * 16;
+          for (int i0 = 0; i0 < GR; i0 += GNR) {
+            const float* w = bg + (KMAJ ? k0 * 16 + i0 : i0 * ld + k0);
+            float* c = ag + i0 * Mp + m0;
+            if (nm == 3) gemm_tile<GNR, 3, KMAJ>(w, ld, tile, kc, c, Mp);
+            else if (nm == 2) gemm_tile<GNR, 2, KMAJ>(w, ld, tile, kc, c, Mp);
+            else gemm_tile<GNR, 1, KMAJ>(w, ld, tile, kc, c, Mp);
+          }
+        }
+      }
+    }
+    for (int64_t g = 0; g < ng; g++) {
+      const int64_t r0 = (g0 + g) * GR, rows = std::min<int64_t>(GR, N - r0);
+      const float* ag = acc.data() + g * GR * Mp;
+      for (int64_t m = 0; m < M; m++)
+        for (int64_t i = 0; i < rows; i++) y[m * ldy + r0 + i] = ag[i * Mp + m];
+    }
+  }
+}
+
+// y[M, N] (ldy columns) = x @ W.T for x [M, Kp], threads over chunks of 16 weight rows.
+template <bool KMAJ, typename Decode>
+void packed_gemm(const float* x, int64_t M, int64_t Kp, int64_t N, float* y, int64_t ldy, Decode&& decode) {
+  const int64_t Mp = (M + 15) / 16 * 16;
+  std::vector<float> xt(static_cast<size_t>(Kp * Mp));
+  at::parallel_for(0, Kp, 256, [&](int64_t k0, int64_t k1) {
+    for (int64_t m0 = 0; m0 < Mp; m0 += GNM * 16) {
+      const int64_t w = std::min<int64_t>(GNM * 16, Mp - m0);
+      float* tile = xt.data() + m0 * Kp;
+      for (int64_t k = k0; k < k1; k++)
+        for (int64_t m = 0; m < w; m++) tile[k * w + m] = m0 + m < M ? x[(m0 + m) * Kp + k] : 0.0f;
+    }
+  });
+  at::parallel_for(0, (N + GR - 1) / GR, 1, [&](int64_t c0, int64_t c1) {
+    gemm_chunks<KMAJ>(xt.data(), M, Mp, Kp, N, y, ldy, c0, c1, decode);
+  });
+}
+
 bool cpu_has_avx512() {
   static const bool ok = cpu_has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vbmi2");
@@ -832,6 +1014,86 @@ torch::Tensor tiered_decode(torch::Tensor tiers, torch::Tensor dense, torch::Ten
   return out;
 }
 
+// The large-batch GEMM (AVX-512 only; elsewhere PackedLinear decodes strips for torch's matmul).
+#ifdef HP_X86
+#define HP_GEMM_REQUIRE TORCH_CHECK(cpu_has_avx512(), "the packed GEMM needs AVX-512 (F, BW, VL, VBMI2)")
+#else
+#define HP_GEMM_REQUIRE TORCH_CHECK(false, "the packed GEMM needs AVX-512 (F, BW, VL, VBMI2)")
+#endif
+
+torch::Tensor unstructured_gemm(torch::Tensor x, torch::Tensor mask, torch::Tensor values, torch::Tensor rowptr) {
+  check_x(x);
+  HP_GEMM_REQUIRE;
+  const int64_t B = x.size(0), Kp = x.size(1), N = mask.size(0);
+  TORCH_CHECK(Kp % 8 == 0 && mask.size(1) == Kp / 8, "x width must be the mask width x 8");
+  TORCH_CHECK(rowptr.numel() == N + 1 && rowptr.scalar_type() == torch::kInt64, "rowptr must hold N+1 int64");
+  auto y = torch::empty({B, N}, x.options());
+#ifdef HP_X86
+  const bool bf = is_bf16(values);
+  const uint8_t* mp = mask.data_ptr<uint8_t>();
+  const int64_t* rp = rowptr.data_ptr<int64_t>();
+  packed_gemm<false>(x.data_ptr<float>(), B, Kp, N, y.data_ptr<float>(), N, [&](int64_t ch, float* buf) {
+    const int64_t rows = std::min<int64_t>(GR, N - ch * GR);
+    if (bf) unstructured_rows_avx512(mp, ptr<uint16_t>(values), rp, Kp, ch * GR, rows, buf);
+    else unstructured_rows_avx512(mp, ptr<float>(values), rp, Kp, ch * GR, rows, buf);
+  });
+#endif
+  return y;
+}
+
+torch::Tensor nm24_gemm(torch::Tensor x, torch::Tensor values, torch::Tensor positions) {
+  check_x(x);
+  HP_GEMM_REQUIRE;
+  const int64_t B = x.size(0), K = x.size(1), N = values.size(0);
+  TORCH_CHECK(K % 16 == 0 && values.size(1) == K / 2, "2:4 values must be [N, K/2] with K a multiple of 16");
+  TORCH_CHECK(positions.dim() == 2 && positions.size(0) == N && positions.size(1) == K / 8,
+              "2:4 positions must be [N, K/8] bytes");
+  auto y = torch::empty({B, N}, x.options());
+#ifdef HP_X86
+  const bool bf = is_bf16(values);
+  const uint8_t* pp = positions.data_ptr<uint8_t>();
+  packed_gemm<false>(x.data_ptr<float>(), B, K, N, y.data_ptr<float>(), N, [&](int64_t ch, float* buf) {
+    const int64_t rows = std::min<int64_t>(GR, N - ch * GR);
+    if (bf) nm24_rows_avx512(ptr<uint16_t>(values), pp, K, ch * GR, rows, buf);
+    else nm24_rows_avx512(ptr<float>(values), pp, K, ch * GR, rows, buf);
+  });
+#endif
+  return y;
+}
+
+torch::Tensor tiered_gemm(torch::Tensor x, torch::Tensor tiers, torch::Tensor dense, torch::Tensor nm_values,
+                          torch::Tensor nm_positions, torch::Tensor topk_values, torch::Tensor topk_positions,
+                          torch::Tensor offsets) {
+  check_x(x);
+  HP_GEMM_REQUIRE;
+  TORCH_CHECK(tiers.dim() == 2 && tiers.scalar_type() == torch::kInt8, "tier map must be 2-D int8");
+  const int64_t B = x.size(0), R = tiers.size(0), C = tiers.size(1);
+  TORCH_CHECK(x.size(1) == C * 16, "x width must be the tier map width x 16");
+  TORCH_CHECK(offsets.scalar_type() == torch::kInt64 && offsets.numel() == (R + 1) * 3, "offsets must be [R+1, 3]");
+  TORCH_CHECK(nm_positions.scalar_type() == torch::kInt32, "2:4 block positions must be int32 words");
+  TORCH_CHECK(topk_positions.scalar_type() == torch::kUInt8, "top-k positions must be uint8");
+  const bool bf = is_bf16(dense);
+  TORCH_CHECK(is_bf16(nm_values) == bf && is_bf16(topk_values) == bf, "all packed values must share one dtype");
+  const int64_t* op = offsets.data_ptr<int64_t>();
+  TORCH_CHECK(op[R * 3] == dense.numel() / 256 && op[R * 3 + 1] == nm_values.numel() / 128 &&
+              op[R * 3 + 2] == topk_positions.size(0), "offsets disagree with the blocks");
+  const int64_t k = topk_positions.dim() == 2 ? topk_positions.size(1) : 0;
+  auto y = torch::empty({B, R * 16}, x.options());
+#ifdef HP_X86
+  const int8_t* tp = tiers.data_ptr<int8_t>();
+  const uint32_t* np_ = reinterpret_cast<const uint32_t*>(nm_positions.data_ptr<int32_t>());
+  const uint8_t* kp = topk_positions.data_ptr<uint8_t>();
+  packed_gemm<true>(x.data_ptr<float>(), B, C * 16, R * 16, y.data_ptr<float>(), R * 16, [&](int64_t Rb, float* buf) {
+    const int64_t d = op[Rb * 3], n = op[Rb * 3 + 1], t = op[Rb * 3 + 2];
+    if (bf) tiered_rows_avx512(C, tp + Rb * C, ptr<uint16_t>(dense), ptr<uint16_t>(nm_values), np_,
+                               ptr<uint16_t>(topk_values), kp, k, d, n, t, buf);
+    else tiered_rows_avx512(C, tp + Rb * C, ptr<float>(dense), ptr<float>(nm_values), np_, ptr<float>(topk_values),
+                            kp, k, d, n, t, buf);
+  });
+#endif
+  return y;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -842,6 +1104,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("unstructured_decode", &unstructured_decode, "rows [r0, r1) of a bitmask-packed matrix, dense fp32");
   m.def("nm24_decode", &nm24_decode, "rows [r0, r1) of a 2:4-packed matrix, dense fp32");
   m.def("tiered_decode", &tiered_decode, "block rows [R0, R1) of a tiered matrix, dense fp32");
+  m.def("unstructured_gemm", &unstructured_gemm, "x[B,Kp] @ W.T for large B: bitmask rows decoded 16 at a time (AVX-512)");
+  m.def("nm24_gemm", &nm24_gemm, "x[B,K] @ W.T for large B: 2:4 rows decoded 16 at a time (AVX-512)");
+  m.def("tiered_gemm", &tiered_gemm, "x[B,C*16] @ W.T for large B: tiered block rows decoded one at a time (AVX-512)");
   m.def("has_avx2", &cpu_has_avx2, "whether this CPU runs the AVX2+FMA path");
   m.def("has_avx512", &cpu_has_avx512, "whether this CPU runs the AVX-512 path (F, BW, VL, VBMI2)");
 }
