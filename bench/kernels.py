@@ -79,14 +79,18 @@ def kernel_rows(args) -> list:
             x = torch.randn(B, K).to(dtype)
             with torch.no_grad():
                 t_dense = timed(lambda: F.linear(x, W), args.reps)
-                t_kernel = timed(lambda: module(x), args.reps)  # as dispatched (dense strips from DENSE_FROM rows)
-                default, kernels.DENSE_FROM = kernels.DENSE_FROM, dict.fromkeys(kernels.DENSE_FROM, 1 << 62)
-                t_direct = timed(lambda: module(x), args.reps)  # the sparse kernel at every batch size
-                kernels.DENSE_FROM = default
+                t_kernel = timed(lambda: module(x), args.reps)  # as dispatched (see route)
+                t_direct = None  # the sparse kernel at every batch size (up to 128 rows: beyond, it is far slower)
+                if B <= 128:
+                    saved = kernels.DENSE_FROM, kernels.GEMM_FROM
+                    kernels.DENSE_FROM = kernels.GEMM_FROM = dict.fromkeys(kernels.DENSE_FROM, 1 << 62)
+                    t_direct = timed(lambda: module(x), args.reps)
+                    kernels.DENSE_FROM, kernels.GEMM_FROM = saved
             ceiling = t_dense / (ratio * dense_bytes / bandwidth)  # dense time over reading the packed bytes once
             row = dict(pattern=pattern, shape=args.shape, dtype=args.dtype, batch=B, threads=torch.get_num_threads(),
                        bytes_ratio=round(ratio, 4), dense_ms=round(t_dense * 1e3, 2), kernel_ms=round(t_kernel * 1e3, 2),
-                       sparse_kernel_ms=round(t_direct * 1e3, 2), speedup=round(t_dense / t_kernel, 2), read_ceiling_speedup=round(ceiling, 2),
+                       route=route(module.kind, B, ext),
+                       sparse_kernel_ms=None if t_direct is None else round(t_direct * 1e3, 2), speedup=round(t_dense / t_kernel, 2), read_ceiling_speedup=round(ceiling, 2),
                        dense_GBps=round(dense_bytes / t_dense / 1e9, 1),
                        kernel_GBps=round(ratio * dense_bytes / t_kernel / 1e9, 1),
                        bandwidth_GBps=round(bandwidth / 1e9, 1))
@@ -94,6 +98,14 @@ def kernel_rows(args) -> list:
             rows.append(row)
         del W, packed, module
     return rows
+
+
+def route(kind: str, B: int, ext) -> str:
+    """Which path PackedLinear takes for B rows (kernels.PackedLinear.matmul)."""
+    from hybridprune import kernels
+    if ext.has_avx512() and B >= kernels.GEMM_FROM[kind]:
+        return "packed GEMM"
+    return "dense strips" if B >= kernels.DENSE_FROM[kind] else "sparse kernel"
 
 
 def model_bytes_rows(args) -> list:
@@ -166,7 +178,7 @@ def main():
     ap.add_argument("--shape", default="11008x4096", help="N x K of the weight matrix (default: a 7B MLP matrix)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--patterns", default="three-tier,2:4,unstructured")
-    ap.add_argument("--batches", default="1,2,4,8,16,64,128")
+    ap.add_argument("--batches", default="1,2,4,8,16,32,64,128,256,512")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--new-tokens", type=int, default=48)
     ap.add_argument("--no-e2e", action="store_true", help="no end-to-end decoding")
@@ -196,7 +208,8 @@ def plot(rows: list, path: str) -> None:
         b = [r["batch"] for r in sel]
         ax.plot(b, [r["dense_ms"] for r in sel], "o-", label="torch dense (zeros kept)")
         ax.plot(b, [r["kernel_ms"] for r in sel], "s-", label="packed kernel")
-        ax.plot(b, [r["sparse_kernel_ms"] for r in sel], "x:", label="sparse kernel at every batch")
+        direct = [(r["batch"], r["sparse_kernel_ms"]) for r in sel if r["sparse_kernel_ms"] is not None]
+        ax.plot(*zip(*direct), "x:", label="sparse kernel at every batch")
         ax.set(xscale="log", yscale="log", xlabel="batch (rows of x)", title=f"{pattern}, bytes x{sel[0]['bytes_ratio']}")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(f"ms per x @ W.T ({rows[0]['shape']} {rows[0]['dtype']}, {rows[0]['threads']} threads)")

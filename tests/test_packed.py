@@ -70,9 +70,10 @@ def test_packed_bytes_match_the_format():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4", "three-tier"])
 def test_kernels_equal_dense_matmul(pattern, dtype):
-    """All implementations (portable, AVX2 and AVX-512 where the CPU has them) agree bit for bit and stay within
-    fp32 rounding of a float64 reference, on odd shapes, random tier maps, batch 1, 3, 6 (a pass of 4 rows, then
-    2), 16 and prefill batches (130, 300: the dense-strip path from kernels.DENSE_FROM rows on)."""
+    """All implementations (portable, AVX2 and AVX-512 where the CPU has them) stay within fp32 rounding of a
+    float64 reference, on odd shapes, random tier maps, batch 1, 3, 6 (a pass of 4 rows, then 2), 16 and prefill
+    batches (130, 300: the dense-strip path from kernels.DENSE_FROM rows on, or AVX-512's GEMM from
+    kernels.GEMM_FROM rows on). Below GEMM_FROM they agree bit for bit."""
     worst = 0.0
     for N, K in SHAPES:
         if pattern == "2:4" and K % 16:
@@ -83,14 +84,17 @@ def test_kernels_equal_dense_matmul(pattern, dtype):
         for B in (1, 3, 6, 16, 130, 300):  # 130: sparse or strips by layout; 300: strips for every layout
             x = torch.randn(B, K)
             ref = x.double() @ W.double().t()
-            portable = m.matmul(x, 1)
+            outs = [m.matmul(x, 1)]
             if kernels.extension().has_avx2():
-                assert torch.equal(portable, m.matmul(x, 2)), (N, K, B)
+                outs.append(m.matmul(x, 2))
             if kernels.extension().has_avx512():
-                assert torch.equal(portable, m.matmul(x, 3)), (N, K, B)
-            err = ((portable.double() - ref).abs().max() / ref.abs().max()).item()
-            worst = max(worst, err)
-            assert err < 1e-5, (N, K, B, err)
+                outs.append(m.matmul(x, 3))
+            for y in outs:
+                err = ((y.double() - ref).abs().max() / ref.abs().max()).item()
+                worst = max(worst, err)
+                assert err < 1e-5, (N, K, B, err)
+            if B < kernels.GEMM_FROM[m.kind]:
+                assert all(torch.equal(outs[0], y) for y in outs[1:]), (N, K, B)
     print(f"{pattern} {dtype}: largest relative error {worst:.2e}")
 
 
@@ -297,9 +301,8 @@ def test_recipe_eval_kernels(tmp_path):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4", "three-tier"])
 def test_packed_gemm_equals_dense_matmul(pattern, dtype):
-    """The large-batch GEMM (not yet dispatched by PackedLinear): odd shapes with edge blocks, batch tiles of 16,
-    32 and 48 rows and a remainder, within fp32 rounding of a float64 product."""
-    ext = kernels.extension()
+    """The large-batch GEMM (PackedLinear.gemm): odd shapes with edge blocks, batch tiles of 16, 32 and 48 rows and
+    a remainder, within fp32 rounding of a float64 product; the module dispatches to it from GEMM_FROM rows on."""
     for N, K in SHAPES + [(130, 256)]:
         if pattern == "2:4" and K % 16:
             continue
@@ -307,13 +310,9 @@ def test_packed_gemm_equals_dense_matmul(pattern, dtype):
         m = kernels.PackedLinear(layout, packing.pack_matrix(W, layout, "w", tiers))
         for B in (1, 3, 17, 33, 70):
             x = torch.randn(B, K)
-            if m.kind == "unstructured":
-                y = ext.unstructured_gemm(kernels._pad(x, m.mask.shape[1] * 8 - K), m.mask, m.values, m.rowptr)
-            elif m.kind == "nm":
-                y = ext.nm24_gemm(x.contiguous(), m.values, m.positions)
-            else:
-                y = ext.tiered_gemm(kernels._pad(x, m.tiers.shape[1] * 16 - K), m.tiers, m.dense, m.nm_values,
-                                    m.nm_positions, m.topk_values, m.topk_positions, m.offsets)[:, :N]
+            y = m.gemm(x)
+            if B >= kernels.GEMM_FROM[m.kind]:
+                assert torch.equal(m(x), y)
             ref = x.double() @ W.double().t()
             err = ((y.double() - ref).abs().max() / ref.abs().max()).item()
             assert err < 1e-5, (N, K, B, err)

@@ -906,23 +906,39 @@ torch::Tensor nm24_mm(torch::Tensor x, torch::Tensor values, torch::Tensor posit
   return y;
 }
 
-torch::Tensor tiered_mm(torch::Tensor x, torch::Tensor tiers, torch::Tensor dense, torch::Tensor nm_values,
-                        torch::Tensor nm_positions, torch::Tensor topk_values, torch::Tensor topk_positions,
-                        torch::Tensor offsets, int64_t impl) {
+// The argument checks shared by tiered_mm and tiered_gemm: x [B, C*16], a tier map [R, C] and its blocks.
+struct TieredArgs {
+  int64_t R, C, k;
+  bool bf;
+};
+TieredArgs check_tiered(const torch::Tensor& x, const torch::Tensor& tiers, const torch::Tensor& dense,
+                        const torch::Tensor& nm_values, const torch::Tensor& nm_positions,
+                        const torch::Tensor& topk_values, const torch::Tensor& topk_positions,
+                        const torch::Tensor& offsets) {
   check_x(x);
   TORCH_CHECK(tiers.dim() == 2 && tiers.scalar_type() == torch::kInt8, "tier map must be 2-D int8");
-  const int64_t B = x.size(0), R = tiers.size(0), C = tiers.size(1);
+  const int64_t R = tiers.size(0), C = tiers.size(1);
   TORCH_CHECK(x.size(1) == C * 16, "x width must be the tier map width x 16");
-  TORCH_CHECK(offsets.scalar_type() == torch::kInt64 && offsets.numel() == (R + 1) * 3, "offsets must be [R+1, 3]");
+  TORCH_CHECK(offsets.scalar_type() == torch::kInt64 && offsets.is_contiguous() && offsets.numel() == (R + 1) * 3,
+              "offsets must be [R+1, 3]");
   TORCH_CHECK(nm_positions.scalar_type() == torch::kInt32, "2:4 block positions must be int32 words");
   TORCH_CHECK(topk_positions.scalar_type() == torch::kUInt8, "top-k positions must be uint8");
   const bool bf = is_bf16(dense);
-  const Path path = pick(impl);
   TORCH_CHECK(is_bf16(nm_values) == bf && is_bf16(topk_values) == bf, "all packed values must share one dtype");
   const int64_t* op = offsets.data_ptr<int64_t>();
-  const int64_t nd = dense.numel() / 256, nn = nm_values.numel() / 128, nt = topk_positions.size(0);
-  TORCH_CHECK(op[R * 3] == nd && op[R * 3 + 1] == nn && op[R * 3 + 2] == nt, "offsets disagree with the blocks");
-  const int64_t k = topk_positions.dim() == 2 ? topk_positions.size(1) : 0;
+  TORCH_CHECK(op[R * 3] == dense.numel() / 256 && op[R * 3 + 1] == nm_values.numel() / 128 &&
+              op[R * 3 + 2] == topk_positions.size(0), "offsets disagree with the blocks");
+  return {R, C, topk_positions.dim() == 2 ? topk_positions.size(1) : 0, bf};
+}
+
+torch::Tensor tiered_mm(torch::Tensor x, torch::Tensor tiers, torch::Tensor dense, torch::Tensor nm_values,
+                        torch::Tensor nm_positions, torch::Tensor topk_values, torch::Tensor topk_positions,
+                        torch::Tensor offsets, int64_t impl) {
+  const TieredArgs a = check_tiered(x, tiers, dense, nm_values, nm_positions, topk_values, topk_positions, offsets);
+  const int64_t B = x.size(0), R = a.R, C = a.C, k = a.k;
+  const bool bf = a.bf;
+  const Path path = pick(impl);
+  const int64_t* op = offsets.data_ptr<int64_t>();
   const int64_t Np = R * 16;
   auto y = torch::empty({B, Np}, x.options());
   const float* xp = x.data_ptr<float>();
@@ -1064,22 +1080,13 @@ torch::Tensor nm24_gemm(torch::Tensor x, torch::Tensor values, torch::Tensor pos
 torch::Tensor tiered_gemm(torch::Tensor x, torch::Tensor tiers, torch::Tensor dense, torch::Tensor nm_values,
                           torch::Tensor nm_positions, torch::Tensor topk_values, torch::Tensor topk_positions,
                           torch::Tensor offsets) {
-  check_x(x);
   HP_GEMM_REQUIRE;
-  TORCH_CHECK(tiers.dim() == 2 && tiers.scalar_type() == torch::kInt8, "tier map must be 2-D int8");
-  const int64_t B = x.size(0), R = tiers.size(0), C = tiers.size(1);
-  TORCH_CHECK(x.size(1) == C * 16, "x width must be the tier map width x 16");
-  TORCH_CHECK(offsets.scalar_type() == torch::kInt64 && offsets.numel() == (R + 1) * 3, "offsets must be [R+1, 3]");
-  TORCH_CHECK(nm_positions.scalar_type() == torch::kInt32, "2:4 block positions must be int32 words");
-  TORCH_CHECK(topk_positions.scalar_type() == torch::kUInt8, "top-k positions must be uint8");
-  const bool bf = is_bf16(dense);
-  TORCH_CHECK(is_bf16(nm_values) == bf && is_bf16(topk_values) == bf, "all packed values must share one dtype");
-  const int64_t* op = offsets.data_ptr<int64_t>();
-  TORCH_CHECK(op[R * 3] == dense.numel() / 256 && op[R * 3 + 1] == nm_values.numel() / 128 &&
-              op[R * 3 + 2] == topk_positions.size(0), "offsets disagree with the blocks");
-  const int64_t k = topk_positions.dim() == 2 ? topk_positions.size(1) : 0;
-  auto y = torch::empty({B, R * 16}, x.options());
+  const TieredArgs a = check_tiered(x, tiers, dense, nm_values, nm_positions, topk_values, topk_positions, offsets);
+  auto y = torch::empty({x.size(0), a.R * 16}, x.options());
 #ifdef HP_X86
+  const int64_t B = x.size(0), R = a.R, C = a.C, k = a.k;
+  const bool bf = a.bf;
+  const int64_t* op = offsets.data_ptr<int64_t>();
   const int8_t* tp = tiers.data_ptr<int8_t>();
   const uint32_t* np_ = reinterpret_cast<const uint32_t*>(nm_positions.data_ptr<int32_t>());
   const uint8_t* kp = topk_positions.data_ptr<uint8_t>();
