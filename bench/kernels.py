@@ -207,7 +207,7 @@ def plot(rows: list, path: str) -> None:
         sel = [r for r in rows if r["pattern"] == pattern]
         b = [r["batch"] for r in sel]
         ax.plot(b, [r["dense_ms"] for r in sel], "o-", label="torch dense (zeros kept)")
-        ax.plot(b, [r["kernel_ms"] for r in sel], "s-", label="packed kernel")
+        ax.plot(b, [r["kernel_ms"] for r in sel], "s-", label="packed, as dispatched")
         direct = [(r["batch"], r["sparse_kernel_ms"]) for r in sel if r["sparse_kernel_ms"] is not None]
         ax.plot(*zip(*direct), "x:", label="sparse kernel at every batch")
         ax.set(xscale="log", yscale="log", xlabel="batch (rows of x)", title=f"{pattern}, bytes x{sel[0]['bytes_ratio']}")
