@@ -103,7 +103,7 @@ def kernel_rows(args) -> list:
 def route(kind: str, B: int, ext) -> str:
     """Which path PackedLinear takes for B rows (kernels.PackedLinear.matmul)."""
     from hybridprune import kernels
-    if ext.has_avx512() and B >= kernels.GEMM_FROM[kind]:
+    if kernels.impl() in (0, 3) and ext.has_avx512() and B >= kernels.GEMM_FROM[kind]:
         return "packed GEMM"
     return "dense strips" if B >= kernels.DENSE_FROM[kind] else "sparse kernel"
 

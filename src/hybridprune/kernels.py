@@ -8,8 +8,9 @@ The extension is compiled from csrc/packed.cpp with torch's C++ extension mechan
 Three implementations give bit-identical results below the GEMM's batch size: AVX-512 (expand-loads for the
 bitmask, two-source permutes for 2:4 positions) and AVX2+FMA where the CPU has them, and a portable one
 (HYBRIDPRUNE_KERNELS=portable forces it; avx2 and avx512 name the others). For prefill batches, AVX-512 runs its
-own GEMM, whose sums are ordered differently (within fp32 rounding of the others, not bit-identical). Layouts the kernels do not cover (blocks other than 16x16, an N:M other
-than 2:4) keep their packed form on disk and compute with the unpacked matrix.
+own GEMM, whose sums are ordered differently (within fp32 rounding of the others, not bit-identical). Layouts
+the kernels do not cover (blocks other than 16x16, an N:M other than 2:4) keep their packed form on disk and
+compute with the unpacked matrix.
 """
 from __future__ import annotations
 
