@@ -89,7 +89,7 @@ def kernel_rows(args) -> list:
             ceiling = t_dense / (ratio * dense_bytes / bandwidth)  # dense time over reading the packed bytes once
             row = dict(pattern=pattern, shape=args.shape, dtype=args.dtype, batch=B, threads=torch.get_num_threads(),
                        bytes_ratio=round(ratio, 4), dense_ms=round(t_dense * 1e3, 2), kernel_ms=round(t_kernel * 1e3, 2),
-                       route=route(module.kind, B, ext),
+                       route=module.route(B, kernels.impl()),
                        sparse_kernel_ms=None if t_direct is None else round(t_direct * 1e3, 2), speedup=round(t_dense / t_kernel, 2), read_ceiling_speedup=round(ceiling, 2),
                        dense_GBps=round(dense_bytes / t_dense / 1e9, 1),
                        kernel_GBps=round(ratio * dense_bytes / t_kernel / 1e9, 1),
@@ -98,14 +98,6 @@ def kernel_rows(args) -> list:
             rows.append(row)
         del W, packed, module
     return rows
-
-
-def route(kind: str, B: int, ext) -> str:
-    """Which path PackedLinear takes for B rows (kernels.PackedLinear.matmul)."""
-    from hybridprune import kernels
-    if kernels.impl() in (0, 3) and ext.has_avx512() and B >= kernels.GEMM_FROM[kind]:
-        return "packed GEMM"
-    return "dense strips" if B >= kernels.DENSE_FROM[kind] else "sparse kernel"
 
 
 def model_bytes_rows(args) -> list:

@@ -124,37 +124,50 @@ class PackedLinear(nn.Module):
         the packed GEMM from GEMM_FROM rows on (AVX-512), or elsewhere a dense matmul over strips of rows decoded
         from the packed form from DENSE_FROM rows on."""
         ext, which = extension(), impl() if implementation is None else implementation
-        K, N = self.in_features, self.out_features
-        if which in (0, 3) and x.shape[0] >= GEMM_FROM[self.kind] and ext.has_avx512():
+        route = self.route(x.shape[0], which)
+        if route == "packed GEMM":
             return self.gemm(x)
-        if x.shape[0] >= DENSE_FROM[self.kind]:
+        if route == "dense strips":
             return self.dense_matmul(x)
+        xp = self._padded(x)
         if self.kind == "unstructured":
-            xp = _pad(x, self.mask.shape[1] * 8 - K)
             return ext.unstructured_mm(xp, self.mask, self.values, self.rowptr, which)
         if self.kind == "nm":
-            return ext.nm24_mm(x.contiguous(), self.values, self.positions, which)
-        xp = _pad(x, self.tiers.shape[1] * 16 - K)
+            return ext.nm24_mm(xp, self.values, self.positions, which)
         y = ext.tiered_mm(xp, self.tiers, self.dense, self.nm_values, self.nm_positions, self.topk_values,
                           self.topk_positions, self.offsets, which)
-        return y[:, :N]
+        return y[:, :self.out_features]
+
+    def route(self, rows: int, implementation: int = 0) -> str:
+        """Which path `matmul` takes for `rows` rows of x: "sparse kernel", "packed GEMM" or "dense strips"."""
+        if implementation in (0, 3) and rows >= GEMM_FROM[self.kind] and extension().has_avx512():
+            return "packed GEMM"
+        return "dense strips" if rows >= DENSE_FROM[self.kind] else "sparse kernel"
+
+    def _padded(self, x: torch.Tensor) -> torch.Tensor:
+        """x, contiguous, with zero columns up to the packed width (whole mask bytes, whole 16-column blocks)."""
+        if self.kind == "unstructured":
+            return _pad(x, self.mask.shape[1] * 8 - self.in_features)
+        if self.kind == "tiered":
+            return _pad(x, self.tiers.shape[1] * 16 - self.in_features)
+        return x.contiguous()
 
     def gemm(self, x: torch.Tensor) -> torch.Tensor:
         """x @ W.T by the packed GEMM (AVX-512 only): each thread decodes 16 weight rows at a time into L2."""
-        ext, K, N = extension(), self.in_features, self.out_features
+        ext, xp = extension(), self._padded(x)
         if self.kind == "unstructured":
-            return ext.unstructured_gemm(_pad(x, self.mask.shape[1] * 8 - K), self.mask, self.values, self.rowptr)
+            return ext.unstructured_gemm(xp, self.mask, self.values, self.rowptr)
         if self.kind == "nm":
-            return ext.nm24_gemm(x.contiguous(), self.values, self.positions)
-        return ext.tiered_gemm(_pad(x, self.tiers.shape[1] * 16 - K), self.tiers, self.dense, self.nm_values,
-                               self.nm_positions, self.topk_values, self.topk_positions, self.offsets)[:, :N]
+            return ext.nm24_gemm(xp, self.values, self.positions)
+        return ext.tiered_gemm(xp, self.tiers, self.dense, self.nm_values, self.nm_positions, self.topk_values,
+                               self.topk_positions, self.offsets)[:, :self.out_features]
 
     def dense_matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x @ W.T with W decoded STRIP rows at a time (a strip stays in cache; the whole matrix never exists)."""
-        ext, K, N = extension(), self.in_features, self.out_features
+        ext, N, xp = extension(), self.out_features, self._padded(x)
         y = torch.empty(x.shape[0], N, dtype=torch.float32)
         if self.kind == "tiered":
-            xp, step = _pad(x, self.tiers.shape[1] * 16 - K), STRIP // 16
+            step = STRIP // 16
             for R0 in range(0, self.tiers.shape[0], step):
                 R1 = min(R0 + step, self.tiers.shape[0])
                 W = ext.tiered_decode(self.tiers, self.dense, self.nm_values, self.nm_positions, self.topk_values,
@@ -162,7 +175,6 @@ class PackedLinear(nn.Module):
                 rows = min(R1 * 16, N) - R0 * 16
                 torch.mm(xp, W[:rows].t(), out=y[:, R0 * 16:R0 * 16 + rows])
             return y
-        xp = _pad(x, self.mask.shape[1] * 8 - K) if self.kind == "unstructured" else x.contiguous()
         for r0 in range(0, N, STRIP):
             r1 = min(r0 + STRIP, N)
             W = ext.unstructured_decode(self.mask, self.values, self.rowptr, r0, r1) if self.kind == "unstructured" \

@@ -744,8 +744,8 @@ HP_AVX512 void tiered_rows_avx512(int64_t C, const int8_t* tr, const W* dense, c
 }
 
 // Weight rows chunk*16 .. chunk*16+15 for chunks [c0, c1) against every batch row, GG chunks at a time (so that
-// a k-slice of x^T is read once per 64 weight rows): decode(chunk, buf) fills a chunk's buffer, k-major (KMAJ) or
-// row-major; xt holds x^T in tiles of 32 (the last maybe 16) batch rows.
+// a k-slice of x^T is read once per GG*16 weight rows): decode(chunk, buf) fills a chunk's buffer, k-major (KMAJ)
+// or row-major; xt holds x^T in tiles of 48 (the last maybe 16 or 32) batch rows.
 template <bool KMAJ, typename Decode>
 HP_AVX512 void gemm_chunks(const float* xt, int64_t M, int64_t Mp, int64_t Kp, int64_t N, float* y, int64_t ldy,
                            int64_t c0, int64_t c1, Decode& decode) {
@@ -841,12 +841,18 @@ const W* ptr(const torch::Tensor& v) {
 
 int64_t grain(int64_t work_per_item) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, work_per_item)); }
 
+// The argument checks shared by unstructured_mm and unstructured_gemm: x [B, Kp], a bitmask [N, Kp/8], rowptr.
+void check_unstructured(const torch::Tensor& x, const torch::Tensor& mask, const torch::Tensor& rowptr) {
+  check_x(x);
+  TORCH_CHECK(x.size(1) % 8 == 0 && mask.size(1) == x.size(1) / 8, "x width must be the mask width x 8");
+  TORCH_CHECK(rowptr.numel() == mask.size(0) + 1 && rowptr.scalar_type() == torch::kInt64,
+              "rowptr must hold N+1 int64");
+}
+
 torch::Tensor unstructured_mm(torch::Tensor x, torch::Tensor mask, torch::Tensor values, torch::Tensor rowptr,
                               int64_t impl) {
-  check_x(x);
+  check_unstructured(x, mask, rowptr);
   const int64_t B = x.size(0), Kp = x.size(1), N = mask.size(0);
-  TORCH_CHECK(Kp % 8 == 0 && mask.size(1) == Kp / 8, "x width must be the mask width x 8");
-  TORCH_CHECK(rowptr.numel() == N + 1 && rowptr.scalar_type() == torch::kInt64, "rowptr must hold N+1 int64");
   const bool bf = is_bf16(values);
   const Path path = pick(impl);
   auto y = torch::empty({B, N}, x.options());
@@ -874,13 +880,19 @@ torch::Tensor unstructured_mm(torch::Tensor x, torch::Tensor mask, torch::Tensor
   return y;
 }
 
-torch::Tensor nm24_mm(torch::Tensor x, torch::Tensor values, torch::Tensor positions, int64_t impl) {
+// The argument checks shared by nm24_mm and nm24_gemm: x [B, K], values [N, K/2], positions [N, K/8].
+void check_nm24(const torch::Tensor& x, const torch::Tensor& values, const torch::Tensor& positions) {
   check_x(x);
-  const int64_t B = x.size(0), K = x.size(1), N = values.size(0);
+  const int64_t K = x.size(1);
   TORCH_CHECK(K % 16 == 0, "2:4 kernels need the input width to be a multiple of 16");
   TORCH_CHECK(values.dim() == 2 && values.size(1) == K / 2, "2:4 values must be [N, K/2]");
-  TORCH_CHECK(positions.dim() == 2 && positions.size(0) == N && positions.size(1) == K / 8,
+  TORCH_CHECK(positions.dim() == 2 && positions.size(0) == values.size(0) && positions.size(1) == K / 8,
               "2:4 positions must be [N, K/8] bytes");
+}
+
+torch::Tensor nm24_mm(torch::Tensor x, torch::Tensor values, torch::Tensor positions, int64_t impl) {
+  check_nm24(x, values, positions);
+  const int64_t B = x.size(0), K = x.size(1), N = values.size(0);
   const bool bf = is_bf16(values);
   const Path path = pick(impl);
   auto y = torch::empty({B, N}, x.options());
@@ -1038,11 +1050,9 @@ torch::Tensor tiered_decode(torch::Tensor tiers, torch::Tensor dense, torch::Ten
 #endif
 
 torch::Tensor unstructured_gemm(torch::Tensor x, torch::Tensor mask, torch::Tensor values, torch::Tensor rowptr) {
-  check_x(x);
   HP_GEMM_REQUIRE;
+  check_unstructured(x, mask, rowptr);
   const int64_t B = x.size(0), Kp = x.size(1), N = mask.size(0);
-  TORCH_CHECK(Kp % 8 == 0 && mask.size(1) == Kp / 8, "x width must be the mask width x 8");
-  TORCH_CHECK(rowptr.numel() == N + 1 && rowptr.scalar_type() == torch::kInt64, "rowptr must hold N+1 int64");
   auto y = torch::empty({B, N}, x.options());
 #ifdef HP_X86
   const bool bf = is_bf16(values);
@@ -1058,12 +1068,9 @@ torch::Tensor unstructured_gemm(torch::Tensor x, torch::Tensor mask, torch::Tens
 }
 
 torch::Tensor nm24_gemm(torch::Tensor x, torch::Tensor values, torch::Tensor positions) {
-  check_x(x);
   HP_GEMM_REQUIRE;
+  check_nm24(x, values, positions);
   const int64_t B = x.size(0), K = x.size(1), N = values.size(0);
-  TORCH_CHECK(K % 16 == 0 && values.size(1) == K / 2, "2:4 values must be [N, K/2] with K a multiple of 16");
-  TORCH_CHECK(positions.dim() == 2 && positions.size(0) == N && positions.size(1) == K / 8,
-              "2:4 positions must be [N, K/8] bytes");
   auto y = torch::empty({B, N}, x.options());
 #ifdef HP_X86
   const bool bf = is_bf16(values);
