@@ -98,6 +98,30 @@ def test_kernels_equal_dense_matmul(pattern, dtype):
     print(f"{pattern} {dtype}: largest relative error {worst:.2e}")
 
 
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4", "three-tier"])
+def test_packed_linear_is_a_drop_in_for_nn_linear(pattern):
+    """The module's own work around the kernel (3-D input, a bias, bf16 activations, output width not a multiple
+    of 16, the buffers read straight from the module, a module moved with .to()) gives nn.Linear's output."""
+    N, K = (37, 80) if pattern != "2:4" else (37, 96)
+    W, layout, tiers = pruned(pattern, N, K, seed=3)
+    bias = torch.randn(N)
+    m = kernels.PackedLinear(layout, packing.pack_matrix(W, layout, "w", tiers), bias)
+    lin = torch.nn.Linear(K, N)
+    with torch.no_grad():
+        lin.weight.copy_(W)
+        lin.bias.copy_(bias)
+        for x in (torch.randn(2, 3, K), torch.randn(1, 1, K), torch.randn(5, K)):
+            y = m(x)
+            assert y.shape == x.shape[:-1] + (N,)
+            torch.testing.assert_close(y, lin(x), rtol=1e-5, atol=1e-5)
+        xb = torch.randn(2, 4, K).to(torch.bfloat16)
+        y = m(xb)
+        assert y.dtype == torch.bfloat16
+        torch.testing.assert_close(y.float(), lin(xb.float()), rtol=2e-2, atol=2e-2)
+        m.to(torch.float32)  # _apply replaces every buffer: the kernel must read the new ones
+        torch.testing.assert_close(m(x), lin(x), rtol=1e-5, atol=1e-5)
+
+
 def test_portable_forced_by_environment(monkeypatch):
     W, layout, tiers = pruned("three-tier", 40, 72)
     m = kernels.PackedLinear(layout, packing.pack_matrix(W, layout, "w", tiers))

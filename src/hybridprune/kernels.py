@@ -100,24 +100,32 @@ class PackedLinear(nn.Module):
             counts = torch.stack([(tensors["tiers"] == i).sum(1) for i in range(3)], 1).to(torch.int64)
             self.register_buffer("offsets", torch.cat([torch.zeros(1, 3, dtype=torch.int64), counts.cumsum(0)]))
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.pad_cols = 0  # zero columns the kernels' x needs (whole mask bytes, whole 16-column blocks)
+        if self.kind == "unstructured":
+            self.pad_cols = tensors["mask"].shape[1] * 8 - self.in_features
+        elif self.kind == "tiered":
+            self.pad_cols = tensors["tiers"].shape[1] * 16 - self.in_features
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, packed={self.layout['kind']}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
         x2 = x.reshape(-1, self.in_features)
         if self.kind == "unpacked":
             y = x2 @ self.weight.to(x.dtype).t()
-        else:
-            if x.device.type != "cpu":
+        else:  # the decode path: a few microseconds of Python around the kernel (see matmul)
+            if not x.is_cpu:
                 raise HybridPruneError("the packed kernels run on the CPU; load the model without --kernels on "
                                        f"{x.device.type}")
-            x2 = x2.float()
-            y = self.matmul(x2.index_select(1, self.perm) if self.permuted else x2).to(x.dtype)
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
-        return y.reshape(*shape[:-1], self.out_features)
+            if x2.dtype != torch.float32:
+                x2 = x2.float()
+            y = self.matmul(x2.index_select(1, self._buffers["perm"]) if self.permuted else x2)
+            if y.dtype != x.dtype:
+                y = y.to(x.dtype)
+        bias = self._parameters.get("bias")
+        if bias is not None:
+            y = y + bias.to(y.dtype)
+        return y.view(*x.shape[:-1], self.out_features)
 
     def matmul(self, x: torch.Tensor, implementation: int | None = None) -> torch.Tensor:
         """x [B, in] fp32 -> x @ W.T [B, out] fp32, by batch size: the sparse kernel (decode), then for prefill
@@ -129,14 +137,16 @@ class PackedLinear(nn.Module):
             return self.gemm(x)
         if route == "dense strips":
             return self.dense_matmul(x)
-        xp = self._padded(x)
+        # decode: the per-call Python work is kept to a few microseconds (the default model's k_proj takes ~10 us):
+        # buffers straight from the dict (nn.Module.__getattr__ costs ~0.5 us each), no slice where none is needed
+        xp, b = self._padded(x), self._buffers
         if self.kind == "unstructured":
-            return ext.unstructured_mm(xp, self.mask, self.values, self.rowptr, which)
+            return ext.unstructured_mm(xp, b["mask"], b["values"], b["rowptr"], which)
         if self.kind == "nm":
-            return ext.nm24_mm(xp, self.values, self.positions, which)
-        y = ext.tiered_mm(xp, self.tiers, self.dense, self.nm_values, self.nm_positions, self.topk_values,
-                          self.topk_positions, self.offsets, which)
-        return y[:, :self.out_features]
+            return ext.nm24_mm(xp, b["values"], b["positions"], which)
+        y = ext.tiered_mm(xp, b["tiers"], b["dense"], b["nm_values"], b["nm_positions"], b["topk_values"],
+                          b["topk_positions"], b["offsets"], which)
+        return y if y.shape[1] == self.out_features else y[:, :self.out_features]
 
     def route(self, rows: int, implementation: int = 0) -> str:
         """Which path `matmul` takes for `rows` rows of x: "sparse kernel", "packed GEMM" or "dense strips"."""
@@ -146,11 +156,7 @@ class PackedLinear(nn.Module):
 
     def _padded(self, x: torch.Tensor) -> torch.Tensor:
         """x, contiguous, with zero columns up to the packed width (whole mask bytes, whole 16-column blocks)."""
-        if self.kind == "unstructured":
-            return _pad(x, self.mask.shape[1] * 8 - self.in_features)
-        if self.kind == "tiered":
-            return _pad(x, self.tiers.shape[1] * 16 - self.in_features)
-        return x.contiguous()
+        return _pad(x, self.pad_cols)
 
     def gemm(self, x: torch.Tensor) -> torch.Tensor:
         """x @ W.T by the packed GEMM (AVX-512 only): each thread decodes 16 weight rows at a time into L2."""
