@@ -3,9 +3,11 @@
 Per pattern and shape: the packed bytes over the dense bytes, the kernel's time over torch's (F.linear on the
 dense matrix with its zeros) at several batch sizes, and the read ceiling: this machine's read bandwidth,
 measured over as many bytes as the dense matrix (the faster of a sum and torch's dense matrix-vector product), so
-the fastest a kernel that reads the packed bytes once could be. Then end to end: greedy decoding on the default
-model, dense against pruned three-tier and Wanda 50% through the kernels, tokens per second and whether the
-outputs are the same.
+the fastest a kernel that reads the packed bytes once could be. Every timing cycles through enough copies of
+the matrix (twice the L3) that its weights come from DRAM, as they do when a model decodes. Then batch 1 on the
+default model's own matrix shapes, added up to one token's decoder matmuls; then end to end: greedy decoding on
+the default model, dense against pruned three-tier and Wanda 50% through the kernels, tokens per second (median
+of --e2e-repeats passes) and whether the outputs are the same.
 
     python bench/kernels.py                              # 11008 x 4096 fp32 (a 7B MLP matrix), then end to end
     python bench/kernels.py --shape 4096x4096 --dtype bfloat16 --batches 1,8 --no-e2e --no-bytes --json out.json
@@ -17,6 +19,32 @@ import time
 import torch
 import torch.nn.functional as F
 from _common import report, write_json
+
+
+def l3_bytes() -> int:
+    """This CPU's last-level cache (sysfs; 32 MB where it does not say)."""
+    try:
+        text = open("/sys/devices/system/cpu/cpu0/cache/index3/size").read().strip()
+        return int(text.rstrip("KMG")) * {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1], 1)
+    except (OSError, ValueError):
+        return 32 << 20
+
+
+def copies_for(nbytes: int) -> int:
+    """How many distinct copies of an nbytes matrix to cycle through so that each call reads it from DRAM, as
+    decoding does (a model's matrices pass through the cache one after another): twice the L3 in all."""
+    return max(1, -(-2 * l3_bytes() // nbytes))
+
+
+def rotating(fns):
+    """One callable that calls fns[0], fns[1], ... in turn."""
+    state = {"i": 0}
+
+    def call():
+        f = fns[state["i"] % len(fns)]
+        state["i"] += 1
+        return f()
+    return call
 
 
 def timed(fn, reps: int) -> float:
@@ -58,33 +86,39 @@ def kernel_rows(args) -> list:
     # The read ceiling: the faster of two reads of the same bytes, a sum and torch's dense matrix-vector product
     # (on some CPUs a 2-thread sum does not reach the rate that the matmul's loads do).
     bw_buf = torch.randn(N, K).to(dtype)
-    t_sum = timed(lambda: bw_buf.sum(), args.reps)
+    nbytes = N * K * bw_buf.element_size()
+    bufs = [bw_buf] + [bw_buf.clone() for _ in range(copies_for(nbytes) - 1)]
+    t_sum = timed(rotating([lambda b=b: b.sum() for b in bufs]), args.reps)
     with torch.no_grad():
         x1 = torch.randn(1, K).to(dtype)
-        t_mv = timed(lambda: F.linear(x1, bw_buf), args.reps)
-    nbytes = N * K * bw_buf.element_size()
+        t_mv = timed(rotating([lambda b=b: F.linear(x1, b) for b in bufs]), args.reps)
     bandwidth = nbytes / min(t_sum, t_mv)
-    del bw_buf
+    del bw_buf, bufs
     path = "AVX-512" if ext.has_avx512() else "AVX2" if ext.has_avx2() else "portable"
     print(f"# {N}x{K} {args.dtype}, threads {torch.get_num_threads()}, kernel path {path}, read bandwidth "
           f"{bandwidth / 1e9:.1f} GB/s over {nbytes / 1e6:.0f} MB (sum {nbytes / t_sum / 1e9:.1f}, dense "
-          f"matrix-vector {nbytes / t_mv / 1e9:.1f})", flush=True)
+          f"matrix-vector {nbytes / t_mv / 1e9:.1f}); every timing cycles through {copies_for(nbytes)} copies of "
+          f"the matrix (twice the {l3_bytes() >> 20} MB L3), so the weights come from DRAM", flush=True)
     for pattern in args.patterns.split(","):
         W, layout, tiers = pruned_matrix(pattern, N, K, dtype)
         packed = packing.pack_matrix(W, layout, pattern, tiers)
-        module = kernels.PackedLinear(layout, packed)
         dense_bytes = W.numel() * W.element_size()
         ratio = packing.packed_bytes(packed) / dense_bytes
+        Ws = [W] + [W.clone() for _ in range(copies_for(dense_bytes) - 1)]
+        modules = [kernels.PackedLinear(layout, {k: v.clone() for k, v in packed.items()})
+                   for _ in range(copies_for(int(ratio * dense_bytes)))]
+        module = modules[0]
         for B in map(int, args.batches.split(",")):
             x = torch.randn(B, K).to(dtype)
             with torch.no_grad():
-                t_dense = timed(lambda: F.linear(x, W), args.reps)
-                t_kernel = timed(lambda: module(x), args.reps)  # as dispatched (see route)
+                t_dense = timed(rotating([lambda w=w: F.linear(x, w) for w in Ws]), args.reps)
+                run = rotating([lambda m=m: m(x) for m in modules])
+                t_kernel = timed(run, args.reps)  # as dispatched (see route)
                 t_direct = None  # the sparse kernel at every batch size (up to 128 rows: beyond, it is far slower)
                 if B <= 128:
                     saved = kernels.DENSE_FROM, kernels.GEMM_FROM
                     kernels.DENSE_FROM = kernels.GEMM_FROM = dict.fromkeys(kernels.DENSE_FROM, 1 << 62)
-                    t_direct = timed(lambda: module(x), args.reps)
+                    t_direct = timed(run, args.reps)
                     kernels.DENSE_FROM, kernels.GEMM_FROM = saved
             ceiling = t_dense / (ratio * dense_bytes / bandwidth)  # dense time over reading the packed bytes once
             row = dict(pattern=pattern, shape=args.shape, dtype=args.dtype, batch=B, threads=torch.get_num_threads(),
@@ -96,7 +130,7 @@ def kernel_rows(args) -> list:
                        bandwidth_GBps=round(bandwidth / 1e9, 1))
             report(row)
             rows.append(row)
-        del W, packed, module
+        del W, Ws, packed, module, modules
     return rows
 
 
@@ -128,6 +162,41 @@ def model_bytes_rows(args) -> list:
     return rows
 
 
+def decode_shape_rows(args) -> list:
+    """Batch 1 on the default model's own matrix shapes (576 x 576 q/o, 192 x 576 k/v, 1536 x 576 gate/up,
+    576 x 1536 down; fp32), each cycled through twice the L3 as in decoding: what end-to-end decoding is made of.
+    The last row adds them up as one token's decoder matmuls (30 layers)."""
+    from hybridprune import kernels, packing
+    shapes = {"q_proj/o_proj": (576, 576, 2), "k_proj/v_proj": (192, 576, 2), "gate_proj/up_proj": (1536, 576, 2),
+              "down_proj": (576, 1536, 1)}
+    rows = []
+    for pattern in args.patterns.split(","):
+        total_dense = total_kernel = 0.0
+        for name, (N, K, per_layer) in shapes.items():
+            W, layout, tiers = pruned_matrix(pattern, N, K, torch.float32)
+            packed = packing.pack_matrix(W, layout, pattern, tiers)
+            dense_bytes = W.numel() * 4
+            Ws = [W.clone() for _ in range(copies_for(dense_bytes))]
+            modules = [kernels.PackedLinear(layout, {k: v.clone() for k, v in packed.items()})
+                       for _ in range(copies_for(packing.packed_bytes(packed)))]
+            x = torch.randn(1, 1, K)
+            with torch.no_grad():
+                t_dense = timed(rotating([lambda w=w: F.linear(x, w) for w in Ws]), len(Ws) * 3)
+                t_kernel = timed(rotating([lambda m=m: m(x) for m in modules]), len(modules) * 3)
+            total_dense += 30 * per_layer * t_dense
+            total_kernel += 30 * per_layer * t_kernel
+            row = dict(pattern=pattern, matrix=name, shape=f"{N}x{K}", batch=1, dense_us=round(t_dense * 1e6, 1),
+                       kernel_us=round(t_kernel * 1e6, 1), speedup=round(t_dense / t_kernel, 2))
+            report(row)
+            rows.append(row)
+            del Ws, modules
+        row = dict(pattern=pattern, matrix="one token (30 layers)", dense_ms=round(total_dense * 1e3, 2),
+                   kernel_ms=round(total_kernel * 1e3, 2), speedup=round(total_dense / total_kernel, 2))
+        report(row)
+        rows.append(row)
+    return rows
+
+
 def e2e_rows(args) -> list:
     """Greedy decoding, dense vs pruned (packed, through the kernels), same prompts; tokens/s and equality."""
     from hybridprune import PruneConfig, kernels, models, prune
@@ -136,17 +205,24 @@ def e2e_rows(args) -> list:
                "The three laws of thermodynamics"]
 
     def decode(m):
+        """Outputs and tokens/s: one short warm-up generation, then the prompts `--e2e-repeats` times (median)."""
         m.config.use_cache = True
-        outs, tokens, seconds = [], 0, 0.0
         with torch.no_grad():
-            for p in prompts:
-                ids = tok(p, return_tensors="pt")
-                t = time.perf_counter()
-                g = m.generate(**ids, max_new_tokens=args.new_tokens, do_sample=False, pad_token_id=tok.eos_token_id)
-                seconds += time.perf_counter() - t
-                tokens += g.shape[1] - ids["input_ids"].shape[1]
-                outs.append(g[0].tolist())
-        return outs, tokens / seconds
+            m.generate(**tok(prompts[0], return_tensors="pt"), max_new_tokens=4, do_sample=False,
+                       pad_token_id=tok.eos_token_id)
+            rates = []
+            for _ in range(args.e2e_repeats):
+                outs, tokens, seconds = [], 0, 0.0
+                for p in prompts:
+                    ids = tok(p, return_tensors="pt")
+                    t = time.perf_counter()
+                    g = m.generate(**ids, max_new_tokens=args.new_tokens, do_sample=False,
+                                   pad_token_id=tok.eos_token_id)
+                    seconds += time.perf_counter() - t
+                    tokens += g.shape[1] - ids["input_ids"].shape[1]
+                    outs.append(g[0].tolist())
+                rates.append(tokens / seconds)
+        return outs, statistics.median(rates)
 
     dense_out, dense_tps = decode(model)
     rows = []
@@ -173,12 +249,16 @@ def main():
     ap.add_argument("--batches", default="1,2,4,8,16,32,64,128,256,512")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--new-tokens", type=int, default=48)
+    ap.add_argument("--e2e-repeats", type=int, default=3, help="passes over the prompts per model (median)")
     ap.add_argument("--no-e2e", action="store_true", help="no end-to-end decoding")
+    ap.add_argument("--no-decode-shapes", action="store_true", help="no rows for the default model's shapes")
     ap.add_argument("--no-bytes", action="store_true", help="no packed sizes of the default model")
     ap.add_argument("--json", help="also write the rows to this JSON file")
     ap.add_argument("--plot", help="also draw time against batch size per pattern into this PNG")
     args = ap.parse_args()
     rows = kernel_rows(args)
+    if not args.no_decode_shapes:
+        rows += decode_shape_rows(args)
     if not args.no_bytes:
         rows += model_bytes_rows(args)
     if not args.no_e2e:
@@ -193,7 +273,7 @@ def plot(rows: list, path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    rows = [r for r in rows if "kernel_ms" in r]
+    rows = [r for r in rows if "route" in r]
     fig, axes = plt.subplots(1, 3, figsize=(13, 4), sharey=True)
     for ax, pattern in zip(axes, dict.fromkeys(r["pattern"] for r in rows)):
         sel = [r for r in rows if r["pattern"] == pattern]

@@ -110,7 +110,7 @@ def test_packed_linear_is_a_drop_in_for_nn_linear(pattern):
     with torch.no_grad():
         lin.weight.copy_(W)
         lin.bias.copy_(bias)
-        for x in (torch.randn(2, 3, K), torch.randn(1, 1, K), torch.randn(5, K)):
+        for x in (torch.randn(2, 3, K), torch.randn(1, 1, K), torch.randn(5, K), torch.randn(3, 2, K).transpose(0, 1)):
             y = m(x)
             assert y.shape == x.shape[:-1] + (N,)
             torch.testing.assert_close(y, lin(x), rtol=1e-5, atol=1e-5)

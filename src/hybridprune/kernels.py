@@ -110,35 +110,32 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, packed={self.layout['kind']}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.in_features)
         if self.kind == "unpacked":
-            y = x2 @ self.weight.to(x.dtype).t()
-        else:  # the decode path: a few microseconds of Python around the kernel (see matmul)
+            y = x @ self.weight.to(x.dtype).t()
+        else:
             if not x.is_cpu:
                 raise HybridPruneError("the packed kernels run on the CPU; load the model without --kernels on "
                                        f"{x.device.type}")
-            if x2.dtype != torch.float32:
-                x2 = x2.float()
-            y = self.matmul(x2.index_select(1, self._buffers["perm"]) if self.permuted else x2)
+            xf = x if x.dtype == torch.float32 else x.float()
+            y = self.matmul(xf.index_select(-1, self._buffers["perm"]) if self.permuted else xf)
             if y.dtype != x.dtype:
                 y = y.to(x.dtype)
         bias = self._parameters.get("bias")
-        if bias is not None:
-            y = y + bias.to(y.dtype)
-        return y.view(*x.shape[:-1], self.out_features)
+        return y if bias is None else y + bias.to(y.dtype)
 
     def matmul(self, x: torch.Tensor, implementation: int | None = None) -> torch.Tensor:
-        """x [B, in] fp32 -> x @ W.T [B, out] fp32, by batch size: the sparse kernel (decode), then for prefill
-        the packed GEMM from GEMM_FROM rows on (AVX-512), or elsewhere a dense matmul over strips of rows decoded
-        from the packed form from DENSE_FROM rows on."""
+        """x [..., in] fp32 -> x @ W.T [..., out] fp32, by the number of rows: the sparse kernel (decode), then for
+        prefill the packed GEMM from GEMM_FROM rows on (AVX-512), or elsewhere a dense matmul over strips of rows
+        decoded from the packed form from DENSE_FROM rows on."""
         ext, which = extension(), impl() if implementation is None else implementation
-        route = self.route(x.shape[0], which)
-        if route == "packed GEMM":
-            return self.gemm(x)
-        if route == "dense strips":
-            return self.dense_matmul(x)
-        # decode: the per-call Python work is kept to a few microseconds (the default model's k_proj takes ~10 us):
-        # buffers straight from the dict (nn.Module.__getattr__ costs ~0.5 us each), no slice where none is needed
+        rows = x.numel() // self.in_features
+        route = self.route(rows, which)
+        if route != "sparse kernel":
+            x2 = x.reshape(rows, self.in_features)
+            y = self.gemm(x2) if route == "packed GEMM" else self.dense_matmul(x2)
+            return y.reshape(*x.shape[:-1], self.out_features)
+        # decode: the Python around the kernel costs ~2 us (the default model's k_proj takes ~20 us): the kernels
+        # take [..., in] as it comes, the buffers are read from the dict (nn.Module.__getattr__ costs ~0.5 us each)
         xp, b = self._padded(x), self._buffers
         if self.kind == "unstructured":
             return ext.unstructured_mm(xp, b["mask"], b["values"], b["rowptr"], which)
@@ -146,7 +143,7 @@ class PackedLinear(nn.Module):
             return ext.nm24_mm(xp, b["values"], b["positions"], which)
         y = ext.tiered_mm(xp, b["tiers"], b["dense"], b["nm_values"], b["nm_positions"], b["topk_values"],
                           b["topk_positions"], b["offsets"], which)
-        return y if y.shape[1] == self.out_features else y[:, :self.out_features]
+        return y if y.shape[-1] == self.out_features else y[..., :self.out_features].contiguous()
 
     def route(self, rows: int, implementation: int = 0) -> str:
         """Which path `matmul` takes for `rows` rows of x: "sparse kernel", "packed GEMM" or "dense strips"."""

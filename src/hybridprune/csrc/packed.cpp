@@ -429,6 +429,16 @@ bool cpu_has_avx2() {
 // 2:4: an even and an odd group of 8 values; tiered: the block's rows 0-7 and 8-15), so the sums are the same.
 #define HP_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi2,avx2,fma,popcnt")))
 
+// Decode reads each weight once, from DRAM (a model's matrices pass through the cache one after another). One
+// core keeps too few of those reads in flight by itself, and the kernels' work per byte leaves them waiting, so
+// the AVX-512 rows ask for the bytes PF ahead of each stream they read (bench/kernels.py --decode-shapes,
+// 1536 x 576 fp32, 2 threads, weights cycled through 700 MB: unstructured 123 -> 94 us; distances of 0.5-8 KB
+// tried, 4 KB best). A prefetch changes no result.
+constexpr int64_t PF = 4096;
+#define HP_PREFETCH(p) _mm_prefetch(reinterpret_cast<const char*>(p) + PF, _MM_HINT_T0)  // (an inline function
+// in its place lost the gain: GCC does not inline it across the target attributes)
+
+
 HP_AVX512 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 HP_AVX512 inline __m512 load16(const uint16_t* p) {
   const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
@@ -470,6 +480,7 @@ HP_AVX512 __attribute__((always_inline)) inline void unstructured_row_avx512(con
     for (int q = 0; q < NR; q++) {
       uint16_t m;
       std::memcpy(&m, mr + (r + q) * mb + c, 2);
+      if (q == NR - 1) HP_PREFETCH(v[q]);
       const __m512 w = expand16(m, v[q]);
       v[q] += _mm_popcnt_u32(m);
       for (int i = 0; i < NB; i++) acc[q][i] = _mm512_fmadd_ps(w, xv[i], acc[q][i]);
@@ -509,6 +520,8 @@ HP_AVX512 void nm24_row_avx512(const float* x, int64_t K, const W* vr, const uin
     uint32_t p32;
     std::memcpy(&p32, pr + j0 / 4, 4);
     const __m512i idx = _mm512_add_epi32(base, _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(p32), shifts), three));
+    HP_PREFETCH(vr + j0);
+    if ((j0 & 63) == 0) HP_PREFETCH(pr + j0 / 4);
     const __m512 w = load16(vr + j0);
     for (int i = 0; i < NB; i++) {
       const float* xc = x + i * K + j0 * 2;
@@ -546,6 +559,7 @@ HP_AVX512 void tiered_row_avx512(const float* x, int64_t C, const int8_t* tr, co
     if (tier == 0) {
       const W* w = dense + d++ * 256;
       for (int j = 0; j < 16; j++) {
+        if (sizeof(W) == 4 || j % 2 == 0) HP_PREFETCH(w + j * 16);  // one per cache line
         const __m512 wj = load16(w + j * 16);
         for (int i = 0; i < NB; i++) acc[i] = _mm512_fmadd_ps(wj, _mm512_set1_ps(xc[i * Kp + j]), acc[i]);
       }
@@ -553,7 +567,9 @@ HP_AVX512 void tiered_row_avx512(const float* x, int64_t C, const int8_t* tr, co
       const W* w = nmv + n * 128;
       const uint32_t* p = nmp + n * 8;
       n++;
+      if (n % 2 == 0) HP_PREFETCH(p);
       for (int s = 0; s < 8; s++) {
+        if (sizeof(W) == 4 || s % 2 == 0) HP_PREFETCH(w + s * 16);
         const __m512 ws = load16(w + s * 16);
         const __m512i ps = _mm512_srlv_epi32(_mm512_set1_epi32(static_cast<int>(p[s])), shifts);
         for (int i = 0; i < NB; i++) {
@@ -827,6 +843,16 @@ void check_x(const torch::Tensor& x) {
               "x must be a contiguous 2-D float32 CPU tensor");
 }
 
+// The sparse kernels take x as [..., K] (a decoder's [batch, tokens, K] as it comes) and give [..., N]: no reshape
+// or view is left to Python for them, which costs ~2 us a call there.
+torch::Tensor as_rows(const torch::Tensor& x) { return x.dim() == 2 ? x : x.reshape({-1, x.size(-1)}); }
+torch::Tensor like_input(const torch::Tensor& xin, const torch::Tensor& y) {
+  if (xin.dim() == 2) return y;
+  auto sizes = xin.sizes().vec();
+  sizes.back() = y.size(1);
+  return y.view(sizes);
+}
+
 bool is_bf16(const torch::Tensor& v) {
   TORCH_CHECK(v.scalar_type() == torch::kFloat32 || v.scalar_type() == torch::kBFloat16,
               "packed values must be float32 or bfloat16");
@@ -849,8 +875,9 @@ void check_unstructured(const torch::Tensor& x, const torch::Tensor& mask, const
               "rowptr must hold N+1 int64");
 }
 
-torch::Tensor unstructured_mm(torch::Tensor x, torch::Tensor mask, torch::Tensor values, torch::Tensor rowptr,
+torch::Tensor unstructured_mm(torch::Tensor xin, torch::Tensor mask, torch::Tensor values, torch::Tensor rowptr,
                               int64_t impl) {
+  const torch::Tensor x = as_rows(xin);
   check_unstructured(x, mask, rowptr);
   const int64_t B = x.size(0), Kp = x.size(1), N = mask.size(0);
   const bool bf = is_bf16(values);
@@ -877,7 +904,7 @@ torch::Tensor unstructured_mm(torch::Tensor x, torch::Tensor mask, torch::Tensor
     if (bf) unstructured_portable(xp, B, Kp, mp, ptr<uint16_t>(values), rp, n0, n1, N, yp);
     else unstructured_portable(xp, B, Kp, mp, ptr<float>(values), rp, n0, n1, N, yp);
   });
-  return y;
+  return like_input(xin, y);
 }
 
 // The argument checks shared by nm24_mm and nm24_gemm: x [B, K], values [N, K/2], positions [N, K/8].
@@ -890,7 +917,8 @@ void check_nm24(const torch::Tensor& x, const torch::Tensor& values, const torch
               "2:4 positions must be [N, K/8] bytes");
 }
 
-torch::Tensor nm24_mm(torch::Tensor x, torch::Tensor values, torch::Tensor positions, int64_t impl) {
+torch::Tensor nm24_mm(torch::Tensor xin, torch::Tensor values, torch::Tensor positions, int64_t impl) {
+  const torch::Tensor x = as_rows(xin);
   check_nm24(x, values, positions);
   const int64_t B = x.size(0), K = x.size(1), N = values.size(0);
   const bool bf = is_bf16(values);
@@ -915,7 +943,7 @@ torch::Tensor nm24_mm(torch::Tensor x, torch::Tensor values, torch::Tensor posit
     if (bf) nm24_portable(xp, B, K, ptr<uint16_t>(values), pp, n0, n1, N, yp);
     else nm24_portable(xp, B, K, ptr<float>(values), pp, n0, n1, N, yp);
   });
-  return y;
+  return like_input(xin, y);
 }
 
 // The argument checks shared by tiered_mm and tiered_gemm: x [B, C*16], a tier map [R, C] and its blocks.
@@ -943,9 +971,10 @@ TieredArgs check_tiered(const torch::Tensor& x, const torch::Tensor& tiers, cons
   return {R, C, topk_positions.dim() == 2 ? topk_positions.size(1) : 0, bf};
 }
 
-torch::Tensor tiered_mm(torch::Tensor x, torch::Tensor tiers, torch::Tensor dense, torch::Tensor nm_values,
+torch::Tensor tiered_mm(torch::Tensor xin, torch::Tensor tiers, torch::Tensor dense, torch::Tensor nm_values,
                         torch::Tensor nm_positions, torch::Tensor topk_values, torch::Tensor topk_positions,
                         torch::Tensor offsets, int64_t impl) {
+  const torch::Tensor x = as_rows(xin);
   const TieredArgs a = check_tiered(x, tiers, dense, nm_values, nm_positions, topk_values, topk_positions, offsets);
   const int64_t B = x.size(0), R = a.R, C = a.C, k = a.k;
   const bool bf = a.bf;
@@ -979,7 +1008,7 @@ torch::Tensor tiered_mm(torch::Tensor x, torch::Tensor tiers, torch::Tensor dens
     else HP_TIERED(tiered_portable, float);
 #undef HP_TIERED
   });
-  return y;
+  return like_input(xin, y);
 }
 
 // Rows [r0, r1) of the matrix as dense fp32 (for large batches, where a dense matmul of the rows is faster).
