@@ -8,6 +8,8 @@ merge through the mask against PEFT's merge_and_unload (training itself is the s
                              [--windows 16] [--squad [--squad-before results.json]]
     python bench/finetune.py --step-time 6        # one SQuAD LoRA step: logits at answer positions vs all
     python bench/finetune.py --step-time 4 --ways answer [--no-checkpointing]   # time and peak RSS of finetune's way
+    python bench/finetune.py --step-time 8 --ways answer --lora-dropout 0.05 --heap-cap   # as the study trains
+    python bench/finetune.py --step-time 8 --ways answer --lora-dropout 0.05 --heap-cap --dropout-rng hash
 
 --step-time N times N SQuAD LoRA training steps (forward, backward, batches of --batch-size examples from the
 fitting half at 512 tokens, the study's setting) computed the way `finetune` does (the output layer only where a
@@ -52,9 +54,17 @@ def main():
     ap.add_argument("--ways", default="answer,full", help="with --step-time: answer (logits where a label follows, "
                     "as finetune) and/or full (all logits, the model's own loss)")
     ap.add_argument("--no-checkpointing", action="store_true", help="with --step-time: keep all activations")
+    ap.add_argument("--lora-dropout", type=float, default=0.0, help="with --step-time (one way): LoRA dropout "
+                    "(finetune's default and the study's: 0.05; 0 keeps both ways' losses equal)")
+    ap.add_argument("--dropout-rng", default="torch", choices=("torch", "hash"), help="with --step-time: LoRA "
+                    "dropout's masks from torch's nn.Dropout or from finetune's HashDropout")
+    ap.add_argument("--heap-cap", action="store_true", help="with --step-time: glibc's mmap threshold at 4 MB, "
+                    "as every hybridprune command sets it (heap.cap_heap_growth)")
     ap.add_argument("--json")
     args = ap.parse_args()
     if args.step_time:
+        if args.lora_dropout and "," in args.ways:
+            ap.error("--lora-dropout needs a single --ways (each way would draw its own dropout masks)")
         return write_json([step_time(args)], args.json)
 
     from hybridprune import PruneConfig, load_model, prune
@@ -152,11 +162,17 @@ def step_time(args):
 
     from hybridprune import load_model
     from hybridprune.finetune import FinetuneConfig, _Collator, _lora_targets, answer_loss, build_dataset
+    if args.heap_cap:
+        from hybridprune.heap import cap_heap_growth
+        cap_heap_growth()
     model, tok = load_model("default")
     data = build_dataset(FinetuneConfig(data="squad", template="simple", seqlen=512), tok)
     torch.manual_seed(0)
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,  # no dropout: same loss
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=args.lora_dropout,
                                              target_modules=_lora_targets(model), task_type="CAUSAL_LM"))
+    if args.dropout_rng == "hash":
+        from hybridprune.finetune import use_hash_dropout
+        use_hash_dropout(model)
     if not args.no_checkpointing:  # as the Trainer does for finetune
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -180,6 +196,8 @@ def step_time(args):
     med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
     row = {"run": "squad-lora-step", "batch": f"{args.batch_size} examples, 512-token cap, fp32, "
            f"{torch.get_num_threads()} threads", "checkpointing": not args.no_checkpointing,
+           "lora_dropout": args.lora_dropout, "dropout_rng": args.dropout_rng, "heap_cap": args.heap_cap,
+           "sum_s": {k: round(sum(v), 2) for k, v in times.items()},
            "median_s": {k: round(v, 3) for k, v in med.items()},
            "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
     if len(ways) == 2:

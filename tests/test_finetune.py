@@ -250,3 +250,78 @@ def test_bf16_autocast_runs_the_matmuls_in_bf16_and_keeps_fp32_weights(samples, 
         assert seen == {want} and res["record"]["autocast"] == {"auto": "fp32", "bf16": "bf16"}[autocast]
         for name, mod in prunable_matrices(res["model"]).items():
             assert mod.weight.dtype == torch.float32 and torch.equal(mod.weight != 0, masks[name]), name
+
+
+def test_hash_dropout_keeps_each_element_with_1_minus_p():
+    """csrc/dropout.cpp: the dropped share is p within 5 sigma, kept values are x / (1 - p) exactly, the AVX-512
+    and portable paths agree bit for bit, a seed gives one mask and another seed another, any float dtype."""
+    from hybridprune.finetune import _dropout_ext
+    ext = _dropout_ext()
+    x = torch.randn(1_000_003)
+    for p in (0.05, 0.3):
+        y = ext.hash_dropout(x, p, 12345, False)
+        dropped = float((y == 0).double().mean())
+        assert abs(dropped - p) < 5 * (p * (1 - p) / x.numel()) ** 0.5, (p, dropped)
+        kept = y != 0
+        assert torch.equal(y[kept], x[kept] * torch.tensor(1 / (1 - p), dtype=torch.float32))
+        assert torch.equal(y, ext.hash_dropout(x, p, 12345, True))  # the portable path
+        assert torch.equal(y, ext.hash_dropout(x, p, 12345, False))
+        other = ext.hash_dropout(x, p, 12346, False) != 0
+        assert 0.5 * 2 * p * (1 - p) < float((other != kept).double().mean()) < 1.5 * 2 * p * (1 - p)
+    # neighbouring elements and blocks are independent: the mask of row i says nothing of row i+1's
+    m = (ext.hash_dropout(torch.ones(2000, 512), 0.5, 7, False) != 0).double()
+    assert abs(float((m[:-1] * m[1:]).mean()) - 0.25) < 0.01
+    assert abs(float((m[:, :-1] * m[:, 1:]).mean()) - 0.25) < 0.01
+    xb = x[:4096].to(torch.bfloat16)
+    yb = ext.hash_dropout(xb, 0.05, 3, False)
+    assert yb.dtype == torch.bfloat16 and torch.equal(yb != 0, ext.hash_dropout(x[:4096], 0.05, 3, False) != 0)
+
+
+def test_hash_dropout_gradient_and_checkpoint_replay():
+    """The backward pass drops the same elements (d y / d x = keep / (1 - p)), and activation checkpointing's
+    recompute draws the same mask, so a checkpointed step gives the same gradients as a plain one."""
+    from torch.utils.checkpoint import checkpoint
+
+    from hybridprune.finetune import HashDropout
+    torch.manual_seed(0)
+    lin, drop = torch.nn.Linear(64, 64), HashDropout(0.3)
+    x = torch.randn(8, 64, requires_grad=True)
+    y = drop(x)
+    (g,) = torch.autograd.grad(y.sum(), x)
+    assert torch.equal(g, (y != 0).float() * torch.tensor(1 / 0.7, dtype=torch.float32))
+
+    def f(x):
+        return lin(drop(torch.tanh(x))).pow(2).sum()
+    grads = []
+    for ckpt in (False, True):
+        torch.manual_seed(1)
+        loss = checkpoint(f, x, use_reentrant=False) if ckpt else f(x)
+        grads.append(torch.autograd.grad(loss, (x, lin.weight)))
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+    drop.eval()
+    assert torch.equal(drop(x), x)
+
+
+def test_finetune_with_hash_dropout(samples, tmp_path, monkeypatch):
+    """dropout_rng: hash swaps every LoRA dropout for HashDropout; training moves the weights and keeps the zeros;
+    the two checkpointing settings give the same trained weights, as with torch's dropout."""
+    import hybridprune.finetune as ft
+    rows = [{"input_ids": s.tolist(), "labels": [-100] * 8 + s.tolist()[8:]} for s in samples]
+    monkeypatch.setattr("hybridprune.finetune.build_dataset", lambda cfg, tok, cache=None: rows)
+    swapped, real = [], ft.use_hash_dropout
+    monkeypatch.setattr("hybridprune.finetune.use_hash_dropout", lambda m: swapped.append(real(m)) or swapped[-1])
+    weights = {}
+    for gc in (True, False):
+        model = _pruned("llama", "unstructured", samples)
+        masks = capture_masks(model)
+        cfg = FinetuneConfig(method="lora", steps=3, batch_size=2, lr=1e-2, lora_dropout=0.2, save_steps=100,
+                             gradient_checkpointing=gc, dropout_rng="hash")
+        out = finetune(model, _Tok(), cfg, tmp_path / f"w{gc}")["model"]
+        for name, mod in prunable_matrices(out).items():
+            assert torch.equal(mod.weight != 0, masks[name]), name
+        weights[gc] = {k: v.detach().clone() for k, v in out.state_dict().items()}
+    n_lora = len(prunable_matrices(out))
+    assert swapped == [n_lora, n_lora]
+    assert all(torch.equal(weights[True][k], weights[False][k]) for k in weights[False])
+    with pytest.raises(HybridPruneError, match="dropout-rng"):
+        FinetuneConfig(dropout_rng="fast")

@@ -81,6 +81,8 @@ class FinetuneConfig:
     bos: str = "auto"                 # BOS at the start of every sequence: auto | always | papers (data.resolve_bos)
     autocast: str = "auto"            # auto: bf16 on a GPU that has it, else fp32 | bf16: matmuls in bfloat16 under
     #                                   torch.autocast on any device (weights, gradients, optimizer stay fp32) | fp32
+    dropout_rng: str = "torch"        # LoRA dropout's masks: torch (nn.Dropout, PEFT's) | hash (HashDropout: the
+    #                                   same distribution from a hash of the index, ~12x faster on a CPU; another draw)
 
     def __post_init__(self):
         # Every value is checked before any model is loaded or any checkpoint folder is made.
@@ -102,6 +104,8 @@ class FinetuneConfig:
         check_bos(self.bos)
         if self.autocast not in ("auto", "bf16", "fp32"):
             raise HybridPruneError(f"--autocast must be auto, bf16 or fp32, got {self.autocast!r}")
+        if self.dropout_rng not in ("torch", "hash"):
+            raise HybridPruneError(f"--dropout-rng must be torch or hash, got {self.dropout_rng!r}")
         from .engine import default_device
         default_device(self.device)
         if self.data not in FT_DATA:
@@ -314,6 +318,58 @@ def mask_gradients(model, masks: dict[str, torch.Tensor]):
     return hooks, reapply
 
 
+class _HashDropoutFn(torch.autograd.Function):
+    """y = x * keep / (1 - p), keep hashed from (seed, index); the backward applies the same to the gradient."""
+
+    @staticmethod
+    def forward(ctx, x, p, seed):
+        ctx.p, ctx.seed = p, seed
+        return _dropout_ext().hash_dropout(x.contiguous(), p, seed, False)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _dropout_ext().hash_dropout(grad.contiguous(), ctx.p, ctx.seed, False), None, None
+
+
+def _dropout_ext():
+    from .kernels import build
+    return build("dropout", "use dropout_rng: torch")
+
+
+class HashDropout(torch.nn.Module):
+    """Dropout whose mask is a hash of (seed, element index) (csrc/dropout.cpp): each element kept with
+    probability 1 - p (to 2^-24) and scaled by 1 / (1 - p), as nn.Dropout, but ~12x faster on a CPU (torch draws
+    each Bernoulli sample from mt19937: 15 ms for a [4, 512, 1536] activation, 26x the LoRA product it feeds) and
+    with no stored mask. The seed is drawn from torch's generator, so activation checkpointing's recompute, which
+    restores that generator, draws the same mask. Off the CPU it is nn.Dropout."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = float(p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0 or not x.is_cpu:
+            return torch.nn.functional.dropout(x, self.p, self.training)
+        seed = int(torch.randint(0, 1 << 62, (1,), dtype=torch.int64))
+        return _HashDropoutFn.apply(x, self.p, seed)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+def use_hash_dropout(peft_model) -> int:
+    """Swap every LoRA layer's nn.Dropout for a HashDropout of the same p; returns how many."""
+    n = 0
+    for mod in peft_model.modules():
+        drops = getattr(mod, "lora_dropout", None)
+        if isinstance(drops, torch.nn.ModuleDict):
+            for key, d in drops.items():
+                if isinstance(d, torch.nn.Dropout):
+                    drops[key] = HashDropout(d.p)
+                    n += 1
+    return n
+
+
 def _lora_targets(model) -> list[str]:
     """Leaf names of the prunable matrices (q_proj, c_attn, ...): PEFT matches modules by these suffixes."""
     return sorted({name.rsplit(".", 1)[-1] for name in models.prunable_matrices(model)})
@@ -349,6 +405,8 @@ def finetune(model, tokenizer, config: FinetuneConfig, work_dir, resume: bool = 
                           fan_in_fan_out=any(not isinstance(m, torch.nn.Linear)
                                              for m in models.prunable_matrices(model).values()))
         train_model = get_peft_model(model, lcfg)
+        if config.dropout_rng == "hash":
+            use_hash_dropout(train_model)
         hooks, callbacks = [], []
     else:
         train_model = model

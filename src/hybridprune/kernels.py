@@ -27,8 +27,8 @@ from . import models
 from .errors import HybridPruneError
 from .packing import kept_per_row, pack_prunable, unpack_matrix
 
-_SOURCE = Path(__file__).parent / "csrc" / "packed.cpp"
-_EXT = None
+_CSRC = Path(__file__).parent / "csrc"
+_BUILT: dict = {}
 IMPLS = {"auto": 0, "portable": 1, "avx2": 2, "avx512": 3}
 # rows of x from which a dense matmul of decoded strips beats the sparse kernel, per layout (bench/kernels.py,
 # 11008 x 4096 fp32: unstructured and 2:4 on 2 AVX2 cores, tiered re-measured on 2 AVX-512 cores, where its
@@ -43,23 +43,29 @@ GEMM_FROM = {"unstructured": 12, "nm": 16, "tiered": 24}
 
 
 def extension():
-    """The compiled kernels (built on first use, then loaded from the cache)."""
-    global _EXT
-    if _EXT is None:
+    """The compiled sparse kernels, csrc/packed.cpp (built on first use, then loaded from the cache)."""
+    return build("packed", "run without --kernels")
+
+
+def build(name: str, fallback: str):
+    """csrc/<name>.cpp compiled with torch's C++ extension mechanism into the cache (once per source and torch);
+    `fallback` tells the user how to do without it if the build fails."""
+    if name not in _BUILT:
         from torch.utils.cpp_extension import load
-        digest = hashlib.sha256(_SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:12]
-        build = models.cache_dir() / "kernels" / digest
-        build.mkdir(parents=True, exist_ok=True)
+        source = _CSRC / f"{name}.cpp"
+        digest = hashlib.sha256(source.read_bytes() + torch.__version__.encode()).hexdigest()[:12]
+        folder = models.cache_dir() / "kernels" / digest
+        folder.mkdir(parents=True, exist_ok=True)
         scripts = sysconfig.get_path("scripts")  # ninja comes with the venv; a plain .venv/bin/python lacks PATH
         if scripts and scripts not in os.environ.get("PATH", "").split(os.pathsep):
             os.environ["PATH"] = scripts + os.pathsep + os.environ.get("PATH", "")
         try:
-            _EXT = load(name=f"hybridprune_packed_{digest}", sources=[str(_SOURCE)], build_directory=str(build),
-                        extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
+            _BUILT[name] = load(name=f"hybridprune_{name}_{digest}", sources=[str(source)], build_directory=str(folder),
+                                extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
         except Exception as e:
-            raise HybridPruneError(f"building the sparse kernels failed ({str(e).splitlines()[0]}); they need g++ "
-                                   f"and ninja (`make setup` installs ninja); run without --kernels") from None
-    return _EXT
+            raise HybridPruneError(f"building the {name} kernels failed ({str(e).splitlines()[0]}); they need g++ "
+                                   f"and ninja (`make setup` installs ninja); {fallback}") from None
+    return _BUILT[name]
 
 
 def impl() -> int:
