@@ -4,7 +4,8 @@
     PackedLinear.forward(x)      csrc/packed.cpp: unstructured (bitmask), 2:4, tiered 16x16 blocks (dense / 2:4 /
                                  top-k); fp32 or bf16 weights, fp32 accumulation, threads over rows
 The extension is compiled from csrc/packed.cpp with torch's C++ extension mechanism the first time it is used
-(`make setup` does it once) into the hybridprune cache folder; nothing prebuilt is downloaded.
+(`make setup` does it once) into the hybridprune cache folder; nothing prebuilt is downloaded. `build(name)` does
+the same for any csrc source (fine-tuning's hashed dropout, csrc/dropout.cpp).
 Three implementations give bit-identical results below the GEMM's batch size: AVX-512 (expand-loads for the
 bitmask, two-source permutes for 2:4 positions) and AVX2+FMA where the CPU has them, and a portable one
 (HYBRIDPRUNE_KERNELS=portable forces it; avx2 and avx512 name the others). For prefill batches, AVX-512 runs its
