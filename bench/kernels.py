@@ -11,6 +11,7 @@ of --e2e-repeats passes) and whether the outputs are the same.
 
     python bench/kernels.py                              # 11008 x 4096 fp32 (a 7B MLP matrix), then end to end
     python bench/kernels.py --shape 4096x4096 --dtype bfloat16 --batches 1,8 --no-e2e --no-bytes --json out.json
+    python bench/kernels.py --batches 1 --no-bytes --no-e2e   # batch 1 and the default model's shapes only
 """
 import argparse
 import statistics

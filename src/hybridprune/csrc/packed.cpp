@@ -431,13 +431,13 @@ bool cpu_has_avx2() {
 
 // Decode reads each weight once, from DRAM (a model's matrices pass through the cache one after another). One
 // core keeps too few of those reads in flight by itself, and the kernels' work per byte leaves them waiting, so
-// the AVX-512 rows ask for the bytes PF ahead of each stream they read (bench/kernels.py --decode-shapes,
-// 1536 x 576 fp32, 2 threads, weights cycled through 700 MB: unstructured 123 -> 94 us; distances of 0.5-8 KB
-// tried, 4 KB best). A prefetch changes no result.
+// the AVX-512 rows ask for the bytes PF ahead of each stream they read (1536 x 576 fp32, 2 threads, weights
+// cycled through 700 MB as bench/kernels.py's decode-shape rows do: unstructured 121-126 -> 93-98 us, tiered
+// 92-96 -> 84-89 us; distances of 0.5-8 KB tried, 4 KB best). A prefetch changes no result; past the end of an
+// array it is a no-op. A macro: an inline function in its place lost the whole gain (GCC does not inline it
+// across the target attributes).
 constexpr int64_t PF = 4096;
-#define HP_PREFETCH(p) _mm_prefetch(reinterpret_cast<const char*>(p) + PF, _MM_HINT_T0)  // (an inline function
-// in its place lost the gain: GCC does not inline it across the target attributes)
-
+#define HP_PREFETCH(p) _mm_prefetch(reinterpret_cast<const char*>(p) + PF, _MM_HINT_T0)
 
 HP_AVX512 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 HP_AVX512 inline __m512 load16(const uint16_t* p) {
