@@ -14,6 +14,7 @@ of --e2e-repeats passes) and whether the outputs are the same.
     python bench/kernels.py --batches 1 --no-bytes --no-e2e   # batch 1 and the default model's shapes only
 """
 import argparse
+import functools
 import statistics
 import time
 
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from _common import report, write_json
 
 
+@functools.cache
 def l3_bytes() -> int:
     """This CPU's last-level cache (sysfs; 32 MB where it does not say)."""
     try:
@@ -35,6 +37,16 @@ def copies_for(nbytes: int) -> int:
     """How many distinct copies of an nbytes matrix to cycle through so that each call reads it from DRAM, as
     decoding does (a model's matrices pass through the cache one after another): twice the L3 in all."""
     return max(1, -(-2 * l3_bytes() // nbytes))
+
+
+def cold_copies(W: torch.Tensor, layout: dict, packed: dict):
+    """Distinct copies of a dense matrix and of its PackedLinear, enough of each (copies_for) that cycling through
+    them reads every call's weights from DRAM."""
+    from hybridprune import kernels, packing
+    Ws = [W] + [W.clone() for _ in range(copies_for(W.numel() * W.element_size()) - 1)]
+    modules = [kernels.PackedLinear(layout, {k: v.clone() for k, v in packed.items()})
+               for _ in range(copies_for(packing.packed_bytes(packed)))]
+    return Ws, modules
 
 
 def rotating(fns):
@@ -105,9 +117,7 @@ def kernel_rows(args) -> list:
         packed = packing.pack_matrix(W, layout, pattern, tiers)
         dense_bytes = W.numel() * W.element_size()
         ratio = packing.packed_bytes(packed) / dense_bytes
-        Ws = [W] + [W.clone() for _ in range(copies_for(dense_bytes) - 1)]
-        modules = [kernels.PackedLinear(layout, {k: v.clone() for k, v in packed.items()})
-                   for _ in range(copies_for(int(ratio * dense_bytes)))]
+        Ws, modules = cold_copies(W, layout, packed)
         module = modules[0]
         for B in map(int, args.batches.split(",")):
             x = torch.randn(B, K).to(dtype)
@@ -167,7 +177,7 @@ def decode_shape_rows(args) -> list:
     """Batch 1 on the default model's own matrix shapes (576 x 576 q/o, 192 x 576 k/v, 1536 x 576 gate/up,
     576 x 1536 down; fp32), each cycled through twice the L3 as in decoding: what end-to-end decoding is made of.
     The last row adds them up as one token's decoder matmuls (30 layers)."""
-    from hybridprune import kernels, packing
+    from hybridprune import packing
     shapes = {"q_proj/o_proj": (576, 576, 2), "k_proj/v_proj": (192, 576, 2), "gate_proj/up_proj": (1536, 576, 2),
               "down_proj": (576, 1536, 1)}
     rows = []
@@ -175,11 +185,7 @@ def decode_shape_rows(args) -> list:
         total_dense = total_kernel = 0.0
         for name, (N, K, per_layer) in shapes.items():
             W, layout, tiers = pruned_matrix(pattern, N, K, torch.float32)
-            packed = packing.pack_matrix(W, layout, pattern, tiers)
-            dense_bytes = W.numel() * 4
-            Ws = [W.clone() for _ in range(copies_for(dense_bytes))]
-            modules = [kernels.PackedLinear(layout, {k: v.clone() for k, v in packed.items()})
-                       for _ in range(copies_for(packing.packed_bytes(packed)))]
+            Ws, modules = cold_copies(W, layout, packing.pack_matrix(W, layout, pattern, tiers))
             x = torch.randn(1, 1, K)
             with torch.no_grad():
                 t_dense = timed(rotating([lambda w=w: F.linear(x, w) for w in Ws]), len(Ws) * 3)
