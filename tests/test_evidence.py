@@ -141,7 +141,7 @@ def two_seeds(tmp_path_factory, tiny_llama_dir, data_dir):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(models, "load_model", loading)
         mp.setattr(experiment, "_run_stage", running)
-        res = experiment.run_experiment(path, root / "run", log=lambda *a: None)
+        res = experiment.run_experiment(path, root / "run", isolate=False, log=lambda *a: None)
     (root / "alive.json").write_text(json.dumps({"alive": alive, "evaluated": len(evaluated)}))
     return root, res
 
@@ -193,7 +193,7 @@ def test_one_more_seed_computes_only_that_seed(two_seeds, tmp_path, tiny_llama_d
     path.write_text(SEEDS_RECIPE.format(model=tiny_llama_dir, seeds="[0, 1, 2]"))
     ran, real = [], experiment._run_stage
     monkeypatch.setattr(experiment, "_run_stage", lambda st, *a: ran.append(st) or real(st, *a))
-    res = experiment.run_experiment(path, tmp_path / "run", log=lambda *a: None)
+    res = experiment.run_experiment(path, tmp_path / "run", isolate=False, log=lambda *a: None)
     assert sorted(s.kind for s in ran) == ["eval"] * 4 + ["prune"] * 2  # 2 pruned models x 2 tasks; dense as before
     assert all("seed 2" in s.label for s in ran) and res["seeds"] == [0, 1, 2]
 

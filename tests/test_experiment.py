@@ -1,6 +1,7 @@
 """The experiment command on a tiny random model: the stage graph, caching, resume, statistics, bad recipes."""
 import collections
 import json
+import os
 import shutil
 
 import numpy as np
@@ -64,7 +65,7 @@ def finished(tmp_path_factory, tiny_llama_dir, data_dir):
     loads, plain = [], models.load_model
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(models, "load_model", lambda spec, *a, **k: loads.append(str(spec)) or plain(spec, *a, **k))
-        results = experiment.run_experiment(recipe, root / "run", log=lambda *a: None)
+        results = experiment.run_experiment(recipe, root / "run", isolate=False, log=lambda *a: None)
     (root / "loads.json").write_text(json.dumps({"loads": loads, "dense": str(tiny_llama_dir)}))
     return root, recipe, results
 
@@ -109,7 +110,7 @@ def test_whole_graph_runs_and_reports(finished):
 def test_rerun_does_no_work(finished, monkeypatch):
     root, recipe, results = finished
     counter = _Counter(monkeypatch)
-    again = experiment.run_experiment(recipe, root / "run", log=lambda *a: None)
+    again = experiment.run_experiment(recipe, root / "run", isolate=False, log=lambda *a: None)
     assert counter.kinds == [] and _metrics(again) == _metrics(results)
 
 
@@ -117,13 +118,78 @@ def test_failure_mid_run_then_rerun_matches_uninterrupted(finished, tmp_path, mo
     _, recipe, results = finished
     counter = _Counter(monkeypatch, fail_at=5)
     with pytest.raises(RuntimeError, match="injected"):
-        experiment.run_experiment(recipe, tmp_path / "run", log=lambda *a: None)
+        experiment.run_experiment(recipe, tmp_path / "run", isolate=False, log=lambda *a: None)
     assert len(counter.kinds) == 4 and not (tmp_path / "run" / "results.json").exists()
     assert not [p for p in (tmp_path / "run" / "stages").iterdir() if p.name.startswith(".")]  # nothing half-made
     counter.fail_at = None
-    resumed = experiment.run_experiment(recipe, tmp_path / "run", log=lambda *a: None)
+    resumed = experiment.run_experiment(recipe, tmp_path / "run", isolate=False, log=lambda *a: None)
     assert len(counter.kinds) == 13  # 3 prune + 2 finetune + 8 eval, each exactly once over both attempts
     assert _metrics(resumed) == _metrics(results)
+
+
+def test_isolated_stages_run_in_processes_of_their_own_with_the_same_results(finished, tmp_path, monkeypatch):
+    """Each stage (a model's evaluations together) runs in a child of the fork server: nothing runs in this process,
+    each job reports its peak, and the results equal the in-process run's."""
+    from hybridprune import models
+    _, recipe, results = finished
+
+    def here(*a, **k):
+        raise AssertionError("a stage ran in the parent process")
+    monkeypatch.setattr(experiment, "_run_stage", here)
+    monkeypatch.setattr(models, "load_model", here)
+    logs = []
+    res = experiment.run_experiment(recipe, tmp_path / "run", isolate=True, log=logs.append)
+    assert sum("[stage " in line for line in logs) == 13
+    assert sum("its process peaked at" in line for line in logs) == 9  # 3 prunes, 2 fine-tunes, 4 models' evals
+    assert _metrics(res) == _metrics(results)
+    times = json.loads((tmp_path / "run" / "stages" / "times.json").read_text())
+    assert len(times) == 13 and all(v >= 0 for v in times.values())
+
+
+def test_an_isolated_stage_that_fails_or_is_killed_is_one_line(finished, tmp_path, monkeypatch):
+    """An error in a child comes back as it was raised (with the parent's environment, which the fork server does
+    not have); a child killed mid-stage is one line naming the stage, leaves no temporaries, and a rerun resumes."""
+    import multiprocessing
+    import signal
+    _, recipe, results = finished
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with monkeypatch.context() as mp:
+        mp.setenv("HYBRIDPRUNE_DATA", str(empty))
+        with pytest.raises(HybridPruneError, match="missing data file"):
+            experiment.run_experiment(recipe, tmp_path / "run", isolate=True, log=lambda *a: None)
+
+    def kill_at_fourth(line):
+        if line.startswith("[stage 4/"):  # the first fine-tuning: its child is running it
+            for child in multiprocessing.active_children():
+                os.kill(child.pid, signal.SIGKILL)
+    with pytest.raises(HybridPruneError, match=r"finetune .*: its process was killed by signal 9"):
+        experiment.run_experiment(recipe, tmp_path / "run", isolate=True, log=kill_at_fourth)
+    stages = tmp_path / "run" / "stages"
+    assert not [p for p in stages.iterdir() if p.name.startswith(".")]  # nothing half-made
+    assert sum(p.name.startswith("prune-") for p in stages.iterdir()) == 3
+    assert not any(p.name.startswith("finetune-") for p in stages.iterdir())
+    resumed = experiment.run_experiment(recipe, tmp_path / "run", isolate=True, log=lambda *a: None)
+    assert _metrics(resumed) == _metrics(results)
+
+
+def test_what_a_killed_stage_process_left_is_removed(tmp_path):
+    """A child killed mid-save leaves temporary siblings named by its pid, and a fine-tuning work folder; the parent
+    removes them, but keeps a work folder with a checkpoint to resume from."""
+    import subprocess
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    job = [experiment.Stage(kind, kind + "-k", kind, {}, tmp_path / name)
+           for kind, name in (("prune", "prune-a"), ("finetune", "finetune-b"), ("finetune", "finetune-c"),
+                              ("eval", "eval-d.json"))]
+    made = [tmp_path / f".prune-a.tmp-{dead.pid}-x1", tmp_path / "finetune-b.checkpoints",
+            tmp_path / f".eval-d.json.tmp-{dead.pid}"]
+    made[0].mkdir()
+    made[1].mkdir()
+    made[2].write_text("{")
+    (tmp_path / "finetune-c.checkpoints" / "checkpoint-5").mkdir(parents=True)
+    experiment._clean_after(job, dead.pid)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["finetune-c.checkpoints"]
 
 
 def test_changing_an_eval_limit_reruns_only_eval_stages(finished, tmp_path, monkeypatch, tiny_llama_dir):
@@ -131,7 +197,7 @@ def test_changing_an_eval_limit_reruns_only_eval_stages(finished, tmp_path, monk
     shutil.copytree(root / "run", tmp_path / "run")
     recipe = _recipe(tmp_path / "r.yaml", tiny_llama_dir, boolq_limit=3)
     counter = _Counter(monkeypatch)
-    res = experiment.run_experiment(recipe, tmp_path / "run", log=lambda *a: None)
+    res = experiment.run_experiment(recipe, tmp_path / "run", isolate=False, log=lambda *a: None)
     assert counter.kinds == ["eval"] * 4  # boolq of the four runs; no prune, fine-tune or wikitext2 stage
     assert res["runs"]["exp1"]["tasks"]["boolq"]["n"] == 3
 

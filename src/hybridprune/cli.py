@@ -577,9 +577,10 @@ def cmd_finetune(args):
 def cmd_experiment(args):
     from .data import data_dir
     from .experiment import run_experiment
-    data_dir(args.data_dir)
+    if data_dir(args.data_dir) is not None:  # every stage reads its data from there (stages read the environment)
+        os.environ["HYBRIDPRUNE_DATA"] = str(data_dir(args.data_dir))
     run_experiment(args.recipe, args.out, quick=args.quick, only=args.only, device=args.device, dtype=args.dtype,
-                   kernels=args.kernels)
+                   kernels=args.kernels, isolate=False if args.in_process else None)
 
 
 def _add_ft_args(p, prefix_method=False):
@@ -728,6 +729,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="data directory in the layout of shared/data")
     p.add_argument("--kernels", action="store_true", help="evaluation stages compute pruned matrices with the "
                    "packed sparse kernels (as the recipe's eval: {kernels: true}; part of their stage keys)")
+    p.add_argument("--in-process", action="store_true", help="run every stage in this process (default on Linux: "
+                   "each stage, or a model's evaluations, in a process of its own, so that each starts on a fresh "
+                   "heap and the run's peak memory is its largest stage's)")
     p.set_defaults(func=cmd_experiment)
     for sp in sub.choices.values():  # no prefix matching: --block would otherwise pass for --block-size
         sp.allow_abbrev = False

@@ -14,6 +14,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
+import os
+import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,8 +142,11 @@ def _run_stage(stage: Stage, recipe: Recipe, device: str | None, loaded: dict) -
 
 
 def run_experiment(recipe_path, out, quick: bool = False, only: str | None = None, device: str | None = None,
-                   dtype: str | None = None, kernels: bool = False, log=print) -> dict:
-    """Run every unfinished stage of the recipe, then write the report. Returns the results dict."""
+                   dtype: str | None = None, kernels: bool = False, isolate: bool | None = None, log=print) -> dict:
+    """Run every unfinished stage of the recipe, then write the report. Returns the results dict.
+
+    isolate: run each stage (a model's eval stages together) in a process of its own, so that a stage starts on a
+    fresh heap and the study's peak memory is its largest stage's; None: where the platform can (Linux)."""
     from . import models
     from .engine import default_device
     from .models import write_text_atomic
@@ -167,20 +174,24 @@ def run_experiment(recipe_path, out, quick: bool = False, only: str | None = Non
     todo = [s for s in stages if not s.done() and (only in (None, s.kind))]
     log(f"{len(stages)} stages, {len(stages) - len([s for s in stages if not s.done()])} already done, "
         f"{len(todo)} to run")
+    if isolate is None:
+        isolate = can_isolate()
     took: dict[str, list[float]] = {}
-    loaded: dict = {}
-    for i, stage in enumerate(todo, 1):
-        if stage.input is not None and not stage.input.done():
-            raise HybridPruneError(f"{stage.label} needs {stage.input.label}, which has not run; run without --only")
-        eta = _eta(todo[i - 1:], took)
-        log(f"[stage {i}/{len(todo)}] {stage.label}" + (f"  (ETA {eta})" if eta else ""))
-        t = time.perf_counter()
-        _run_stage(stage, recipe, device, loaded)
-        release()  # the study's peak RSS is its largest stage, not their sum
-        seconds = time.perf_counter() - t
-        took.setdefault(_timing_group(stage), []).append(seconds)
-        times[stage.key] = round(seconds, 1)
-        write_text_atomic(times_file, json.dumps(times, indent=1))
+    number = {s.key: i for i, s in enumerate(todo, 1)}
+    by_key = {s.key: s for s in todo}
+    for job in _jobs(todo):
+        events = _in_child(job, recipe, device) if isolate else _run_job(job, recipe, device)
+        for event, key, value in events:
+            stage = by_key[key]
+            if event == "start":
+                eta = _eta(todo[number[key] - 1:], took)
+                log(f"[stage {number[key]}/{len(todo)}] {stage.label}" + (f"  (ETA {eta})" if eta else ""))
+            elif event == "done":
+                took.setdefault(_timing_group(stage), []).append(value)
+                times[key] = round(value, 1)
+                write_text_atomic(times_file, json.dumps(times, indent=1))
+            else:  # "peak": the job's process, KiB
+                log(f"  its process peaked at {value / 1024:,.0f} MiB")
     if any(not s.done() for s in stages):
         log("some stages have not run yet (--only); the report covers what exists")
         if only != "report":
@@ -188,6 +199,128 @@ def run_experiment(recipe_path, out, quick: bool = False, only: str | None = Non
     results = build_report(recipe, stages, by_run, pruned, times, out)
     log(f"wrote {out / 'report.md'}, results.json, results.csv and plots/")
     return results
+
+
+# ----------------------------------------------------------------------------- one process per stage
+
+def _jobs(todo: list[Stage]) -> list[list[Stage]]:
+    """Consecutive eval stages of one model form one job (the model is read once); any other stage is a job."""
+    jobs: list[list[Stage]] = []
+    for stage in todo:
+        last = jobs[-1][-1] if jobs else None
+        if last is not None and stage.kind == last.kind == "eval" and stage.spec["input"] == last.spec["input"]:
+            jobs[-1].append(stage)
+        else:
+            jobs.append([stage])
+    return jobs
+
+
+def _run_job(job: list[Stage], recipe: Recipe, device: str | None):
+    """Run a job's stages in this process. Yields ("start", key, None) and ("done", key, seconds)."""
+    loaded: dict = {}
+    for stage in job:
+        if stage.input is not None and not stage.input.done():
+            raise HybridPruneError(f"{stage.label} needs {stage.input.label}, which has not run; run without --only")
+        yield "start", stage.key, None
+        t = time.perf_counter()
+        _run_stage(stage, recipe, device, loaded)
+        release()  # the study's peak RSS is its largest stage, not their sum
+        yield "done", stage.key, time.perf_counter() - t
+    loaded.clear()
+    release()
+
+
+def can_isolate() -> bool:
+    """Stages get processes of their own where multiprocessing has a fork server (Linux; fork itself is unsafe
+    once OpenMP has run in the parent: its thread pool does not survive into the child)."""
+    return sys.platform.startswith("linux") and "forkserver" in multiprocessing.get_all_start_methods()
+
+
+def _in_child(job: list[Stage], recipe: Recipe, device: str | None):
+    """Run a job in a child of multiprocessing's fork server, which imported the libraries once and never computed,
+    and pass on its events. A child starts on a fresh heap: glibc's fragments of earlier stages (0.2 GiB at the
+    study's third SQuAD LoRA) do not add to its peak. Its errors come back as they would in process; a child that
+    dies without one (killed, out of memory) is one line naming the stage, and its temporaries are removed."""
+    import torch
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "hybridprune.engine", "hybridprune.finetune", "hybridprune.tasks"])
+    receive, send = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_child_main, name=f"hybridprune {job[0].kind}",
+                        args=(send, job, recipe, device, dict(os.environ), torch.get_num_threads()))
+    child.start()
+    send.close()
+    error, current = None, job[0]
+    try:
+        while True:
+            try:
+                message = receive.recv()
+            except EOFError:
+                break
+            if message[0] == "error":
+                error = message
+                continue
+            if message[0] == "start":
+                current = next(s for s in job if s.key == message[1])
+            yield message
+        child.join()
+    finally:
+        if child.is_alive():  # interrupted here (Ctrl-C, SIGTERM): the child cleans up as the CLI does, then ends
+            child.terminate()
+            child.join()
+        receive.close()
+    if error is not None:
+        _, kind, text = error
+        raise HybridPruneError(text) if kind == "input" else RuntimeError(f"{current.label} failed: {text}")
+    if child.exitcode:
+        _clean_after(job, child.pid)
+        how = (f"was killed by signal {-child.exitcode}" + (" (out of memory?)" if child.exitcode == -9 else "")
+               if child.exitcode < 0 else f"ended with exit code {child.exitcode}")
+        raise HybridPruneError(f"{current.label}: its process {how}; rerun to continue from there")
+
+
+def _clean_after(job: list[Stage], pid: int) -> None:
+    """What a job's process, `pid`, killed mid-stage left: temporary siblings of its stages' outputs, and a
+    fine-tuning work folder without a checkpoint to resume from (as the fine-tuning leaves on an error)."""
+    from .models import clean_stale_temporaries
+    for stage in job:
+        clean_stale_temporaries(stage.path)
+        for tmp in stage.path.parent.glob(f".{stage.path.name}.tmp-{pid}"):
+            tmp.unlink(missing_ok=True)
+        work = stage.path.with_name(stage.path.name + ".checkpoints")
+        if stage.kind == "finetune" and work.is_dir() and not any(work.glob("checkpoint-*")):
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _child_main(conn, job, recipe, device, environ, threads) -> None:
+    """A job's process: the parent's environment and threads, a capped heap, SIGTERM as Ctrl-C (temporaries go)."""
+    import resource
+    import signal
+    import traceback
+
+    import torch
+    os.environ.clear()
+    os.environ.update(environ)  # the fork server keeps the environment it started with
+    torch.set_num_threads(threads)
+    cap_heap_growth()
+
+    def terminated(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, terminated)
+    try:
+        for event in _run_job(job, recipe, device):
+            conn.send(event)
+        conn.send(("peak", job[-1].key, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))
+    except HybridPruneError as e:
+        conn.send(("error", "input", str(e)))
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises it there
+        traceback.print_exc()
+        conn.send(("error", "crash", f"{type(e).__name__}: {e}"))
+        sys.exit(1)
+    finally:
+        conn.close()
 
 
 def _timing_group(stage: Stage) -> str:
