@@ -144,6 +144,9 @@ def test_isolated_stages_run_in_processes_of_their_own_with_the_same_results(fin
     assert _metrics(res) == _metrics(results)
     times = json.loads((tmp_path / "run" / "stages" / "times.json").read_text())
     assert len(times) == 13 and all(v >= 0 for v in times.values())
+    peaks = json.loads((tmp_path / "run" / "stages" / "peak_rss.json").read_text())
+    assert set(peaks) == set(times) and res["peak_rss"]["kib"] == max(peaks.values()) > 100_000  # KiB: >100 MB
+    assert f"{res['peak_rss']['kib'] / 1024:,.0f} MiB" in (tmp_path / "run" / "report.md").read_text()
 
 
 def test_an_isolated_stage_that_fails_or_is_killed_is_one_line(finished, tmp_path, monkeypatch):

@@ -7,6 +7,8 @@
     continues where it stopped, and a changed setting re-runs only the stages that depend on it. Stages shared by
     several runs (Exp 1 and Exp 3 share their pruned model; the dense model is the same at every seed) are
     computed once, and a recipe with one more seed computes only that seed's stages.
+    processes: each stage (a model's eval stages together) runs in a child of multiprocessing's fork server, so it
+    starts on a fresh heap and the run's peak memory is its largest stage's; `isolate=False` runs all in process.
     report (report.py): per run and metric the mean over seeds with its spread, paired differences on the same
     examples with intervals over seeds and examples, the claims, and the mask overlap.
 """
@@ -25,7 +27,7 @@ from pathlib import Path
 from .errors import HybridPruneError
 from .heap import cap_heap_growth, release
 from .recipe import Recipe, load_recipe
-from .report import build_report
+from .report import PEAKS_FILE, build_report
 
 
 # ----------------------------------------------------------------------------- stages
@@ -171,6 +173,8 @@ def run_experiment(recipe_path, out, quick: bool = False, only: str | None = Non
     stages, by_run, pruned = plan(recipe, out)
     times_file = out / "stages" / "times.json"
     times = json.loads(times_file.read_text()) if times_file.is_file() else {}
+    peaks_file = out / "stages" / PEAKS_FILE  # peak RSS (KiB) of the process that ran each stage, where isolated
+    peaks = json.loads(peaks_file.read_text()) if peaks_file.is_file() else {}
     todo = [s for s in stages if not s.done() and (only in (None, s.kind))]
     log(f"{len(stages)} stages, {len(stages) - len([s for s in stages if not s.done()])} already done, "
         f"{len(todo)} to run")
@@ -192,6 +196,8 @@ def run_experiment(recipe_path, out, quick: bool = False, only: str | None = Non
                 write_text_atomic(times_file, json.dumps(times, indent=1))
             else:  # "peak": the job's process, KiB
                 log(f"  its process peaked at {value / 1024:,.0f} MiB")
+                peaks.update({s.key: value for s in job})
+                write_text_atomic(peaks_file, json.dumps(peaks, indent=1))
     if any(not s.done() for s in stages):
         log("some stages have not run yet (--only); the report covers what exists")
         if only != "report":

@@ -30,6 +30,7 @@ from .stats import MIN_UNITS, mcnemar, paired_bootstrap, seeds_bootstrap
 PER_EXAMPLE = {"ppl": "nll"}  # perplexity is compared on its per-window NLL (same ordering)
 BINARY = ("acc", "exact_match")
 TOO_FEW = "too few to judge"
+PEAKS_FILE = "peak_rss.json"  # in stages/: the peak RSS (KiB) of the process that ran each stage (isolated runs)
 
 
 def _per_example(entry: dict, metric: str):
@@ -97,13 +98,17 @@ def build_report(recipe: Recipe, stages, by_run, pruned, times, out: Path) -> di
              for a, b in itertools.combinations(names, 2) if (p := _pair(table, task, metric, a, b))]
     claims = [_judge(c, pairs, names) for c in recipe.claims]
     overlap = mask_overlap(pruned, recipe)
+    peaks_file = out / "stages" / PEAKS_FILE
+    peaks = json.loads(peaks_file.read_text()) if peaks_file.is_file() else {}
+    peak = max(((v, s.label) for s in stages if (v := peaks.get(s.key))), default=None)
     results = {"recipe": recipe.path, "model": recipe.model, "seeds": recipe.seeds, "min_units": MIN_UNITS,
-               "runs": table, "pairs": pairs, "claims": claims, "overlap": overlap, "stage_seconds": times}
+               "runs": table, "pairs": pairs, "claims": claims, "overlap": overlap, "stage_seconds": times,
+               "stage_peak_rss_kib": peaks, "peak_rss": {"kib": peak[0], "stage": peak[1]} if peak else None}
     with atomic_dir(out / "plots", overwrite=True) as tmp:
         _plots(recipe, table, overlap, tmp)
     write_text_atomic(out / "results.json", json.dumps(results, indent=1, default=str))
     write_text_atomic(out / "results.csv", _csv(recipe, table))
-    write_text_atomic(out / "report.md", _markdown(recipe, table, pairs, claims, overlap, times))
+    write_text_atomic(out / "report.md", _markdown(recipe, table, pairs, claims, overlap, times, results["peak_rss"]))
     return results
 
 
@@ -253,14 +258,16 @@ def _units(entry: dict | None) -> str:
     return f"{entry.get('n')} / {k}"
 
 
-def _markdown(recipe, table, pairs, claims, overlap, times) -> str:
+def _markdown(recipe, table, pairs, claims, overlap, times, peak=None) -> str:
     cols = _columns(recipe)
     several = len(recipe.seeds) > 1
     spread = "mean over seeds ± between-seed SD" if several else "mean ± standard error; perplexity over windows"
     lines = [f"# Experiment: {Path(recipe.path).name}", "",
              f"Model `{recipe.model}`; {len(table)} runs; seeds {recipe.seeds} (each: the calibration draw and the "
              f"fine-tuning seed; the evaluated examples are the same for every seed); stage time "
-             f"{sum(v for v in times.values() if v) / 60:.1f} min in all (from stages/times.json).", ""]
+             f"{sum(v for v in times.values() if v) / 60:.1f} min in all (from stages/times.json)" +
+             (f"; the largest peak RSS of a stage's process {peak['kib'] / 1024:,.0f} MiB ({peak['stage']})"
+              if peak else "") + ".", ""]
     first = next(iter(table.values()))["tasks"]
     lines += ["Examples per task (n / independent units, the clusters the bootstrap resamples): " +
               "; ".join(f"{t} {_units(first.get(t))} ({(first.get(t) or {}).get('selection', 'windows')})"
