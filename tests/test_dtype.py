@@ -62,9 +62,11 @@ def test_experiment_takes_dtype_and_device(monkeypatch, tmp_path):
     from hybridprune import experiment
     seen = {}
 
-    def fake(recipe, out, quick=False, only=None, device=None, dtype=None, kernels=False, log=print):
-        seen.update(device=device, dtype=dtype)
+    def fake(recipe, out, quick=False, only=None, device=None, dtype=None, kernels=False, isolate=None, log=print):
+        seen.update(device=device, dtype=dtype, isolate=isolate)
         return {}
     monkeypatch.setattr(experiment, "run_experiment", fake)
     assert main(["experiment", "r.yaml", "--out", str(tmp_path / "o"), "--device", "cpu", "--dtype", "bfloat16"]) == 0
-    assert seen == {"device": "cpu", "dtype": "bfloat16"}
+    assert seen == {"device": "cpu", "dtype": "bfloat16", "isolate": None}  # None: processes where the OS can
+    assert main(["experiment", "r.yaml", "--out", str(tmp_path / "o"), "--in-process"]) == 0
+    assert seen["isolate"] is False
