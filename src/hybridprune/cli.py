@@ -577,8 +577,9 @@ def cmd_finetune(args):
 def cmd_experiment(args):
     from .data import data_dir
     from .experiment import run_experiment
-    if data_dir(args.data_dir) is not None:  # every stage reads its data from there (stages read the environment)
-        os.environ["HYBRIDPRUNE_DATA"] = str(data_dir(args.data_dir))
+    root = data_dir(args.data_dir)
+    if root is not None:  # every stage reads its data from there (stages read the environment)
+        os.environ["HYBRIDPRUNE_DATA"] = str(root)
     run_experiment(args.recipe, args.out, quick=args.quick, only=args.only, device=args.device, dtype=args.dtype,
                    kernels=args.kernels, isolate=False if args.in_process else None)
 

@@ -27,7 +27,9 @@ from pathlib import Path
 from .errors import HybridPruneError
 from .heap import cap_heap_growth, release
 from .recipe import Recipe, load_recipe
-from .report import PEAKS_FILE, build_report
+from .report import build_report
+
+PEAKS_FILE = "peak_rss.json"  # in stages/: the peak RSS (KiB) of the process that ran each stage (isolated runs)
 
 
 # ----------------------------------------------------------------------------- stages
@@ -202,7 +204,7 @@ def run_experiment(recipe_path, out, quick: bool = False, only: str | None = Non
         log("some stages have not run yet (--only); the report covers what exists")
         if only != "report":
             return {}
-    results = build_report(recipe, stages, by_run, pruned, times, out)
+    results = build_report(recipe, stages, by_run, pruned, times, out, peaks)
     log(f"wrote {out / 'report.md'}, results.json, results.csv and plots/")
     return results
 
@@ -304,14 +306,13 @@ def _child_main(conn, job, recipe, device, environ, threads) -> None:
     import traceback
 
     import torch
+
+    from .cli import _terminated  # SIGTERM as Ctrl-C, as the command itself takes it
     os.environ.clear()
     os.environ.update(environ)  # the fork server keeps the environment it started with
     torch.set_num_threads(threads)
     cap_heap_growth()
-
-    def terminated(signum, frame):
-        raise KeyboardInterrupt
-    signal.signal(signal.SIGTERM, terminated)
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         for event in _run_job(job, recipe, device):
             conn.send(event)

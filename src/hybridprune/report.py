@@ -30,7 +30,6 @@ from .stats import MIN_UNITS, mcnemar, paired_bootstrap, seeds_bootstrap
 PER_EXAMPLE = {"ppl": "nll"}  # perplexity is compared on its per-window NLL (same ordering)
 BINARY = ("acc", "exact_match")
 TOO_FEW = "too few to judge"
-PEAKS_FILE = "peak_rss.json"  # in stages/: the peak RSS (KiB) of the process that ran each stage (isolated runs)
 
 
 def _per_example(entry: dict, metric: str):
@@ -62,7 +61,7 @@ def _summary(task: str, by_seed: dict[int, dict]) -> dict:
     return out
 
 
-def build_report(recipe: Recipe, stages, by_run, pruned, times, out: Path) -> dict:
+def build_report(recipe: Recipe, stages, by_run, pruned, times, out: Path, peaks: dict | None = None) -> dict:
     from . import models
     from .models import atomic_dir, write_text_atomic
 
@@ -98,8 +97,7 @@ def build_report(recipe: Recipe, stages, by_run, pruned, times, out: Path) -> di
              for a, b in itertools.combinations(names, 2) if (p := _pair(table, task, metric, a, b))]
     claims = [_judge(c, pairs, names) for c in recipe.claims]
     overlap = mask_overlap(pruned, recipe)
-    peaks_file = out / "stages" / PEAKS_FILE
-    peaks = json.loads(peaks_file.read_text()) if peaks_file.is_file() else {}
+    peaks = peaks or {}
     peak = max(((v, s.label) for s in stages if (v := peaks.get(s.key))), default=None)
     results = {"recipe": recipe.path, "model": recipe.model, "seeds": recipe.seeds, "min_units": MIN_UNITS,
                "runs": table, "pairs": pairs, "claims": claims, "overlap": overlap, "stage_seconds": times,
