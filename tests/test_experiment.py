@@ -176,6 +176,47 @@ def test_an_isolated_stage_that_fails_or_is_killed_is_one_line(finished, tmp_pat
     assert _metrics(resumed) == _metrics(results)
 
 
+def test_the_command_waiting_on_isolated_stages_holds_no_torch(tiny_llama_dir, data_dir, tmp_path):
+    """`hybridprune experiment` in a fresh interpreter: the recipe is checked and every stage runs in children, so
+    the command's own process has not imported torch (~150 MB) while any stage runs, and stays small; a bad
+    --data-dir is still one line and exit 2."""
+    import subprocess
+    import sys
+    (tmp_path / "r.yaml").write_text(f"""\
+model: {tiny_llama_dir}
+prune: {{method: wanda, pattern: unstructured, sparsity: 0.5, nsamples: 2, seqlen: 32, seed: 0}}
+calibration: {{wiki: wikitext2}}
+runs: [{{name: dense}}, {{name: pruned-wiki, calibration: wiki}}]
+tasks: {{wikitext2: {{windows: 3, seqlen: 32}}}}
+""")
+    spy = r"""
+import builtins, json, re, sys
+seen, plain = [], builtins.print
+def peak():  # KiB; VmHWM is this image's own (ru_maxrss would carry over pytest's, which vfork'ed and exec'ed it)
+    return int(re.search(r"VmHWM:\s+(\d+)", open("/proc/self/status").read()).group(1))
+def print(*a, **k):  # the command logs through print: note, at each line, what this process holds
+    seen.append(["torch" in sys.modules, peak(), str(a[0]) if a else ""])
+    plain(*a, **k)
+builtins.print = print
+from hybridprune.cli import main
+rc = main(sys.argv[1:])
+plain(json.dumps(seen))
+sys.exit(rc)
+"""
+    run = [sys.executable, "-c", spy, "experiment", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "run")]
+    env = {k: v for k, v in os.environ.items() if k != "HYBRIDPRUNE_DATA"}
+    done = subprocess.run(run + ["--data-dir", str(data_dir)], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(done.stdout.splitlines()[-1])
+    stages = [(torch, kib) for torch, kib, line in seen if line.startswith("[stage ")]
+    assert len(stages) == 4  # two prunes (wiki and the magnitude reference), the two models' evaluations
+    assert not any(torch for torch, _ in stages) and max(kib for _, kib in stages) < 80_000  # KiB
+    assert (tmp_path / "run" / "report.md").is_file()
+    bad = subprocess.run(run + ["--data-dir", str(tmp_path / "nowhere")], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "nowhere does not exist" in bad.stderr
+
+
 def test_what_a_killed_stage_process_left_is_removed(tmp_path):
     """A child killed mid-save leaves temporary siblings named by its pid, and a fine-tuning work folder; the parent
     removes them, but keeps a work folder with a checkpoint to resume from."""
@@ -353,7 +394,7 @@ def test_shipped_recipe_plans_the_study(quick, tmp_path):
 def test_a_generating_task_sets_its_own_generation_width(tmp_path, monkeypatch):
     """SQuAD's long prompts hold a KV cache per batch row: a task's generate_batch_size overrides eval's for
     that task alone, and is in that task's stage key only."""
-    from hybridprune import models, tasks
+    from hybridprune import files, models, tasks
     base = RECIPE.format(model="m", boolq_limit=4).replace("eval: {batch_size: 4}",
                                                            "eval: {batch_size: 4, generate_batch_size: 8}")
     keys = {}
@@ -367,7 +408,7 @@ def test_a_generating_task_sets_its_own_generation_width(tmp_path, monkeypatch):
     assert keys[""]["squad"] != keys[", generate_batch_size: 3"]["squad"]
     widths = {}
     monkeypatch.setattr(models, "load_model", lambda *a, **k: (object(), object()))
-    monkeypatch.setattr(models, "write_text_atomic", lambda *a, **k: None)
+    monkeypatch.setattr(files, "write_text_atomic", lambda *a, **k: None)
     monkeypatch.setattr(tasks, "evaluate_model", lambda m, t, names, **kw: widths.update({names[0]: kw}) or {})
     for task in ("boolq", "squad"):
         experiment._run_stage(by_run["dense"][0][task], recipe, None, {})

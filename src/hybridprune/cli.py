@@ -131,7 +131,7 @@ def _tiers(text):
 
 
 def _check_out(out, overwrite):
-    from .models import check_out_path
+    from .files import check_out_path
     check_out_path(out)
     if Path(out).exists() and not overwrite:
         raise HybridPruneError(f"output folder {out} exists; pass --overwrite or choose another --out")
@@ -276,7 +276,7 @@ def _saving(args):
     if args.save == "dense":
         yield args.out, args.overwrite
         return
-    from .models import _remove, clean_stale_temporaries
+    from .files import _remove, clean_stale_temporaries
     from .packing import pack_folder
     out = Path(args.out)
     clean_stale_temporaries(out)
@@ -318,7 +318,7 @@ def _say_pruned(result, out, config, how="in memory"):
 
 
 def cmd_ppl(args):
-    from .models import write_text_atomic
+    from .files import write_text_atomic
     from .data import data_dir
     from .evaluate import perplexity
     from .models import read_record
@@ -381,7 +381,7 @@ def _check_eval_args(args):
 
 
 def cmd_eval(args):
-    from .models import write_text_atomic
+    from .files import write_text_atomic
     from .tasks import metric_rows
     _check_eval_args(args)
     _out_file(args.out)
@@ -415,7 +415,7 @@ def cmd_compare(args):
         lines.append(f"| {key[0]} | {key[1]} | " + " | ".join(cells) + " |")
     text = "\n".join(lines)
     print(text)
-    from .models import atomic_dir
+    from .files import atomic_dir
     out = Path(args.out or "compare")
     with atomic_dir(out, overwrite=True) as tmp:  # the three files appear together or not at all
         (tmp / "compare.md").write_text(text + "\n")
@@ -575,11 +575,9 @@ def cmd_finetune(args):
 
 
 def cmd_experiment(args):
-    from .data import data_dir
-    from .experiment import run_experiment
-    root = data_dir(args.data_dir)
-    if root is not None:  # every stage reads its data from there (stages read the environment)
-        os.environ["HYBRIDPRUNE_DATA"] = str(root)
+    from .experiment import run_experiment  # imports no torch: with stages in processes of their own, this one waits
+    if args.data_dir is not None:  # every stage reads its data from there (checked with the recipe)
+        os.environ["HYBRIDPRUNE_DATA"] = str(Path(args.data_dir).expanduser())
     run_experiment(args.recipe, args.out, quick=args.quick, only=args.only, device=args.device, dtype=args.dtype,
                    kernels=args.kernels, isolate=False if args.in_process else None)
 

@@ -587,7 +587,6 @@ def save_pruned(model, tokenizer, out, config: PruneConfig, result: PruneResult,
                 overwrite: bool = False, extra_record: dict | None = None):
     """Save the pruned model with its record and, for block patterns, the tier map of every matrix (for a channel
     permutation, each matrix's column order)."""
-    from safetensors.torch import save_file
 
     record = pruned_record(config, result, source, {"loading": "in memory", **(extra_record or {})})
 

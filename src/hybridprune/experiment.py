@@ -26,8 +26,8 @@ from pathlib import Path
 
 from .errors import HybridPruneError
 from .heap import cap_heap_growth, release
+from .files import write_text_atomic
 from .recipe import Recipe, load_recipe
-from .report import build_report
 
 PEAKS_FILE = "peak_rss.json"  # in stages/: the peak RSS (KiB) of the process that ran each stage (isolated runs)
 
@@ -104,7 +104,7 @@ def plan(recipe: Recipe, out: Path) -> tuple[list[Stage], dict, dict]:
 def _run_stage(stage: Stage, recipe: Recipe, device: str | None, loaded: dict) -> None:
     """Run one stage. `loaded` keeps the last model that eval stages loaded (a model's eval stages run one after
     another, so it is read once, not once per task); tokenized fine-tuning data is cached on disk (out/stages/data)."""
-    from . import models
+    from . import files, models
     from .engine import PruneConfig, prune, save_pruned
     if stage.kind != "eval" and loaded:  # a prune or fine-tune stage needs no evaluated model
         loaded.clear()
@@ -141,7 +141,7 @@ def _run_stage(stage: Stage, recipe: Recipe, device: str | None, loaded: dict) -
                              batch_size=recipe.eval.get("batch_size", 8),
                              generate_batch_size=s.get("generate_batch_size", recipe.eval.get("generate_batch_size")))
         record = models.read_record(spec) if stage.input else None
-        models.write_text_atomic(stage.path, json.dumps({"model": spec, "stage": stage.spec, "hybridprune": record,
+        files.write_text_atomic(stage.path, json.dumps({"model": spec, "stage": stage.spec, "hybridprune": record,
                                                          "results": res}, default=str))
 
 
@@ -150,27 +150,19 @@ def run_experiment(recipe_path, out, quick: bool = False, only: str | None = Non
     """Run every unfinished stage of the recipe, then write the report. Returns the results dict.
 
     isolate: run each stage (a model's eval stages together) in a process of its own, so that a stage starts on a
-    fresh heap and the study's peak memory is its largest stage's; None: where the platform can (Linux)."""
-    from . import models
-    from .engine import default_device
-    from .models import write_text_atomic
-
+    fresh heap and the study's peak memory is its largest stage's; None: where the platform can (Linux). This
+    process then only plans and waits: the recipe is checked in a child too, and torch is not imported here until
+    every stage has run (the report reads the masks)."""
     if only not in (None, "prune", "finetune", "eval", "report"):
         raise HybridPruneError(f"unknown --only {only!r}; use prune, finetune, eval or report")
-    default_device(device)
-    recipe = load_recipe(recipe_path, quick=quick)
-    cap_heap_growth()  # before any stage: freed tensors go back to the OS (the study's peak is one stage's)
-    if dtype is not None:
-        from .models import _dtype
-        _dtype(dtype)  # refuse an unknown name before any work
-        recipe.dtype = dtype
-    if kernels:
-        recipe.eval["kernels"] = True
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise HybridPruneError(f"--out {out} is a file; give a folder for the run (its stages are cached there)")
-    if recipe.model != "default":
-        models.resolve_model(recipe.model)  # a missing model is refused before anything is written
+    if isolate is None:
+        isolate = can_isolate()
+    cap_heap_growth()  # before any stage: freed tensors go back to the OS (the study's peak is one stage's)
+    check = (recipe_path, quick, device, dtype, kernels)
+    recipe = _result_of(_child_events(_checked, check, "checking the recipe")) if isolate else _check(*check)
     (out / "stages").mkdir(parents=True, exist_ok=True)
     stages, by_run, pruned = plan(recipe, out)
     times_file = out / "stages" / "times.json"
@@ -180,8 +172,6 @@ def run_experiment(recipe_path, out, quick: bool = False, only: str | None = Non
     todo = [s for s in stages if not s.done() and (only in (None, s.kind))]
     log(f"{len(stages)} stages, {len(stages) - len([s for s in stages if not s.done()])} already done, "
         f"{len(todo)} to run")
-    if isolate is None:
-        isolate = can_isolate()
     took: dict[str, list[float]] = {}
     number = {s.key: i for i, s in enumerate(todo, 1)}
     by_key = {s.key: s for s in todo}
@@ -204,9 +194,32 @@ def run_experiment(recipe_path, out, quick: bool = False, only: str | None = Non
         log("some stages have not run yet (--only); the report covers what exists")
         if only != "report":
             return {}
+    from .report import build_report
     results = build_report(recipe, stages, by_run, pruned, times, out, peaks)
     log(f"wrote {out / 'report.md'}, results.json, results.csv and plots/")
     return results
+
+
+def _check(recipe_path, quick, device, dtype, kernels) -> Recipe:
+    """The recipe, checked, with the command's overrides; every mistake is refused here, before any stage."""
+    from . import models
+    from .data import data_dir
+    from .engine import default_device
+    default_device(device)
+    data_dir()  # the stages read HYBRIDPRUNE_DATA (which --data-dir sets): a missing folder is refused now
+    recipe = load_recipe(recipe_path, quick=quick)
+    if dtype is not None:
+        models._dtype(dtype)  # refuse an unknown name before any work
+        recipe.dtype = dtype
+    if kernels:
+        recipe.eval["kernels"] = True
+    if recipe.model != "default":
+        models.resolve_model(recipe.model)  # a missing model is refused before anything is written
+    return recipe
+
+
+def _checked(*check):
+    yield "result", None, _check(*check)
 
 
 # ----------------------------------------------------------------------------- one process per stage
@@ -245,19 +258,48 @@ def can_isolate() -> bool:
 
 
 def _in_child(job: list[Stage], recipe: Recipe, device: str | None):
-    """Run a job in a child of multiprocessing's fork server, which imported the libraries once and never computed,
-    and pass on its events. A child starts on a fresh heap: glibc's fragments of earlier stages (0.2 GiB at the
-    study's third SQuAD LoRA) do not add to its peak. Its errors come back as they would in process; a child that
-    dies without one (killed, out of memory) is one line naming the stage, and its temporaries are removed."""
-    import torch
+    """Run a job in a child of the fork server and pass on its events. A child starts on a fresh heap: glibc's
+    fragments of earlier stages (0.2 GiB at the study's third SQuAD LoRA) do not add to its peak. Its errors come
+    back as they would in process; a child that dies without one (killed, out of memory) is one line naming the
+    stage, and its temporaries are removed."""
+    current = job[0]
+    try:
+        for message in _child_events(_run_job, (job, recipe, device), f"hybridprune {job[0].kind}"):
+            if message[0] == "start":
+                current = next(s for s in job if s.key == message[1])
+            yield message
+    except _ChildFailed as e:
+        if e.exitcode is not None:
+            _clean_after(job, e.pid)
+        raise e.error(current.label) from None
+
+
+class _ChildFailed(Exception):
+    """A child's error (kind 'input' or 'crash', with its text) or its death (exitcode, pid)."""
+
+    def __init__(self, kind=None, text=None, exitcode=None, pid=None):
+        super().__init__(text or exitcode)
+        self.kind, self.text, self.exitcode, self.pid = kind, text, exitcode, pid
+
+    def error(self, what: str) -> Exception:
+        if self.exitcode is None:
+            return HybridPruneError(self.text) if self.kind == "input" else RuntimeError(f"{what} failed: {self.text}")
+        how = (f"was killed by signal {-self.exitcode}" + (" (out of memory?)" if self.exitcode == -9 else "")
+               if self.exitcode < 0 else f"ended with exit code {self.exitcode}")
+        return HybridPruneError(f"{what}: its process {how}; rerun to continue from there")
+
+
+def _child_events(target, args: tuple, name: str):
+    """Run the generator target(*args) in a child of multiprocessing's fork server, which imported the libraries
+    once and never computed, and yield what it yields. Raises _ChildFailed if it fails or dies."""
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["torch", "hybridprune.engine", "hybridprune.finetune", "hybridprune.tasks"])
+    threads = sys.modules["torch"].get_num_threads() if "torch" in sys.modules else None  # as set in this process
     receive, send = ctx.Pipe(duplex=False)
-    child = ctx.Process(target=_child_main, name=f"hybridprune {job[0].kind}",
-                        args=(send, job, recipe, device, dict(os.environ), torch.get_num_threads()))
+    child = ctx.Process(target=_child_main, name=name, args=(send, target, args, dict(os.environ), threads))
     child.start()
     send.close()
-    error, current = None, job[0]
+    error = None
     try:
         while True:
             try:
@@ -267,8 +309,6 @@ def _in_child(job: list[Stage], recipe: Recipe, device: str | None):
             if message[0] == "error":
                 error = message
                 continue
-            if message[0] == "start":
-                current = next(s for s in job if s.key == message[1])
             yield message
         child.join()
     finally:
@@ -277,19 +317,23 @@ def _in_child(job: list[Stage], recipe: Recipe, device: str | None):
             child.join()
         receive.close()
     if error is not None:
-        _, kind, text = error
-        raise HybridPruneError(text) if kind == "input" else RuntimeError(f"{current.label} failed: {text}")
+        raise _ChildFailed(kind=error[1], text=error[2])
     if child.exitcode:
-        _clean_after(job, child.pid)
-        how = (f"was killed by signal {-child.exitcode}" + (" (out of memory?)" if child.exitcode == -9 else "")
-               if child.exitcode < 0 else f"ended with exit code {child.exitcode}")
-        raise HybridPruneError(f"{current.label}: its process {how}; rerun to continue from there")
+        raise _ChildFailed(exitcode=child.exitcode, pid=child.pid)
+
+
+def _result_of(events):
+    """The value of a child's one ("result", None, value) event; its failure as the error it would raise here."""
+    try:
+        return [value for event, _, value in events if event == "result"][0]  # to the end: the child has exited
+    except _ChildFailed as e:
+        raise e.error("checking the recipe") from None
 
 
 def _clean_after(job: list[Stage], pid: int) -> None:
     """What a job's process, `pid`, killed mid-stage left: temporary siblings of its stages' outputs, and a
     fine-tuning work folder without a checkpoint to resume from (as the fine-tuning leaves on an error)."""
-    from .models import clean_stale_temporaries
+    from .files import clean_stale_temporaries
     for stage in job:
         clean_stale_temporaries(stage.path)
         for tmp in stage.path.parent.glob(f".{stage.path.name}.tmp-{pid}"):
@@ -299,8 +343,9 @@ def _clean_after(job: list[Stage], pid: int) -> None:
             shutil.rmtree(work, ignore_errors=True)
 
 
-def _child_main(conn, job, recipe, device, environ, threads) -> None:
-    """A job's process: the parent's environment and threads, a capped heap, SIGTERM as Ctrl-C (temporaries go)."""
+def _child_main(conn, target, args, environ, threads) -> None:
+    """A child's process: the parent's environment and threads, a capped heap, SIGTERM as Ctrl-C (temporaries go);
+    sends target(*args)'s events, then its peak RSS (KiB) for the last stage it named."""
     import resource
     import signal
     import traceback
@@ -310,13 +355,17 @@ def _child_main(conn, job, recipe, device, environ, threads) -> None:
     from .cli import _terminated  # SIGTERM as Ctrl-C, as the command itself takes it
     os.environ.clear()
     os.environ.update(environ)  # the fork server keeps the environment it started with
-    torch.set_num_threads(threads)
+    if threads is not None:
+        torch.set_num_threads(threads)
     cap_heap_growth()
     signal.signal(signal.SIGTERM, _terminated)
     try:
-        for event in _run_job(job, recipe, device):
+        last = None
+        for event in target(*args):
             conn.send(event)
-        conn.send(("peak", job[-1].key, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))
+            last = event[1]
+        if last is not None:
+            conn.send(("peak", last, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))
     except HybridPruneError as e:
         conn.send(("error", "input", str(e)))
         sys.exit(2)

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from . import models
+from . import files, models
 from .data import (boolq_examples, c4_texts, check_bos, cut_windows, data_dir, gsm8k_examples, resolve_bos,
                    squad_examples, text_ids, wikitext2_text)
 from .errors import HybridPruneError
@@ -176,7 +176,7 @@ def build_dataset(config: FinetuneConfig, tokenizer, cache=None) -> list[dict]:
             return json.loads(path.read_text())
         rows = build_dataset(config, tokenizer)
         path.parent.mkdir(parents=True, exist_ok=True)
-        models.write_text_atomic(path, json.dumps(rows))
+        files.write_text_atomic(path, json.dumps(rows))
         return rows
     root = data_dir(config.data_dir)
     bos = resolve_bos(tokenizer, config.bos)

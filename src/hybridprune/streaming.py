@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from . import models
+from . import files, models
 from .errors import HybridPruneError
 from .heap import trim_heap
 
@@ -252,7 +252,7 @@ def prune_streamed(spec: str, config, out, overwrite: bool = False, dtype=None, 
     if not folder.is_dir() or not has_safetensors(folder):
         raise HybridPruneError(f"--stream needs a folder of safetensors weights; {spec} is not one (use --stream off)")
     model, mconfig, tok, want = empty_model(folder, dtype, trust_remote_code)
-    with models.atomic_dir(out, overwrite=overwrite) as tmp:
+    with files.atomic_dir(out, overwrite=overwrite) as tmp:
         stream = LayerStream(model, folder, tmp, want)
         result = prune(model, config, tokenizer=tok, stream=stream)
         report = stream.finish()
