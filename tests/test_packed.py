@@ -326,8 +326,9 @@ def test_recipe_eval_kernels(tmp_path):
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4", "three-tier"])
 def test_packed_gemm_equals_dense_matmul(pattern, dtype):
     """The large-batch GEMM (PackedLinear.gemm): odd shapes with edge blocks, batch tiles of 16, 32 and 48 rows and
-    a remainder, within fp32 rounding of a float64 product; the module dispatches to it from GEMM_FROM rows on."""
-    for N, K in SHAPES + [(130, 256)]:
+    a remainder, within fp32 rounding of a float64 product; the module dispatches to it from GEMM_FROM rows on.
+    1040 columns span three k-slices of the GEMM (the tiered one takes each slice's blocks from its list)."""
+    for N, K in SHAPES + [(130, 256), (40, 1040)]:
         if pattern == "2:4" and K % 16:
             continue
         W, layout, tiers = pruned(pattern, N, K, dtype, seed=N)

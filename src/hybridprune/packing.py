@@ -270,8 +270,8 @@ def _prunable_names(folder: Path) -> dict[str, bool]:
 
 def _weight_files(folder: Path) -> list[Path]:
     from .engine import PERMUTATIONS_FILE, TIERS_FILE
-    files = sorted(folder.glob("*.safetensors"))
-    return [f for f in files if f.name not in (TIERS_FILE, PERMUTATIONS_FILE, PACKED_FILE)
+    found = sorted(folder.glob("*.safetensors"))
+    return [f for f in found if f.name not in (TIERS_FILE, PERMUTATIONS_FILE, PACKED_FILE)
             and f.parent.name != "adapter"]
 
 
@@ -291,8 +291,8 @@ def pack_folder(src, out, overwrite: bool = False, log=print) -> dict:
     if not record or "prune" not in record:
         raise HybridPruneError(f"{src} has no hybridprune.json recording a pruning run, so nothing says which "
                                "weights are pruned; prune it with `hybridprune prune` first")
-    files = _weight_files(src)
-    if not files:
+    weights = _weight_files(src)
+    if not weights:
         raise HybridPruneError(f"{src} has no *.safetensors weights to pack")
     pattern = record["prune"].get("pattern_detail") or {}
     tier_maps, perms = load_tier_maps(src), load_permutations(src)
@@ -300,7 +300,7 @@ def pack_folder(src, out, overwrite: bool = False, log=print) -> dict:
     prunable = _prunable_names(src)
     tensors, layouts = {}, {}
     stats = {"dense_bytes": 0, "packed_bytes": 0, "matrices": 0}
-    for f in files:
+    for f in weights:
         with safe_open(str(f), "pt") as sf:
             for key in sf.keys():
                 t = sf.get_tensor(key)

@@ -652,8 +652,8 @@ static_assert(GNM <= 3, "batch tiles of 16, 32 or 48 rows");
 // in noisy runs).
 inline int64_t gemm_ld(int64_t Kp) { return Kp + 16; }
 
-// NR rows x NM*16 batch rows; w(i, k) = w[k * 16 + i] (KMAJ) or w[i * rs + k]; xt[k * NM*16 + m]; c[i * ldc + m].
-template <int NR, int NM, bool KMAJ>
+// NR rows x NM*16 batch rows; w(i, k) = w[i * rs + k]; xt[k * NM*16 + m]; c[i * ldc + m].
+template <int NR, int NM>
 HP_AVX512 __attribute__((always_inline)) inline void gemm_tile(const float* w, int64_t rs, const float* xt,
     int64_t kc, float* c, int64_t ldc) {
   __m512 acc[NR][NM];
@@ -663,7 +663,7 @@ HP_AVX512 __attribute__((always_inline)) inline void gemm_tile(const float* w, i
     __m512 b[NM];
     for (int j = 0; j < NM; j++) b[j] = _mm512_loadu_ps(xt + k * NM * 16 + j * 16);
     for (int i = 0; i < NR; i++) {
-      const __m512 a = _mm512_set1_ps(KMAJ ? w[k * 16 + i] : w[i * rs + k]);
+      const __m512 a = _mm512_set1_ps(w[i * rs + k]);
       for (int j = 0; j < NM; j++) acc[i][j] = _mm512_fmadd_ps(a, b[j], acc[i][j]);
     }
   }
@@ -671,8 +671,7 @@ HP_AVX512 __attribute__((always_inline)) inline void gemm_tile(const float* w, i
     for (int j = 0; j < NM; j++) _mm512_storeu_ps(c + i * ldc + j * 16, acc[i][j]);
 }
 
-// Row-major decoders (rows r .. r+rows of the matrix into out[GR][Kp], rows past `rows` zero) and the tiered one
-// (block row R into out[Kp][16], k-major: a dense block is then a copy of its column-major values).
+// Row-major decoders: rows r .. r+rows of the matrix into out[GR][Kp], rows past `rows` zero.
 template <typename W>
 HP_AVX512 void unstructured_rows_avx512(const uint8_t* mask, const W* vals, const int64_t* rowptr, int64_t Kp,
                                         int64_t r, int64_t rows, float* out) {
@@ -720,49 +719,145 @@ HP_AVX512 void nm24_rows_avx512(const W* vals, const uint8_t* pos, int64_t K, in
   for (int64_t q = rows; q < GR; q++) std::memset(out + q * gemm_ld(K), 0, K * sizeof(float));
 }
 
+// The tiered GEMM skips what a block row's top-k and empty blocks would cost in the dense tile. Its panel: the
+// dense and 2:4 blocks decoded k-major one after another (w[b * 256 + j * 16 + i] = row i, column j of the b-th
+// such block, cols[b] its block column, ascending), and each top-k weight as its value and (input column << 4 | row).
+// A top-k block (k of 256 weights) then costs k broadcast FMAs per 16 batch rows, not a dense block's 256.
 template <typename W>
-HP_AVX512 void tiered_rows_avx512(int64_t C, const int8_t* tr, const W* dense, const W* nmv, const uint32_t* nmp,
-                                  const W* tkv, const uint8_t* tkp, int64_t k, int64_t d, int64_t n, int64_t t,
-                                  float* out) {
+HP_AVX512 void tiered_panel_avx512(int64_t C, const int8_t* tr, const W* dense, const W* nmv, const uint32_t* nmp,
+                                   const W* tkv, const uint8_t* tkp, int64_t k, int64_t d, int64_t n, int64_t t,
+                                   float* out, int32_t* cols, int64_t& nb, float* tkw, int32_t* tkx, int64_t& nt) {
   const __m512i shifts = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
   const __m512i three = _mm512_set1_epi32(3);
+  nb = nt = 0;
   for (int64_t c = 0; c < C; c++) {
-    float* o = out + c * 256;  // column c*16 + j of the 16 rows at o[j * 16 + i]
     const int tier = tr[c];
+    if (tier == 2) {
+      const W* w = tkv + t * k;
+      const uint8_t* p = tkp + t * k;
+      t++;
+      for (int64_t e = 0; e < k; e++, nt++) {
+        tkw[nt] = to_f(w[e]);
+        tkx[nt] = static_cast<int32_t>(((c * 16 + (p[e] & 15)) << 4) | (p[e] >> 4));
+      }
+      continue;
+    }
+    if (tier != 0 && tier != 1) continue;  // an empty block
+    float* o = out + nb * 256;
+    cols[nb++] = static_cast<int32_t>(c);
     if (tier == 0) {
       const W* w = dense + d++ * 256;
       for (int j = 0; j < 16; j++) _mm512_storeu_ps(o + j * 16, load16(w + j * 16));
-    } else if (tier == 1) {
-      const W* w = nmv + n * 128;
-      const uint32_t* p = nmp + n * 8;
-      n++;
-      for (int g = 0; g < 4; g++) {  // value columns 2g and 2g+1 fill columns 4g .. 4g+3
-        const __m512 we = load16(w + 2 * g * 16), wo = load16(w + (2 * g + 1) * 16);
-        const __m512i pe = _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(static_cast<int>(p[2 * g])), shifts), three);
-        const __m512i po = _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(static_cast<int>(p[2 * g + 1])), shifts), three);
-        for (int cc = 0; cc < 4; cc++) {
-          const __m512i cv = _mm512_set1_epi32(cc);
-          __m512 col = _mm512_maskz_mov_ps(_mm512_cmpeq_epi32_mask(pe, cv), we);
-          col = _mm512_mask_mov_ps(col, _mm512_cmpeq_epi32_mask(po, cv), wo);
-          _mm512_storeu_ps(o + (4 * g + cc) * 16, col);
-        }
-      }
-    } else {
-      for (int j = 0; j < 16; j++) _mm512_storeu_ps(o + j * 16, _mm512_setzero_ps());
-      if (tier == 2) {
-        const W* w = tkv + t * k;
-        const uint8_t* p = tkp + t * k;
-        t++;
-        for (int64_t e = 0; e < k; e++) o[(p[e] & 15) * 16 + (p[e] >> 4)] = to_f(w[e]);
+      continue;
+    }
+    const W* w = nmv + n * 128;
+    const uint32_t* p = nmp + n * 8;
+    n++;
+    for (int g = 0; g < 4; g++) {  // value columns 2g and 2g+1 fill columns 4g .. 4g+3
+      const __m512 we = load16(w + 2 * g * 16), wo = load16(w + (2 * g + 1) * 16);
+      const __m512i pe = _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(static_cast<int>(p[2 * g])), shifts), three);
+      const __m512i po = _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(static_cast<int>(p[2 * g + 1])), shifts), three);
+      for (int cc = 0; cc < 4; cc++) {
+        const __m512i cv = _mm512_set1_epi32(cc);
+        __m512 col = _mm512_maskz_mov_ps(_mm512_cmpeq_epi32_mask(pe, cv), we);
+        col = _mm512_mask_mov_ps(col, _mm512_cmpeq_epi32_mask(po, cv), wo);
+        _mm512_storeu_ps(o + (4 * g + cc) * 16, col);
       }
     }
   }
 }
 
+// NR panel rows x NM*16 batch rows over nb blocks of a panel: w(i, column j of block b) = w[b * 256 + j * 16 + i];
+// block b reads x^T from its block column cols[b].
+template <int NR, int NM>
+HP_AVX512 __attribute__((always_inline)) inline void gemm_tile_blocks(const float* w, const int32_t* cols, int64_t nb,
+                                                                      const float* xt, float* c, int64_t ldc) {
+  __m512 acc[NR][NM];
+  for (int i = 0; i < NR; i++)
+    for (int j = 0; j < NM; j++) acc[i][j] = _mm512_loadu_ps(c + i * ldc + j * 16);
+  for (int64_t b = 0; b < nb; b++) {
+    const float* wb = w + b * 256;
+    const float* xb = xt + static_cast<int64_t>(cols[b]) * 16 * NM * 16;
+    for (int kk = 0; kk < 16; kk++) {
+      __m512 v[NM];
+      for (int j = 0; j < NM; j++) v[j] = _mm512_loadu_ps(xb + kk * NM * 16 + j * 16);
+      for (int i = 0; i < NR; i++) {
+        const __m512 a = _mm512_set1_ps(wb[kk * 16 + i]);
+        for (int j = 0; j < NM; j++) acc[i][j] = _mm512_fmadd_ps(a, v[j], acc[i][j]);
+      }
+    }
+  }
+  for (int i = 0; i < NR; i++)
+    for (int j = 0; j < NM; j++) _mm512_storeu_ps(c + i * ldc + j * 16, acc[i][j]);
+}
+
+// Block rows [R0, R1) against every batch row, GG at a time (a k-slice of x^T read once per GG block rows): the
+// panels' blocks in k-slices of GKC columns through the register tile, then the top-k weights, then y.
+template <typename Panel>
+HP_AVX512 void tiered_gemm_rows(const float* xt, int64_t M, int64_t Mp, int64_t C, int64_t k, float* y, int64_t ldy,
+                                int64_t R0, int64_t R1, Panel& panel) {
+  const int64_t Kp = C * 16;
+  std::vector<float> buf(static_cast<size_t>(GG * C * 256)), acc(static_cast<size_t>(GG * GR * Mp));
+  std::vector<float> tkw(static_cast<size_t>(std::max<int64_t>(1, GG * C * k)));
+  std::vector<int32_t> cols(static_cast<size_t>(GG * C)), tkx(tkw.size());
+  int64_t nb[GG], nt[GG], next[GG];
+  for (int64_t g0 = R0; g0 < R1; g0 += GG) {
+    const int64_t ng = std::min<int64_t>(GG, R1 - g0);
+    for (int64_t g = 0; g < ng; g++) {
+      panel(g0 + g, buf.data() + g * C * 256, cols.data() + g * C, nb[g], tkw.data() + g * C * k,
+            tkx.data() + g * C * k, nt[g]);
+      next[g] = 0;
+    }
+    std::fill(acc.begin(), acc.end(), 0.0f);
+    for (int64_t k0 = 0; k0 < Kp; k0 += GKC) {
+      const int64_t chi = (k0 + GKC) / 16;  // block columns below chi are in this slice
+      for (int64_t g = 0; g < ng; g++) {
+        const int32_t* cg = cols.data() + g * C;
+        const int64_t b0 = next[g];
+        int64_t b1 = b0;
+        while (b1 < nb[g] && cg[b1] < chi) b1++;
+        next[g] = b1;
+        if (b1 == b0) continue;
+        const float* wg = buf.data() + g * C * 256 + b0 * 256;
+        float* ag = acc.data() + g * GR * Mp;
+        for (int64_t m0 = 0; m0 < Mp; m0 += GNM * 16) {
+          const int64_t nm = std::min<int64_t>(GNM, (Mp - m0) / 16);
+          const float* tile = xt + m0 * Kp;
+          for (int i0 = 0; i0 < GR; i0 += GNR) {
+            float* c = ag + i0 * Mp + m0;
+            if (nm == 3) gemm_tile_blocks<GNR, 3>(wg + i0, cg + b0, b1 - b0, tile, c, Mp);
+            else if (nm == 2) gemm_tile_blocks<GNR, 2>(wg + i0, cg + b0, b1 - b0, tile, c, Mp);
+            else gemm_tile_blocks<GNR, 1>(wg + i0, cg + b0, b1 - b0, tile, c, Mp);
+          }
+        }
+      }
+    }
+    for (int64_t g = 0; g < ng; g++) {
+      float* ag = acc.data() + g * GR * Mp;
+      const float* wg = tkw.data() + g * C * k;
+      const int32_t* xg = tkx.data() + g * C * k;
+      for (int64_t e = 0; e < nt[g]; e++) {
+        const __m512 a = _mm512_set1_ps(wg[e]);
+        const int64_t col = xg[e] >> 4;
+        float* c = ag + (xg[e] & 15) * Mp;
+        for (int64_t m0 = 0; m0 < Mp; m0 += GNM * 16) {
+          const int64_t w = std::min<int64_t>(GNM * 16, Mp - m0);
+          const float* xr = xt + m0 * Kp + col * w;
+          for (int64_t j = 0; j < w; j += 16)
+            _mm512_storeu_ps(c + m0 + j, _mm512_fmadd_ps(a, _mm512_loadu_ps(xr + j), _mm512_loadu_ps(c + m0 + j)));
+        }
+      }
+      const int64_t r0 = (g0 + g) * GR;
+      for (int64_t m = 0; m < M; m++)
+        for (int64_t i = 0; i < GR; i++) y[m * ldy + r0 + i] = ag[i * Mp + m];
+    }
+  }
+}
+
 // Weight rows chunk*16 .. chunk*16+15 for chunks [c0, c1) against every batch row, GG chunks at a time (so that
-// a k-slice of x^T is read once per GG*16 weight rows): decode(chunk, buf) fills a chunk's buffer, k-major (KMAJ)
-// or row-major; xt holds x^T in tiles of 48 (the last maybe 16 or 32) batch rows.
-template <bool KMAJ, typename Decode>
+// a k-slice of x^T is read once per GG*16 weight rows): decode(chunk, buf) fills a chunk's buffer, row-major; xt
+// holds x^T in tiles of 48 (the last maybe 16 or 32) batch rows.
+template <typename Decode>
 HP_AVX512 void gemm_chunks(const float* xt, int64_t M, int64_t Mp, int64_t Kp, int64_t N, float* y, int64_t ldy,
                            int64_t c0, int64_t c1, Decode& decode) {
   const int64_t ld = gemm_ld(Kp);
@@ -780,11 +875,11 @@ HP_AVX512 void gemm_chunks(const float* xt, int64_t M, int64_t Mp, int64_t Kp, i
           const int64_t nm = std::min<int64_t>(GNM, (Mp - m0) / 16);
           const float* tile = xt + m0 * Kp + k0 * nm * 16;
           for (int i0 = 0; i0 < GR; i0 += GNR) {
-            const float* w = bg + (KMAJ ? k0 * 16 + i0 : i0 * ld + k0);
+            const float* w = bg + i0 * ld + k0;
             float* c = ag + i0 * Mp + m0;
-            if (nm == 3) gemm_tile<GNR, 3, KMAJ>(w, ld, tile, kc, c, Mp);
-            else if (nm == 2) gemm_tile<GNR, 2, KMAJ>(w, ld, tile, kc, c, Mp);
-            else gemm_tile<GNR, 1, KMAJ>(w, ld, tile, kc, c, Mp);
+            if (nm == 3) gemm_tile<GNR, 3>(w, ld, tile, kc, c, Mp);
+            else if (nm == 2) gemm_tile<GNR, 2>(w, ld, tile, kc, c, Mp);
+            else gemm_tile<GNR, 1>(w, ld, tile, kc, c, Mp);
           }
         }
       }
@@ -798,10 +893,9 @@ HP_AVX512 void gemm_chunks(const float* xt, int64_t M, int64_t Mp, int64_t Kp, i
   }
 }
 
-// y[M, N] (ldy columns) = x @ W.T for x [M, Kp], threads over chunks of 16 weight rows.
-template <bool KMAJ, typename Decode>
-void packed_gemm(const float* x, int64_t M, int64_t Kp, int64_t N, float* y, int64_t ldy, Decode&& decode) {
-  const int64_t Mp = (M + 15) / 16 * 16;
+// x [M, Kp] as x^T in tiles of 48 batch rows (the last maybe 16 or 32, zero-padded to Mp = M rounded up to 16):
+// tile m0 holds xt[m0 * Kp + k * w + m] = x[m0 + m, k], w its width.
+std::vector<float> pack_xt(const float* x, int64_t M, int64_t Kp, int64_t Mp) {
   std::vector<float> xt(static_cast<size_t>(Kp * Mp));
   at::parallel_for(0, Kp, 256, [&](int64_t k0, int64_t k1) {
     for (int64_t m0 = 0; m0 < Mp; m0 += GNM * 16) {
@@ -811,8 +905,16 @@ void packed_gemm(const float* x, int64_t M, int64_t Kp, int64_t N, float* y, int
         for (int64_t m = 0; m < w; m++) tile[k * w + m] = m0 + m < M ? x[(m0 + m) * Kp + k] : 0.0f;
     }
   });
+  return xt;
+}
+
+// y[M, N] (ldy columns) = x @ W.T for x [M, Kp], threads over chunks of 16 weight rows.
+template <typename Decode>
+void packed_gemm(const float* x, int64_t M, int64_t Kp, int64_t N, float* y, int64_t ldy, Decode&& decode) {
+  const int64_t Mp = (M + 15) / 16 * 16;
+  const std::vector<float> xt = pack_xt(x, M, Kp, Mp);
   at::parallel_for(0, (N + GR - 1) / GR, 1, [&](int64_t c0, int64_t c1) {
-    gemm_chunks<KMAJ>(xt.data(), M, Mp, Kp, N, y, ldy, c0, c1, decode);
+    gemm_chunks(xt.data(), M, Mp, Kp, N, y, ldy, c0, c1, decode);
   });
 }
 
@@ -1089,7 +1191,7 @@ torch::Tensor unstructured_gemm(torch::Tensor x, torch::Tensor mask, torch::Tens
   const bool bf = is_bf16(values);
   const uint8_t* mp = mask.data_ptr<uint8_t>();
   const int64_t* rp = rowptr.data_ptr<int64_t>();
-  packed_gemm<false>(x.data_ptr<float>(), B, Kp, N, y.data_ptr<float>(), N, [&](int64_t ch, float* buf) {
+  packed_gemm(x.data_ptr<float>(), B, Kp, N, y.data_ptr<float>(), N, [&](int64_t ch, float* buf) {
     const int64_t rows = std::min<int64_t>(GR, N - ch * GR);
     if (bf) unstructured_rows_avx512(mp, ptr<uint16_t>(values), rp, Kp, ch * GR, rows, buf);
     else unstructured_rows_avx512(mp, ptr<float>(values), rp, Kp, ch * GR, rows, buf);
@@ -1106,7 +1208,7 @@ torch::Tensor nm24_gemm(torch::Tensor x, torch::Tensor values, torch::Tensor pos
 #ifdef HP_X86
   const bool bf = is_bf16(values);
   const uint8_t* pp = positions.data_ptr<uint8_t>();
-  packed_gemm<false>(x.data_ptr<float>(), B, K, N, y.data_ptr<float>(), N, [&](int64_t ch, float* buf) {
+  packed_gemm(x.data_ptr<float>(), B, K, N, y.data_ptr<float>(), N, [&](int64_t ch, float* buf) {
     const int64_t rows = std::min<int64_t>(GR, N - ch * GR);
     if (bf) nm24_rows_avx512(ptr<uint16_t>(values), pp, K, ch * GR, rows, buf);
     else nm24_rows_avx512(ptr<float>(values), pp, K, ch * GR, rows, buf);
@@ -1128,12 +1230,18 @@ torch::Tensor tiered_gemm(torch::Tensor x, torch::Tensor tiers, torch::Tensor de
   const int8_t* tp = tiers.data_ptr<int8_t>();
   const uint32_t* np_ = reinterpret_cast<const uint32_t*>(nm_positions.data_ptr<int32_t>());
   const uint8_t* kp = topk_positions.data_ptr<uint8_t>();
-  packed_gemm<true>(x.data_ptr<float>(), B, C * 16, R * 16, y.data_ptr<float>(), R * 16, [&](int64_t Rb, float* buf) {
+  const int64_t Mp = (B + 15) / 16 * 16;
+  const std::vector<float> xt = pack_xt(x.data_ptr<float>(), B, C * 16, Mp);
+  float* yp = y.data_ptr<float>();
+  auto panel = [&](int64_t Rb, float* buf, int32_t* cols, int64_t& nb, float* tkw, int32_t* tkx, int64_t& nt) {
     const int64_t d = op[Rb * 3], n = op[Rb * 3 + 1], t = op[Rb * 3 + 2];
-    if (bf) tiered_rows_avx512(C, tp + Rb * C, ptr<uint16_t>(dense), ptr<uint16_t>(nm_values), np_,
-                               ptr<uint16_t>(topk_values), kp, k, d, n, t, buf);
-    else tiered_rows_avx512(C, tp + Rb * C, ptr<float>(dense), ptr<float>(nm_values), np_, ptr<float>(topk_values),
-                            kp, k, d, n, t, buf);
+    if (bf) tiered_panel_avx512(C, tp + Rb * C, ptr<uint16_t>(dense), ptr<uint16_t>(nm_values), np_,
+                                ptr<uint16_t>(topk_values), kp, k, d, n, t, buf, cols, nb, tkw, tkx, nt);
+    else tiered_panel_avx512(C, tp + Rb * C, ptr<float>(dense), ptr<float>(nm_values), np_, ptr<float>(topk_values),
+                             kp, k, d, n, t, buf, cols, nb, tkw, tkx, nt);
+  };
+  at::parallel_for(0, R, 1, [&](int64_t R0, int64_t R1) {
+    tiered_gemm_rows(xt.data(), B, Mp, C, k, yp, R * 16, R0, R1, panel);
   });
 #endif
   return y;
