@@ -48,12 +48,14 @@ def extension():
     return build("packed", "run without --kernels")
 
 
-def build(name: str, fallback: str):
-    """csrc/<name>.cpp compiled with torch's C++ extension mechanism into the cache (once per source and torch);
-    `fallback` tells the user how to do without it if the build fails."""
-    if name not in _BUILT:
+def build(name: str, fallback: str, source: Path | None = None):
+    """csrc/<name>.cpp (or another `source`, e.g. an earlier version to benchmark against) compiled with torch's
+    C++ extension mechanism into the cache (once per source text and torch); `fallback` tells the user how to do
+    without it if the build fails."""
+    source = Path(source) if source is not None else _CSRC / f"{name}.cpp"
+    key = str(source)
+    if key not in _BUILT:
         from torch.utils.cpp_extension import load
-        source = _CSRC / f"{name}.cpp"
         digest = hashlib.sha256(source.read_bytes() + torch.__version__.encode()).hexdigest()[:12]
         folder = models.cache_dir() / "kernels" / digest
         folder.mkdir(parents=True, exist_ok=True)
@@ -61,12 +63,12 @@ def build(name: str, fallback: str):
         if scripts and scripts not in os.environ.get("PATH", "").split(os.pathsep):
             os.environ["PATH"] = scripts + os.pathsep + os.environ.get("PATH", "")
         try:
-            _BUILT[name] = load(name=f"hybridprune_{name}_{digest}", sources=[str(source)], build_directory=str(folder),
+            _BUILT[key] = load(name=f"hybridprune_{name}_{digest}", sources=[str(source)], build_directory=str(folder),
                                 extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
         except Exception as e:
             raise HybridPruneError(f"building the {name} kernels failed ({str(e).splitlines()[0]}); they need g++ "
                                    f"and ninja (`make setup` installs ninja); {fallback}") from None
-    return _BUILT[name]
+    return _BUILT[key]
 
 
 def impl() -> int:
