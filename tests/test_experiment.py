@@ -37,6 +37,15 @@ claims:
 """
 
 
+SMALL = """\
+model: {model}
+prune: {{method: wanda, pattern: unstructured, sparsity: 0.5, nsamples: 2, seqlen: 32, seed: 0}}
+calibration: {{wiki: wikitext2}}
+runs: [{{name: dense}}, {{name: pruned-wiki, calibration: wiki}}]
+tasks: {{wikitext2: {{windows: 3, seqlen: 32}}}}
+"""
+
+
 def _recipe(path, model, boolq_limit=4):
     path.write_text(RECIPE.format(model=model, boolq_limit=boolq_limit))
     return path
@@ -182,13 +191,7 @@ def test_the_command_waiting_on_isolated_stages_holds_no_torch(tiny_llama_dir, d
     --data-dir is still one line and exit 2."""
     import subprocess
     import sys
-    (tmp_path / "r.yaml").write_text(f"""\
-model: {tiny_llama_dir}
-prune: {{method: wanda, pattern: unstructured, sparsity: 0.5, nsamples: 2, seqlen: 32, seed: 0}}
-calibration: {{wiki: wikitext2}}
-runs: [{{name: dense}}, {{name: pruned-wiki, calibration: wiki}}]
-tasks: {{wikitext2: {{windows: 3, seqlen: 32}}}}
-""")
+    (tmp_path / "r.yaml").write_text(SMALL.format(model=tiny_llama_dir))
     spy = r"""
 import builtins, json, re, sys
 seen, plain = [], builtins.print

@@ -344,8 +344,9 @@ def _clean_after(job: list[Stage], pid: int) -> None:
 
 
 def _child_main(conn, target, args, environ, threads) -> None:
-    """A child's process: the parent's environment and threads, a capped heap, SIGTERM as Ctrl-C (temporaries go);
-    sends target(*args)'s events, then its peak RSS (KiB) for the last stage it named."""
+    """A child's process: the parent's environment and threads (multiprocessing moves it to the parent's folder), a
+    capped heap, SIGTERM as Ctrl-C (its temporaries go); sends target(*args)'s events, then its peak RSS (KiB) for
+    the last stage it named."""
     import resource
     import signal
     import traceback
