@@ -276,7 +276,7 @@ def _saving(args):
     if args.save == "dense":
         yield args.out, args.overwrite
         return
-    from .files import _remove, clean_stale_temporaries
+    from .files import remove_path, clean_stale_temporaries
     from .packing import pack_folder
     out = Path(args.out)
     clean_stale_temporaries(out)
@@ -285,7 +285,7 @@ def _saving(args):
         yield tmp, True
         pack_folder(tmp, out, overwrite=args.overwrite)
     finally:
-        _remove(tmp)
+        remove_path(tmp)
 
 
 def _streams(args) -> bool:

@@ -162,7 +162,7 @@ def run_experiment(recipe_path, out, quick: bool = False, only: str | None = Non
         isolate = can_isolate()
     cap_heap_growth()  # before any stage: freed tensors go back to the OS (the study's peak is one stage's)
     check = (recipe_path, quick, device, dtype, kernels)
-    recipe = _result_of(_child_events(_checked, check, "checking the recipe")) if isolate else _check(*check)
+    recipe = _result_of(_checked, check, "checking the recipe") if isolate else _check(*check)
     (out / "stages").mkdir(parents=True, exist_ok=True)
     stages, by_run, pruned = plan(recipe, out)
     times_file = out / "stages" / "times.json"
@@ -322,12 +322,14 @@ def _child_events(target, args: tuple, name: str):
         raise _ChildFailed(exitcode=child.exitcode, pid=child.pid)
 
 
-def _result_of(events):
-    """The value of a child's one ("result", None, value) event; its failure as the error it would raise here."""
+def _result_of(target, args: tuple, what: str):
+    """The value of the one ("result", None, value) event of target(*args) run in a child; its failure as the error
+    it would raise here, naming `what`."""
     try:
+        events = _child_events(target, args, what)
         return [value for event, _, value in events if event == "result"][0]  # to the end: the child has exited
     except _ChildFailed as e:
-        raise e.error("checking the recipe") from None
+        raise e.error(what) from None
 
 
 def _clean_after(job: list[Stage], pid: int) -> None:

@@ -63,7 +63,7 @@ def atomic_dir(dest: str | Path, overwrite: bool = False):
             old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
             dest.rename(old)
             tmp.rename(dest)
-            _remove(old)
+            remove_path(old)
         else:
             tmp.rename(dest)
     except Exception as e:
@@ -85,7 +85,7 @@ def check_out_path(dest: str | Path) -> Path:
     return dest
 
 
-def _remove(path: Path) -> None:
+def remove_path(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
     else:
