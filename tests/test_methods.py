@@ -394,6 +394,21 @@ def test_dsnot_equals_the_reference_rule(nm, same_sign):
     assert err(got).mean() < err(keep).mean()  # the expected reconstruction error shrinks
 
 
+def test_dsnot_input_moments_are_per_sequence_sums_and_variances():
+    """DSnoT's statistics as its reference keeps them: the sum of each input over a sequence's tokens and the variance
+    within the sequence, both averaged over sequences, whatever the micro-batch. The inputs sit far from zero so
+    that a one-pass E[x^2] - E[x]^2 in float32 would lose the variance."""
+    from hybridprune.scoring import InputStats
+    rng = np.random.default_rng(0)
+    x = 300 + rng.normal(size=(3, 50, 6)) * rng.uniform(0.01, 2, size=6)
+    st = InputStats(6, "cpu", hessian=False, moments=True)
+    st.add(torch.from_numpy(x[:2]).float())  # a micro-batch of two sequences, then one
+    st.add(torch.from_numpy(x[2]).float())
+    assert st.sequences == 3
+    np.testing.assert_allclose((st.sum / 3).numpy(), x.sum(1).mean(0), rtol=1e-6)
+    np.testing.assert_allclose((st.var_sum / 3).numpy(), x.var(1).mean(0), rtol=1e-3)
+
+
 def test_dsnot_on_permuted_groups_equals_the_reference_rule():
     """With a channel permutation the groups are columns perm[4g:4g+4]: the swaps equal the row-by-row rule run on
     the permuted columns, mapped back."""

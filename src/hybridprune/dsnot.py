@@ -30,11 +30,23 @@ DSNOT_POWER = 1.0
 DSNOT_SKIP = ("mlp",)
 
 
-def _ordered(values: torch.Tensor, allowed: torch.Tensor, descending: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row, the column indices where `allowed`, ordered by value; and how many there are."""
+def _ordered(values: torch.Tensor, allowed: torch.Tensor, descending: bool, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the first k column indices where `allowed`, ordered by value; and how many are allowed. A list
+    gives one candidate a cycle at most, so k = cycles is all a row can use (a top-k, not a sort of the row)."""
     key = values.masked_fill(~allowed, float("inf") if not descending else float("-inf"))
-    order = torch.sort(key, dim=1, descending=descending, stable=True).indices
+    order = torch.topk(key, min(k, key.shape[1]), dim=1, largest=descending, sorted=True).indices
     return order, allowed.sum(1)
+
+
+def _next(lists, ptr, side, rows, last):
+    """Each row's next candidate from the list its side picks (one element per row, so a cycle costs O(rows)),
+    whether the list still had one, and the pointer moved on."""
+    pos = ptr[rows, side]
+    at = pos.clamp(max=last)
+    idx = torch.where(side == 1, lists[1][0][rows, at], lists[0][0][rows, at])
+    ok = pos < torch.where(side == 1, lists[1][1], lists[0][1])
+    ptr[rows, side] += 1
+    return idx, ok
 
 
 def refine(W: torch.Tensor, keep: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, initial: torch.Tensor,
@@ -47,21 +59,21 @@ def refine(W: torch.Tensor, keep: torch.Tensor, mean: torch.Tensor, var: torch.T
         same_sign = groups is not None
     keep = keep.clone()
     rows = torch.arange(W.shape[0], device=W.device)
-    D = W.double() * mean.double()[None, :]
-    grow_key = D / var.double().clamp_min(1e-30)[None, :] ** power
+    D = W * mean.to(W.dtype)[None, :]  # in W's dtype: float32 from the engine, as in the reference code
+    grow_key = D / var.to(W.dtype).clamp_min(1e-30)[None, :] ** power
     pruned0 = ~keep
     if groups is not None:
         pruned0 &= groups >= 0
     err = (D * (~keep)).sum(1)
     sign0 = torch.sign(err)
     # grow lists: pruned with D > 0 by D/var descending (used when e > 0), pruned with D < 0 ascending (e <= 0)
-    grow = [_ordered(grow_key, pruned0 & (D < 0), False), _ordered(grow_key, pruned0 & (D > 0), True)]
+    grow = [_ordered(grow_key, pruned0 & (D < 0), False, cycles), _ordered(grow_key, pruned0 & (D > 0), True, cycles)]
     gptr = torch.zeros(W.shape[0], 2, dtype=torch.long, device=W.device)
     if groups is None:  # prune lists: kept with D < 0 (used when e >= 0), kept with D > 0 (e < 0), lowest score first
-        prune = [_ordered(initial.double(), keep & (D < 0), False), _ordered(initial.double(), keep & (D > 0), False)]
+        prune = [_ordered(initial, keep & (D < 0), False, cycles), _ordered(initial, keep & (D > 0), False, cycles)]
         pptr = torch.zeros_like(gptr)
     else:
-        score = initial.double().masked_fill(~keep, float("inf"))  # only weights kept at the start may go
+        score = initial.to(W.dtype).masked_fill(~keep, float("inf"))  # only weights kept at the start may go
         # groups are runs of adjacent columns: each position's group start, found once
         cols_ = torch.arange(W.shape[1], device=W.device).expand_as(groups)
         new = torch.ones_like(groups, dtype=torch.bool)
@@ -69,25 +81,15 @@ def refine(W: torch.Tensor, keep: torch.Tensor, mean: torch.Tensor, var: torch.T
         gstart = torch.where(new, cols_, torch.zeros_like(cols_)).cummax(1).values
         width = int((cols_ - gstart).max()) + 1
     active = torch.ones(W.shape[0], dtype=torch.bool, device=W.device)
+    last = min(cycles, W.shape[1]) - 1
     for _ in range(cycles):
         if not active.any():
             break
         side = (err > 0).long()  # grow from the positive list when e > 0
-        g_order, g_len = grow[0][0], grow[0][1]
-        g_order = torch.where(side[:, None] == 1, grow[1][0], g_order)
-        g_len = torch.where(side == 1, grow[1][1], g_len)
-        gp = gptr[rows, side]
-        ok = gp < g_len
-        g_idx = g_order[rows, gp.clamp(max=W.shape[1] - 1)]
-        gptr[rows, side] += 1
+        g_idx, ok = _next(grow, gptr, side, rows, last)
         if groups is None:
-            pside = (err < 0).long()  # prune from the positive-D list when e < 0
-            p_order = torch.where(pside[:, None] == 1, prune[1][0], prune[0][0])
-            p_len = torch.where(pside == 1, prune[1][1], prune[0][1])
-            pp = pptr[rows, pside]
-            ok &= pp < p_len
-            p_idx = p_order[rows, pp.clamp(max=W.shape[1] - 1)]
-            pptr[rows, pside] += 1
+            p_idx, p_ok = _next(prune, pptr, (err < 0).long(), rows, last)  # prune positive-D weights when e < 0
+            ok &= p_ok
             movable = ok
         else:
             # the kept weight of the grown weight's group with the lowest score

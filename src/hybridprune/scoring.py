@@ -41,9 +41,14 @@ class InputStats:
 
     def add(self, x: torch.Tensor) -> None:
         if self.sum is not None:
-            seqs = x.reshape(-1, x.shape[-2], x.shape[-1]).double() if x.dim() > 2 else x[None].double()
-            self.sum += seqs.sum((0, 1))
-            self.var_sum += seqs.var(1, unbiased=False).sum(0)
+            # each sequence's sum and variance (two passes: its mean, then squared deviations) in float32, as the
+            # reference code computes them; totals in float64
+            seqs = (x.reshape(-1, x.shape[-2], x.shape[-1]) if x.dim() > 2 else x[None]).float()
+            total = seqs.sum(1)
+            dev = seqs - (total / seqs.shape[1])[:, None, :]
+            self.sum += total.sum(0).double()
+            self.var_sum += (dev * dev).mean(1).sum(0).double()
+            del dev
             self.sequences += seqs.shape[0]
             del seqs
         x = x.reshape(-1, x.shape[-1]).float()
