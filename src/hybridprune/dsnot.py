@@ -32,7 +32,8 @@ DSNOT_SKIP = ("mlp",)
 
 def _ordered(values: torch.Tensor, allowed: torch.Tensor, descending: bool, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row, the first k column indices where `allowed`, ordered by value; and how many are allowed. A list
-    gives one candidate a cycle at most, so k = cycles is all a row can use (a top-k, not a sort of the row)."""
+    gives one candidate a cycle at most, so k = cycles is all a row can use (a top-k, not a sort of the row;
+    equal values, which real weights and activations practically never give, come in either order)."""
     key = values.masked_fill(~allowed, float("inf") if not descending else float("-inf"))
     order = torch.topk(key, min(k, key.shape[1]), dim=1, largest=descending, sorted=True).indices
     return order, allowed.sum(1)
