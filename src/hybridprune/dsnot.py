@@ -39,11 +39,11 @@ def _ordered(values: torch.Tensor, allowed: torch.Tensor, descending: bool, k: i
     return order, allowed.sum(1)
 
 
-def _next(lists, ptr, side, rows, last):
+def _next(lists, ptr, side, rows):
     """Each row's next candidate from the list its side picks (one element per row, so a cycle costs O(rows)),
     whether the list still had one, and the pointer moved on."""
     pos = ptr[rows, side]
-    at = pos.clamp(max=last)
+    at = pos.clamp(max=lists[0][0].shape[1] - 1)
     idx = torch.where(side == 1, lists[1][0][rows, at], lists[0][0][rows, at])
     ok = pos < torch.where(side == 1, lists[1][1], lists[0][1])
     ptr[rows, side] += 1
@@ -82,14 +82,13 @@ def refine(W: torch.Tensor, keep: torch.Tensor, mean: torch.Tensor, var: torch.T
         gstart = torch.where(new, cols_, torch.zeros_like(cols_)).cummax(1).values
         width = int((cols_ - gstart).max()) + 1
     active = torch.ones(W.shape[0], dtype=torch.bool, device=W.device)
-    last = min(cycles, W.shape[1]) - 1
     for _ in range(cycles):
         if not active.any():
             break
         side = (err > 0).long()  # grow from the positive list when e > 0
-        g_idx, ok = _next(grow, gptr, side, rows, last)
+        g_idx, ok = _next(grow, gptr, side, rows)
         if groups is None:
-            p_idx, p_ok = _next(prune, pptr, (err < 0).long(), rows, last)  # prune positive-D weights when e < 0
+            p_idx, p_ok = _next(prune, pptr, (err < 0).long(), rows)  # prune positive-D weights when e < 0
             ok &= p_ok
             movable = ok
         else:
