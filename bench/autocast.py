@@ -20,10 +20,10 @@ from pathlib import Path
 
 import yaml
 
-from hybridprune.experiment import plan, run_experiment
-from hybridprune.recipe import METRICS, load_recipe
-from hybridprune.report import _per_example
-from hybridprune.stats import paired_bootstrap
+from hybridprune.experiments.experiment import plan, run_experiment
+from hybridprune.experiments.recipe import METRICS, load_recipe
+from hybridprune.experiments.report import _per_example
+from hybridprune.experiments.stats import paired_bootstrap
 
 MAIN = {"wikitext2": ["ppl"], "squad": ["f1", "exact_match", "gold_nll"], "boolq": ["acc", "gold_nll"],
         "gsm8k": ["exact_match[flexible-extract]"]}

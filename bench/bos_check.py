@@ -21,8 +21,8 @@ def main():
     args = ap.parse_args()
 
     from hybridprune import load_model
-    from hybridprune.data import data_dir, resolve_bos, text_ids, wikitext2_text
-    from hybridprune.evaluate import perplexity
+    from hybridprune.io.data import data_dir, resolve_bos, text_ids, wikitext2_text
+    from hybridprune.evaluation.ppl import perplexity
 
     model, tok = load_model(args.model)
     text = wikitext2_text("test", data_dir())

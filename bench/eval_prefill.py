@@ -8,7 +8,7 @@ seconds and headline metrics, then per metric the largest relative per-example d
 import argparse
 import time
 
-from hybridprune.heap import cap_heap_growth
+from hybridprune.core.heap import cap_heap_growth
 
 
 def main():
@@ -20,7 +20,8 @@ def main():
     ap.add_argument("--generate-batch-size", type=int, default=32)
     args = ap.parse_args()
     cap_heap_growth()
-    from hybridprune import models, tasks
+    from hybridprune.io import models
+    from hybridprune.evaluation import tasks
     model, tok = models.load_model(args.model)
     cls = tasks._lm_class()
     shared = cls._prefill_scoring_golds

@@ -39,7 +39,7 @@ def main():
     args = ap.parse_args()
 
     from hybridprune import load_model
-    from hybridprune.tasks import _lm_class, evaluate_model
+    from hybridprune.evaluation.tasks import _lm_class, evaluate_model
 
     lm_class, generation = _lm_class(), {"seconds": 0.0}
     plain_generate_until = lm_class.generate_until

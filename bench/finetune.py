@@ -32,7 +32,7 @@ from _common import report, write_json
 
 
 def zero_set_unchanged(model, masks) -> bool:
-    from hybridprune.models import prunable_matrices
+    from hybridprune.io.models import prunable_matrices
     return all(torch.equal(m.weight != 0, masks[n]) for n, m in prunable_matrices(model).items())
 
 
@@ -67,9 +67,10 @@ def main():
             ap.error("--lora-dropout needs a single --ways (each way would draw its own dropout masks)")
         return write_json([step_time(args)], args.json)
 
-    from hybridprune import PruneConfig, load_model, prune
-    from hybridprune.evaluate import wikitext2_test_ids
-    from hybridprune.finetune import capture_masks
+    from hybridprune import PruneConfig, load_model
+    from hybridprune.pruning.engine import prune
+    from hybridprune.evaluation.ppl import wikitext2_test_ids
+    from hybridprune.finetuning.finetune import capture_masks
 
     torch.manual_seed(0)
     if args.model:
@@ -92,7 +93,7 @@ def main():
 
 def wikitext2_recovery(args, model, tok, ids, masks, rows):
     from hybridprune import perplexity
-    from hybridprune.finetune import FinetuneConfig, finetune
+    from hybridprune.finetuning.finetune import FinetuneConfig, finetune
     before = perplexity(model, ids=ids, seqlen=2048, max_windows=args.windows)["ppl"]
     cfg = FinetuneConfig(data="wikitext2", method="lora", steps=args.steps, batch_size=args.batch_size,
                          seqlen=args.seqlen, lr=args.lr, save_steps=10**9)
@@ -115,7 +116,7 @@ def merge_timing(args, model, pruned_state, masks, rows):
     # PEFT's merge_and_unload on the same adapters (non-zero B, as after training), best of --merge-reps.
     from peft import LoraConfig, get_peft_model
 
-    from hybridprune.finetune import _lora_targets, merge_lora_through_mask
+    from hybridprune.finetuning.finetune import _lora_targets, merge_lora_through_mask
     times = {"merge-through-mask": math.inf, "peft-merge_and_unload": math.inf}
     for _ in range(args.merge_reps):
         for name in times:
@@ -134,8 +135,8 @@ def merge_timing(args, model, pruned_state, masks, rows):
 def squad_recovery(args, model, tok, pruned_state, masks, rows):
     import json
 
-    from hybridprune.finetune import FinetuneConfig, finetune
-    from hybridprune.tasks import evaluate_model
+    from hybridprune.finetuning.finetune import FinetuneConfig, finetune
+    from hybridprune.evaluation.tasks import evaluate_model
     model.load_state_dict(pruned_state)
     if not args.squad_before:
         f1_before = evaluate_model(model, tok, ["squad"], limit=args.squad_limit)["squad"]["f1"]
@@ -161,9 +162,9 @@ def step_time(args):
     from peft import LoraConfig, get_peft_model
 
     from hybridprune import load_model
-    from hybridprune.finetune import FinetuneConfig, _Collator, _lora_targets, answer_loss, build_dataset
+    from hybridprune.finetuning.finetune import FinetuneConfig, _Collator, _lora_targets, answer_loss, build_dataset
     if args.heap_cap:
-        from hybridprune.heap import cap_heap_growth
+        from hybridprune.core.heap import cap_heap_growth
         cap_heap_growth()
     model, tok = load_model("default")
     data = build_dataset(FinetuneConfig(data="squad", template="simple", seqlen=512), tok)
@@ -171,7 +172,7 @@ def step_time(args):
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=args.lora_dropout,
                                              target_modules=_lora_targets(model), task_type="CAUSAL_LM"))
     if args.dropout_rng == "hash":
-        from hybridprune.finetune import use_hash_dropout
+        from hybridprune.finetuning.finetune import use_hash_dropout
         use_hash_dropout(model)
     if not args.no_checkpointing:  # as the Trainer does for finetune
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})

@@ -45,7 +45,7 @@ for m in wanda sparsegpt tt lora full; do $HP inspect "$OUT/$m" > /dev/null && e
 $PY - <<'EOF'
 import torch
 from torch.utils.benchmark import Timer
-from hybridprune.patterns import TieredBlocks
+from hybridprune.pruning.patterns import TieredBlocks
 torch.manual_seed(0)
 W = torch.randn(11008, 4096, device="cuda", dtype=torch.bfloat16)
 pattern = TieredBlocks()
@@ -60,7 +60,7 @@ for name, n in (("decode (batch 1)", 1), ("prefill (2048 tokens)", 2048)):
     line = f"{name}: dense {dense:.1f} us, three-tier as a dense matrix {masked:.1f} us"
     try:
         from torch.sparse import to_sparse_semi_structured
-        from hybridprune.patterns import expand_tiers
+        from hybridprune.pruning.patterns import expand_tiers
         in_nm = expand_tiers(tiers, *W.shape, 16) == 1   # the 2:4 tier's blocks; zeros elsewhere are valid 2:4
         W24 = to_sparse_semi_structured(torch.where(in_nm, Wp, torch.zeros_like(Wp)))
         rest = torch.where(in_nm, torch.zeros_like(Wp), Wp)  # dense and top-k tiers

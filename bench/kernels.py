@@ -42,7 +42,8 @@ def copies_for(nbytes: int) -> int:
 def cold_copies(W: torch.Tensor, layout: dict, packed: dict):
     """Distinct copies of a dense matrix and of its PackedLinear, enough of each (copies_for) that cycling through
     them reads every call's weights from DRAM."""
-    from hybridprune import kernels, packing
+    from hybridprune.sparse import kernels
+    from hybridprune.sparse import packing
     Ws = [W] + [W.clone() for _ in range(copies_for(W.numel() * W.element_size()) - 1)]
     modules = [kernels.PackedLinear(layout, {k: v.clone() for k, v in packed.items()})
                for _ in range(copies_for(packing.packed_bytes(packed)))]
@@ -74,7 +75,7 @@ def timed(fn, reps: int) -> float:
 def pruned_matrix(pattern: str, N: int, K: int, dtype, seed: int = 0):
     """A random matrix pruned by magnitude to `pattern`, its layout and tier map (the timing does not depend on
     which weights are kept, only on the pattern)."""
-    from hybridprune import patterns
+    from hybridprune.pruning import patterns
     torch.manual_seed(seed)
     W = torch.randn(N, K)
     tiers = None
@@ -91,7 +92,8 @@ def pruned_matrix(pattern: str, N: int, K: int, dtype, seed: int = 0):
 
 
 def kernel_rows(args) -> list:
-    from hybridprune import kernels, packing
+    from hybridprune.sparse import kernels
+    from hybridprune.sparse import packing
     N, K = map(int, args.shape.split("x"))
     dtype = getattr(torch, args.dtype)
     rows = []
@@ -151,8 +153,11 @@ def model_bytes_rows(args) -> list:
     import tempfile
     from pathlib import Path
 
-    from hybridprune import PruneConfig, models, packing, prune
-    from hybridprune.engine import save_pruned
+    from hybridprune import PruneConfig
+    from hybridprune.pruning.engine import prune
+    from hybridprune.io import models
+    from hybridprune.sparse import packing
+    from hybridprune.pruning.engine import save_pruned
     rows = []
     for dtype in ("float32", "bfloat16"):
         for name, cfg in (("three-tier", dict(pattern="three-tier")), ("2:4", dict(pattern="2:4")),
@@ -177,7 +182,7 @@ def decode_shape_rows(args) -> list:
     """Batch 1 on the default model's own matrix shapes (576 x 576 q/o, 192 x 576 k/v, 1536 x 576 gate/up,
     576 x 1536 down; fp32), each cycled through twice the L3 as in decoding: what end-to-end decoding is made of.
     The last row adds them up as one token's decoder matmuls (30 layers)."""
-    from hybridprune import packing
+    from hybridprune.sparse import packing
     shapes = {"q_proj/o_proj": (576, 576, 2), "k_proj/v_proj": (192, 576, 2), "gate_proj/up_proj": (1536, 576, 2),
               "down_proj": (576, 1536, 1)}
     rows = []
@@ -206,7 +211,10 @@ def decode_shape_rows(args) -> list:
 
 def e2e_rows(args) -> list:
     """Greedy decoding, dense vs pruned (packed, through the kernels), same prompts; tokens/s and equality."""
-    from hybridprune import PruneConfig, kernels, models, prune
+    from hybridprune import PruneConfig
+    from hybridprune.pruning.engine import prune
+    from hybridprune.sparse import kernels
+    from hybridprune.io import models
     model, tok = models.load_model("default")
     prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,",
                "The three laws of thermodynamics"]

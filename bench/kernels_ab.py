@@ -35,7 +35,8 @@ def main():
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--json", help="also write the rows here")
     args = ap.parse_args()
-    from hybridprune import kernels, packing
+    from hybridprune.sparse import kernels
+    from hybridprune.sparse import packing
     here, other = kernels.extension(), kernels.build("packed", "", source=args.other)
     if not here.has_avx512():
         raise SystemExit("the packed GEMM needs AVX-512")

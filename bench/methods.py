@@ -34,7 +34,7 @@ DEFAULT = ",".join([
 
 def config(variant: str, args):
     from hybridprune import PruneConfig
-    from hybridprune.dsnot import DSNOT_CYCLES, DSNOT_SKIP
+    from hybridprune.pruning.dsnot import DSNOT_CYCLES, DSNOT_SKIP
     what, pattern = variant.split("@")
     method, *extras = what.split("+")
     options = dict(x.split("=", 1) for x in extras if "=" in x)
@@ -62,9 +62,10 @@ def main():
     ap.add_argument("--repeat", type=int, default=1, help="prune the list this many times; median times")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
-    from hybridprune import load_model, perplexity, prune, sparsity_report
-    from hybridprune.data import calibration_samples
-    from hybridprune.evaluate import wikitext2_test_ids
+    from hybridprune import load_model, perplexity, sparsity_report
+    from hybridprune.pruning.engine import prune
+    from hybridprune.io.data import calibration_samples
+    from hybridprune.evaluation.ppl import wikitext2_test_ids
 
     variants = args.variants.split(",")
     configs = {v: config(v, args) for v in variants}  # every name checked before any work
@@ -74,7 +75,7 @@ def main():
     ids = wikitext2_test_ids(tok)
     c4_ids = None
     if args.c4_windows:
-        from hybridprune.data import c4_texts, data_dir, text_ids
+        from hybridprune.io.data import c4_texts, data_dir, text_ids
         c4_ids = torch.tensor(text_ids(tok, "\n\n".join(c4_texts(data_dir())), "papers"), dtype=torch.long)
     rows, wanda_s, times = [], {}, {v: [] for v in variants}
     for rep in range(args.repeat - 1):  # the earlier repetitions time the prunes only

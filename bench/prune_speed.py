@@ -18,8 +18,9 @@ from _common import report, write_json
 
 
 def worker(args):
-    from hybridprune import PruneConfig, load_model, perplexity, prune, sparsity_report
-    from hybridprune.data import calibration_samples
+    from hybridprune import PruneConfig, load_model, perplexity, sparsity_report
+    from hybridprune.pruning.engine import prune
+    from hybridprune.io.data import calibration_samples
 
     torch.manual_seed(0)
     model, tok = load_model(args.model)

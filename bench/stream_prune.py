@@ -25,7 +25,7 @@ def make_model(folder: Path, layers: int, hidden: int, inter: int) -> int:
     from safetensors.torch import save_file
     from transformers import AutoTokenizer, LlamaConfig
 
-    from hybridprune.models import default_model_path
+    from hybridprune.io.models import default_model_path
 
     if (folder / "model.safetensors.index.json").is_file():
         index = json.loads((folder / "model.safetensors.index.json").read_text())
@@ -85,7 +85,7 @@ def prune_in_child(model: Path, out: Path, stream: str, args) -> dict:
 def same_outputs(a: Path, b: Path) -> bool:
     from safetensors import safe_open
 
-    from hybridprune.streaming import ShardReader
+    from hybridprune.pruning.streaming import ShardReader
     ra, rb = ShardReader(a), ShardReader(b)
     if set(ra.where) != set(rb.where):
         return False

@@ -52,9 +52,10 @@ def main():
     if args.timing_reps:
         return timing(args)
 
-    from hybridprune import PruneConfig, load_model, perplexity, prune, sparsity_report
-    from hybridprune.data import calibration_samples
-    from hybridprune.evaluate import wikitext2_test_ids
+    from hybridprune import PruneConfig, load_model, perplexity, sparsity_report
+    from hybridprune.pruning.engine import prune
+    from hybridprune.io.data import calibration_samples
+    from hybridprune.evaluation.ppl import wikitext2_test_ids
 
     model, tok = load_model(args.model)
     dense_state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -83,8 +84,9 @@ def main():
 
 def timing(args):
     """Pruning time only, variants interleaved so that machine noise hits them alike; reports the best of N."""
-    from hybridprune import PruneConfig, load_model, prune
-    from hybridprune.data import calibration_samples
+    from hybridprune import PruneConfig, load_model
+    from hybridprune.pruning.engine import prune
+    from hybridprune.io.data import calibration_samples
 
     model, tok = load_model(args.model)
     dense_state = {k: v.clone() for k, v in model.state_dict().items()}

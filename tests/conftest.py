@@ -85,7 +85,7 @@ def data_dir():
 @pytest.fixture(scope="session")
 def default_model_dir():
     """The real default model as a safetensors folder (converted once from the wheel's GGUF)."""
-    from hybridprune.models import default_model_path
+    from hybridprune.io.models import default_model_path
     return default_model_path()
 
 

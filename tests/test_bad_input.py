@@ -8,7 +8,8 @@ from safetensors.torch import load_file
 
 from conftest import edit_tensor, tiny_model
 from hybridprune.cli import main
-from hybridprune.errors import HybridPruneError
+from hybridprune.core.errors import HybridPruneError
+from hybridprune.pruning.patterns import pattern_of
 
 
 def _refused(argv, capsys, match, tmp_path=None, usage_error=False):
@@ -36,7 +37,7 @@ def no_load(monkeypatch):
     """Fail the test if a model would be loaded: these options must be refused before that."""
     def boom(*a, **kw):
         raise AssertionError("a model was loaded before the options were checked")
-    monkeypatch.setattr("hybridprune.models.load_model", boom)
+    monkeypatch.setattr("hybridprune.io.models.load_dense", boom)
 
 
 @pytest.mark.parametrize("extra,match", [
@@ -99,7 +100,8 @@ def test_non_finite_weights_are_refused(method, stream, tmp_path, tiny_llama_dir
 
 
 def test_non_finite_activations_name_the_layer(samples):
-    from hybridprune import PruneConfig, prune
+    from hybridprune import PruneConfig
+    from hybridprune.pruning.engine import prune
     model = tiny_model("llama")
     # what an overflow in a low-precision dtype looks like: layer 0's MLP output becomes infinite
     model.model.layers[0].mlp.register_forward_hook(lambda m, a, out: out * float("inf"))
@@ -117,7 +119,7 @@ def test_truncated_safetensors_is_one_line(tiny_llama_dir, tmp_path, capsys):
 
 
 def test_offline_hub_id_is_one_line(capsys, monkeypatch, tmp_path):
-    monkeypatch.setattr("hybridprune.data.hub_offline_reason", lambda timeout=3.0: "huggingface.co is not reachable")
+    monkeypatch.setattr("hybridprune.io.data.hub_offline_reason", lambda timeout=3.0: "huggingface.co is not reachable")
     _refused(["ppl", "some-org/some-model"], capsys, "huggingface.co is not reachable", tmp_path)
 
 
@@ -125,7 +127,7 @@ def test_hub_errors_other_than_io_are_not_swallowed(monkeypatch):
     """data.py turns network / missing-dataset errors (OSError) into one line, but lets real bugs through."""
     import datasets
 
-    from hybridprune import data
+    from hybridprune.io import data
     monkeypatch.setattr(data, "hub_offline_reason", lambda timeout=3.0: None)
 
     def broken(*a, **kw):
@@ -142,7 +144,7 @@ def test_hub_errors_other_than_io_are_not_swallowed(monkeypatch):
 
 
 def test_malformed_jsonl_names_file_and_line(tmp_path):
-    from hybridprune.data import gsm8k_examples
+    from hybridprune.io.data import gsm8k_examples
     (tmp_path / "gsm8k").mkdir()
     (tmp_path / "gsm8k" / "train.jsonl").write_text('{"question": "a", "answer": "#### 1"}\n{"question": oops\n')
     with pytest.raises(HybridPruneError, match=r"gsm8k/train.jsonl line 2 is not valid JSON"):
@@ -169,7 +171,7 @@ def test_progressive_resume_refuses_changed_settings(tmp_path, tiny_llama_dir, d
     out = tmp_path / "prog"
     common = ["progressive", "--model", str(tiny_llama_dir), "--schedule", str(sched), "--nsamples", "2",
               "--seqlen", "16", "--out", str(out)]
-    import hybridprune.progressive as prog
+    import hybridprune.pruning.progressive as prog
     real, calls = prog.prune, []
 
     def die_in_second_round(*a, **kw):  # the run stops after round 1 was saved
@@ -275,8 +277,9 @@ def test_stale_temporaries_are_removed_and_folders_get_normal_permissions(tmp_pa
 
 
 def test_magnitude_three_tier_model_scope_works(samples):
-    from hybridprune import PruneConfig, prune
-    from hybridprune.models import prunable_matrices
+    from hybridprune import PruneConfig
+    from hybridprune.pruning.engine import prune
+    from hybridprune.io.models import prunable_matrices
     model = tiny_model("llama")
     res = prune(model, PruneConfig(method="magnitude", pattern="three-tier", scope="model", device="cpu"))
     assert res.tier_maps and len(res.tier_maps) == len(prunable_matrices(model))
@@ -312,7 +315,8 @@ class _ToyMoE(torch.nn.Module):
 
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
 def test_experts_without_calibration_tokens_are_reported(method, samples):
-    from hybridprune import PruneConfig, prune
+    from hybridprune import PruneConfig
+    from hybridprune.pruning.engine import prune
     torch.manual_seed(0)
     model = _ToyMoE()
     W0 = model.layers[0].experts[1].weight.detach().clone()
@@ -320,7 +324,7 @@ def test_experts_without_calibration_tokens_are_reported(method, samples):
     with pytest.warns(UserWarning, match=r"1 matrices of layer 0 received no calibration tokens \(experts.1\)"):
         res = prune(model, config, samples=samples)
     assert res.uncalibrated == ["layers.0.experts.1", "layers.1.experts.1"]
-    keep = config.build_pattern().keep(W0.abs())[0]  # magnitude in the method's comparison group
+    keep = pattern_of(config).keep(W0.abs())[0]  # magnitude in the method's comparison group
     assert torch.equal(model.layers[0].experts[1].weight, W0 * keep)  # and no reconstruction moved a weight
 
 

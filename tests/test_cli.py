@@ -106,7 +106,7 @@ def test_help_lists_commands():
 
 def test_progressive_resumes_after_interruption(tmp_path, tiny_llama_dir, data_dir):
     from hybridprune import PruneConfig, load_model
-    from hybridprune.progressive import run_progressive
+    from hybridprune.pruning.progressive import run_progressive
 
     schedule = [(0.9, 0.1, 0.0), (0.6, 0.2, 0.2), (0.35, 0.45, 0.2)]
     config = PruneConfig(pattern="three-tier", nsamples=2, seqlen=32, device="cpu")

@@ -4,10 +4,10 @@ import math
 import pytest
 import torch
 
-from hybridprune.data import (calibration_samples, calibration_texts, parse_calib, split_counts, squad_examples,
+from hybridprune.io.data import (calibration_samples, calibration_texts, parse_calib, split_counts, squad_examples,
                               wikitext2_rows)
-from hybridprune.errors import HybridPruneError
-from hybridprune.evaluate import perplexity
+from hybridprune.core.errors import HybridPruneError
+from hybridprune.evaluation.ppl import perplexity
 
 
 def test_wikitext2_rows_follow_hub_convention(data_dir):

@@ -21,8 +21,9 @@ STEPS = ["--data", "wikitext2", "--steps", "6", "--seqlen", "32", "--max-example
 
 @pytest.fixture(scope="module")
 def pruned(tmp_path_factory, default_tokenizer):
-    from hybridprune import PruneConfig, prune
-    from hybridprune.engine import save_pruned
+    from hybridprune import PruneConfig
+    from hybridprune.pruning.engine import prune
+    from hybridprune.pruning.engine import save_pruned
     model = tiny_model("llama", vocab=len(default_tokenizer), hidden=48, inter=96)
     config = PruneConfig(method="magnitude", sparsity=0.5)
     out = tmp_path_factory.mktemp("dist") / "pruned"
@@ -42,7 +43,7 @@ def _launch(*args, processes=2, fsdp=False):
 
 def _train_loss(folder, data_dir) -> float:
     from hybridprune import load_model
-    from hybridprune.finetune import FinetuneConfig, build_dataset
+    from hybridprune.finetuning.finetune import FinetuneConfig, build_dataset
     model, tok = load_model(str(folder))
     rows = build_dataset(FinetuneConfig(data="wikitext2", seqlen=32, max_examples=16, data_dir=str(data_dir)), tok)
     ids = torch.tensor([r["input_ids"] for r in rows])
@@ -85,7 +86,7 @@ def test_fsdp_is_refused_before_any_work(pruned, tmp_path, monkeypatch, capsys):
 
 def test_only_the_main_process_writes(pruned, tmp_path, monkeypatch, data_dir):
     """A process that is not rank 0 trains but leaves the output to the main process (no racing renames)."""
-    from hybridprune.finetune import FinetuneConfig, finetune_and_save
+    from hybridprune.finetuning.finetune import FinetuneConfig, finetune_and_save
     monkeypatch.setenv("RANK", "1")
     config = FinetuneConfig(data="wikitext2", steps=1, batch_size=2, seqlen=32, max_examples=4, device="cpu")
     res = finetune_and_save(str(pruned), config, tmp_path / "ft")

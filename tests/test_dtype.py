@@ -6,15 +6,16 @@ import pytest
 import torch
 
 from conftest import safetensors_tensors, tiny_model
-from hybridprune import PruneConfig, prune
+from hybridprune import PruneConfig
+from hybridprune.pruning.engine import prune
 from hybridprune.cli import main
-from hybridprune.models import prunable_matrices, weight_matrix
+from hybridprune.io.models import prunable_matrices, weight_matrix
 
 
 @pytest.mark.parametrize("method,pattern", [("wanda", "unstructured"), ("sparsegpt", "2:4"),
                                             ("wanda", "three-tier")])
 def test_bf16_pruning_is_exact_and_stays_bf16(method, pattern, samples, monkeypatch):
-    from hybridprune import scoring
+    from hybridprune.pruning import scoring
     seen = []
     real_add = scoring.InputStats.add
 
@@ -59,7 +60,7 @@ def test_bf16_fine_tuning_keeps_the_zero_set_and_dtype(ft, tmp_path, tiny_llama_
 
 
 def test_experiment_takes_dtype_and_device(monkeypatch, tmp_path):
-    from hybridprune import experiment
+    from hybridprune.experiments import experiment
     seen = {}
 
     def fake(recipe, out, quick=False, only=None, device=None, dtype=None, kernels=False, isolate=None, log=print):

@@ -10,15 +10,16 @@ import numpy as np
 import pytest
 import torch
 
-from hybridprune import experiment, report
-from hybridprune.recipe import CLAIM, Claim
-from hybridprune.stats import MIN_UNITS, paired_bootstrap, seeds_bootstrap
+from hybridprune.experiments import experiment
+from hybridprune.experiments import report
+from hybridprune.experiments.recipe import CLAIM, Claim
+from hybridprune.experiments.stats import MIN_UNITS, paired_bootstrap, seeds_bootstrap
 
 
 # ----------------------------------------------------------------------------- which examples
 
 def test_spread_sample_covers_the_articles(data_dir):
-    from hybridprune.tasks import PER_CLUSTER, cluster_ids, spread_sample, task_rows
+    from hybridprune.evaluation.tasks import PER_CLUSTER, cluster_ids, spread_sample, task_rows
     rows = task_rows("squad", data_dir)
     first = [rows[i]["title"] for i in range(100)]
     assert len(set(first)) == 1  # lm-eval's --limit 100: one article (the issue's finding)
@@ -40,7 +41,7 @@ def test_spread_sample_covers_the_articles(data_dir):
 
 def test_eval_sample_records_docs_and_clusters(data_dir, default_tokenizer):
     from conftest import tiny_model
-    from hybridprune.tasks import cluster_ids, evaluate_model, spread_sample, task_rows
+    from hybridprune.evaluation.tasks import cluster_ids, evaluate_model, spread_sample, task_rows
     model = tiny_model("llama", vocab=len(default_tokenizer), hidden=48, inter=96)
     res = evaluate_model(model, default_tokenizer, ["boolq"], sample=6, sample_seed=3, batch_size=4,
                          data_dir_path=data_dir)["boolq"]
@@ -123,11 +124,11 @@ def two_seeds(tmp_path_factory, tiny_llama_dir, data_dir):
     stages loaded are still alive (seed 1's prunes run after seed 0's evaluations)."""
     import weakref
 
-    from hybridprune import models
+    from hybridprune.sparse import load as loader
     root = tmp_path_factory.mktemp("seeds")
     path = root / "r.yaml"
     path.write_text(SEEDS_RECIPE.format(model=tiny_llama_dir, seeds="[0, 1]"))
-    evaluated, alive, load, run_stage = [], [], models.load_model, experiment._run_stage
+    evaluated, alive, load, run_stage = [], [], loader.load_model, experiment._run_stage
 
     def loading(spec, *a, **k):
         model, tok = load(spec, *a, **k)
@@ -139,7 +140,7 @@ def two_seeds(tmp_path_factory, tiny_llama_dir, data_dir):
         if stage.kind != "eval":  # counted after the stage ran with whatever the previous ones left
             alive.append(sum(r() is not None for r in evaluated))
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(models, "load_model", loading)
+        mp.setattr(loader, "load_model", loading)
         mp.setattr(experiment, "_run_stage", running)
         res = experiment.run_experiment(path, root / "run", isolate=False, log=lambda *a: None)
     (root / "alive.json").write_text(json.dumps({"alive": alive, "evaluated": len(evaluated)}))
@@ -227,7 +228,7 @@ def test_partial_report_never_mixes_standard_errors_into_seed_spreads(two_seeds,
 
 def test_perplexity_equals_a_float64_reference():
     from conftest import tiny_model
-    from hybridprune.evaluate import perplexity
+    from hybridprune.evaluation.ppl import perplexity
     model = tiny_model("llama", vocab=300)
     ids = torch.randint(0, 300, (6 * 40,), generator=torch.Generator().manual_seed(0))
     res = perplexity(model, ids=ids, seqlen=40, batch_size=4, progress=False)
@@ -245,8 +246,8 @@ def test_loglikelihood_equals_stock_lm_eval(family, default_tokenizer, monkeypat
     budget, and a request longer than the context (truncated from the left)."""
     from conftest import tiny_model
     from lm_eval.models.huggingface import HFLM
-    from hybridprune import evaluate
-    from hybridprune.tasks import _lm_class
+    from hybridprune.evaluation import ppl as evaluate
+    from hybridprune.evaluation.tasks import _lm_class
     vocab = len(default_tokenizer)
     model = tiny_model(family, vocab=vocab, hidden=32, inter=64)
     g = torch.Generator().manual_seed(1)
@@ -275,7 +276,7 @@ def test_memory_does_not_grow_with_the_vocabulary(tmp_path):
         import resource, sys, torch
         sys.path.insert(0, sys.argv[1])
         from conftest import tiny_model
-        from hybridprune.evaluate import perplexity
+        from hybridprune.evaluation.ppl import perplexity
         model = tiny_model("llama", vocab=262144, hidden=32, inter=64)
         ids = torch.randint(0, 262144, (4 * 1024,), generator=torch.Generator().manual_seed(0))
         res = perplexity(model, ids=ids, seqlen=1024, batch_size=4, progress=False)
@@ -295,7 +296,7 @@ def test_capped_heap_gives_freed_tensors_back():
     the OS when freed."""
     script = textwrap.dedent("""
         import re, sys, torch
-        from hybridprune.heap import cap_heap_growth
+        from hybridprune.core.heap import cap_heap_growth
         def rss():
             return int(re.search(r"VmRSS:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) >> 10
         if sys.argv[1] == "cap":
@@ -320,7 +321,7 @@ def test_heap_cap_also_caps_onednns_primitive_cache(monkeypatch):
     """bf16 matmuls on a CPU go through oneDNN, which keeps built primitives (with their buffers) for every shape
     it has seen: 1,024 by default, which raised a bf16 SQuAD LoRA stage by 0.6 GiB. The cap keeps 32, unless the
     user chose a number."""
-    from hybridprune.heap import ONEDNN_PRIMITIVES, cap_heap_growth
+    from hybridprune.core.heap import ONEDNN_PRIMITIVES, cap_heap_growth
     monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
     cap_heap_growth()
     assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == str(ONEDNN_PRIMITIVES) == "32"

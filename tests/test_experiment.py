@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from hybridprune import experiment, report
-from hybridprune import recipe as recipe_mod
-from hybridprune.errors import HybridPruneError
-from hybridprune.stats import jaccard, mcnemar, paired_bootstrap
+from hybridprune.experiments import experiment
+from hybridprune.experiments import report
+from hybridprune.experiments import recipe as recipe_mod
+from hybridprune.core.errors import HybridPruneError
+from hybridprune.experiments.stats import jaccard, mcnemar, paired_bootstrap
 
 RECIPE = """\
 model: {model}
@@ -68,12 +69,12 @@ class _Counter:
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory, tiny_llama_dir, data_dir):
     """One complete run of the tiny recipe (shared by the tests below)."""
-    from hybridprune import models
+    from hybridprune.sparse import load as loader
     root = tmp_path_factory.mktemp("exp")
     recipe = _recipe(root / "r.yaml", tiny_llama_dir)
-    loads, plain = [], models.load_model
+    loads, plain = [], loader.load_model
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(models, "load_model", lambda spec, *a, **k: loads.append(str(spec)) or plain(spec, *a, **k))
+        mp.setattr(loader, "load_model", lambda spec, *a, **k: loads.append(str(spec)) or plain(spec, *a, **k))
         results = experiment.run_experiment(recipe, root / "run", isolate=False, log=lambda *a: None)
     (root / "loads.json").write_text(json.dumps({"loads": loads, "dense": str(tiny_llama_dir)}))
     return root, recipe, results
@@ -139,13 +140,13 @@ def test_failure_mid_run_then_rerun_matches_uninterrupted(finished, tmp_path, mo
 def test_isolated_stages_run_in_processes_of_their_own_with_the_same_results(finished, tmp_path, monkeypatch):
     """Each stage (a model's evaluations together) runs in a child of the fork server: nothing runs in this process,
     each job reports its peak, and the results equal the in-process run's."""
-    from hybridprune import models
+    from hybridprune.sparse import load as loader
     _, recipe, results = finished
 
     def here(*a, **k):
         raise AssertionError("a stage ran in the parent process")
     monkeypatch.setattr(experiment, "_run_stage", here)
-    monkeypatch.setattr(models, "load_model", here)
+    monkeypatch.setattr(loader, "load_model", here)
     logs = []
     res = experiment.run_experiment(recipe, tmp_path / "run", isolate=True, log=logs.append)
     assert sum("[stage " in line for line in logs) == 13
@@ -300,8 +301,8 @@ def test_claims_are_judged_on_the_interval():
 def test_gold_nll_equals_a_hand_computation(default_tokenizer, data_dir):
     """Mean per-token NLL of the first gold answer after the exact SQuAD prompt, computed directly."""
     from conftest import tiny_model
-    from hybridprune.data import squad_examples
-    from hybridprune.tasks import SQUAD_PROMPT, evaluate_model
+    from hybridprune.io.data import squad_examples
+    from hybridprune.evaluation.tasks import SQUAD_PROMPT, evaluate_model
     tok = default_tokenizer
     model = tiny_model("llama", vocab=len(tok), hidden=48, inter=96)
     res = evaluate_model(model, tok, ["squad"], limit=2, batch_size=2, data_dir_path=data_dir)
@@ -397,7 +398,9 @@ def test_shipped_recipe_plans_the_study(quick, tmp_path):
 def test_a_generating_task_sets_its_own_generation_width(tmp_path, monkeypatch):
     """SQuAD's long prompts hold a KV cache per batch row: a task's generate_batch_size overrides eval's for
     that task alone, and is in that task's stage key only."""
-    from hybridprune import files, models, tasks
+    from hybridprune.core import files
+    from hybridprune.sparse import load as loader
+    from hybridprune.evaluation import tasks
     base = RECIPE.format(model="m", boolq_limit=4).replace("eval: {batch_size: 4}",
                                                            "eval: {batch_size: 4, generate_batch_size: 8}")
     keys = {}
@@ -410,7 +413,7 @@ def test_a_generating_task_sets_its_own_generation_width(tmp_path, monkeypatch):
     assert keys[""]["boolq"] == keys[", generate_batch_size: 3"]["boolq"]
     assert keys[""]["squad"] != keys[", generate_batch_size: 3"]["squad"]
     widths = {}
-    monkeypatch.setattr(models, "load_model", lambda *a, **k: (object(), object()))
+    monkeypatch.setattr(loader, "load_model", lambda *a, **k: (object(), object()))
     monkeypatch.setattr(files, "write_text_atomic", lambda *a, **k: None)
     monkeypatch.setattr(tasks, "evaluate_model", lambda m, t, names, **kw: widths.update({names[0]: kw}) or {})
     for task in ("boolq", "squad"):

@@ -3,12 +3,13 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from hybridprune import PruneConfig, prune
-from hybridprune.errors import HybridPruneError
-from hybridprune.finetune import (FinetuneConfig, build_dataset, capture_masks, encode_example, finetune,
+from hybridprune import PruneConfig
+from hybridprune.pruning.engine import prune
+from hybridprune.core.errors import HybridPruneError
+from hybridprune.finetuning.finetune import (FinetuneConfig, build_dataset, capture_masks, encode_example, finetune,
                                   merge_lora_through_mask, render)
-from hybridprune.models import prunable_matrices, weight_matrix
-from hybridprune.patterns import check_nm
+from hybridprune.io.models import prunable_matrices, weight_matrix
+from hybridprune.pruning.patterns import check_nm
 
 
 def _pruned(family, pattern, samples, **kw):
@@ -63,9 +64,9 @@ def test_finetune_keeps_zero_set(method, samples, tmp_path, monkeypatch):
     model = _pruned("llama", "unstructured", samples)
     masks = capture_masks(model)
     rows = [{"input_ids": s.tolist(), "labels": s.tolist()} for s in samples]
-    monkeypatch.setattr("hybridprune.finetune.build_dataset", lambda cfg, tok, cache=None: rows)
+    monkeypatch.setattr("hybridprune.finetuning.finetune.build_dataset", lambda cfg, tok, cache=None: rows)
     trims = []  # freed heap goes back to the OS after every step (a SQuAD LoRA stage's RSS climbed without it)
-    monkeypatch.setattr("hybridprune.finetune.trim_heap", lambda: trims.append(1))
+    monkeypatch.setattr("hybridprune.finetuning.finetune.trim_heap", lambda: trims.append(1))
     cfg = FinetuneConfig(method=method, steps=4, batch_size=2, lr=1e-2, logging_steps=1, save_steps=100)
     before = {n: m.weight.detach().clone() for n, m in prunable_matrices(model).items()}
     res = finetune(model, _Tok(), cfg, tmp_path / "work")
@@ -83,7 +84,7 @@ def test_labels_mask_exactly_the_prompt(default_tokenizer, data_dir):
     for data, template in [("squad", "simple"), ("squad", "alpaca"), ("squad", "chat"), ("gsm8k", "simple"),
                            ("boolq", "simple"), ("gsm8k", "chat")]:
         rows = build_dataset(FinetuneConfig(data=data, template=template, max_examples=3, seqlen=4096), tok)
-        from hybridprune.finetune import _records
+        from hybridprune.finetuning.finetune import _records
         rec = _records(data, data_dir)[0]
         prompt, answer = render(data, template, rec, tok)
         p_len = len(tok(prompt)["input_ids"])
@@ -96,8 +97,8 @@ def test_labels_mask_exactly_the_prompt(default_tokenizer, data_dir):
 
 
 def test_squad_finetuning_uses_fit_half_only(default_tokenizer, data_dir):
-    from hybridprune.data import squad_examples
-    from hybridprune.finetune import _records
+    from hybridprune.io.data import squad_examples
+    from hybridprune.finetuning.finetune import _records
     fit_contexts = {r["context"] for r in squad_examples("fit", data_dir)}
     assert all(r["context"] in fit_contexts for r in _records("squad", data_dir))
 
@@ -123,7 +124,7 @@ def test_encode_example_truncates_safely():
 
 def test_full_tuning_gradients_are_zero_where_pruned(samples):
     """The gradient mask alone, after backward and before any optimizer step."""
-    from hybridprune.finetune import mask_gradients
+    from hybridprune.finetuning.finetune import mask_gradients
     model = _pruned("llama", "unstructured", samples)
     masks = capture_masks(model)
     hooks, reapply = mask_gradients(model, masks)
@@ -139,7 +140,7 @@ def test_full_tuning_gradients_are_zero_where_pruned(samples):
 def test_tokenized_data_is_cached_by_what_it_depends_on(tmp_path, default_tokenizer, data_dir, monkeypatch):
     import dataclasses
 
-    from hybridprune import finetune as ft
+    from hybridprune.finetuning import finetune as ft
     config = ft.FinetuneConfig(data="squad", seqlen=512, max_examples=5, data_dir=str(data_dir))
     rows = ft.build_dataset(config, default_tokenizer, tmp_path)
     calls, plain = [], ft.encode_example
@@ -154,7 +155,7 @@ def test_tokenized_data_is_cached_by_what_it_depends_on(tmp_path, default_tokeni
 def test_answer_only_logits_give_the_models_own_loss(family):
     """Training computes the output layer only where a label follows (logits_to_keep); the loss equals the model's
     own causal-LM loss on full logits, padding and a prompt-only row included."""
-    from hybridprune.finetune import _Collator, answer_loss
+    from hybridprune.finetuning.finetune import _Collator, answer_loss
     model = tiny_model(family)
     g = torch.Generator().manual_seed(1)
     rows = []
@@ -177,9 +178,9 @@ def test_answer_only_logits_give_the_models_own_loss(family):
 def test_gradient_checkpointing_recomputes_layers_and_changes_no_number(samples, tmp_path, monkeypatch):
     """On by default: every decoder layer runs again in the backward pass (its activations are not kept), and the
     trained weights are exactly those of a run that keeps them (dropout's random state is replayed)."""
-    from hybridprune.models import find_decoder_layers, find_linears
+    from hybridprune.io.models import find_decoder_layers, find_linears
     rows = [{"input_ids": s.tolist(), "labels": [-100] * 8 + s.tolist()[8:]} for s in samples]
-    monkeypatch.setattr("hybridprune.finetune.build_dataset", lambda cfg, tok, cache=None: rows)
+    monkeypatch.setattr("hybridprune.finetuning.finetune.build_dataset", lambda cfg, tok, cache=None: rows)
     weights, calls = {}, {}
     for gc in (True, False):
         model = _pruned("llama", "unstructured", samples)
@@ -198,7 +199,7 @@ def test_gradient_checkpointing_recomputes_layers_and_changes_no_number(samples,
 def test_token_rows_hold_the_rows_compactly_and_collate_the_same():
     """The training rows are flat int32 tensors with offsets (not Python lists); each row and each batch is what
     the lists would give."""
-    from hybridprune.finetune import TokenRows, _Collator
+    from hybridprune.finetuning.finetune import TokenRows, _Collator
     g = torch.Generator().manual_seed(3)
     rows = []
     for n in (5, 1, 17, 9):
@@ -215,7 +216,7 @@ def test_token_rows_hold_the_rows_compactly_and_collate_the_same():
 def test_lora_keeps_no_masks_through_training_and_checks_zero_counts(samples, tmp_path, monkeypatch):
     """LoRA freezes the base: the merge reads each matrix's own non-zero set, so no bool masks are held through
     training (101 MiB on the default model); a matrix that lost a zero is still an error."""
-    from hybridprune import finetune as ft
+    from hybridprune.finetuning import finetune as ft
     model = _pruned("llama", "unstructured", samples)
     masks = capture_masks(model)
     rows = [{"input_ids": s.tolist(), "labels": s.tolist()} for s in samples]
@@ -234,10 +235,10 @@ def test_lora_keeps_no_masks_through_training_and_checks_zero_counts(samples, tm
 
 
 def test_bf16_autocast_runs_the_matmuls_in_bf16_and_keeps_fp32_weights(samples, tmp_path, monkeypatch):
-    from hybridprune.models import find_decoder_layers, find_linears
+    from hybridprune.io.models import find_decoder_layers, find_linears
     rows = [{"input_ids": s.tolist(), "labels": s.tolist()} for s in samples]
-    monkeypatch.setattr("hybridprune.finetune.build_dataset", lambda cfg, tok, cache=None: rows)
-    with pytest.raises(HybridPruneError, match="--autocast must be auto, bf16 or fp32"):
+    monkeypatch.setattr("hybridprune.finetuning.finetune.build_dataset", lambda cfg, tok, cache=None: rows)
+    with pytest.raises(HybridPruneError, match="autocast must be auto, bf16 or fp32"):
         FinetuneConfig(autocast="fp16")
     for autocast, want in (("auto", torch.float32), ("bf16", torch.bfloat16)):  # auto on a CPU: fp32
         model = _pruned("llama", "unstructured", samples)
@@ -255,7 +256,7 @@ def test_bf16_autocast_runs_the_matmuls_in_bf16_and_keeps_fp32_weights(samples, 
 def test_hash_dropout_keeps_each_element_with_1_minus_p():
     """csrc/dropout.cpp: the dropped share is p within 5 sigma, kept values are x / (1 - p) exactly, the AVX-512
     and portable paths agree bit for bit, a seed gives one mask and another seed another, any float dtype."""
-    from hybridprune.finetune import _dropout_ext
+    from hybridprune.finetuning.finetune import _dropout_ext
     ext = _dropout_ext()
     x = torch.randn(1_000_003)
     for p in (0.05, 0.3):
@@ -282,7 +283,7 @@ def test_hash_dropout_gradient_and_checkpoint_replay():
     recompute draws the same mask, so a checkpointed step gives the same gradients as a plain one."""
     from torch.utils.checkpoint import checkpoint
 
-    from hybridprune.finetune import HashDropout
+    from hybridprune.finetuning.finetune import HashDropout
     torch.manual_seed(0)
     lin, drop = torch.nn.Linear(64, 64), HashDropout(0.3)
     x = torch.randn(8, 64, requires_grad=True)
@@ -305,11 +306,11 @@ def test_hash_dropout_gradient_and_checkpoint_replay():
 def test_finetune_with_hash_dropout(samples, tmp_path, monkeypatch):
     """dropout_rng: hash swaps every LoRA dropout for HashDropout; training moves the weights and keeps the zeros;
     the two checkpointing settings give the same trained weights, as with torch's dropout."""
-    import hybridprune.finetune as ft
+    import hybridprune.finetuning.finetune as ft
     rows = [{"input_ids": s.tolist(), "labels": [-100] * 8 + s.tolist()[8:]} for s in samples]
-    monkeypatch.setattr("hybridprune.finetune.build_dataset", lambda cfg, tok, cache=None: rows)
+    monkeypatch.setattr("hybridprune.finetuning.finetune.build_dataset", lambda cfg, tok, cache=None: rows)
     swapped, real = [], ft.use_hash_dropout
-    monkeypatch.setattr("hybridprune.finetune.use_hash_dropout", lambda m: swapped.append(real(m)) or swapped[-1])
+    monkeypatch.setattr("hybridprune.finetuning.finetune.use_hash_dropout", lambda m: swapped.append(real(m)) or swapped[-1])
     weights = {}
     for gc in (True, False):
         model = _pruned("llama", "unstructured", samples)
@@ -323,5 +324,5 @@ def test_finetune_with_hash_dropout(samples, tmp_path, monkeypatch):
     n_lora = len(prunable_matrices(out))
     assert swapped == [n_lora, n_lora]
     assert all(torch.equal(weights[True][k], weights[False][k]) for k in weights[False])
-    with pytest.raises(HybridPruneError, match="dropout-rng"):
+    with pytest.raises(HybridPruneError, match="dropout_rng"):
         FinetuneConfig(dropout_rng="fast")

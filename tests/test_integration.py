@@ -5,16 +5,17 @@ import math
 import pytest
 import torch
 
-from hybridprune import PruneConfig, load_model, perplexity, prune, sparsity_report
-from hybridprune.models import prunable_matrices, weight_matrix
-from hybridprune.patterns import check_nm
+from hybridprune import PruneConfig, load_model, perplexity, sparsity_report
+from hybridprune.pruning.engine import prune
+from hybridprune.io.models import prunable_matrices, weight_matrix
+from hybridprune.pruning.patterns import check_nm
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
 def test_ids(default_tokenizer, data_dir):
-    from hybridprune.evaluate import wikitext2_test_ids
+    from hybridprune.evaluation.ppl import wikitext2_test_ids
     return wikitext2_test_ids(default_tokenizer)
 
 
@@ -61,7 +62,7 @@ def test_each_task_runs_on_default_model(default_model_dir, data_dir, tmp_path):
 
 
 def test_lora_few_steps_on_default_model_lowers_loss_and_keeps_zeros(default_model_dir, data_dir, tmp_path):
-    from hybridprune.finetune import FinetuneConfig, capture_masks, finetune
+    from hybridprune.finetuning.finetune import FinetuneConfig, capture_masks, finetune
     model, tok = load_model("default")
     prune(model, PruneConfig(method="wanda", nsamples=2, seqlen=128, device="cpu"), tokenizer=tok)
     masks = capture_masks(model)

@@ -5,10 +5,11 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from hybridprune import PruneConfig, prune
-from hybridprune.errors import HybridPruneError
-from hybridprune.layerwise import owl_sparsities
-from hybridprune.models import find_decoder_layers, find_linears, weight_matrix
+from hybridprune import PruneConfig, load_model
+from hybridprune.pruning.engine import prune
+from hybridprune.core.errors import HybridPruneError
+from hybridprune.pruning.layerwise import owl_sparsities
+from hybridprune.io.models import find_decoder_layers, find_linears, weight_matrix
 
 
 def cfg(**kw):
@@ -114,7 +115,7 @@ def retained(score, index, n, m):
 def test_lsa_never_loses_kept_score_and_stays_inside_its_slices(monkeypatch):
     """Each assignment round keeps at least what the order before it kept (keeping the columns in place is one
     of its choices); with slices of 16 columns no column leaves its slice."""
-    from hybridprune import patterns
+    from hybridprune.pruning import patterns
     g = torch.Generator().manual_seed(3)
     S = torch.rand(40, 64, generator=g) ** 3
     heuristic = patterns.reallocate_channels(S, 4)
@@ -131,7 +132,7 @@ def test_lsa_never_loses_kept_score_and_stays_inside_its_slices(monkeypatch):
 def test_channel_permutation_with_dsnot_swaps_inside_permuted_groups(samples):
     """DSnoT on a permuted 2:4 mask swaps (the masks differ from the unrefined ones) and every group of the saved
     column order still holds 2 of 4."""
-    from hybridprune.patterns import check_nm
+    from hybridprune.pruning.patterns import check_nm
     masks = []
     for dsnot in (False, True):
         model = tiny_model("llama")
@@ -150,9 +151,11 @@ def test_channel_permutation_with_dsnot_swaps_inside_permuted_groups(samples):
 def test_channel_permutation_saved_inspected_packed_and_computed(tmp_path, samples):
     """The column order travels with the model: inspect checks groups in it (and reports its loss), packing stores
     it, unpacking restores every bit, and the kernels give the unpacked model's logits."""
-    from hybridprune import kernels, packing
-    from hybridprune.engine import PERMUTATIONS_FILE, save_pruned
-    from hybridprune.inspect import inspect_folder
+    from hybridprune.sparse import kernels
+    from hybridprune.sparse import packing
+    from hybridprune.io.folder import PERMUTATIONS_FILE
+    from hybridprune.pruning.engine import save_pruned
+    from hybridprune.sparse.inspect import inspect_folder
     from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models as tok_models
     tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(tok_models.WordLevel({"<unk>": 0}, unk_token="<unk>")),
@@ -173,7 +176,7 @@ def test_channel_permutation_saved_inspected_packed_and_computed(tmp_path, sampl
     for key, mod_w in model.state_dict().items():
         if key in layouts:
             assert torch.equal(state[key], mod_w), key
-    fast, _ = packing.load_packed(tmp_path / "packed", kernels=True)
+    fast, _ = load_model(str(tmp_path / "packed"), kernels=True)
     assert sum(isinstance(m, kernels.PackedLinear) and m.permuted for m in fast.modules()) == 14
     ids = torch.randint(0, 256, (2, 12))
     with torch.no_grad():
@@ -186,9 +189,9 @@ def test_channel_permutation_saved_inspected_packed_and_computed(tmp_path, sampl
 
 
 @pytest.mark.parametrize("kw, match", [
-    (dict(pattern="unstructured", channel_permutation="lsa"), "needs an N:M --pattern"),
+    (dict(pattern="unstructured", channel_permutation="lsa"), "needs an N:M pattern"),
     (dict(method="sparsegpt", pattern="2:4", channel_permutation="lsa"), "SparseGPT picks its mask"),
-    (dict(pattern="2:4", channel_permutation="hungarian"), "unknown --channel-permutation 'hungarian'"),
+    (dict(pattern="2:4", channel_permutation="hungarian"), "unknown channel_permutation 'hungarian'"),
 ])
 def test_channel_permutation_bad_input(kw, match):
     with pytest.raises(HybridPruneError, match=match):
@@ -272,8 +275,8 @@ def test_owl_works_with_every_method(method, samples):
 
 def test_inspect_checks_each_layer_against_its_owl_target(samples, tmp_path):
     from conftest import tiny_tokenizer
-    from hybridprune import save_pruned
-    from hybridprune.inspect import inspect_folder
+    from hybridprune.pruning.engine import save_pruned
+    from hybridprune.sparse.inspect import inspect_folder
     model = tiny_model("llama")
     config = cfg(sparsity=0.5, layer_sparsity="owl")
     result = prune(model, config, samples=samples)
@@ -287,8 +290,8 @@ def test_inspect_checks_each_layer_against_its_owl_target(samples, tmp_path):
 
 
 def test_owl_shifts_tiers_of_block_patterns(samples, tmp_path):
-    from hybridprune import save_pruned
-    from hybridprune.inspect import inspect_folder
+    from hybridprune.pruning.engine import save_pruned
+    from hybridprune.sparse.inspect import inspect_folder
     model = tiny_model("llama")
     config = cfg(pattern="three-tier", layer_sparsity="owl", refit=0)
     result = prune(model, config, samples=samples)
@@ -307,7 +310,7 @@ def test_owl_shifts_tiers_of_block_patterns(samples, tmp_path):
     (dict(layer_sparsity="owl", owl_lambda=0.6), "--owl-lambda must be within"),
     (dict(layer_sparsity="owl", sparsity=0.95, owl_lambda=0.06), "leaves no weights"),
     (dict(layer_sparsity="owl", owl_m=0), "--owl-m must be > 0"),
-    (dict(layer_sparsity="owls"), "unknown --layer-sparsity"),
+    (dict(layer_sparsity="owls"), "unknown layer_sparsity"),
     (dict(pattern="three-tier", tier_scope="model", layer_sparsity="owl"), "--tier-scope model"),
     (dict(method="rya"), "unknown method 'rya'"),
 ])
@@ -374,7 +377,7 @@ def dsnot_reference(W, mu, var, initial, keep, m=None, cycles=50, thr=0.1, same_
 
 @pytest.mark.parametrize("nm,same_sign", [(None, False), (None, True), (4, False)])
 def test_dsnot_equals_the_reference_rule(nm, same_sign):
-    from hybridprune.dsnot import nm_groups, refine
+    from hybridprune.pruning.dsnot import nm_groups, refine
     rng = np.random.default_rng(0)
     W, mu, var = rng.normal(size=(12, 64)), rng.normal(size=64) * 3, rng.uniform(0.5, 2, size=64)
     initial = np.abs(W) * rng.uniform(0.5, 2, size=64)
@@ -398,7 +401,7 @@ def test_dsnot_input_moments_are_per_sequence_sums_and_variances():
     """DSnoT's statistics as its reference keeps them: the sum of each input over a sequence's tokens and the variance
     within the sequence, both averaged over sequences, whatever the micro-batch. The inputs sit far from zero so
     that a one-pass E[x^2] - E[x]^2 in float32 would lose the variance."""
-    from hybridprune.scoring import InputStats
+    from hybridprune.pruning.scoring import InputStats
     rng = np.random.default_rng(0)
     x = 300 + rng.normal(size=(3, 50, 6)) * rng.uniform(0.01, 2, size=6)
     st = InputStats(6, "cpu", hessian=False, moments=True)
@@ -412,7 +415,7 @@ def test_dsnot_input_moments_are_per_sequence_sums_and_variances():
 def test_dsnot_on_permuted_groups_equals_the_reference_rule():
     """With a channel permutation the groups are columns perm[4g:4g+4]: the swaps equal the row-by-row rule run on
     the permuted columns, mapped back."""
-    from hybridprune.dsnot import refine_permuted
+    from hybridprune.pruning.dsnot import refine_permuted
     rng = np.random.default_rng(1)
     W, mu, var = rng.normal(size=(12, 64)), rng.normal(size=64) * 3, rng.uniform(0.5, 2, size=64)
     initial = np.abs(W) * rng.uniform(0.5, 2, size=64)
@@ -432,8 +435,8 @@ def test_dsnot_on_permuted_groups_equals_the_reference_rule():
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4", "three-tier"])
 def test_dsnot_keeps_sparsity_and_pattern_rules(pattern, samples, tmp_path):
     from conftest import tiny_tokenizer
-    from hybridprune import save_pruned
-    from hybridprune.inspect import inspect_folder
+    from hybridprune.pruning.engine import save_pruned
+    from hybridprune.sparse.inspect import inspect_folder
     base = dict(pattern=pattern, sparsity=0.6, refit=0)
     plain, refined = tiny_model("llama"), tiny_model("llama")
     prune(plain, cfg(**base), samples=samples)
@@ -461,16 +464,16 @@ def test_dsnot_skips_mlp_by_default_like_its_reference(samples):
 
 
 def test_dsnot_bad_options():
-    with pytest.raises(HybridPruneError, match="--dsnot refines a Wanda or RIA mask"):
+    with pytest.raises(HybridPruneError, match="dsnot refines a Wanda or RIA mask"):
         cfg(method="sparsegpt", dsnot=True)
-    with pytest.raises(HybridPruneError, match="--dsnot-cycles"):
+    with pytest.raises(HybridPruneError, match="dsnot_cycles"):
         cfg(dsnot=True, dsnot_cycles=0)
-    with pytest.raises(HybridPruneError, match="--dsnot-threshold"):
+    with pytest.raises(HybridPruneError, match="dsnot_threshold"):
         cfg(dsnot=True, dsnot_threshold=float("nan"))
 
 
 def test_methods_axis_in_recipes(tmp_path):
-    from hybridprune import experiment
+    from hybridprune.experiments import experiment
     text = """\
 model: m
 prune: {method: wanda, pattern: unstructured, sparsity: 0.5, nsamples: 2, seqlen: 32}
@@ -500,8 +503,8 @@ claims:
     stages, by_run, pruned = experiment.plan(recipe, tmp_path / "run")
     kinds = [s.kind for s in stages]
     assert kinds.count("prune") == 2 * 4 + 1  # 2 calibrations x 4 methods, one magnitude reference for all
-    from hybridprune.report import _expand
+    from hybridprune.experiments.report import _expand
     assert len(_expand(recipe.claims[0], names)) == 4  # the claim is judged per method
     (tmp_path / "r.yaml").write_text(text.replace("owl: {layer_sparsity: owl}", "owl: {layer_sparsity: owls}"))
-    with pytest.raises(HybridPruneError, match="line 7: unstructured\\+owl: unknown --layer-sparsity"):
+    with pytest.raises(HybridPruneError, match="line 7: unstructured\\+owl: unknown layer_sparsity"):
         experiment.load_recipe(tmp_path / "r.yaml")

@@ -8,9 +8,12 @@ import pytest
 import torch
 from conftest import safetensors_tensors, tiny_model
 
-from hybridprune import kernels, packing, patterns
+from hybridprune.sparse.load import load_model
+from hybridprune.sparse import kernels
+from hybridprune.sparse import packing
+from hybridprune.pruning import patterns
 from hybridprune.cli import main
-from hybridprune.errors import HybridPruneError
+from hybridprune.core.errors import HybridPruneError
 
 TIERED = {"kind": "tiered", "block": 16, "n": 2, "m": 4, "k": 15}
 
@@ -177,14 +180,14 @@ def pruned_folders(tmp_path_factory, default_tokenizer):
 
 @pytest.mark.parametrize("name", ["tt", "u50", "nm"])
 def test_folder_pack_load_unpack(pruned_folders, name, tmp_path, capsys):
-    from hybridprune import models
+    from hybridprune.io import models
     dense, packed = pruned_folders[name]
     assert not any(Path(packed).glob("model*.safetensors"))
     record = models.read_record(packed)
     assert record["packed"]["format"] == packing.FORMAT and record["packed"]["version"] == packing.VERSION
     assert record["packed"]["packed_bytes"] < record["packed"]["dense_bytes"]
-    a, _ = models.load_model(str(dense))
-    b, _ = models.load_model(str(packed))
+    a, _ = load_model(str(dense))
+    b, _ = load_model(str(packed))
     sa, sb = a.state_dict(), b.state_dict()
     assert set(sa) == set(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
     assert main(["pack", str(packed), "--unpack", "--out", str(tmp_path / "back")]) == 0
@@ -201,14 +204,13 @@ def test_folder_pack_load_unpack(pruned_folders, name, tmp_path, capsys):
 def test_kernels_keep_outputs_and_perplexity(pruned_folders, default_tokenizer):
     """Through the kernels: the same greedy generations on 20 prompts as the unpacked model (a divergence must
     be a near tie) and the same log-likelihood to 1e-4 relative."""
-    from hybridprune import models
-    from hybridprune.kernels import PackedLinear
+    from hybridprune.sparse.kernels import PackedLinear
     tok = default_tokenizer
     prompts = [f"Question {i}: what is {i} plus {2 * i}? Answer:" for i in range(20)]
     for name in ("tt", "u50"):
         dense, packed = pruned_folders[name]
-        ref, _ = models.load_model(str(dense))
-        fast, _ = models.load_model(str(packed), kernels=True)
+        ref, _ = load_model(str(dense))
+        fast, _ = load_model(str(packed), kernels=True)
         assert sum(isinstance(m, PackedLinear) for m in fast.modules()) == 14
         ids = tok(prompts, return_tensors="pt", padding=True)
         with torch.no_grad():
@@ -291,7 +293,8 @@ def test_pack_refusals(pruned_folders, tiny_llama_dir, tmp_path, capsys):
 
 def test_sparsify_in_memory_after_prune():
     """prune(model, config) then sparsify_(model, config, result): the same logits, pruned modules swapped."""
-    from hybridprune import PackedLinear, PruneConfig, prune, sparsify_
+    from hybridprune import PackedLinear, PruneConfig, sparsify_
+    from hybridprune.pruning.engine import prune
     model = tiny_model("llama", hidden=48, inter=96)
     config = PruneConfig(method="magnitude", pattern="three-tier")
     result = prune(model, config)
@@ -309,7 +312,7 @@ def test_recipe_eval_kernels(tmp_path):
     naming the line."""
     from test_experiment import RECIPE
 
-    from hybridprune import experiment
+    from hybridprune.experiments import experiment
     text = RECIPE.format(model="m", boolq_limit=4)
     (tmp_path / "a.yaml").write_text(text)
     (tmp_path / "b.yaml").write_text(text.replace("eval: {batch_size: 4}", "eval: {batch_size: 4, kernels: true}"))

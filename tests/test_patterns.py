@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from hybridprune.errors import HybridPruneError
-from hybridprune.patterns import (DENSE, NM_TIER, TOPK_TIER, TieredBlocks, Unstructured, assign_tiers,
+from hybridprune.core.errors import HybridPruneError
+from hybridprune.pruning.patterns import (DENSE, NM_TIER, TOPK_TIER, TieredBlocks, Unstructured, assign_tiers,
                                   block_pattern, block_scores, block_topk_pattern, check_nm, expand_tiers, lowest_k,
                                   make_pattern, nm_keep, tier_counts, to_blocks)
 
@@ -169,7 +169,7 @@ def test_make_pattern_errors():
 
 
 def test_topk_in_blocks_keeps_each_blocks_best():
-    from hybridprune.patterns import topk_in_blocks
+    from hybridprune.pruning.patterns import topk_in_blocks
     torch.manual_seed(3)
     s = torch.rand(37, 50)
     keep = topk_in_blocks(s, 16, 5)

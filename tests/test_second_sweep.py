@@ -17,7 +17,7 @@ from test_bad_input import _refused
 def no_load(monkeypatch):
     def boom(*a, **kw):
         raise AssertionError("a model was loaded before the options were checked")
-    monkeypatch.setattr("hybridprune.models.load_model", boom)
+    monkeypatch.setattr("hybridprune.io.models.load_dense", boom)
 
 
 def _schedule(tmp_path, text):
@@ -100,7 +100,7 @@ def test_skip_pattern_matching_nothing(tmp_path, tiny_llama_dir, data_dir, capsy
 
 
 def test_calibration_memory_estimated_before_loading(tmp_path, tiny_llama_dir, capsys, no_load, monkeypatch):
-    monkeypatch.setattr("hybridprune.models.available_memory", lambda: 2**30)
+    monkeypatch.setattr("hybridprune.io.models.available_memory", lambda: 2**30)
     _refused(["prune", "--model", str(tiny_llama_dir), "--nsamples", "100000", "--seqlen", "2048",
               "--out", str(tmp_path / "o")], capsys, "GiB of layer activations (hidden size 48)", tmp_path)
 
@@ -123,7 +123,7 @@ def test_overwriting_a_file_leaves_no_old_copy(tmp_path, tiny_llama_dir, data_di
 
 
 def test_full_disk_is_one_line_and_leaves_nothing(tmp_path, tiny_llama_dir, data_dir, capsys, monkeypatch):
-    from hybridprune import models
+    from hybridprune.io import models
 
     def full(self, *a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -145,7 +145,7 @@ def test_full_disk_is_one_line_and_leaves_nothing(tmp_path, tiny_llama_dir, data
 def test_sigterm_during_the_save_leaves_nothing(tmp_path, tiny_llama_dir, data_dir, capsys, monkeypatch):
     """SIGTERM arrives while the output is being written (the moment that left `.o.tmp-PID-*` behind): handled
     as Ctrl-C, the temporary is removed, exit 130."""
-    from hybridprune import models
+    from hybridprune.io import models
     real = models.write_record
 
     def write_then_terminated(*a, **k):

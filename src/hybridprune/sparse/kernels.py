@@ -16,18 +16,20 @@ compute with the unpacked matrix.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
-import sys
 import sysconfig
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from . import models
-from .errors import HybridPruneError
-from .packing import kept_per_row, pack_prunable, unpack_matrix
+from hybridprune.io import models
+from hybridprune.io.folder import load_permutations, load_tier_maps, read_record
+from hybridprune.core.errors import HybridPruneError
+from hybridprune.sparse.packing import kept_per_row, pack_prunable, unpack_matrix
 
+logger = logging.getLogger(__name__)
 _CSRC = Path(__file__).parent / "csrc"
 _BUILT: dict = {}
 IMPLS = {"auto": 0, "portable": 1, "avx2": 2, "avx512": 3}
@@ -209,7 +211,7 @@ def sparsify_(model: nn.Module, config=None, result=None, packed: dict | None = 
     (packing.read_packed), keyed by weight name.
     """
     if config is not None and result is not None:
-        from .engine import pruned_record
+        from hybridprune.pruning.engine import pruned_record
         record, tier_maps = pruned_record(config, result, "memory"), result.tier_maps
         perms = result.permutations
     if packed is None:
@@ -235,10 +237,9 @@ def sparsify_(model: nn.Module, config=None, result=None, packed: dict | None = 
 def use_kernels(model: nn.Module, spec: str) -> int:
     """`--kernels` on a model loaded from `spec` (an unpacked pruned folder): pack in memory and swap.
     A model with no pruning record is left dense, with a warning."""
-    from .engine import load_permutations, load_tier_maps
     folder = Path(spec).is_dir()
-    n = sparsify_(model, record=models.read_record(spec) if folder else None,
+    n = sparsify_(model, record=read_record(spec) if folder else None,
                   tier_maps=load_tier_maps(spec) if folder else {}, perms=load_permutations(spec) if folder else {})
     if n == 0:
-        print(f"--kernels: {spec} has nothing to pack (not pruned by hybridprune); running dense", file=sys.stderr)
+        logger.warning(f"--kernels: {spec} has nothing to pack (not pruned by hybridprune); running dense")
     return n

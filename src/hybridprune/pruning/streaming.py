@@ -19,77 +19,16 @@ from pathlib import Path
 
 import torch
 
-from . import files, models
-from .errors import HybridPruneError
-from .heap import trim_heap
-
-INDEX = "model.safetensors.index.json"
-_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2}
-
-
-def has_safetensors(folder) -> bool:
-    folder = Path(folder)
-    return (folder / INDEX).is_file() or (folder / "model.safetensors").is_file()
-
+from hybridprune.core import files
+from hybridprune.io import models
+from hybridprune.core.errors import HybridPruneError
+from hybridprune.core.heap import trim_heap
+from hybridprune.io.folder import INDEX, ShardReader, has_safetensors
 
 def streamable(spec: str) -> bool:
     """Whether the model spec resolves to a local folder of safetensors, which prune reads layer by layer."""
     path = Path(models.resolve_model(spec)[0])
     return path.is_dir() and has_safetensors(path)
-
-
-class ShardReader:
-    """Tensors by checkpoint key from a safetensors folder (one file or an index of shards). A shard is opened
-    for each read and closed after it, so pages read from its memory map do not pile up in the process."""
-
-    def __init__(self, folder):
-        try:
-            self._open(folder)
-        except HybridPruneError:
-            raise
-        except Exception as e:  # a truncated or corrupt shard: one line naming the folder and the cause
-            raise HybridPruneError(f"cannot read the safetensors weights of {folder}: "
-                                   f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-
-    def _open(self, folder):
-        from safetensors import safe_open
-        self.folder = Path(folder)
-        if (self.folder / INDEX).is_file():
-            weight_map = json.loads((self.folder / INDEX).read_text())["weight_map"]
-            self.where = {k: self.folder / f for k, f in weight_map.items()}
-        elif (self.folder / "model.safetensors").is_file():
-            with safe_open(self.folder / "model.safetensors", "pt") as f:
-                self.where = {k: self.folder / "model.safetensors" for k in f.keys()}
-        else:
-            raise HybridPruneError(f"{folder} holds no safetensors weights (model.safetensors or {INDEX}); "
-                                   "use --stream off")
-        self.meta: dict[str, tuple[str, int]] = {}  # key -> (dtype name, bytes), from the shard headers
-        for file in sorted(set(self.where.values())):
-            if not file.is_file():
-                raise HybridPruneError(f"shard {file.name} named in {INDEX} is missing from {self.folder}")
-            with safe_open(file, "pt") as f:
-                for k in f.keys():
-                    if self.where.get(k) == file:
-                        sl = f.get_slice(k)
-                        n = 1
-                        for d in sl.get_shape():
-                            n *= d
-                        self.meta[k] = (sl.get_dtype(), n * _BYTES.get(sl.get_dtype(), 1))
-
-    def get(self, keys) -> dict[str, torch.Tensor]:
-        from safetensors import safe_open
-        out, by_file = {}, {}
-        for k in keys:
-            by_file.setdefault(self.where[k], []).append(k)
-        for file, ks in by_file.items():
-            with safe_open(file, "pt") as f:
-                for k in ks:
-                    out[k] = f.get_tensor(k)
-        return out
-
-    def first_float_dtype(self):
-        names = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-        return next((names[d] for d, _ in self.meta.values() if d in names), torch.float32)
 
 
 def _checkpoint_keys(model, reader: ShardReader) -> dict[str, str]:
@@ -172,7 +111,7 @@ class LayerStream:
 
     def check_finite_weights(self) -> None:
         """Refuse NaN/inf weights before any work, as the in-memory engine does: one matrix read at a time."""
-        from .engine import refuse_non_finite
+        from hybridprune.pruning.engine import refuse_non_finite
         for i, layer in enumerate(self.layers):
             for name in models.find_linears(layer):
                 key = self.keys.get(f"{self.prefix}.{i}.{name}.weight")
@@ -245,7 +184,7 @@ def prune_streamed(spec: str, config, out, overwrite: bool = False, dtype=None, 
                    extra_record: dict | None = None):
     """Prune the safetensors model folder `spec` layer by layer into `out` (written atomically).
     Returns (PruneResult, out path)."""
-    from .engine import prune, pruned_record, save_maps
+    from hybridprune.pruning.engine import prune, pruned_record, save_maps
 
     folder, _ = models.resolve_model(spec)
     folder = Path(folder)

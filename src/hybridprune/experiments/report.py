@@ -24,8 +24,8 @@ import re
 import statistics
 from pathlib import Path
 
-from .recipe import METRICS, Claim, Recipe
-from .stats import MIN_UNITS, mcnemar, paired_bootstrap, seeds_bootstrap
+from hybridprune.experiments.recipe import METRICS, Claim, Recipe
+from hybridprune.experiments.stats import MIN_UNITS, mcnemar, paired_bootstrap, seeds_bootstrap
 
 PER_EXAMPLE = {"ppl": "nll"}  # perplexity is compared on its per-window NLL (same ordering)
 BINARY = ("acc", "exact_match")
@@ -62,8 +62,8 @@ def _summary(task: str, by_seed: dict[int, dict]) -> dict:
 
 
 def build_report(recipe: Recipe, stages, by_run, pruned, times, out: Path, peaks: dict | None = None) -> dict:
-    from . import models
-    from .files import atomic_dir, write_text_atomic
+    from hybridprune.io import models
+    from hybridprune.core.files import atomic_dir, write_text_atomic
 
     table = {}
     for run in recipe.runs:
@@ -179,8 +179,8 @@ def mask_overlap(pruned: dict, recipe: Recipe) -> dict:
     """Jaccard index of the pruned sets of every pair of pruned models of one pattern (calibrations x seeds, and
     magnitude pruning), overall, per matrix type and per layer; with several seeds also summarised as between
     calibrations at the same seed and between seeds of the same calibration."""
-    from .stats import jaccard_counts
-    from .streaming import ShardReader
+    from hybridprune.experiments.stats import jaccard_counts
+    from hybridprune.io.folder import ShardReader
     several = len(recipe.seeds) > 1
     out = {}
     for pattern in sorted({k[0] for k in pruned if k[0] != "magnitude"}):

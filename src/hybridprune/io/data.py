@@ -12,23 +12,16 @@ Offline fallbacks (the data directory has no WikiText-2 train and no SQuAD train
 from __future__ import annotations
 
 import json
-import math
-import os
 import random
 from functools import lru_cache
 from pathlib import Path
 
 import torch
 
-from .errors import HybridPruneError
+from hybridprune.core.errors import HybridPruneError
+from hybridprune.core.specs import (BOS_POLICIES, CALIB_SOURCES, SQUAD_FORMATS, check_bos,  # noqa: F401
+                                   data_dir, parse_calib)
 
-CALIB_SOURCES = ("wikitext2", "c4", "squad", "gsm8k", "boolq")
-BOS_POLICIES = ("auto", "always", "papers")
-SQUAD_FORMATS = {
-    "context": "{context}",
-    "context_question": "{context} {question}",
-    "labeled": "Context: {context}\nQuestion: {question}",
-}
 LOCAL_FILES = {
     ("wikitext2", "train"): None,
     ("wikitext2", "valid"): "wikitext2/wiki.valid.raw",
@@ -40,17 +33,6 @@ LOCAL_FILES = {
     ("boolq", "train"): "boolq/train.jsonl",
     ("boolq", "validation"): "boolq/superglue_val.jsonl",
 }
-
-
-def data_dir(explicit: str | os.PathLike | None = None) -> Path | None:
-    """The data directory in use, or None for the hub."""
-    d = explicit or os.environ.get("HYBRIDPRUNE_DATA")
-    if not d:
-        return None
-    d = Path(d).expanduser()
-    if not d.is_dir():
-        raise HybridPruneError(f"data directory {d} does not exist; fix --data-dir / HYBRIDPRUNE_DATA")
-    return d
 
 
 def local_file(root: Path, source: str, split: str) -> Path:
@@ -196,11 +178,6 @@ def tokenizer_adds_bos(tokenizer) -> bool:
     return bool(ids) and ids[0] == bos
 
 
-def check_bos(policy: str) -> None:
-    if policy not in BOS_POLICIES:
-        raise HybridPruneError(f"unknown --bos {policy!r}; use one of: {', '.join(BOS_POLICIES)}")
-
-
 def resolve_bos(tokenizer, policy: str = "auto") -> str:
     """'always' (every window / sequence starts with BOS) or 'papers' (text tokenized once as the tokenizer does,
     then cut: only the very start can carry a BOS, the Wanda/SparseGPT convention). 'auto' asks the tokenizer:
@@ -255,28 +232,6 @@ def calibration_texts(source: str, root: Path | None, squad_format: str = "conte
         return "examples", [f"{r['passage']}\nQuestion: {r['question']}?" for r in boolq_examples("train", root)]
     raise HybridPruneError(f"unknown calibration source {source!r}; use one of: {', '.join(CALIB_SOURCES)} "
                            "or mixed:a=0.5,b=0.5")
-
-
-def parse_calib(spec: str) -> list[tuple[str, float]]:
-    """'wikitext2' -> [(wikitext2, 1.0)]; 'mixed:wikitext2=0.5,squad=0.5' -> both with their weights."""
-    if not spec.startswith("mixed:"):
-        if spec not in CALIB_SOURCES:
-            raise HybridPruneError(f"unknown calibration source {spec!r}; use one of: {', '.join(CALIB_SOURCES)} "
-                                   "or mixed:a=0.5,b=0.5")
-        return [(spec, 1.0)]
-    parts = []
-    for item in spec[len("mixed:"):].split(","):
-        name, _, w = item.partition("=")
-        try:
-            weight = float(w)
-        except ValueError:
-            raise HybridPruneError(f"bad mixture item {item!r}; write mixed:wikitext2=0.5,squad=0.5") from None
-        if name not in CALIB_SOURCES or not math.isfinite(weight) or weight < 0:
-            raise HybridPruneError(f"bad mixture item {item!r}; sources: {', '.join(CALIB_SOURCES)}, weights >= 0")
-        parts.append((name, weight))
-    if abs(sum(w for _, w in parts) - 1) > 1e-6:
-        raise HybridPruneError(f"mixture weights in {spec!r} add up to {sum(w for _, w in parts):g}, not 1")
-    return parts
 
 
 def split_counts(total: int, weights: list[float]) -> list[int]:

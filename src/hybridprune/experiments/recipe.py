@@ -20,14 +20,15 @@ Every mistake is one HybridPruneError naming the file and the line to fix.
 """
 from __future__ import annotations
 
-import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from .errors import HybridPruneError
+from hybridprune.core.config import FinetuneConfig, PruneConfig, recipe_keys
+from hybridprune.core.errors import HybridPruneError
+from hybridprune.core.specs import check_dtype, parse_calib
 
 TOP_KEYS = {"model", "prune", "patterns", "methods", "calibration", "finetune", "runs", "tasks", "claims", "eval",
             "quick", "dtype", "seeds"}
@@ -116,10 +117,6 @@ def load_recipe(path, quick: bool = False) -> Recipe:
 
 
 def _build(path: Path, raw: dict, quick: bool) -> Recipe:
-    from .data import parse_calib
-    from .engine import PruneConfig
-    from .finetune import FinetuneConfig
-    from .models import _dtype
     profile = " (quick profile)" if quick else ""
 
     def fail(line, msg):
@@ -144,7 +141,7 @@ def _build(path: Path, raw: dict, quick: bool) -> Recipe:
         if k not in ("prune", "finetune", "tasks", "seeds") and not k.startswith("__"):
             fail(line(quick_block, k), f"unknown key {k!r} in quick; use prune, finetune, tasks or seeds")
 
-    prune_fields = {f.name for f in dataclasses.fields(PruneConfig)} - {"calib", "device", "data_dir"}
+    prune_fields = set(recipe_keys(PruneConfig))
     prune = section("prune")
     if not isinstance(prune, dict):
         fail(line(raw, "prune"), "`prune:` must be a mapping of prune options")
@@ -155,7 +152,7 @@ def _build(path: Path, raw: dict, quick: bool) -> Recipe:
 
     seeds = _seeds(quick_block if quick and "seeds" in quick_block else raw, raw, prune_opts, fail, line)
     try:
-        _dtype(raw.get("dtype"))
+        check_dtype(raw.get("dtype"))
     except HybridPruneError as e:
         fail(line(raw, "dtype"), str(e))
 
@@ -204,6 +201,9 @@ def _build(path: Path, raw: dict, quick: bool) -> Recipe:
             continue
         if quick:
             opts = {**opts, **_plain(quick_block.get("finetune") or {})}
+        bad = set(opts) - set(recipe_keys(FinetuneConfig))
+        if bad:
+            fail(line(ft_raw, name), f"fine-tuning {name!r}: unknown option {sorted(bad)[0]!r}")
         try:
             FinetuneConfig(**opts)
         except TypeError as e:

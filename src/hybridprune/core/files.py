@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
-from .errors import HybridPruneError
+from hybridprune.core.errors import HybridPruneError
+
+logger = logging.getLogger(__name__)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -33,7 +36,7 @@ def clean_stale_temporaries(dest: Path) -> list[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
             removed.append(tmp)
     if removed:
-        print(f"removed {len(removed)} unfinished temporary folder(s) of {dest} left by an interrupted run")
+        logger.info(f"removed {len(removed)} unfinished temporary folder(s) of {dest} left by an interrupted run")
     return removed
 
 

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import torch
 
-from . import models
-from .engine import load_permutations, load_tier_maps
-from .errors import HybridPruneError
-from .patterns import NM_TIER, TOPK_TIER, check_nm, expand_tiers, parse_nm, to_blocks
+from hybridprune.io import models
+from hybridprune.sparse.load import load_model
+from hybridprune.io.folder import RECORD_FILE, load_permutations, load_tier_maps, read_record
+from hybridprune.core.errors import HybridPruneError
+from hybridprune.pruning.patterns import NM_TIER, TOPK_TIER, check_nm, expand_tiers, parse_nm, to_blocks
 
 TIER_NAMES = ("dense", "N:M", "top-k")
 
@@ -46,9 +47,9 @@ def inspect_folder(folder, plot_dir=None, matrices=None) -> dict:
         raise HybridPruneError(f"{folder} is not a saved model folder (no config.json)")
     if plot_dir and Path(plot_dir).exists() and not Path(plot_dir).is_dir():
         raise HybridPruneError(f"--plot {plot_dir} is a file; give a folder for the PNG pictures")
-    model, _ = models.load_model(str(folder))
+    model, _ = load_model(str(folder))
     report = models.sparsity_report(model)
-    record = models.read_record(folder) or {}
+    record = read_record(folder) or {}
     detail = (record.get("prune") or {}).get("pattern_detail") or {}
     tier_maps = load_tier_maps(folder)
     mats = models.prunable_matrices(model)
@@ -118,13 +119,13 @@ def inspect_folder(folder, plot_dir=None, matrices=None) -> dict:
     recorded = record.get("sparsity")
     if recorded is not None and abs(recorded - report["overall"]) > 1e-4:
         violations.append(f"measured sparsity {report['overall']:.4f} differs from the {recorded:.4f} recorded in "
-                          f"{models.RECORD_FILE}")
+                          f"{RECORD_FILE}")
     lines.append(f"{'layer':<24}{'sparsity':>9}  matrices")
     for layer in report["layers"]:
         cells = " ".join(f"{n.split('.')[-1]}={v['sparsity']:.3f}" for n, v in layer["matrices"].items())
         lines.append(f"{layer['layer']:<24}{layer['sparsity']:>9.4f}  {cells}")
     if plot_dir:
-        from .plots import plot_layer_sparsity, plot_tier_maps
+        from hybridprune.core.plots import plot_layer_sparsity, plot_tier_maps
         written = [plot_layer_sparsity(report, tier_maps, Path(plot_dir) / "sparsity_by_layer.png")]
         if tier_maps:
             chosen = _choose(tier_maps, matrices)

@@ -18,10 +18,11 @@ import math
 
 import torch
 
-from .errors import HybridPruneError
-from .patterns import NM, Unstructured, lowest_k
+from hybridprune.core.errors import HybridPruneError
+from hybridprune.core.specs import METHODS, needs_calibration  # noqa: F401
+from hybridprune.core.specs import NM, Unstructured
+from hybridprune.pruning.patterns import lowest_k
 
-METHODS = ("magnitude", "wanda", "ria", "sparsegpt")
 RIA_POWER = 0.5  # the paper's a
 
 
@@ -210,6 +211,3 @@ def refit_kept(W: torch.Tensor, W0: torch.Tensor, keep: torch.Tensor, H: torch.T
     W.copy_((X * P).to(W.dtype))
     return True
 
-
-def needs_calibration(method: str) -> bool:
-    return method in ("wanda", "ria", "sparsegpt")

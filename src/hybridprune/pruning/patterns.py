@@ -11,12 +11,12 @@ the number of pruned weights is fixed by the configuration, not by a threshold t
 from __future__ import annotations
 
 import math
-import re
-from dataclasses import dataclass
 
 import torch
 
-from .errors import HybridPruneError
+from hybridprune.core import specs
+from hybridprune.core.errors import HybridPruneError
+from hybridprune.core.specs import PATTERNS, parse_nm, parse_tiers  # noqa: F401
 
 DENSE, NM_TIER, TOPK_TIER = 0, 1, 2
 
@@ -193,43 +193,15 @@ def expand_tiers(tiers: torch.Tensor, rows: int, cols: int, b: int) -> torch.Ten
 
 # ----------------------------------------------------------------------------- pattern configs
 
-@dataclass
-class Unstructured:
-    sparsity: float = 0.5
-    group: str = "row"
-
-    def __post_init__(self):
-        if not 0 <= self.sparsity < 1:
-            raise HybridPruneError(f"sparsity {self.sparsity} is outside [0, 1); pass e.g. --sparsity 0.5")
-        if self.group not in ("row", "matrix"):
-            raise HybridPruneError(f"unknown comparison group {self.group!r}; use row or matrix")
-
-    @property
-    def expected_sparsity(self) -> float:
-        return self.sparsity
-
-    def describe(self) -> dict:
-        return {"pattern": "unstructured", "sparsity": self.sparsity, "group": self.group}
+class Unstructured(specs.Unstructured):
+    """The lowest-scoring fraction of each comparison group: a row (Wanda) or the matrix."""
 
     def keep(self, score, inner=None, floor=None, budget=None):
         return unstructured_keep(score, self.sparsity, self.group), None
 
 
-@dataclass
-class NM:
-    n: int = 2
-    m: int = 4
-
-    def __post_init__(self):
-        if not (0 < self.n < self.m):
-            raise HybridPruneError(f"N:M needs 0 < N < M, got {self.n}:{self.m}; use e.g. 2:4")
-
-    @property
-    def expected_sparsity(self) -> float:
-        return 1 - self.n / self.m
-
-    def describe(self) -> dict:
-        return {"pattern": f"{self.n}:{self.m}", "n": self.n, "m": self.m, "sparsity": self.expected_sparsity}
+class NM(specs.NM):
+    """In every group of M consecutive inputs keep the N best."""
 
     def keep(self, score, inner=None, floor=None, budget=None):
         if score.shape[1] % self.m:
@@ -239,60 +211,8 @@ class NM:
         return nm_keep(score, self.n, self.m), None
 
 
-@dataclass
-class TieredBlocks:
-    """Three-tier hybrid: blocks ranked by mean score -> dense / N:M / top-k.
-
-    `block` and `block-topk` are the same machine with an empty N:M tier (k = 0 zeroes whole blocks).
-    """
-    tiers: tuple[float, float, float] = (0.35, 0.45, 0.20)
-    block_size: int = 16
-    n: int = 2
-    m: int = 4
-    topk: int = 15
-    tier_metric: str = "wanda"       # what picks weights inside tiers 1 and 2: wanda | ria | sparsegpt | magnitude
-    scope: str = "matrix"            # where blocks are ranked: matrix | layer | model
-    retention: float | None = None   # adaptive: an N:M candidate stays dense if N:M keeps < retention of its score
-    block_score: str = "mean"        # mean | row: mean of the score, or of the score relative to its row's mean
-    name: str = "three-tier"
-
-    def __post_init__(self):
-        self.tiers = tuple(float(t) for t in self.tiers)
-        if len(self.tiers) != 3 or not all(math.isfinite(t) and t >= 0 for t in self.tiers) \
-                or abs(sum(self.tiers) - 1) > 1e-6:
-            raise HybridPruneError(f"tier ratios {','.join(map(str, self.tiers))} must be three non-negative numbers "
-                                   "that add up to 1, e.g. --tiers 0.35,0.45,0.20")
-        if self.block_size < 1:
-            raise HybridPruneError(f"block size must be positive, got {self.block_size}")
-        if not (0 < self.n < self.m):
-            raise HybridPruneError(f"N:M tier needs 0 < N < M, got {self.n}:{self.m}; use e.g. --tier-nm 2:4")
-        if self.block_size % self.m:
-            raise HybridPruneError(f"block size {self.block_size} is not a multiple of M={self.m}; "
-                                   f"choose --block-size as a multiple of {self.m}")
-        if not 0 <= self.topk <= self.block_size ** 2:
-            raise HybridPruneError(f"--topk {self.topk} must be within [0, {self.block_size ** 2}] "
-                                   f"for {self.block_size}x{self.block_size} blocks")
-        if self.tier_metric not in ("wanda", "ria", "sparsegpt", "magnitude"):
-            raise HybridPruneError(f"unknown tier metric {self.tier_metric!r}; use wanda, ria, sparsegpt or "
-                                   "magnitude")
-        if self.scope not in ("matrix", "layer", "model"):
-            raise HybridPruneError(f"unknown tier scope {self.scope!r}; use matrix, layer or model")
-        if self.block_score not in ("mean", "row"):
-            raise HybridPruneError(f"unknown block score {self.block_score!r}; use mean or row")
-        if self.retention is not None and not 0 <= self.retention <= 1:
-            raise HybridPruneError(f"--retention {self.retention} must be within [0, 1]")
-
-    @property
-    def expected_sparsity(self) -> float:
-        """Sparsity on shapes divisible by the block size (edge blocks shift it slightly)."""
-        b2 = self.block_size ** 2
-        return self.tiers[1] * (1 - self.n / self.m) + self.tiers[2] * (1 - self.topk / b2)
-
-    def describe(self) -> dict:
-        return {"pattern": self.name, "tiers": list(self.tiers), "block_size": self.block_size,
-                "tier_nm": f"{self.n}:{self.m}", "topk": self.topk, "tier_metric": self.tier_metric,
-                "scope": self.scope, "retention": self.retention, "block_score": self.block_score,
-                "sparsity": self.expected_sparsity}
+class TieredBlocks(specs.TieredBlocks):
+    """Three-tier hybrid: blocks ranked by mean score -> dense / N:M / top-k (block and block-topk: no N:M tier)."""
 
     def block_scores(self, score: torch.Tensor) -> torch.Tensor:
         if self.block_score == "row":
@@ -333,69 +253,22 @@ class TieredBlocks:
         return keep
 
 
-def block_pattern(sparsity: float, block_size: int = 16, **kw) -> TieredBlocks:
-    """Zero whole lowest-scoring blocks until `sparsity` of the blocks are gone."""
-    _check_sparsity(sparsity)
-    return TieredBlocks(tiers=(1 - sparsity, 0.0, sparsity), block_size=block_size, topk=0, name="block", **kw)
-
-
-def block_topk_pattern(sparsity: float, block_size: int = 16, topk: int = 15, **kw) -> TieredBlocks:
-    """The lowest `sparsity` fraction of blocks keep only their top-k weights."""
-    _check_sparsity(sparsity)
-    return TieredBlocks(tiers=(1 - sparsity, 0.0, sparsity), block_size=block_size, topk=topk, name="block-topk", **kw)
-
-
-def _check_sparsity(s):
-    if not 0 <= s < 1:
-        raise HybridPruneError(f"sparsity {s} is outside [0, 1); pass e.g. --sparsity 0.5")
-
-
-PATTERNS = ("unstructured", "N:M (e.g. 2:4)", "three-tier", "block", "block-topk")
+KINDS = (Unstructured, NM, TieredBlocks)
 
 
 def make_pattern(name: str, sparsity: float = 0.5, **opts):
-    """Build a pattern from its CLI name.
-
-    opts: group, tiers, block_size, nm, topk, tier_metric, scope, retention, block_score.
-    """
-    if re.fullmatch(r"\d+:\d+", name or ""):
-        n, m = map(int, name.split(":"))
-        return NM(n, m)
-    tier_opts = {k: opts[k] for k in ("block_size", "tier_metric", "scope", "retention", "block_score")
-                 if opts.get(k) is not None}
-    if opts.get("nm"):
-        tier_opts["n"], tier_opts["m"] = parse_nm(opts["nm"])
-    if name == "unstructured":
-        return Unstructured(sparsity, opts.get("group") or "row")
-    if name == "three-tier":
-        tiers = opts.get("tiers") or (0.35, 0.45, 0.20)
-        return TieredBlocks(tiers=parse_tiers(tiers), topk=opts.get("topk", 15) if opts.get("topk") is not None
-                            else 15, **tier_opts)
-    if name == "block":
-        return block_pattern(sparsity, **tier_opts)
-    if name == "block-topk":
-        return block_topk_pattern(sparsity, topk=opts["topk"] if opts.get("topk") is not None else 15, **tier_opts)
-    raise HybridPruneError(f"unknown pattern {name!r}; use one of: {', '.join(PATTERNS)}")
+    """The pattern of a CLI name (core.specs.make_pattern), as the classes here that compute masks."""
+    return specs.make_pattern(name, sparsity, kinds=KINDS, **opts)
 
 
-def parse_nm(text: str) -> tuple[int, int]:
-    if not re.fullmatch(r"\d+:\d+", str(text)):
-        raise HybridPruneError(f"bad N:M {text!r}; write it like 2:4")
-    n, m = map(int, str(text).split(":"))
-    if not 0 < n < m:
-        raise HybridPruneError(f"N:M needs 0 < N < M, got {text}; use e.g. 2:4")
-    return n, m
+def pattern_of(config) -> Unstructured | NM | TieredBlocks:
+    """The mask-making pattern of a PruneConfig (its build_pattern() gives the same spec without masks)."""
+    return make_pattern(config.pattern, config.sparsity, **config.pattern_options())
 
 
-def parse_tiers(tiers) -> tuple[float, float, float]:
-    """'0.35,0.45,0.20' or a sequence of three numbers -> three finite floats (their sum is checked later)."""
-    text = tiers if isinstance(tiers, str) else ",".join(map(str, tiers))
-    try:
-        values = tuple(float(x) for x in (tiers.split(",") if isinstance(tiers, str) else tiers))
-    except (TypeError, ValueError):
-        raise HybridPruneError(f"bad tier ratios {text!r}; write three numbers like 0.35,0.45,0.20") from None
-    if len(values) != 3:
-        raise HybridPruneError(f"tier ratios need three numbers (dense, N:M, top-k), got {len(values)} in {text!r}")
-    if not all(math.isfinite(v) for v in values):
-        raise HybridPruneError(f"tier ratios {text!r} must be finite numbers, e.g. 0.35,0.45,0.20")
-    return values
+def block_pattern(sparsity: float, block_size: int = 16, **kw) -> TieredBlocks:
+    return specs.block_pattern(sparsity, block_size, kind=TieredBlocks, **kw)
+
+
+def block_topk_pattern(sparsity: float, block_size: int = 16, topk: int = 15, **kw) -> TieredBlocks:
+    return specs.block_topk_pattern(sparsity, block_size, topk, kind=TieredBlocks, **kw)

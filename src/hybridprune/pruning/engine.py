@@ -15,158 +15,24 @@ Memory: one layer on the device, plus the calibration activations (nsamples x se
 """
 from __future__ import annotations
 
-import math
-import re
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import models
-from .data import SQUAD_FORMATS, calibration_samples, check_bos, parse_calib, resolve_bos
-from .errors import HybridPruneError
-from .dsnot import DSNOT_CYCLES, DSNOT_SKIP, DSNOT_THRESHOLD, nm_groups, refine, refine_permuted, tier_groups
-from .layerwise import OWL_LAMBDA, OWL_M, check_owl, layer_pattern, outlier_ratio, owl_sparsities
-from .patterns import NM, TieredBlocks, assign_tiers, expand_tiers, make_pattern, permute_channels, tier_counts
-from .scoring import METHODS, InputStats, inverse_hessian, needs_calibration, refit_kept, score, sparsegpt_prune
-
-
-CHANNEL_PERMUTATIONS = ("none", "reallocation", "lsa")
-
-
-@dataclass
-class PruneConfig:
-    method: str = "wanda"               # magnitude | wanda | ria | sparsegpt
-    pattern: str = "unstructured"       # unstructured | N:M (2:4, 4:8) | three-tier | block | block-topk
-    sparsity: float = 0.5               # unstructured, block, block-topk
-    # unstructured comparison group: row (Wanda's rule) | matrix; None = the method's paper: matrix for SparseGPT
-    # (the whole rows x 128-column block, as its reference code and llm-compressor), row otherwise
-    group: str | None = None
-    calib: str = "wikitext2"            # wikitext2 | c4 | squad | gsm8k | boolq | mixed:a=0.5,b=0.5
-    nsamples: int = 128
-    seqlen: int = 2048
-    seed: int = 0
-    batch_size: int = 1                 # calibration micro-batch: bounds activation memory
-    device: str | None = None           # where each layer is computed; default cuda if available
-    skip: tuple[str, ...] = ()          # matrices or layers left dense, e.g. ("down_proj", "layers.0")
-    squad_format: str = "context_question"
-    data_dir: str | None = None
-    sparsegpt_block: int = 128          # SparseGPT's column block (lazy batch updates and mask selection)
-    percdamp: float = 0.01
-    # three-tier / block options
-    tiers: tuple[float, float, float] = (0.35, 0.45, 0.20)
-    block_size: int = 16
-    tier_nm: str = "2:4"
-    topk: int = 15
-    tier_metric: str | None = None      # picks weights inside tiers 2 and 3; None = the method's own score
-    scope: str = "layer"                # measured better than per-matrix ranking on the default model (README)
-    retention: float | None = None
-    block_score: str = "mean"           # mean | row (score relative to its row before the block mean)
-    # least-squares refit of the kept weights after masking, conjugate-gradient steps (0 = off);
-    # None = 10 for block patterns pruned with Wanda (measured: 205.89 -> 66.79 perplexity, README), else 0
-    refit: int | None = None
-    # BOS at the start of every calibration window: auto (if the tokenizer adds one itself) | always | papers
-    # (windows cut from the text as tokenized once, the Wanda/SparseGPT convention)
-    bos: str = "auto"
-    # per-layer sparsity: uniform | owl (Yin et al. 2024; layerwise.py), with the paper's M and lambda
-    layer_sparsity: str = "uniform"
-    owl_m: float = OWL_M
-    owl_lambda: float = OWL_LAMBDA
-    # DSnoT prune-and-grow refinement of the mask (dsnot.py), with the reference code's defaults
-    dsnot: bool = False
-    dsnot_cycles: int = DSNOT_CYCLES
-    dsnot_threshold: float = DSNOT_THRESHOLD
-    dsnot_skip: tuple[str, ...] = DSNOT_SKIP
-    dsnot_same_sign: bool = False  # ours: the N:M branch's sign check on unstructured masks too
-    # N:M only, RIA's channel permutation (patterns.permute_channels): none | reallocation (the heuristic) |
-    # lsa (the heuristic, then a linear-sum-assignment round per group position); the order is saved with the model
-    channel_permutation: str = "none"
-
-    def __post_init__(self):
-        # Every value is checked here, before any model or data is loaded.
-        if self.method not in METHODS:
-            raise HybridPruneError(f"unknown method {self.method!r}; use one of: {', '.join(METHODS)}")
-        if self.batch_size < 1:
-            raise HybridPruneError(f"--batch-size must be >= 1, got {self.batch_size}")
-        if self.nsamples < 1 or self.seqlen < 2:
-            raise HybridPruneError(f"need --nsamples >= 1 and --seqlen >= 2, got {self.nsamples} and {self.seqlen}")
-        if not (math.isfinite(self.percdamp) and self.percdamp >= 0):
-            raise HybridPruneError(f"--percdamp must be a finite number >= 0 (SparseGPT uses 0.01), got {self.percdamp}")
-        if self.squad_format not in SQUAD_FORMATS:
-            raise HybridPruneError(f"unknown --squad-format {self.squad_format!r}; use one of: "
-                                   f"{', '.join(SQUAD_FORMATS)}")
-        check_bos(self.bos)
-        parse_calib(self.calib)  # magnitude reads none, but records it: a typo is refused all the same
-        default_device(self.device)
-        self.skip = tuple(self.skip or ())
-        pattern = self.build_pattern()
-        if self.sparsegpt_block < 1:
-            raise HybridPruneError(f"--sparsegpt-block must be a positive number of columns, got {self.sparsegpt_block}")
-        if self.method == "sparsegpt" and isinstance(pattern, NM) and self.sparsegpt_block % pattern.m:
-            raise HybridPruneError(f"--sparsegpt-block {self.sparsegpt_block} is not a multiple of M={pattern.m}; "
-                                   f"N:M groups would straddle two blocks (use e.g. 128)")
-        if isinstance(pattern, TieredBlocks):
-            if not needs_calibration(self.method) and pattern.tier_metric != "magnitude":
-                raise HybridPruneError(f"--tier-metric {pattern.tier_metric} needs calibration statistics; "
-                                       f"use --method {pattern.tier_metric} or --tier-metric magnitude")
-            if pattern.tier_metric == "sparsegpt" and self.method != "sparsegpt":
-                raise HybridPruneError("--tier-metric sparsegpt needs --method sparsegpt (its inverse Hessians)")
-        self.dsnot_skip = tuple(self.dsnot_skip or ())
-        if self.dsnot:
-            if self.method not in ("wanda", "ria"):
-                raise HybridPruneError(f"--dsnot refines a Wanda or RIA mask with their calibration statistics; "
-                                       f"use --method wanda or ria, not {self.method}")
-            if not isinstance(self.dsnot_cycles, int) or self.dsnot_cycles < 1:
-                raise HybridPruneError(f"--dsnot-cycles must be a whole number >= 1, got {self.dsnot_cycles}")
-            if not (math.isfinite(self.dsnot_threshold) and self.dsnot_threshold >= 0):
-                raise HybridPruneError(f"--dsnot-threshold must be a finite number >= 0, got {self.dsnot_threshold}")
-        if self.channel_permutation not in CHANNEL_PERMUTATIONS:
-            raise HybridPruneError(f"unknown --channel-permutation {self.channel_permutation!r}; use one of: "
-                                   f"{', '.join(CHANNEL_PERMUTATIONS)}")
-        if self.channel_permutation != "none":
-            if not isinstance(pattern, NM):
-                raise HybridPruneError(f"--channel-permutation reorders the columns of N:M groups; it needs an N:M "
-                                       f"--pattern such as 2:4, not {self.pattern}")
-            if self.method == "sparsegpt":
-                raise HybridPruneError("--channel-permutation orders columns by a score before masking, SparseGPT "
-                                       "picks its mask while it updates the weights; use --method ria or wanda")
-        if self.layer_sparsity not in ("uniform", "owl"):
-            raise HybridPruneError(f"unknown --layer-sparsity {self.layer_sparsity!r}; use uniform or owl")
-        if self.layer_sparsity == "owl":
-            check_owl(pattern, self.owl_m, self.owl_lambda)
-        if self.refit is not None and self.refit < 0:
-            raise HybridPruneError(f"--refit {self.refit} must be >= 0 (0 turns the refit off)")
-        if self.refit and not needs_calibration(self.method):
-            raise HybridPruneError(f"--refit needs calibration statistics, which method {self.method} does not "
-                                   "collect; use --method wanda or --refit 0")
-
-    def comparison_group(self) -> str:
-        return self.group or ("matrix" if self.method == "sparsegpt" else "row")
-
-    def build_pattern(self):
-        return make_pattern(self.pattern, self.sparsity, group=self.comparison_group(), tiers=self.tiers,
-                            block_size=self.block_size, nm=self.tier_nm, topk=self.topk,
-                            tier_metric=self.tier_metric or self.method, scope=self.scope,
-                            retention=self.retention, block_score=self.block_score)
-
-    def refit_steps(self) -> int:
-        """The refit asked for, or the default for this pattern and method (resolved late: replace() may change them)."""
-        if self.refit is not None:
-            return self.refit
-        return 10 if self.method == "wanda" and isinstance(self.build_pattern(), TieredBlocks) else 0
-
-    def record(self) -> dict:
-        rec = asdict(self)
-        rec["refit"] = self.refit_steps()
-        rec["group"] = self.comparison_group()
-        rec["tier_metric"] = self.tier_metric or self.method
-        rec["pattern_detail"] = self.build_pattern().describe()
-        if self.channel_permutation != "none":  # what packing and inspect read: groups in the saved column order
-            rec["pattern_detail"]["channel_permutation"] = self.channel_permutation
-        return rec
+from hybridprune.io import folder as folder_format
+from hybridprune.core.config import PruneConfig
+from hybridprune.io import models
+from hybridprune.io.models import default_device  # noqa: F401
+from hybridprune.io.data import calibration_samples, resolve_bos
+from hybridprune.core.errors import HybridPruneError
+from hybridprune.pruning.dsnot import nm_groups, refine, refine_permuted, tier_groups
+from hybridprune.pruning.layerwise import layer_pattern, outlier_ratio, owl_sparsities
+from hybridprune.pruning.patterns import NM, TieredBlocks, assign_tiers, expand_tiers, pattern_of, permute_channels, tier_counts
+from hybridprune.pruning.scoring import InputStats, inverse_hessian, needs_calibration, refit_kept, score, sparsegpt_prune
 
 
 @dataclass
@@ -183,16 +49,6 @@ class PruneResult:
 
 class _StopForward(Exception):
     """Raised from a hook to end a forward pass early once the wanted inputs are seen."""
-
-
-def default_device(device: str | None) -> str:
-    if device:
-        if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
-            raise HybridPruneError(f"unknown --device {device!r}; use cpu, cuda or cuda:N")
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise HybridPruneError(f"--device {device} asked for, but no CUDA device is available; use --device cpu")
-        return device
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _to(x, device):
@@ -325,7 +181,7 @@ class _Pruner:
 
     def __init__(self, model, config: PruneConfig, floors=None, stream=None):
         self.model, self.config, self.stream = model, config, stream
-        self.pattern = config.build_pattern()
+        self.pattern = pattern_of(config)
         self.tiered = isinstance(self.pattern, TieredBlocks)
         self.floors = floors or {}
         self.budgets: dict[str, tuple] = {}
@@ -572,10 +428,6 @@ def prune(model: nn.Module, config: PruneConfig | None = None, tokenizer=None, s
                        permutations=pruner.permutations)
 
 
-TIERS_FILE = "tiers.safetensors"
-PERMUTATIONS_FILE = "permutations.safetensors"  # N:M column order per matrix (--channel-permutation)
-
-
 def pruned_record(config: PruneConfig, result: PruneResult, source: str, extra: dict | None = None) -> dict:
     """What hybridprune.json says about a pruning run."""
     return {"model": source, "prune": {**config.record(), "bos": result.bos or config.bos},
@@ -598,26 +450,4 @@ def save_pruned(model, tokenizer, out, config: PruneConfig, result: PruneResult,
 
 def save_maps(result: PruneResult, folder) -> None:
     """The per-matrix tier maps and column orders that a pruned folder keeps beside its weights."""
-    from pathlib import Path
-
-    from safetensors.torch import save_file
-    for name, maps in ((TIERS_FILE, result.tier_maps), (PERMUTATIONS_FILE, result.permutations)):
-        if maps:
-            save_file({k: v.contiguous() for k, v in maps.items()}, str(Path(folder) / name))
-
-
-def _load(folder, name) -> dict[str, torch.Tensor]:
-    from pathlib import Path
-
-    from safetensors.torch import load_file
-    f = Path(folder) / name
-    return load_file(str(f)) if f.is_file() else {}
-
-
-def load_tier_maps(folder) -> dict[str, torch.Tensor]:
-    return _load(folder, TIERS_FILE)
-
-
-def load_permutations(folder) -> dict[str, torch.Tensor]:
-    """Each N:M matrix's column order (int32 [in]) where the model was pruned with --channel-permutation."""
-    return _load(folder, PERMUTATIONS_FILE)
+    folder_format.save_maps(folder, result.tier_maps, result.permutations)

@@ -24,10 +24,9 @@ from __future__ import annotations
 
 import torch
 
-DSNOT_CYCLES = 50
-DSNOT_THRESHOLD = 0.1
+from hybridprune.core.specs import DSNOT_CYCLES, DSNOT_SKIP, DSNOT_THRESHOLD  # noqa: F401
+
 DSNOT_POWER = 1.0
-DSNOT_SKIP = ("mlp",)
 
 
 def _ordered(values: torch.Tensor, allowed: torch.Tensor, descending: bool, k: int) -> tuple[torch.Tensor, torch.Tensor]:

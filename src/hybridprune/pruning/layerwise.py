@@ -19,37 +19,9 @@ import dataclasses
 
 import torch
 
-from .errors import HybridPruneError
-from .patterns import NM, TieredBlocks, Unstructured
-
-OWL_M = 5.0
-OWL_LAMBDA = 0.08
-
-
-def check_owl(pattern, m: float, lam: float) -> None:
-    """OWL's options against the pattern, before any model is read."""
-    if not (m > 0):
-        raise HybridPruneError(f"--owl-m must be > 0 (the paper uses {OWL_M}), got {m}")
-    if isinstance(pattern, NM):
-        raise HybridPruneError("--layer-sparsity owl needs a pattern whose sparsity can vary (unstructured or the "
-                               f"block tiers); N:M fixes every layer at {pattern.expected_sparsity:g}")
-    s = pattern.expected_sparsity
-    if not (0 <= lam <= s):
-        raise HybridPruneError(f"--owl-lambda must be within [0, {s:g}] (the sparsity), got {lam}")
-    if s + lam >= 1:
-        raise HybridPruneError(f"--owl-lambda {lam} leaves no weights in the sparsest layers (sparsity {s:g} + "
-                               f"{lam} >= 1); use a smaller --owl-lambda")
-    if isinstance(pattern, TieredBlocks):
-        if pattern.scope == "model":
-            raise HybridPruneError("--layer-sparsity owl sets each layer's tiers; --tier-scope model ranks blocks "
-                                   "across layers instead. Use --tier-scope layer or matrix")
-        j, gain = _tier_move(pattern)
-        shift = lam / gain
-        if pattern.tiers[0] < shift - 1e-12 or pattern.tiers[j] < shift - 1e-12:
-            raise HybridPruneError(f"--owl-lambda {lam} moves up to {shift:.3f} of the blocks between the dense and "
-                                   f"{'N:M' if j == 1 else 'top-k'} tiers, more than tiers {list(pattern.tiers)} hold; use a smaller "
-                                   "--owl-lambda")
-
+from hybridprune.core.errors import HybridPruneError
+from hybridprune.core.specs import OWL_LAMBDA, OWL_M, check_owl, tier_move  # noqa: F401
+from hybridprune.core.specs import Unstructured
 
 def outlier_ratio(scores: list[torch.Tensor], m: float) -> float:
     """Share of all the layer's scores above m times their mean."""
@@ -78,15 +50,8 @@ def layer_pattern(pattern, sparsity: float):
     and N:M tiers."""
     if isinstance(pattern, Unstructured):
         return dataclasses.replace(pattern, sparsity=sparsity)
-    j, gain = _tier_move(pattern)
+    j, gain = tier_move(pattern)
     delta = (sparsity - pattern.expected_sparsity) / gain
     tiers = list(pattern.tiers)
     tiers[0], tiers[j] = max(tiers[0] - delta, 0.0), max(tiers[j] + delta, 0.0)
     return dataclasses.replace(pattern, tiers=tuple(tiers))
-
-
-def _tier_move(pattern: TieredBlocks) -> tuple[int, float]:
-    """Which tier trades blocks with the dense tier, and the sparsity one block gains by the move."""
-    if pattern.tiers[1] > 0:
-        return 1, 1 - pattern.n / pattern.m
-    return 2, 1 - pattern.topk / pattern.block_size ** 2

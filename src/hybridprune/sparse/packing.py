@@ -20,23 +20,24 @@ leave -0.0, the same number).
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import os
 import struct
 from pathlib import Path
 
 import torch
 
-from . import files, models
-from .errors import HybridPruneError
-from .patterns import from_blocks, to_blocks
+from hybridprune.core import files
+from hybridprune.io import models
+from hybridprune.io.folder import (PACKED_FILE, PERMUTATIONS_FILE, RECORD_FILE, TIERS_FILE, is_packed,  # noqa: F401
+                                   load_permutations, load_tier_maps, read_record, weight_files)
+from hybridprune.core.errors import HybridPruneError
+from hybridprune.pruning.patterns import from_blocks, to_blocks
 
+logger = logging.getLogger(__name__)
 FORMAT, VERSION = "hybridprune-packed", 1
-PACKED_FILE = "packed.safetensors"
-
-
-def is_packed(path) -> bool:
-    p = Path(path)
-    return p.is_dir() and (p / PACKED_FILE).is_file()
 
 
 def _bits(m: int) -> int:
@@ -268,30 +269,21 @@ def _prunable_names(folder: Path) -> dict[str, bool]:
     return out
 
 
-def _weight_files(folder: Path) -> list[Path]:
-    from .engine import PERMUTATIONS_FILE, TIERS_FILE
-    found = sorted(folder.glob("*.safetensors"))
-    return [f for f in found if f.name not in (TIERS_FILE, PERMUTATIONS_FILE, PACKED_FILE)
-            and f.parent.name != "adapter"]
-
-
-def pack_folder(src, out, overwrite: bool = False, log=print) -> dict:
+def pack_folder(src, out, overwrite: bool = False, log=None) -> dict:
     """Pack a saved pruned model folder into `out`. Returns {"dense_bytes", "packed_bytes", "matrices"}."""
     import shutil
 
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from .engine import PERMUTATIONS_FILE, TIERS_FILE, load_permutations, load_tier_maps
-
     src = Path(src)
     if is_packed(src):
         raise HybridPruneError(f"{src} is already packed")
-    record = models.read_record(src)
+    record = read_record(src)
     if not record or "prune" not in record:
         raise HybridPruneError(f"{src} has no hybridprune.json recording a pruning run, so nothing says which "
                                "weights are pruned; prune it with `hybridprune prune` first")
-    weights = _weight_files(src)
+    weights = weight_files(src)
     if not weights:
         raise HybridPruneError(f"{src} has no *.safetensors weights to pack")
     pattern = record["prune"].get("pattern_detail") or {}
@@ -328,8 +320,8 @@ def pack_folder(src, out, overwrite: bool = False, log=print) -> dict:
         save_file(tensors, str(tmp / PACKED_FILE), metadata={"format": FORMAT, "version": str(VERSION)})
         rec = {**record, "packed": {"format": FORMAT, "version": VERSION, "file": PACKED_FILE, "matrices": layouts,
                                     "dense_bytes": stats["dense_bytes"], "packed_bytes": stats["packed_bytes"]}}
-        (tmp / models.RECORD_FILE).write_text(json.dumps(rec, indent=2, default=str))
-    log(f"packed {stats['matrices']} matrices: {stats['dense_bytes'] / 1e6:.1f} MB -> "
+        (tmp / RECORD_FILE).write_text(json.dumps(rec, indent=2, default=str))
+    (log or logger.info)(f"packed {stats['matrices']} matrices: {stats['dense_bytes'] / 1e6:.1f} MB -> "
         f"{stats['packed_bytes'] / 1e6:.1f} MB ({stats['packed_bytes'] / stats['dense_bytes']:.3f})")
     return stats
 
@@ -355,10 +347,10 @@ def read_packed(folder) -> tuple[dict, dict, dict]:
     """(plain tensors, {weight name: packed tensors}, {weight name: layout}), every size checked."""
     from safetensors.torch import load_file
     folder = Path(folder)
-    record = models.read_record(folder) or {}
+    record = read_record(folder) or {}
     info = record.get("packed") or {}
     if info.get("format") != FORMAT or int(info.get("version", 0)) > VERSION:
-        raise HybridPruneError(f"{folder / models.RECORD_FILE} does not describe a {FORMAT} v{VERSION} folder "
+        raise HybridPruneError(f"{folder / RECORD_FILE} does not describe a {FORMAT} v{VERSION} folder "
                                "(a newer hybridprune wrote it, or it is not packed)")
     f = folder / PACKED_FILE
     _check_file(f)
@@ -397,9 +389,23 @@ def unpacked_state(folder) -> tuple[dict, dict, dict]:
     return state, packed, layouts
 
 
-def load_packed(folder, dtype=None, kernels: bool = False):
-    """Load a packed folder as an ordinary transformers model (weights unpacked), or, with kernels=True, with
-    every packed matrix computed from its packed form (kernels.PackedLinear). Returns (model, tokenizer)."""
+@contextlib.contextmanager
+def packed_output(out, overwrite: bool = False):
+    """Yield a temporary sibling of `out` (named as core.files.atomic_dir's, so a killed run's is cleaned up) to
+    save a dense pruned folder into; when the block ends it is packed into `out` and removed."""
+    out = Path(out)
+    files.clean_stale_temporaries(out)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-unpacked")
+    try:
+        yield tmp
+        pack_folder(tmp, out, overwrite=overwrite)
+    finally:
+        files.remove_path(tmp)
+
+
+def load_packed(folder, dtype=None):
+    """Load a packed folder as an ordinary transformers model, weights unpacked. Returns (model, tokenizer, packed,
+    layouts): the packed tensors and their layouts, which sparse.kernels.sparsify_ computes from."""
     from transformers import AutoConfig, AutoTokenizer
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
     folder = Path(folder)
@@ -418,10 +424,7 @@ def load_packed(folder, dtype=None, kernels: bool = False):
     model.config.use_cache = False
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    if kernels:
-        from .kernels import sparsify_
-        sparsify_(model, packed=packed, layouts=layouts)
-    return model, tok
+    return model, tok, packed, layouts
 
 
 def unpack_folder(src, out, overwrite: bool = False) -> None:
@@ -431,14 +434,14 @@ def unpack_folder(src, out, overwrite: bool = False) -> None:
     from safetensors.torch import save_file
     src = Path(src)
     state, _, _ = unpacked_state(src)
-    record = models.read_record(src) or {}
+    record = read_record(src) or {}
     record.pop("packed", None)
     with files.atomic_dir(out, overwrite=overwrite) as tmp:
         for f in src.iterdir():
-            if f.is_file() and f.name not in (PACKED_FILE, models.RECORD_FILE):
+            if f.is_file() and f.name not in (PACKED_FILE, RECORD_FILE):
                 shutil.copy(f, tmp / f.name)
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / models.RECORD_FILE).write_text(json.dumps(record, indent=2, default=str))
+        (tmp / RECORD_FILE).write_text(json.dumps(record, indent=2, default=str))
 
 
 def folder_bytes(folder) -> int:

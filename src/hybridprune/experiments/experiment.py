@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import multiprocessing
 import os
 import shutil
@@ -24,11 +25,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import HybridPruneError
-from .heap import cap_heap_growth, release
-from .files import write_text_atomic
-from .recipe import Recipe, load_recipe
+from hybridprune.core import files, specs
+from hybridprune.core.errors import HybridPruneError, interrupt_on_sigterm
+from hybridprune.core.heap import cap_heap_growth, release
+from hybridprune.core.files import write_text_atomic
+from hybridprune.experiments.recipe import Recipe, load_recipe
 
+logger = logging.getLogger(__name__)
 PEAKS_FILE = "peak_rss.json"  # in stages/: the peak RSS (KiB) of the process that ran each stage (isolated runs)
 
 
@@ -104,31 +107,32 @@ def plan(recipe: Recipe, out: Path) -> tuple[list[Stage], dict, dict]:
 def _run_stage(stage: Stage, recipe: Recipe, device: str | None, loaded: dict) -> None:
     """Run one stage. `loaded` keeps the last model that eval stages loaded (a model's eval stages run one after
     another, so it is read once, not once per task); tokenized fine-tuning data is cached on disk (out/stages/data)."""
-    from . import files, models
-    from .engine import PruneConfig, prune, save_pruned
+    from hybridprune.pruning.engine import PruneConfig, prune, save_pruned
+    from hybridprune.io.folder import read_record
+    from hybridprune.sparse.load import load_model
     if stage.kind != "eval" and loaded:  # a prune or fine-tune stage needs no evaluated model
         loaded.clear()
         release()
     if stage.kind == "prune":
-        from .streaming import prune_streamed, streamable
+        from hybridprune.pruning.streaming import prune_streamed, streamable
         config = PruneConfig(**stage.spec["config"], device=device)
         if streamable(stage.spec["model"]):  # as `prune` does: one layer in memory at a time
             prune_streamed(stage.spec["model"], config, stage.path, overwrite=True, dtype=stage.spec["dtype"])
             return
-        model, tok = models.load_model(stage.spec["model"], dtype=stage.spec["dtype"])
+        model, tok = load_model(stage.spec["model"], dtype=stage.spec["dtype"])
         result = prune(model, config, tokenizer=tok)
         save_pruned(model, tok, stage.path, config, result, source=stage.spec["model"], overwrite=True)
     elif stage.kind == "finetune":
-        from .finetune import FinetuneConfig, finetune_and_save
+        from hybridprune.finetuning.finetune import FinetuneConfig, finetune_and_save
         config = FinetuneConfig(**stage.spec["config"], device=device)
         finetune_and_save(str(stage.input.path), config, stage.path, overwrite=True, resume=True,
                           dtype=recipe.dtype, data_cache=stage.path.parent / "data")
     else:
-        from .tasks import evaluate_model
+        from hybridprune.evaluation.tasks import evaluate_model
         spec = str(stage.input.path) if stage.input else recipe.model
         if loaded.get("eval_spec") != spec:
             loaded.pop("eval_model", None)  # free the previous model before reading the next
-            model, tok = models.load_model(spec, dtype=recipe.dtype, kernels=bool(recipe.eval.get("kernels")))
+            model, tok = load_model(spec, dtype=recipe.dtype, kernels=bool(recipe.eval.get("kernels")))
             if device:
                 model.to(device)
             loaded.update(eval_spec=spec, eval_model=(model, tok))
@@ -140,19 +144,21 @@ def _run_stage(stage: Stage, recipe: Recipe, device: str | None, loaded: dict) -
                              ppl_seqlen=s.get("seqlen", 2048), ppl_windows=s.get("windows"),
                              batch_size=recipe.eval.get("batch_size", 8),
                              generate_batch_size=s.get("generate_batch_size", recipe.eval.get("generate_batch_size")))
-        record = models.read_record(spec) if stage.input else None
+        record = read_record(spec) if stage.input else None
         files.write_text_atomic(stage.path, json.dumps({"model": spec, "stage": stage.spec, "hybridprune": record,
                                                          "results": res}, default=str))
 
 
 def run_experiment(recipe_path, out, quick: bool = False, only: str | None = None, device: str | None = None,
-                   dtype: str | None = None, kernels: bool = False, isolate: bool | None = None, log=print) -> dict:
+                   dtype: str | None = None, kernels: bool = False, isolate: bool | None = None, log=None) -> dict:
     """Run every unfinished stage of the recipe, then write the report. Returns the results dict.
 
     isolate: run each stage (a model's eval stages together) in a process of its own, so that a stage starts on a
     fresh heap and the study's peak memory is its largest stage's; None: where the platform can (Linux). This
-    process then only plans and waits: the recipe is checked in a child too, and torch is not imported here until
-    every stage has run (the report reads the masks)."""
+    process then only plans and waits: the recipe is checked here without torch, and torch is not imported here
+    until every stage has run (the report reads the masks). log: where progress lines go (default: the
+    `hybridprune` logger at INFO)."""
+    log = log or logger.info
     if only not in (None, "prune", "finetune", "eval", "report"):
         raise HybridPruneError(f"unknown --only {only!r}; use prune, finetune, eval or report")
     out = Path(out)
@@ -161,8 +167,7 @@ def run_experiment(recipe_path, out, quick: bool = False, only: str | None = Non
     if isolate is None:
         isolate = can_isolate()
     cap_heap_growth()  # before any stage: freed tensors go back to the OS (the study's peak is one stage's)
-    check = (recipe_path, quick, device, dtype, kernels)
-    recipe = _result_of(_checked, check, "checking the recipe") if isolate else _check(*check)
+    recipe = _check(recipe_path, quick, device, dtype, kernels)  # the configs and checks import no torch
     (out / "stages").mkdir(parents=True, exist_ok=True)
     stages, by_run, pruned = plan(recipe, out)
     times_file = out / "stages" / "times.json"
@@ -194,7 +199,7 @@ def run_experiment(recipe_path, out, quick: bool = False, only: str | None = Non
         log("some stages have not run yet (--only); the report covers what exists")
         if only != "report":
             return {}
-    from .report import build_report
+    from hybridprune.experiments.report import build_report
     results = build_report(recipe, stages, by_run, pruned, times, out, peaks)
     log(f"wrote {out / 'report.md'}, results.json, results.csv and plots/")
     return results
@@ -202,24 +207,17 @@ def run_experiment(recipe_path, out, quick: bool = False, only: str | None = Non
 
 def _check(recipe_path, quick, device, dtype, kernels) -> Recipe:
     """The recipe, checked, with the command's overrides; every mistake is refused here, before any stage."""
-    from . import models
-    from .data import data_dir
-    from .engine import default_device
-    default_device(device)
-    data_dir()  # the stages read HYBRIDPRUNE_DATA (which --data-dir sets): a missing folder is refused now
+    specs.check_device_name(device)  # whether it exists is asked where a stage uses it
+    specs.data_dir()  # the stages read HYBRIDPRUNE_DATA (which --data-dir sets): a missing folder is refused now
     recipe = load_recipe(recipe_path, quick=quick)
     if dtype is not None:
-        models._dtype(dtype)  # refuse an unknown name before any work
+        specs.check_dtype(dtype)  # refuse an unknown name before any work
         recipe.dtype = dtype
     if kernels:
         recipe.eval["kernels"] = True
     if recipe.model != "default":
-        models.resolve_model(recipe.model)  # a missing model is refused before anything is written
+        specs.check_model_spec(recipe.model)  # a missing model is refused before anything is written
     return recipe
-
-
-def _checked(*check):
-    yield "result", None, _check(*check)
 
 
 # ----------------------------------------------------------------------------- one process per stage
@@ -293,7 +291,7 @@ def _child_events(target, args: tuple, name: str):
     """Run the generator target(*args) in a child of multiprocessing's fork server, which imported the libraries
     once and never computed, and yield what it yields. Raises _ChildFailed if it fails or dies."""
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "hybridprune.engine", "hybridprune.finetune", "hybridprune.tasks"])
+    ctx.set_forkserver_preload(["torch", "hybridprune.pruning.engine", "hybridprune.finetuning.finetune", "hybridprune.evaluation.tasks"])
     threads = sys.modules["torch"].get_num_threads() if "torch" in sys.modules else None  # as set in this process
     receive, send = ctx.Pipe(duplex=False)
     child = ctx.Process(target=_child_main, name=name, args=(send, target, args, dict(os.environ), threads))
@@ -322,20 +320,10 @@ def _child_events(target, args: tuple, name: str):
         raise _ChildFailed(exitcode=child.exitcode, pid=child.pid)
 
 
-def _result_of(target, args: tuple, what: str):
-    """The value of the one ("result", None, value) event of target(*args) run in a child; its failure as the error
-    it would raise here, naming `what`."""
-    try:
-        events = _child_events(target, args, what)
-        return [value for event, _, value in events if event == "result"][0]  # to the end: the child has exited
-    except _ChildFailed as e:
-        raise e.error(what) from None
-
-
 def _clean_after(job: list[Stage], pid: int) -> None:
     """What a job's process, `pid`, killed mid-stage left: temporary siblings of its stages' outputs, and a
     fine-tuning work folder without a checkpoint to resume from (as the fine-tuning leaves on an error)."""
-    from .files import clean_stale_temporaries
+    from hybridprune.core.files import clean_stale_temporaries
     for stage in job:
         clean_stale_temporaries(stage.path)
         for tmp in stage.path.parent.glob(f".{stage.path.name}.tmp-{pid}"):
@@ -355,13 +343,12 @@ def _child_main(conn, target, args, environ, threads) -> None:
 
     import torch
 
-    from .cli import _terminated  # SIGTERM as Ctrl-C, as the command itself takes it
     os.environ.clear()
     os.environ.update(environ)  # the fork server keeps the environment it started with
     if threads is not None:
         torch.set_num_threads(threads)
     cap_heap_growth()
-    signal.signal(signal.SIGTERM, _terminated)
+    signal.signal(signal.SIGTERM, interrupt_on_sigterm)  # as the command itself takes it
     try:
         last = None
         for event in target(*args):

@@ -1,0 +1,37 @@
+"""Load any model spec: a dense folder, GGUF file or hub id (io.models), or a packed folder (sparse.packing);
+with kernels=True the pruned matrices are computed from their packed form (sparse.kernels)."""
+from __future__ import annotations
+
+import torch
+
+from hybridprune.core.errors import HybridPruneError
+from hybridprune.io import models
+from hybridprune.io.folder import is_packed
+from hybridprune.sparse.kernels import sparsify_, use_kernels
+from hybridprune.sparse.packing import load_packed
+
+
+def load_model(spec: str = "default", dtype: str | torch.dtype | None = None, device: str | None = None,
+               trust_remote_code: bool = False, device_map: str | None = None, max_memory: dict | None = None,
+               offload_folder: str | None = None, kernels: bool = False):
+    """Load (model, tokenizer) from any spec. The model is in eval mode with the KV cache off.
+    device_map / max_memory / offload_folder: accelerate's placement and offloading (from_pretrained's).
+    A packed folder loads as the same model; kernels=True computes its pruned matrices from their packed form,
+    also for an unpacked pruned folder, which is then packed in memory."""
+    path, _ = models.resolve_model(spec)
+    models._hub_check(spec, path)
+    if is_packed(path):
+        if device_map:
+            raise HybridPruneError(f"{spec} is packed: --device-map is not supported for packed folders; "
+                                   "unpack it with `hybridprune pack --unpack`, or drop --device-map")
+        model, tok, packed, layouts = load_packed(path, dtype=dtype)
+        if kernels:
+            sparsify_(model, packed=packed, layouts=layouts)
+        if device:
+            model.to(device)
+        return model, tok
+    model, tok = models.load_dense(spec, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
+                                   device_map=device_map, max_memory=max_memory, offload_folder=offload_folder)
+    if kernels:
+        use_kernels(model, path)
+    return model, tok
