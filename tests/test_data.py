@@ -4,10 +4,16 @@ import math
 import pytest
 import torch
 
-from hybridprune.io.data import (calibration_samples, calibration_texts, parse_calib, split_counts, squad_examples,
-                              wikitext2_rows)
 from hybridprune.core.errors import HybridPruneError
 from hybridprune.evaluation.ppl import perplexity
+from hybridprune.io.data import (
+    calibration_samples,
+    calibration_texts,
+    parse_calib,
+    split_counts,
+    squad_examples,
+    wikitext2_rows,
+)
 
 
 def test_wikitext2_rows_follow_hub_convention(data_dir):

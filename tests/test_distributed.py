@@ -22,8 +22,7 @@ STEPS = ["--data", "wikitext2", "--steps", "6", "--seqlen", "32", "--max-example
 @pytest.fixture(scope="module")
 def pruned(tmp_path_factory, default_tokenizer):
     from hybridprune import PruneConfig
-    from hybridprune.pruning.engine import prune
-    from hybridprune.pruning.engine import save_pruned
+    from hybridprune.pruning.engine import prune, save_pruned
     model = tiny_model("llama", vocab=len(default_tokenizer), hidden=48, inter=96)
     config = PruneConfig(method="magnitude", sparsity=0.5)
     out = tmp_path_factory.mktemp("dist") / "pruned"

@@ -4,12 +4,12 @@ import json
 
 import pytest
 import torch
-
 from conftest import safetensors_tensors, tiny_model
+
 from hybridprune import PruneConfig
-from hybridprune.pruning.engine import prune
 from hybridprune.cli import main
 from hybridprune.io.models import prunable_matrices, weight_matrix
+from hybridprune.pruning.engine import prune
 
 
 @pytest.mark.parametrize("method,pattern", [("wanda", "unstructured"), ("sparsegpt", "2:4"),

@@ -1,16 +1,31 @@
 import numpy as np
 import pytest
 import torch
+from conftest import FAMILIES, tiny_model
 from transformers import AutoModelForCausalLM
 
-from conftest import FAMILIES, tiny_model
 from hybridprune import PruneConfig, load_tier_maps, sparsity_report
-from hybridprune.pruning.engine import prune, save_pruned
-from hybridprune.pruning.engine import capture_layer_inputs, collect_stats
 from hybridprune.core.errors import HybridPruneError
-from hybridprune.io.models import find_decoder_layers, find_linears, name_matches, prunable_matrices, weight_matrix
+from hybridprune.io.models import (
+    find_decoder_layers,
+    find_linears,
+    name_matches,
+    prunable_matrices,
+    weight_matrix,
+)
+from hybridprune.pruning.engine import (
+    capture_layer_inputs,
+    collect_stats,
+    prune,
+    save_pruned,
+)
 from hybridprune.pruning.patterns import TOPK_TIER, check_nm
-from hybridprune.pruning.scoring import InputStats, refit_kept, sparsegpt_prune, wanda_score
+from hybridprune.pruning.scoring import (
+    InputStats,
+    refit_kept,
+    sparsegpt_prune,
+    wanda_score,
+)
 
 EXPECTED_LINEARS = {"llama": 7, "qwen2": 7, "mistral": 7, "opt": 6, "gpt2": 4, "gpt_neox": 4}
 

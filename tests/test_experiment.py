@@ -3,16 +3,21 @@ import collections
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
-from hybridprune.experiments import experiment
-from hybridprune.experiments import report
-from hybridprune.experiments import recipe as recipe_mod
 from hybridprune.core.errors import HybridPruneError
-from hybridprune.experiments.stats import jaccard, mcnemar, paired_bootstrap
+from hybridprune.experiments import experiment, report
+from hybridprune.experiments import recipe as recipe_mod
+from hybridprune.experiments.stats import (
+    jaccard,
+    mcnemar,
+    paired_bootstrap,
+)
 
 RECIPE = """\
 model: {model}
@@ -190,8 +195,6 @@ def test_the_command_waiting_on_isolated_stages_holds_no_torch(tiny_llama_dir, d
     """`hybridprune experiment` in a fresh interpreter: the recipe is checked and every stage runs in children, so
     the command's own process has not imported torch (~150 MB) while any stage runs, and stays small; a bad
     --data-dir is still one line and exit 2."""
-    import subprocess
-    import sys
     (tmp_path / "r.yaml").write_text(SMALL.format(model=tiny_llama_dir))
     spy = r"""
 import builtins, json, re, sys
@@ -224,7 +227,6 @@ sys.exit(rc)
 def test_what_a_killed_stage_process_left_is_removed(tmp_path):
     """A child killed mid-save leaves temporary siblings named by its pid, and a fine-tuning work folder; the parent
     removes them, but keeps a work folder with a checkpoint to resume from."""
-    import subprocess
     dead = subprocess.Popen(["true"])
     dead.wait()
     job = [experiment.Stage(kind, kind + "-k", kind, {}, tmp_path / name)
@@ -301,8 +303,9 @@ def test_claims_are_judged_on_the_interval():
 def test_gold_nll_equals_a_hand_computation(default_tokenizer, data_dir):
     """Mean per-token NLL of the first gold answer after the exact SQuAD prompt, computed directly."""
     from conftest import tiny_model
-    from hybridprune.io.data import squad_examples
+
     from hybridprune.evaluation.tasks import SQUAD_PROMPT, evaluate_model
+    from hybridprune.io.data import squad_examples
     tok = default_tokenizer
     model = tiny_model("llama", vocab=len(tok), hidden=48, inter=96)
     res = evaluate_model(model, tok, ["squad"], limit=2, batch_size=2, data_dir_path=data_dir)
@@ -399,8 +402,8 @@ def test_a_generating_task_sets_its_own_generation_width(tmp_path, monkeypatch):
     """SQuAD's long prompts hold a KV cache per batch row: a task's generate_batch_size overrides eval's for
     that task alone, and is in that task's stage key only."""
     from hybridprune.core import files
-    from hybridprune.sparse import load as loader
     from hybridprune.evaluation import tasks
+    from hybridprune.sparse import load as loader
     base = RECIPE.format(model="m", boolq_limit=4).replace("eval: {batch_size: 4}",
                                                            "eval: {batch_size: 4, generate_batch_size: 8}")
     keys = {}
@@ -420,3 +423,130 @@ def test_a_generating_task_sets_its_own_generation_width(tmp_path, monkeypatch):
         experiment._run_stage(by_run["dense"][0][task], recipe, None, {})
     assert widths["squad"]["generate_batch_size"] == 3 and widths["boolq"]["generate_batch_size"] == 8
     assert widths["squad"]["batch_size"] == widths["boolq"]["batch_size"] == 4
+
+
+SEEDS_RECIPE = """\
+model: {model}
+prune: {{method: wanda, pattern: unstructured, sparsity: 0.5, nsamples: 2, seqlen: 32}}
+seeds: {seeds}
+calibration:
+  wiki: wikitext2
+  squad: squad
+runs:
+  - {{name: dense}}
+  - {{name: pruned-wiki, calibration: wiki}}
+  - {{name: pruned-squad, calibration: squad}}
+tasks:
+  wikitext2: {{windows: 24, seqlen: 16}}
+  boolq: {{sample: 6}}
+eval: {{batch_size: 4}}
+claims:
+  - pruned-wiki < pruned-squad on wikitext2.ppl
+  - pruned-wiki > pruned-squad on boolq.acc
+"""
+
+
+@pytest.fixture(scope="module")
+def two_seeds(tmp_path_factory, tiny_llama_dir, data_dir):
+    """Both seeds from nothing. It also records, at each prune or fine-tune stage, how many models that eval
+    stages loaded are still alive (seed 1's prunes run after seed 0's evaluations)."""
+    import weakref
+
+    from hybridprune.sparse import load as loader
+    root = tmp_path_factory.mktemp("seeds")
+    path = root / "r.yaml"
+    path.write_text(SEEDS_RECIPE.format(model=tiny_llama_dir, seeds="[0, 1]"))
+    evaluated, alive, load, run_stage = [], [], loader.load_model, experiment._run_stage
+
+    def loading(spec, *a, **k):
+        model, tok = load(spec, *a, **k)
+        evaluated.append(weakref.ref(model))
+        return model, tok
+
+    def running(stage, *a):
+        run_stage(stage, *a)
+        if stage.kind != "eval":  # counted after the stage ran with whatever the previous ones left
+            alive.append(sum(r() is not None for r in evaluated))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(loader, "load_model", loading)
+        mp.setattr(experiment, "_run_stage", running)
+        res = experiment.run_experiment(path, root / "run", isolate=False, log=lambda *a: None)
+    (root / "alive.json").write_text(json.dumps({"alive": alive, "evaluated": len(evaluated)}))
+    return root, res
+
+
+def test_prune_and_finetune_stages_do_not_hold_an_evaluated_model(two_seeds):
+    """The study's peak RSS is its largest stage, not that stage plus the last model it evaluated."""
+    root, _ = two_seeds
+    seen = json.loads((root / "alive.json").read_text())
+    assert seen["evaluated"] >= 3 and len(seen["alive"]) == 5  # 2 seeds x 2 calibrations + magnitude
+    assert seen["alive"] == [0] * 5, seen
+
+
+def test_seeds_axis_report(two_seeds):
+    root, res = two_seeds
+    assert res["seeds"] == [0, 1]
+    runs = res["runs"]
+    wiki = runs["pruned-wiki"]
+    assert set(wiki["seeds"]) == {0, 1}
+    per = [wiki["seeds"][s]["wikitext2"]["ppl"] for s in (0, 1)]
+    assert per[0] != per[1]  # another calibration draw, another model
+    assert wiki["tasks"]["wikitext2"]["ppl"] == pytest.approx(np.mean(per))
+    assert wiki["tasks"]["wikitext2"]["ppl_sd"] == pytest.approx(np.std(per, ddof=1))
+    assert runs["dense"]["tasks"]["wikitext2"]["ppl_sd"] == 0  # the dense model is evaluated once
+    pair = next(p for p in res["pairs"] if p["task"] == "wikitext2" and {p["a"], p["b"]} == {"pruned-wiki",
+                                                                                          "pruned-squad"})
+    nll = {r: [runs[r]["seeds"][s]["wikitext2"]["per_example"]["nll"] for s in (0, 1)]
+           for r in ("pruned-wiki", "pruned-squad")}
+    sign = 1 if pair["a"] == "pruned-wiki" else -1
+    by_hand = np.mean([np.mean(np.subtract(w, q)) for w, q in zip(nll["pruned-wiki"], nll["pruned-squad"])])
+    assert sign * pair["diff"] == pytest.approx(by_hand) and pair["units"] == 24 and pair["judged"]
+    assert len(pair["seed_intervals"]) == 2
+    claim = res["claims"][0]["results"][0]
+    assert claim["status"] in ("supported", "refuted", "inconclusive") and claim["of_seeds"] == 2
+    assert res["claims"][1]["results"][0]["status"] == "too few to judge"  # 6 BoolQ questions
+    summary = res["overlap"]["unstructured"]["summary"]
+    assert {"squad vs wiki (same seed)", "wiki: seed vs seed", "squad: seed vs seed", "wiki vs magnitude"} <= set(summary)
+    assert all(0 < v["mean"] < 1 for v in summary.values())
+    text = (root / "run" / "report.md").read_text()
+    assert "### Each seed's value" in text and "holds in" in text and "wiki: seed vs seed" in text
+    csv_rows = (root / "run" / "results.csv").read_text().splitlines()
+    assert any(r.startswith("pruned-wiki,wikitext2,ppl,mean,") for r in csv_rows)
+
+
+def test_one_more_seed_computes_only_that_seed(two_seeds, tmp_path, tiny_llama_dir, monkeypatch):
+    import shutil
+    root, _ = two_seeds
+    shutil.copytree(root / "run", tmp_path / "run")
+    path = tmp_path / "r.yaml"
+    path.write_text(SEEDS_RECIPE.format(model=tiny_llama_dir, seeds="[0, 1, 2]"))
+    ran, real = [], experiment._run_stage
+    monkeypatch.setattr(experiment, "_run_stage", lambda st, *a: ran.append(st) or real(st, *a))
+    res = experiment.run_experiment(path, tmp_path / "run", isolate=False, log=lambda *a: None)
+    assert sorted(s.kind for s in ran) == ["eval"] * 4 + ["prune"] * 2  # 2 pruned models x 2 tasks; dense as before
+    assert all("seed 2" in s.label for s in ran) and res["seeds"] == [0, 1, 2]
+
+
+def test_partial_report_never_mixes_standard_errors_into_seed_spreads(two_seeds, tmp_path, tiny_llama_dir):
+    """A report written while only seed 0 of [0, 7] exists shows values without a spread (the table's header
+    promises between-seed SDs), not seed 0's standard errors over examples, and the sparsity and stage times of
+    the seeds that exist."""
+    import shutil
+    root, _ = two_seeds
+    shutil.copytree(root / "run", tmp_path / "run")
+    path = tmp_path / "r.yaml"
+    path.write_text(SEEDS_RECIPE.format(model=tiny_llama_dir, seeds="[0, 7]"))
+    res = experiment.run_experiment(path, tmp_path / "run", only="report", log=lambda *a: None)
+    wiki = res["runs"]["pruned-wiki"]
+    assert wiki["sparsity"] == pytest.approx(0.5, abs=0.01) and wiki["seconds"]["prune"] > 0  # from seed 0 alone
+    entry = wiki["tasks"]["boolq"]
+    assert entry["acc_stderr"] > 0 and "acc_sd" not in entry  # one seed's entry, as stored
+    overlap = res["overlap"]["unstructured"]
+    pair = overlap["pairs"].get("wiki/seed 0 vs squad/seed 0") or overlap["pairs"]["squad/seed 0 vs wiki/seed 0"]
+    summary = overlap["summary"]  # from the seed that exists
+    assert summary["squad vs wiki (same seed)"]["values"] == [pair["overall"]]
+    assert "wiki: seed vs seed" not in summary
+    text = (tmp_path / "run" / "report.md").read_text()
+    assert "between-seed SD" in text
+    row = next(line for line in text.splitlines() if line.startswith("| pruned-wiki |"))
+    assert f"{entry['acc']:.4g}" in row and "±" not in row

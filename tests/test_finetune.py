@@ -1,14 +1,23 @@
 
+from pathlib import Path
+
 import pytest
 import torch
+from conftest import tiny_model, tiny_tokenizer
 
-from conftest import tiny_model
 from hybridprune import PruneConfig
-from hybridprune.pruning.engine import prune
 from hybridprune.core.errors import HybridPruneError
-from hybridprune.finetuning.finetune import (FinetuneConfig, build_dataset, capture_masks, encode_example, finetune,
-                                  merge_lora_through_mask, render)
+from hybridprune.finetuning.finetune import (
+    FinetuneConfig,
+    build_dataset,
+    capture_masks,
+    encode_example,
+    finetune,
+    merge_lora_through_mask,
+    render,
+)
 from hybridprune.io.models import prunable_matrices, weight_matrix
+from hybridprune.pruning.engine import prune
 from hybridprune.pruning.patterns import check_nm
 
 
@@ -97,8 +106,8 @@ def test_labels_mask_exactly_the_prompt(default_tokenizer, data_dir):
 
 
 def test_squad_finetuning_uses_fit_half_only(default_tokenizer, data_dir):
-    from hybridprune.io.data import squad_examples
     from hybridprune.finetuning.finetune import _records
+    from hybridprune.io.data import squad_examples
     fit_contexts = {r["context"] for r in squad_examples("fit", data_dir)}
     assert all(r["context"] in fit_contexts for r in _records("squad", data_dir))
 
@@ -278,6 +287,7 @@ def test_hash_dropout_keeps_each_element_with_1_minus_p():
     assert yb.dtype == torch.bfloat16 and torch.equal(yb != 0, ext.hash_dropout(x[:4096], 0.05, 3, False) != 0)
 
 
+@pytest.mark.kernels
 def test_hash_dropout_gradient_and_checkpoint_replay():
     """The backward pass drops the same elements (d y / d x = keep / (1 - p)), and activation checkpointing's
     recompute draws the same mask, so a checkpointed step gives the same gradients as a plain one."""
@@ -303,6 +313,7 @@ def test_hash_dropout_gradient_and_checkpoint_replay():
     assert torch.equal(drop(x), x)
 
 
+@pytest.mark.kernels
 def test_finetune_with_hash_dropout(samples, tmp_path, monkeypatch):
     """dropout_rng: hash swaps every LoRA dropout for HashDropout; training moves the weights and keeps the zeros;
     the two checkpointing settings give the same trained weights, as with torch's dropout."""
@@ -326,3 +337,56 @@ def test_finetune_with_hash_dropout(samples, tmp_path, monkeypatch):
     assert all(torch.equal(weights[True][k], weights[False][k]) for k in weights[False])
     with pytest.raises(HybridPruneError, match="dropout_rng"):
         FinetuneConfig(dropout_rng="fast")
+
+
+def test_finetune_device_and_scheduler_reach_training(monkeypatch, samples, tmp_path):
+    import transformers
+    real, seen = transformers.Trainer.__init__, {}
+
+    def spy(self, *a, **kw):  # the TrainingArguments the Trainer is given
+        args = kw["args"]
+        seen.update(use_cpu=args.use_cpu, lr_scheduler_type=getattr(args.lr_scheduler_type, "value",
+                                                                    args.lr_scheduler_type))
+        return real(self, *a, **kw)
+    monkeypatch.setattr(transformers.Trainer, "__init__", spy)
+    from hybridprune.finetuning.finetune import finetune
+    rows = [{"input_ids": s.tolist(), "labels": s.tolist()} for s in samples]
+    monkeypatch.setattr("hybridprune.finetuning.finetune.build_dataset", lambda cfg, tok, cache=None: rows)
+    model = tiny_model("llama")
+    res = finetune(model, tiny_tokenizer(False), FinetuneConfig(steps=1, batch_size=2, device="cpu"), tmp_path / "w")
+    assert seen["use_cpu"] is True and res["record"]["device"] == "cpu"
+    assert all(p.device.type == "cpu" for p in res["model"].parameters())
+    readme = (Path(__file__).parents[1] / "docs" / "guides" / "finetuning.md").read_text()  # the guide says it
+    schedule = seen["lr_scheduler_type"]
+    assert f"{schedule} decay" in readme and "linear decay" not in readme.replace(f"{schedule} decay", "")
+    assert FinetuneConfig(device="cuda").device == "cuda"  # a config probes no device: checked where it is used
+    from hybridprune.io.models import default_device
+    if not torch.cuda.is_available():
+        with pytest.raises(HybridPruneError, match="no CUDA device"):
+            default_device("cuda")
+
+
+def test_cli_passes_device_and_trust_remote_code_to_finetuning(monkeypatch, tmp_path):
+    from hybridprune import cli
+    seen = {}
+
+    def fake(spec, config, out, **kw):
+        seen.update(kw, device=config.device, bos=config.bos)
+        return {"record": {"examples": 1, "first_loss": 1.0, "final_loss": 0.5, "zeros_preserved": 0}}
+    monkeypatch.setattr("hybridprune.finetuning.finetune.finetune_and_save", fake)
+    assert cli.main(["finetune", "m", "--data", "wikitext2", "--out", str(tmp_path / "o"), "--device", "cpu",
+                     "--trust-remote-code", "--bos", "always"]) == 0
+    assert seen["device"] == "cpu" and seen["trust_remote_code"] is True and seen["bos"] == "always"
+
+
+def test_finetune_and_save_loads_with_trust_remote_code(monkeypatch, tmp_path):
+    from hybridprune.finetuning import finetune as ft
+    seen = {}
+
+    def fake_load(spec, **kw):
+        seen.update(kw)
+        raise HybridPruneError("stop here")
+    monkeypatch.setattr("hybridprune.sparse.load.load_model", fake_load)
+    with pytest.raises(HybridPruneError, match="stop here"):
+        ft.finetune_and_save("m", FinetuneConfig(), tmp_path / "o", trust_remote_code=True)
+    assert seen["trust_remote_code"] is True

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from hybridprune import PruneConfig, load_model, perplexity, sparsity_report
-from hybridprune.pruning.engine import prune
 from hybridprune.io.models import prunable_matrices, weight_matrix
+from hybridprune.pruning.engine import prune
 from hybridprune.pruning.patterns import check_nm
 
 pytestmark = pytest.mark.integration

@@ -3,13 +3,13 @@ the implementation)."""
 import numpy as np
 import pytest
 import torch
-
 from conftest import tiny_model
+
 from hybridprune import PruneConfig, load_model
-from hybridprune.pruning.engine import prune
 from hybridprune.core.errors import HybridPruneError
-from hybridprune.pruning.layerwise import owl_sparsities
 from hybridprune.io.models import find_decoder_layers, find_linears, weight_matrix
+from hybridprune.pruning.engine import prune
+from hybridprune.pruning.layerwise import owl_sparsities
 
 
 def cfg(**kw):
@@ -148,16 +148,18 @@ def test_channel_permutation_with_dsnot_swaps_inside_permuted_groups(samples):
     assert swapped > 0
 
 
+@pytest.mark.kernels
 def test_channel_permutation_saved_inspected_packed_and_computed(tmp_path, samples):
     """The column order travels with the model: inspect checks groups in it (and reports its loss), packing stores
     it, unpacking restores every bit, and the kernels give the unpacked model's logits."""
-    from hybridprune.sparse import kernels
-    from hybridprune.sparse import packing
+    from tokenizers import Tokenizer
+    from tokenizers import models as tok_models
+    from transformers import PreTrainedTokenizerFast
+
     from hybridprune.io.folder import PERMUTATIONS_FILE
     from hybridprune.pruning.engine import save_pruned
+    from hybridprune.sparse import kernels, packing
     from hybridprune.sparse.inspect import inspect_folder
-    from transformers import PreTrainedTokenizerFast
-    from tokenizers import Tokenizer, models as tok_models
     tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(tok_models.WordLevel({"<unk>": 0}, unk_token="<unk>")),
                                   unk_token="<unk>")
     model = tiny_model("llama")
@@ -275,6 +277,7 @@ def test_owl_works_with_every_method(method, samples):
 
 def test_inspect_checks_each_layer_against_its_owl_target(samples, tmp_path):
     from conftest import tiny_tokenizer
+
     from hybridprune.pruning.engine import save_pruned
     from hybridprune.sparse.inspect import inspect_folder
     model = tiny_model("llama")
@@ -435,6 +438,7 @@ def test_dsnot_on_permuted_groups_equals_the_reference_rule():
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4", "three-tier"])
 def test_dsnot_keeps_sparsity_and_pattern_rules(pattern, samples, tmp_path):
     from conftest import tiny_tokenizer
+
     from hybridprune.pruning.engine import save_pruned
     from hybridprune.sparse.inspect import inspect_folder
     base = dict(pattern=pattern, sparsity=0.6, refit=0)

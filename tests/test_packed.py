@@ -8,12 +8,11 @@ import pytest
 import torch
 from conftest import safetensors_tensors, tiny_model
 
-from hybridprune.sparse.load import load_model
-from hybridprune.sparse import kernels
-from hybridprune.sparse import packing
-from hybridprune.pruning import patterns
 from hybridprune.cli import main
 from hybridprune.core.errors import HybridPruneError
+from hybridprune.pruning import patterns
+from hybridprune.sparse import kernels, packing
+from hybridprune.sparse.load import load_model
 
 TIERED = {"kind": "tiered", "block": 16, "n": 2, "m": 4, "k": 15}
 
@@ -70,6 +69,7 @@ def test_packed_bytes_match_the_format():
     assert packing.packed_bytes(packing.pack_matrix(W, layout, "w")) == 64 * 32 * 2 + 64 * 8
 
 
+@pytest.mark.kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4", "three-tier"])
 def test_kernels_equal_dense_matmul(pattern, dtype):
@@ -101,6 +101,7 @@ def test_kernels_equal_dense_matmul(pattern, dtype):
     print(f"{pattern} {dtype}: largest relative error {worst:.2e}")
 
 
+@pytest.mark.kernels
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4", "three-tier"])
 def test_packed_linear_is_a_drop_in_for_nn_linear(pattern):
     """The module's own work around the kernel (3-D input, a bias, bf16 activations, output width not a multiple
@@ -125,6 +126,7 @@ def test_packed_linear_is_a_drop_in_for_nn_linear(pattern):
         torch.testing.assert_close(m(x), lin(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.kernels
 def test_portable_forced_by_environment(monkeypatch):
     W, layout, tiers = pruned("three-tier", 40, 72)
     m = kernels.PackedLinear(layout, packing.pack_matrix(W, layout, "w", tiers))
@@ -137,6 +139,7 @@ def test_portable_forced_by_environment(monkeypatch):
         m(x)
 
 
+@pytest.mark.kernels
 def test_uncovered_layouts_compute_unpacked():
     """A 2:4 matrix whose width is not a multiple of 16 stays packed on disk and computes from its unpacked form."""
     W, layout, _ = pruned("2:4", 8, 36)
@@ -201,6 +204,7 @@ def test_folder_pack_load_unpack(pruned_folders, name, tmp_path, capsys):
         in capsys.readouterr().out
 
 
+@pytest.mark.kernels
 def test_kernels_keep_outputs_and_perplexity(pruned_folders, default_tokenizer):
     """Through the kernels: the same greedy generations on 20 prompts as the unpacked model (a divergence must
     be a near tie) and the same log-likelihood to 1e-4 relative."""
@@ -228,6 +232,7 @@ def test_kernels_keep_outputs_and_perplexity(pruned_folders, default_tokenizer):
                     assert float(top[0] - top[1]) < 1e-4, (p, float(top[0] - top[1]))
 
 
+@pytest.mark.kernels
 def test_kernels_flag_on_commands(pruned_folders, capsys, data_dir):
     dense, packed = pruned_folders["tt"]
     results = []
@@ -237,6 +242,7 @@ def test_kernels_flag_on_commands(pruned_folders, capsys, data_dir):
     assert results[0] == pytest.approx(results[1], rel=1e-4) == pytest.approx(results[2], rel=1e-4)
 
 
+@pytest.mark.kernels
 def test_kernels_on_a_dense_model_run_dense(tiny_llama_dir, capsys, data_dir):
     assert main(["ppl", str(tiny_llama_dir), "--seqlen", "64", "--max-windows", "1", "--kernels"]) == 0
     assert "nothing to pack" in capsys.readouterr().err
@@ -291,6 +297,7 @@ def test_pack_refusals(pruned_folders, tiny_llama_dir, tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.kernels
 def test_sparsify_in_memory_after_prune():
     """prune(model, config) then sparsify_(model, config, result): the same logits, pruned modules swapped."""
     from hybridprune import PackedLinear, PruneConfig, sparsify_
@@ -307,6 +314,7 @@ def test_sparsify_in_memory_after_prune():
     assert torch.allclose(before, after, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.kernels
 def test_recipe_eval_kernels(tmp_path):
     """`eval: {kernels: true}` (or experiment --kernels) is part of the eval stages' keys; a non-boolean is refused
     naming the line."""
@@ -324,7 +332,13 @@ def test_recipe_eval_kernels(tmp_path):
         experiment.load_recipe(tmp_path / "c.yaml")
 
 
-@pytest.mark.skipif(not kernels.extension().has_avx512(), reason="the packed GEMM needs AVX-512")
+def _avx512() -> bool:
+    """Whether this CPU runs the AVX-512 paths (False where the kernels cannot be built: those tests skip anyway)."""
+    return kernels.toolchain_problem() is None and kernels.extension().has_avx512()
+
+
+@pytest.mark.kernels
+@pytest.mark.skipif(not _avx512(), reason="the packed GEMM needs AVX-512")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4", "three-tier"])
 def test_packed_gemm_equals_dense_matmul(pattern, dtype):

@@ -2,9 +2,24 @@ import pytest
 import torch
 
 from hybridprune.core.errors import HybridPruneError
-from hybridprune.pruning.patterns import (DENSE, NM_TIER, TOPK_TIER, TieredBlocks, Unstructured, assign_tiers,
-                                  block_pattern, block_scores, block_topk_pattern, check_nm, expand_tiers, lowest_k,
-                                  make_pattern, nm_keep, tier_counts, to_blocks)
+from hybridprune.pruning.patterns import (
+    DENSE,
+    NM_TIER,
+    TOPK_TIER,
+    TieredBlocks,
+    Unstructured,
+    assign_tiers,
+    block_pattern,
+    block_scores,
+    block_topk_pattern,
+    check_nm,
+    expand_tiers,
+    lowest_k,
+    make_pattern,
+    nm_keep,
+    tier_counts,
+    to_blocks,
+)
 
 
 def test_lowest_k_exact_with_ties():

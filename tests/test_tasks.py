@@ -1,10 +1,21 @@
 import json
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import yaml
+from conftest import tiny_model, tiny_tokenizer
 
 from hybridprune.core.errors import HybridPruneError
-from hybridprune.evaluation.tasks import normalize_answer, parse_tasks, squad_f1, squad_scores, task_config
+from hybridprune.evaluation.tasks import (
+    normalize_answer,
+    parse_tasks,
+    squad_f1,
+    squad_scores,
+    task_config,
+)
+from hybridprune.finetuning.finetune import render
 
 
 @pytest.mark.parametrize("text,norm", [
@@ -71,8 +82,8 @@ def test_squad_task_uses_only_the_evaluation_half(data_dir):
 def test_boolq_equals_direct_loglikelihood(tiny_llama_dir, data_dir, tmp_path):
     """lm-eval's BoolQ accuracy on a tiny random model equals choosing ' no'/' yes' by our own log-likelihood."""
     from hybridprune import load_model
-    from hybridprune.io.data import boolq_examples
     from hybridprune.evaluation.tasks import evaluate_model
+    from hybridprune.io.data import boolq_examples
     model, tok = load_model(str(tiny_llama_dir))
     res = evaluate_model(model, tok, ["boolq"], limit=6, batch_size=3, samples_path=tmp_path / "s.jsonl")
     docs = boolq_examples("validation", data_dir)[:6]
@@ -174,3 +185,139 @@ def test_fast_generation_equals_lm_evals_own_batching(tiny_llama_dir, data_dir, 
     answers = [o[0][0] for o in outputs(tmp_path / "fast.jsonl")]
     assert len({len(a) for a in answers}) > 1, answers  # rows stopped at different steps
     assert min(fast_generated) < 32, fast_generated  # ... and a batch ended once all its rows had
+
+
+def _lm_eval_task(cfg: dict):
+    from lm_eval.tasks import get_task_dict
+    task = next(iter(get_task_dict([{k: v for k, v in cfg.items() if not k.startswith("_")}]).values()))
+    return task
+
+
+def _contexts(task, seed, limit):
+    task.set_fewshot_seed(seed)
+    task.build_all_requests(limit=limit, rank=0, world_size=1)
+    return [inst.arguments[0] for inst in task.instances]
+
+
+def test_gsm8k_prompts_equal_stock_lm_eval_at_the_default_seed(data_dir):
+    """Our GSM8K task against lm-eval's own gsm8k.yaml (only the data files pointed at the local copy)."""
+    import lm_eval
+
+    from hybridprune.evaluation.tasks import LM_EVAL_FEWSHOT_SEED, task_config
+    stock = yaml.safe_load((Path(lm_eval.__file__).parent / "tasks/gsm8k/gsm8k.yaml").read_text())
+    stock.pop("tag", None)
+    stock.update(task="stock_gsm8k", dataset_path="json", dataset_name=None, dataset_kwargs={"data_files": {
+        "train": str(data_dir / "gsm8k/train.jsonl"), "test": str(data_dir / "gsm8k/test.jsonl")}})
+    ours = _contexts(_lm_eval_task(task_config("gsm8k", data_dir)), LM_EVAL_FEWSHOT_SEED, 8)
+    theirs = _contexts(_lm_eval_task(stock), 1234, 8)
+    assert LM_EVAL_FEWSHOT_SEED == 1234 and ours == theirs and ours[0].count("Question:") == 6
+
+
+def test_eval_default_fewshot_seed_is_lm_evals(monkeypatch, data_dir):
+    import lm_eval
+
+    from hybridprune.cli import build_parser
+    from hybridprune.evaluation.tasks import evaluate_model
+    args = build_parser().parse_args(["eval", "default"])
+    assert args.fewshot_seed == 1234 and args.seed == 0
+    seen = {}
+
+    def spy(**kw):  # what lm-eval is asked to do; stop there
+        seen.update(kw)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(lm_eval, "simple_evaluate", spy)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_model(tiny_model("llama"), tiny_tokenizer(False), ["gsm8k"], seed=0, data_dir_path=data_dir)
+    assert seen["fewshot_random_seed"] == 1234 and seen["random_seed"] == 0
+
+
+def test_fewshot_exemplars_come_from_training_data(data_dir):
+    from hybridprune.evaluation.tasks import task_config
+    from hybridprune.io.data import boolq_examples, squad_examples
+    val_passages = {r["passage"] for r in boolq_examples("validation", data_dir)}
+    task = _lm_eval_task(task_config("boolq", data_dir, num_fewshot=2))
+    for ctx in _contexts(task, 1234, 3):
+        *shots, query = ctx.split("\n\n")  # lm-eval joins exemplars and the query with a blank line
+        assert len(shots) == 2 and query.split("\nQuestion:")[0] in val_passages  # the query is a validation doc
+        assert not any(s.split("\nQuestion:")[0] in val_passages for s in shots)  # its exemplars are not
+    fit_contexts = {r["context"] for r in squad_examples("fit", data_dir)}
+    task = _lm_eval_task(task_config("squad", data_dir, num_fewshot=1))
+    ctx = _contexts(task, 1234, 1)[0]
+    exemplar, query = (part.split("\n\nQuestion:")[0] for part in ctx.split("Background: ")[1:3])
+    eval_contexts = {d["context"] for d in task.eval_docs}
+    assert exemplar in fit_contexts and exemplar not in eval_contexts and query in eval_contexts
+
+
+def test_fewshot_without_a_training_split_is_refused(tmp_path, data_dir):
+    from hybridprune.evaluation.tasks import task_config
+    (tmp_path / "boolq").mkdir()
+    (tmp_path / "boolq" / "superglue_val.jsonl").write_text((data_dir / "boolq/superglue_val.jsonl").read_text())
+    assert task_config("boolq", tmp_path)["num_fewshot"] == 0  # zero-shot needs no training split
+    with pytest.raises(HybridPruneError, match="--num-fewshot 2 needs a boolq training split"):
+        task_config("boolq", tmp_path, num_fewshot=2)
+
+
+@pytest.mark.parametrize("data", ["squad", "boolq", "gsm8k"])
+def test_simple_template_trains_exactly_the_eval_prompt(data, default_tokenizer, data_dir):
+    """Byte for byte up to the answer; the answer follows lm-eval's target delimiter (one space)."""
+    from hybridprune.evaluation.tasks import task_config
+    from hybridprune.finetuning.finetune import _records
+    from hybridprune.io.data import boolq_examples, gsm8k_examples, squad_examples
+    task = _lm_eval_task(task_config(data, data_dir))
+    docs = {"squad": lambda: squad_examples("fit", data_dir),
+            "boolq": lambda: [{**r, "label": int(r["label"])} for r in boolq_examples("train", data_dir)],
+            "gsm8k": lambda: gsm8k_examples("train", data_dir)}[data]()[:3]
+    for doc, record in zip(docs, _records(data, data_dir)[:3]):
+        prompt, answer = render(data, "simple", record, default_tokenizer)
+        assert prompt == task.doc_to_text(doc)
+        target = task.doc_to_target(doc)
+        gold = task.doc_to_choice(doc)[target] if data == "boolq" else target
+        assert answer == task.config.target_delimiter + gold
+
+
+def test_spread_sample_covers_the_articles(data_dir):
+    from hybridprune.evaluation.tasks import (
+        PER_CLUSTER,
+        cluster_ids,
+        spread_sample,
+        task_rows,
+    )
+    rows = task_rows("squad", data_dir)
+    first = [rows[i]["title"] for i in range(100)]
+    assert len(set(first)) == 1  # lm-eval's --limit 100: one article (the issue's finding)
+    idx = spread_sample("squad", rows, 96, seed=0)
+    assert len(idx) == 96 and idx == sorted(set(idx)) and idx == spread_sample("squad", rows, 96, seed=0)
+    titles = {rows[i]["title"] for i in idx}
+    articles = {r["title"] for r in rows}
+    assert titles == articles and len(articles) == 24  # every eval-half article: 2 paragraphs x 2 questions
+    per_paragraph = np.bincount(cluster_ids("squad", rows, idx))
+    assert per_paragraph.max() <= PER_CLUSTER and len(per_paragraph) == 48
+    assert spread_sample("squad", rows, 96, seed=1) != idx
+    import collections
+    per_context = collections.Counter(r["context"] for r in rows)  # more than there is: every paragraph, 2 each
+    assert len(spread_sample("squad", rows, 10**6)) == sum(min(PER_CLUSTER, c) for c in per_context.values())
+    g = task_rows("gsm8k", data_dir)
+    sample = spread_sample("gsm8k", g, 30, seed=0)
+    assert len(sample) == 30 and sample != list(range(30)) and len(set(cluster_ids("gsm8k", g, sample))) == 30
+
+
+def test_eval_sample_records_docs_and_clusters(data_dir, default_tokenizer):
+    from conftest import tiny_model
+
+    from hybridprune.evaluation.tasks import (
+        cluster_ids,
+        evaluate_model,
+        spread_sample,
+        task_rows,
+    )
+    model = tiny_model("llama", vocab=len(default_tokenizer), hidden=48, inter=96)
+    res = evaluate_model(model, default_tokenizer, ["boolq"], sample=6, sample_seed=3, batch_size=4,
+                         data_dir_path=data_dir)["boolq"]
+    rows = task_rows("boolq", data_dir)
+    want = spread_sample("boolq", rows, 6, seed=3)
+    assert res["doc_ids"] == want and res["n"] == 6 and res["clusters"] == cluster_ids("boolq", rows, want)
+    assert len(res["per_example"]["acc"]) == 6 and "seeded sample of 6" in res["selection"]
+    # the scored prompts are the sampled documents', in doc order
+    first = evaluate_model(model, default_tokenizer, ["boolq"], limit=want[0] + 1, batch_size=4,
+                           data_dir_path=data_dir)["boolq"]
+    assert res["per_example"]["margin"][0] == pytest.approx(first["per_example"]["margin"][-1], rel=1e-5)

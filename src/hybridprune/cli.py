@@ -115,6 +115,9 @@ def _load(args, spec, to_device: bool = True):
     kernels = getattr(args, "kernels", False)
     if kernels and (device_map or (args.device and args.device != "cpu")):
         raise HybridPruneError("--kernels computes on the CPU; drop --device/--device-map, or drop --kernels")
+    if kernels:
+        from hybridprune.sparse.kernels import check_toolchain
+        check_toolchain()  # before the model loads
     model, tok = load_model(spec, dtype=args.dtype, trust_remote_code=args.trust_remote_code, device_map=device_map,
                             max_memory=max_memory, offload_folder=getattr(args, "offload_folder", None),
                             kernels=kernels)
@@ -321,9 +324,8 @@ def _eval_one(args, spec):
 
 def _check_eval_args(args):
     from hybridprune.io.data import check_bos, data_dir
-    from hybridprune.evaluation.tasks import parse_tasks
-    from hybridprune.evaluation.tasks import check_eval_args
-    parse_tasks(args.tasks)
+    from hybridprune.evaluation.tasks import check_eval_args, parse_tasks, require_eval
+    require_eval(parse_tasks(args.tasks))
     if hasattr(args, "models") and len(args.models) < 2:
         raise HybridPruneError("compare needs two or more models or results files; to see one model's numbers "
                                "use `hybridprune eval`")

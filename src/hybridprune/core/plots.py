@@ -4,8 +4,9 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import matplotlib
+from hybridprune.core.errors import require
 
+matplotlib = require("matplotlib", "plots", "drawing PNG pictures")
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402

@@ -27,7 +27,7 @@ import re
 import string
 
 from hybridprune.io.data import boolq_examples, data_dir, gsm8k_examples, local_file, squad_examples
-from hybridprune.core.errors import HybridPruneError
+from hybridprune.core.errors import HybridPruneError, require
 from hybridprune.evaluation import adapters
 from hybridprune.evaluation.adapters import SAME_LENGTH  # noqa: F401
 from hybridprune.io.models import cache_dir
@@ -237,6 +237,12 @@ def cluster_ids(name: str, rows: list[dict], indices: list[int]) -> list[int]:
 
 # ----------------------------------------------------------------------------- running
 
+def require_eval(tasks: list[str]) -> None:
+    """lm-evaluation-harness is an extra: asked for before any model is loaded or any metric computed."""
+    if any(task != "wikitext2" for task in tasks):
+        require("lm_eval", "eval", "evaluating SQuAD, GSM8K and BoolQ")
+
+
 def evaluate_model(model, tokenizer, tasks: list[str], limit: int | None = None, seed: int = 0, batch_size: int = 8,
                    num_fewshot: int | None = None, gsm8k_mode: str = "fewshot", chat_template: bool = False,
                    data_dir_path=None, ppl_seqlen: int = 2048, ppl_windows: int | None = None,
@@ -251,6 +257,7 @@ def evaluate_model(model, tokenizer, tasks: list[str], limit: int | None = None,
     sample: a seeded subset of each task's split spread over its articles/passages (spread_sample, seed
     sample_seed), instead of lm-eval's first `limit` examples. Every entry records its `doc_ids` and `clusters`.
     """
+    require_eval(tasks)
     from hybridprune.io.data import resolve_bos
     from hybridprune.evaluation.ppl import perplexity
 

@@ -38,7 +38,7 @@ from hybridprune.io import models
 from hybridprune.io.data import (boolq_examples, c4_texts, cut_windows, data_dir, gsm8k_examples, resolve_bos,
                    squad_examples, text_ids, wikitext2_text)
 from hybridprune.core.config import FT_DATA, TEMPLATE_NAMES, FinetuneConfig  # noqa: F401
-from hybridprune.core.errors import HybridPruneError
+from hybridprune.core.errors import HybridPruneError, require
 from hybridprune.io.folder import load_permutations, load_tier_maps, read_record, save_maps
 from hybridprune.core.heap import trim_heap
 from hybridprune.sparse import load
@@ -346,6 +346,7 @@ def finetune(model, tokenizer, config: FinetuneConfig, work_dir, resume: bool = 
     from transformers import set_seed
     set_seed(config.seed)
     if config.method == "lora":
+        require("peft", "finetune", "LoRA fine-tuning")
         from peft import LoraConfig, get_peft_model
         lcfg = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                           target_modules=_lora_targets(model), task_type="CAUSAL_LM",
@@ -463,6 +464,7 @@ def _tokens_per_second(dataset, config, out) -> float:
 def finetune_and_save(model_spec: str, config: FinetuneConfig, out, overwrite=False, resume=False, dtype=None,
                       trust_remote_code: bool = False, data_cache=None):
     """Load, fine-tune, check the zero set, save (model, record, loss curve PNG, adapter unless merged)."""
+    require("matplotlib", "finetune", "fine-tuning (its loss curve, loss.png)")  # before training, not after
     out = Path(out)
     if out.exists() and not overwrite:
         raise HybridPruneError(f"output folder {out} exists; pass --overwrite or choose another --out")

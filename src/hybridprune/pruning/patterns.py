@@ -15,7 +15,7 @@ import math
 import torch
 
 from hybridprune.core import specs
-from hybridprune.core.errors import HybridPruneError
+from hybridprune.core.errors import HybridPruneError, require
 from hybridprune.core.specs import PATTERNS, parse_nm, parse_tiers  # noqa: F401
 
 DENSE, NM_TIER, TOPK_TIER = 0, 1, 2
@@ -93,7 +93,7 @@ def assign_position(s: torch.Tensor, n: int, m: int, c: int) -> torch.Tensor:
     Placing column v in a group whose other columns are A (a_n their n-th largest) keeps top-n(A) + relu(v - a_n)
     in each row, so only the second term depends on the assignment.
     """
-    from scipy.optimize import linear_sum_assignment
+    linear_sum_assignment = require("scipy.optimize", "lsa", "--channel-permutation lsa").linear_sum_assignment
     rows, cols = s.shape
     groups = cols // m
     g = s.float().reshape(rows, groups, m)

@@ -50,6 +50,27 @@ def extension():
     return build("packed", "run without --kernels")
 
 
+def toolchain_problem() -> str | None:
+    """Why the kernels cannot be compiled here (no C++ compiler, no ninja), in one line naming the fix; None if
+    they can. Asked before a model loads, so that --kernels is refused up front."""
+    import shutil
+
+    from torch.utils.cpp_extension import is_ninja_available
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        return (f"the sparse kernels are compiled from C++ on first use, and no C++ compiler ({compiler}) is installed: "
+                "install g++ (Debian/Ubuntu: apt-get install g++), or run without --kernels")
+    if not is_ninja_available():
+        return "the sparse kernels are built with ninja, which is not installed: pip install 'hybridprune[kernels]'"
+    return None
+
+
+def check_toolchain() -> None:
+    problem = toolchain_problem()
+    if problem:
+        raise HybridPruneError(problem)
+
+
 def build(name: str, fallback: str, source: Path | None = None):
     """csrc/<name>.cpp (or another `source`, e.g. an earlier version to benchmark against) compiled with torch's
     C++ extension mechanism into the cache (once per source text and torch); `fallback` tells the user how to do
@@ -58,6 +79,7 @@ def build(name: str, fallback: str, source: Path | None = None):
     key = str(source)
     if key not in _BUILT:
         from torch.utils.cpp_extension import load
+        check_toolchain()
         digest = hashlib.sha256(source.read_bytes() + torch.__version__.encode()).hexdigest()[:12]
         folder = models.cache_dir() / "kernels" / digest
         folder.mkdir(parents=True, exist_ok=True)
@@ -243,3 +265,12 @@ def use_kernels(model: nn.Module, spec: str) -> int:
     if n == 0:
         logger.warning(f"--kernels: {spec} has nothing to pack (not pruned by hybridprune); running dense")
     return n
+
+
+if __name__ == "__main__":  # `make setup`: compile the kernels now where a compiler exists; they stay optional
+    problem = toolchain_problem()
+    if problem:
+        print(f"kernels not built: {problem}")
+    else:
+        extension()
+        print("kernels built")
