@@ -51,7 +51,7 @@ bench: setup
 # The documentation site into site/ (not committed); --strict fails on a broken link or reference.
 docs: setup
 	$(PIP) -e ".[docs]"
-	$(VENV)/bin/mkdocs build --strict --quiet
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
 
 # The built wheel, installed with its dependencies into a venv that already holds torch, must leave torch alone.
 wheel-check: setup

@@ -510,3 +510,238 @@ def test_inspect_fails_when_the_measured_sparsity_disagrees(tmp_path, tiny_llama
     (out / "hybridprune.json").write_text(json.dumps(record))
     assert main(["inspect", str(out)]) == 2
     assert "differs from the" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- models that are not causal LMs
+
+@pytest.mark.parametrize("family", ["bert", "t5", "vit"])
+def test_a_model_that_is_not_a_causal_lm_is_refused_from_its_config(family, tmp_path, capsys, no_load):
+    """Only config.json is there: the refusal comes from the config, before any weight or tokenizer is read."""
+    from transformers import BertConfig, T5Config, ViTConfig
+    cfg = {"bert": BertConfig(architectures=["BertForMaskedLM"]), "t5": T5Config(),
+           "vit": ViTConfig()}[family]
+    folder = tmp_path / "m"
+    cfg.save_pretrained(folder)
+    for argv in (["ppl", str(folder), "--seqlen", "64"],
+                 ["prune", "--model", str(folder), "--method", "magnitude", "--out", str(tmp_path / "o")],
+                 ["eval", str(folder), "--tasks", "wikitext2", "--ppl-seqlen", "64"]):
+        _refused(argv, capsys, "hybridprune prunes decoder-only causal LMs")
+    assert not (tmp_path / "o").exists()
+
+
+def test_the_python_loaders_refuse_a_model_that_is_not_a_causal_lm(tmp_path):
+    import hybridprune as hp
+    from transformers import BertConfig
+    folder = tmp_path / "bert"
+    BertConfig(architectures=["BertForMaskedLM"]).save_pretrained(folder)  # no weights: refused from the config
+    with pytest.raises(HybridPruneError, match=r"BertForMaskedLM \(bert\), an encoder"):
+        hp.load(str(folder))
+
+
+# ----------------------------------------------------------------------------- what the record promises is there
+
+def test_inspect_fails_when_a_three_tier_folder_lacks_its_tier_maps(tmp_path, tiny_llama_dir, capsys):
+    out = tmp_path / "tt"
+    assert main(["prune", "--model", str(tiny_llama_dir), "--method", "magnitude", "--pattern", "three-tier",
+                 "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(out)]) == 0
+    (out / "tiers.safetensors").unlink()
+    assert main(["inspect", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "tiers.safetensors is missing" in err and "incomplete" in err
+
+
+# ----------------------------------------------------------------------------- corrupt metadata files
+
+def _pruned(tmp_path, tiny_llama_dir, pattern="three-tier"):
+    out = tmp_path / "p"
+    assert main(["prune", "--model", str(tiny_llama_dir), "--method", "magnitude", "--pattern", pattern,
+                 "--out", str(out)]) == 0
+    return out
+
+
+def test_a_truncated_record_fails_before_the_work(tmp_path, tiny_llama_dir, capsys, monkeypatch):
+    out = _pruned(tmp_path, tiny_llama_dir, "2:4")
+    rec = out / "hybridprune.json"
+    rec.write_text(rec.read_text()[: len(rec.read_text()) // 2])
+    computed = []
+    monkeypatch.setattr("hybridprune.evaluation.ppl.perplexity", lambda *a, **k: computed.append(1) or {})
+    _refused(["ppl", str(out), "--seqlen", "64", "--max-windows", "1"], capsys, f"{rec} is corrupt or truncated")
+    _refused(["eval", str(out), "--tasks", "wikitext2", "--ppl-seqlen", "64"], capsys, "is corrupt or truncated")
+    assert not computed, "the perplexity was computed, then lost"
+
+
+@pytest.mark.parametrize("damage", ["truncate", "header"])
+def test_a_damaged_tier_map_file_is_one_line(damage, tmp_path, tiny_llama_dir, capsys):
+    out = _pruned(tmp_path, tiny_llama_dir)
+    f = out / "tiers.safetensors"
+    raw = f.read_bytes()
+    f.write_bytes(raw[: len(raw) // 2] if damage == "truncate" else raw[:8] + b"\xfe" * 12 + raw[20:])
+    for argv in (["inspect", str(out)], ["pack", str(out), "--out", str(tmp_path / "packed")]):
+        _refused(argv, capsys, str(f))
+
+
+@pytest.mark.parametrize("content,match", [(b"GGUF\x03\x00", "is truncated"), (b"not a model at all" * 4,
+                                                                                "is not a GGUF file")])
+def test_a_bad_gguf_file_is_one_line(content, match, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HYBRIDPRUNE_CACHE", str(tmp_path / "cache"))
+    f = tmp_path / "m.gguf"
+    f.write_bytes(content)
+    _refused(["ppl", str(f), "--seqlen", "64"], capsys, match)
+    assert not (tmp_path / "cache" / "models").exists() or not any((tmp_path / "cache" / "models").iterdir())
+
+
+# ----------------------------------------------------------------------------- bad data files
+
+def _data(tmp_path, data_dir, **replace):
+    """A copy of the data directory (links to the real files) with some files replaced by the given bytes."""
+    root = tmp_path / "data"
+    for f in Path(data_dir).rglob("*"):
+        if f.is_file():
+            dest = root / f.relative_to(data_dir)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.symlink_to(f)
+    for rel, content in replace.items():
+        dest = root / rel.replace("__", "/")
+        dest.unlink()
+        dest.write_bytes(content)
+    return root
+
+
+@pytest.mark.parametrize("rel,content,argv,match", [
+    ("gsm8k__train.jsonl", b'{"question": "q", "answer": "1"}\n{"answer": "2"}\n',
+     ["prune", "--calib", "gsm8k"], "train.jsonl line 2 has no text field 'question'"),
+    ("c4__c4_sample.jsonl", b'{"text": "fine"}\n{"txt": "typo"}\n', ["prune", "--calib", "c4"],
+     "c4_sample.jsonl line 2 has no text field 'text'"),
+    ("boolq__train.jsonl", b'{"question": "q", "answer": true}\n', ["prune", "--calib", "boolq"],
+     "has no text field 'passage'"),
+    ("c4__c4_sample.jsonl", b'{"text": "ok"}\n{"text": "caf\xe9"}\n', ["prune", "--calib", "c4"],
+     "c4_sample.jsonl line 2 is not UTF-8"),
+    ("wikitext2__wiki.valid.raw", b" = T = \n\n ok \n \xff\xfe \n", ["prune", "--calib", "wikitext2"],
+     "wiki.valid.raw line 4 is not UTF-8"),
+    ("squad__dev-v1.1.json", b'{"data": [], "version": "1.1"}', ["prune", "--calib", "squad"], "holds no articles"),
+    ("squad__dev-v1.1.json", b'{"data": [{"title": "t", "paragraphs": [{"context": "\xe9"}]}]}',
+     ["prune", "--calib", "squad"], "is not UTF-8"),
+])
+def test_bad_data_files_name_the_file_and_line(rel, content, argv, match, tmp_path, tiny_llama_dir, data_dir,
+                                              capsys):
+    root = _data(tmp_path, data_dir, **{rel: content})
+    _refused([*argv, "--model", str(tiny_llama_dir), "--nsamples", "2", "--seqlen", "16", "--data-dir", str(root),
+              "--out", str(tmp_path / "o")], capsys, match)
+    assert not (tmp_path / "o").exists()
+
+
+def test_fewshot_beyond_the_pool_or_from_an_empty_split_is_one_line(tmp_path, data_dir):
+    from hybridprune.evaluation.tasks import task_config
+    small = _data(tmp_path / "a", data_dir, **{"gsm8k__train.jsonl": b'{"question": "q", "answer": "#### 1"}\n'})
+    with pytest.raises(HybridPruneError, match="--num-fewshot 3 is more than the 1 examples of gsm8k"):
+        task_config("gsm8k", small, num_fewshot=3)
+    empty = _data(tmp_path / "b", data_dir, **{"boolq__train.jsonl": b"\n"})
+    with pytest.raises(HybridPruneError, match="train.jsonl holds no examples"):
+        task_config("boolq", empty, num_fewshot=2)
+    one = _data(tmp_path / "c", data_dir, **{"squad__dev-v1.1.json": json.dumps({"data": [json.loads(
+        (Path(data_dir) / "squad/dev-v1.1.json").read_text())["data"][0]]}).encode()})
+    with pytest.raises(HybridPruneError, match="evaluation split .* holds no questions"):
+        task_config("squad", one)
+
+
+# ----------------------------------------------------------------------------- unwritable outputs, found first
+
+def test_a_read_only_output_place_is_refused_before_the_work(tmp_path, tiny_llama_dir, capsys, no_load,
+                                                             monkeypatch):
+    import os as os_module
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    real = os_module.access
+    monkeypatch.setattr("hybridprune.core.files.os.access",
+                        lambda p, mode: False if Path(p) == ro and mode & os_module.W_OK else real(p, mode))
+    _refused(["prune", "--model", str(tiny_llama_dir), "--method", "magnitude", "--out", str(ro / "o")], capsys,
+             f"{ro} is read-only")
+    _refused(["ppl", str(tiny_llama_dir), "--seqlen", "64", "--out", str(ro / "r.json")], capsys, "is read-only")
+    _refused(["pack", str(tiny_llama_dir), "--out", str(ro / "p")], capsys, "is read-only")
+
+
+def test_a_dangling_symlink_as_out_is_refused_before_the_work(tmp_path, tiny_llama_dir, capsys, no_load):
+    link = tmp_path / "o"
+    link.symlink_to(tmp_path / "nowhere")
+    _refused(["prune", "--model", str(tiny_llama_dir), "--method", "magnitude", "--out", str(link)], capsys,
+             "which does not exist")
+
+
+def test_a_cache_that_is_a_file_is_refused_before_converting(tmp_path, capsys, monkeypatch):
+    cache = tmp_path / "cache"
+    cache.write_text("not a folder")
+    monkeypatch.setenv("HYBRIDPRUNE_CACHE", str(cache))
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF" + b"\x00" * 64)
+    converted = []
+    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained",
+                        lambda *a, **k: converted.append(1))
+    _refused(["ppl", str(gguf), "--seqlen", "64"], capsys, "is not a folder")
+    assert not converted
+
+
+def test_a_truncated_cached_default_model_is_rebuilt(tmp_path, monkeypatch):
+    from hybridprune.io import models
+    monkeypatch.setenv("HYBRIDPRUNE_CACHE", str(tmp_path))
+    dest = tmp_path / "models" / models.DEFAULT_NAME
+    tiny_model("llama").save_pretrained(dest)
+    f = dest / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-100])  # a copy cut short by a full disk
+    calls = []
+
+    def convert(src, to):
+        calls.append(to)
+        tiny_model("llama").save_pretrained(to)
+        return to
+    monkeypatch.setattr(models, "default_gguf_path", lambda: tmp_path / "x.gguf")
+    monkeypatch.setattr(models, "convert_gguf", convert)
+    assert models.default_model_path() == dest and calls == [dest]
+    assert models.default_model_path() == dest and calls == [dest]  # intact now: not converted again
+
+
+# ----------------------------------------------------------------------------- flags checked before loading
+
+def test_save_packed_outside_the_format_is_refused_before_pruning(tmp_path, tiny_llama_dir, capsys, no_load):
+    _refused(["prune", "--model", str(tiny_llama_dir), "--method", "magnitude", "--pattern", "three-tier",
+              "--block-size", "32", "--save", "packed", "--out", str(tmp_path / "o")], capsys,
+             "the packed format covers blocks up to 16x16")
+
+
+@pytest.mark.parametrize("value,flags,match", [
+    ("bogus", None, "HYBRIDPRUNE_KERNELS='bogus' is not a kernel path"),
+    ("avx512", {"avx2", "fma", "popcnt"}, "HYBRIDPRUNE_KERNELS=avx512 needs avx512f"),
+    ("avx2", {"sse2"}, "HYBRIDPRUNE_KERNELS=avx2 needs avx2"),
+])
+def test_kernel_environment_is_checked_before_loading(value, flags, match, tmp_path, tiny_llama_dir, capsys,
+                                                      no_load, monkeypatch):
+    monkeypatch.setenv("HYBRIDPRUNE_KERNELS", value)
+    if flags is not None:
+        monkeypatch.setattr("hybridprune.core.specs.cpu_flags", lambda: flags)
+    _refused(["ppl", str(tiny_llama_dir), "--seqlen", "64", "--kernels"], capsys, match)
+
+
+def test_no_compiler_is_one_line_saying_what_to_install(tmp_path, tiny_llama_dir, capsys, no_load, monkeypatch):
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-c++"))
+    _refused(["ppl", str(tiny_llama_dir), "--seqlen", "64", "--kernels"], capsys,
+             "no C++ compiler (" + str(tmp_path / "no-such-c++") + ") is installed: install g++")
+
+
+# ----------------------------------------------------------------------------- YAML keys given twice
+
+def test_a_recipe_or_schedule_with_a_key_given_twice_is_refused(tmp_path, capsys, no_load):
+    from hybridprune.experiments.recipe import load_recipe
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: default\nprune: {method: wanda}\ncalibration: {wiki: wikitext2}\n"
+                      "prune: {method: magnitude}\nruns: [{name: a, calibration: wiki}]\ntasks: {wikitext2: {}}\n")
+    with pytest.raises(HybridPruneError, match=r"line 4: key 'prune' is given twice \(lines 2 and 4\)"):
+        load_recipe(recipe)
+    nested = tmp_path / "n.yaml"
+    nested.write_text("model: default\nprune:\n  method: wanda\n  sparsity: 0.5\n  method: ria\n")
+    with pytest.raises(HybridPruneError, match="key 'method' is given twice"):
+        load_recipe(nested)
+    schedule = tmp_path / "s.yaml"
+    schedule.write_text("rounds: [[0.9, 0.1, 0.0]]\nrounds: [[0.35, 0.45, 0.2]]\n")
+    _refused(["progressive", "--schedule", str(schedule), "--out", str(tmp_path / "o")], capsys,
+             "key 'rounds' is given twice (lines 1 and 2)")

@@ -358,3 +358,77 @@ def test_packed_gemm_equals_dense_matmul(pattern, dtype):
             ref = x.double() @ W.double().t()
             err = ((y.double() - ref).abs().max() / ref.abs().max()).item()
             assert err < 1e-5, (N, K, B, err)
+
+
+# ----------------------------------------------------------------------------- checksums and layouts checked on load
+
+def _copy(src, dst):
+    import shutil
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _edit_record(folder, edit):
+    rec = json.loads((folder / "hybridprune.json").read_text())
+    edit(rec)
+    (folder / "hybridprune.json").write_text(json.dumps(rec))
+
+
+def test_every_packed_tensor_has_a_checksum(pruned_folders):
+    from safetensors.torch import load_file
+    packed = pruned_folders["tt"][1]
+    rec = json.loads((packed / "hybridprune.json").read_text())["packed"]
+    tensors = load_file(str(packed / packing.PACKED_FILE))
+    assert rec["version"] == 2 and rec["checksum"] == "crc32"
+    assert rec["checksums"] == {k: packing.checksum(v) for k, v in tensors.items()}
+
+
+def test_flipped_bytes_of_the_same_size_are_refused(pruned_folders, tmp_path, capsys):
+    bad = _copy(pruned_folders["tt"][1], tmp_path / "bad")
+    f = bad / packing.PACKED_FILE
+    raw = bytearray(f.read_bytes())
+    middle = len(raw) // 2
+    raw[middle:middle + 64] = bytes(b ^ 0xFF for b in raw[middle:middle + 64])
+    f.write_bytes(bytes(raw))
+    _refused(["ppl", str(bad), "--max-windows", "1", "--seqlen", "64"], capsys, "does not match its checksum")
+
+
+def test_a_version_1_folder_loads_and_says_it_has_no_checksums(pruned_folders, tmp_path, caplog):
+    old = _copy(pruned_folders["u50"][1], tmp_path / "v1")
+
+    def as_v1(rec):
+        rec["packed"]["version"] = 1
+        del rec["packed"]["checksums"], rec["packed"]["checksum"]
+    _edit_record(old, as_v1)
+    with caplog.at_level("WARNING", logger="hybridprune"):
+        model, _ = load_model(str(old))
+    assert "carries no checksums" in caplog.text
+    ref, _ = load_model(str(pruned_folders["u50"][0]))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), ref.state_dict().values()))
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda rec: rec["packed"].update(version="1.0"), "version '1.0'"),
+    (lambda rec: rec["packed"].update(version=3), "version 3"),
+    (lambda rec: next(iter(rec["packed"]["matrices"].values())).update(n=1, m=2), "says n:m 1:2"),
+    (lambda rec: next(iter(rec["packed"]["matrices"].values())).update(kind="sparse"), "kind 'sparse'"),
+    (lambda rec: next(iter(rec["packed"]["matrices"].values())).update(transposed=True), "transposed"),
+    (lambda rec: next(iter(rec["packed"]["matrices"].values())).update(dtype="int4"), "dtype 'int4'"),
+    (lambda rec: rec["packed"]["checksums"].popitem(), "does not match its checksum"),
+])
+def test_layouts_that_contradict_the_tensors_or_the_pattern_are_refused(pruned_folders, tmp_path, capsys, edit,
+                                                                       match):
+    """Fields of hybridprune.json's packed entry are checked before the weights are used: a flipped `transposed`
+    on a square matrix (q_proj is 40 x 40) would otherwise load the matrix the wrong way round."""
+    bad = _copy(pruned_folders["tt"][1], tmp_path / "bad")
+    _edit_record(bad, edit)
+    _refused(["ppl", str(bad), "--max-windows", "1", "--seqlen", "64"], capsys, match)
+
+
+def test_corrupt_packed_header_is_one_line(pruned_folders, tmp_path, capsys):
+    bad = _copy(pruned_folders["tt"][1], tmp_path / "bad")
+    f = bad / packing.PACKED_FILE
+    raw = bytearray(f.read_bytes())
+    raw[8:24] = b"\xff" * 16  # inside the JSON header
+    f.write_bytes(bytes(raw))
+    _refused(["ppl", str(bad), "--max-windows", "1", "--seqlen", "64"], capsys, "corrupt header")

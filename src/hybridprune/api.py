@@ -140,6 +140,8 @@ def save(model: PrunedModel, out: str | Path, *, packed: bool = False, overwrite
     pm = _as_pruned(model)
     if packed and "prune" not in pm.record:
         raise HybridPruneError("only a pruned model can be saved packed; prune it first, or save it dense")
+    if packed:
+        packing.check_packable(pm.record["prune"].get("pattern_detail") or {})
     if Path(out).exists() and not overwrite:
         raise HybridPruneError(f"output folder {out} exists; pass overwrite=True or choose another folder")
     if packed:

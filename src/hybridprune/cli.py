@@ -15,7 +15,7 @@ import sys
 import threading
 from pathlib import Path
 
-from hybridprune.core.config import FinetuneConfig, PruneConfig, naming
+from hybridprune.core.config import PRUNE_GROUPS, FinetuneConfig, PruneConfig, naming
 from hybridprune.core.config import fields as config_fields
 from hybridprune.core.errors import HybridPruneError, interrupt_on_sigterm
 
@@ -43,15 +43,23 @@ PRUNE_SHARED = ("device", "data_dir", "bos")  # given by the model options every
 FT_SHARED = ("device", "data_dir", "bos")
 
 
-def _add_config_args(p, cls, title: str, dest_prefix: str = "", flags: dict | None = None, exclude=()) -> dict:
+def _add_config_args(p, cls, title: str, dest_prefix: str = "", flags: dict | None = None, exclude=(),
+                     groups: dict | None = None) -> dict:
     """A flag for every field of the config dataclass `cls` (core.config), with its help text and default; returns
-    {field: flag} for naming errors. dest is dest_prefix + field; flags overrides a field's flag."""
-    g = p.add_argument_group(title)
+    {field: flag} for naming errors. dest is dest_prefix + field; flags overrides a field's flag; groups: help
+    sections {title: fields} (the rest under `title`)."""
+    sections = {name: p.add_argument_group(name) for name in (groups or {})}
+    home = {field: sections[name] for name, fields in (groups or {}).items() for field in fields}
+    rest = None
     names = {}
     for f in config_fields(cls):
         meta = f.metadata
         if f.name in exclude or not meta.get("cli", True):
             continue
+        if f.name in home:
+            g = home[f.name]
+        else:
+            g = rest = rest or p.add_argument_group(title)
         flag = (flags or {}).get(f.name) or meta.get("negate") or meta.get("flag") or "--" + f.name.replace("_", "-")
         names[f.name] = flag
         dest = dest_prefix + f.name
@@ -61,12 +69,12 @@ def _add_config_args(p, cls, title: str, dest_prefix: str = "", flags: dict | No
             action = "store_false" if f.default else "store_true"
             g.add_argument(flag, dest=dest, action=action, help=meta["help"])
         elif meta.get("repeat"):
-            g.add_argument(flag, dest=dest, action="append", default=None, metavar=meta.get("metavar"),
-                           help=help_text)
+            g.add_argument(flag, dest=dest, action="append", default=None, metavar=meta.get("metavar") or
+                           f.name.upper(), help=help_text)
         else:
             kind = meta.get("parse") or meta.get("type") or type(f.default)
             g.add_argument(flag, dest=dest, type=str if meta.get("parse") else kind, default=f.default,
-                           metavar=meta.get("metavar"), help=help_text)
+                           metavar=meta.get("metavar") or f.name.upper(), help=help_text)
     return names
 
 
@@ -188,6 +196,8 @@ def _check_device(args):
 def _out_file(path):
     """Make the parent folder of an output file before the run, so results are never lost at the end."""
     if path:
+        from hybridprune.core.files import check_out_path
+        check_out_path(path)
         parent = Path(path).parent
         try:
             parent.mkdir(parents=True, exist_ok=True)
@@ -205,6 +215,9 @@ def cmd_prune(args):
 
     config = _config(args)
     _check_device(args)
+    if args.save == "packed":
+        from hybridprune.sparse.packing import check_packable
+        check_packable(config.build_pattern().describe())
     if args.compare_ppl:
         from hybridprune.evaluation.ppl import check_ppl_args
         check_ppl_args(args.ppl_seqlen, args.max_windows)
@@ -293,12 +306,13 @@ def cmd_ppl(args):
     _check_device(args)
     _check_context(args, args.model, seqlen=args.seqlen)  # a missing model is refused before --out's folder is made
     _out_file(args.out)
+    record = read_record(args.model) if Path(args.model).is_dir() else None  # a corrupt record fails now, not after
     model, tok = _load(args, args.model)
     res = perplexity(model, tok, seqlen=args.seqlen, max_windows=args.max_windows, batch_size=args.batch_size,
                      data_dir_path=args.data_dir, bos=args.bos)
     res = {"model": args.model, "task": "wikitext2", "split": "test", **res}
-    if Path(args.model).is_dir():
-        res["hybridprune"] = read_record(args.model)
+    if record is not None:
+        res["hybridprune"] = record
     print(f"wikitext2 test perplexity {res['ppl']:.3f} over {res['windows']} windows of {res['seqlen']} tokens")
     if args.out:
         write_text_atomic(args.out, json.dumps(res, indent=2, default=str))
@@ -308,6 +322,7 @@ def _eval_one(args, spec):
     from hybridprune.io.models import read_record
     from hybridprune.evaluation.tasks import evaluate_model, parse_tasks
     tasks = parse_tasks(args.tasks)
+    record = read_record(spec) if Path(spec).is_dir() else None  # read before the work: a corrupt one fails now
     model, tok = _load(args, spec)
     results = evaluate_model(model, tok, tasks, limit=args.limit, sample=args.sample, sample_seed=args.sample_seed,
                              seed=args.seed, batch_size=args.batch_size,
@@ -316,7 +331,6 @@ def _eval_one(args, spec):
                              ppl_seqlen=args.ppl_seqlen, ppl_windows=args.ppl_windows,
                              samples_path=getattr(args, "samples_file", None), fewshot_seed=args.fewshot_seed,
                              bos=args.bos, generate_batch_size=args.generate_batch_size)
-    record = read_record(spec) if Path(spec).is_dir() else None
     return {"model": spec, "hybridprune": record, "limit": args.limit, "sample": args.sample,
             "sample_seed": args.sample_seed if args.sample else None, "seed": args.seed,
             "fewshot_seed": args.fewshot_seed, "tasks": results}
@@ -358,9 +372,11 @@ def cmd_eval(args):
 
 
 def cmd_compare(args):
+    from hybridprune.core.files import check_out_path
     from hybridprune.core.plots import plot_compare
     from hybridprune.evaluation.tasks import metric_rows
     _check_eval_args(args)
+    check_out_path(args.out or "compare")
     runs = [_saved_or_eval(args, spec) for spec in args.models]
     _check_same_settings(runs, args.models)
     table = [dict(((t, m), v) for t, m, v in metric_rows(r["tasks"])) for r in runs]
@@ -560,7 +576,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stream", default="auto", help="auto | on | off. on: read one decoder layer at a time from the "
                    "safetensors shards, prune it, write it, free it (models larger than memory); auto (default): "
                    "on for a folder of safetensors (and the default model), off for a hub id or with --compare-ppl")
-    names = _add_config_args(p, PruneConfig, "pruning", exclude=PRUNE_SHARED)
+    names = _add_config_args(p, PruneConfig, "pruning", exclude=PRUNE_SHARED, groups=PRUNE_GROUPS)
     _add_model_args(p)
     p.set_defaults(func=cmd_prune, prune_flags=names)
 
@@ -627,7 +643,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_out_args(p, "continue from the last finished round in <out>.partial")
     p.add_argument("--finetune-between", metavar="DATA", help="recovery fine-tuning on DATA after every round "
                    "(squad | gsm8k | boolq | wikitext2 | c4), with the --ft-* options")
-    names = _add_config_args(p, PruneConfig, "pruning", exclude=PRUNE_SHARED)
+    names = _add_config_args(p, PruneConfig, "pruning", exclude=PRUNE_SHARED, groups=PRUNE_GROUPS)
     ft_names = _add_config_args(p, FinetuneConfig, "fine-tuning between rounds", "ft_", exclude=(*FT_SHARED, "data", "seed"),
                                 flags={"method": "--ft-method", "batch_size": "--ft-batch-size", "seqlen": "--ft-seqlen"})
     _add_model_args(p)

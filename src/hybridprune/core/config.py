@@ -234,6 +234,17 @@ class PruneConfig:
         return rec
 
 
+# how --help groups PruneConfig's flags (a field not named here goes to the first group)
+PRUNE_GROUPS = {
+    "pattern": ("method", "pattern", "sparsity", "group", "skip", "sparsegpt_block", "percdamp",
+                "channel_permutation"),
+    "calibration": ("calib", "nsamples", "seqlen", "seed", "batch_size", "squad_format"),
+    "three-tier and block patterns": ("tiers", "block_size", "tier_nm", "topk", "tier_metric", "scope", "retention",
+                                      "block_score", "refit"),
+    "layer-wise sparsity (OWL)": ("layer_sparsity", "owl_m", "owl_lambda"),
+    "mask refinement (DSnoT)": ("dsnot", "dsnot_cycles", "dsnot_threshold", "dsnot_skip", "dsnot_same_sign"),
+}
+
 FT_DATA = ("squad", "gsm8k", "boolq", "wikitext2", "c4")
 TEMPLATE_NAMES = {"squad": ("simple", "alpaca"), "gsm8k": ("simple",), "boolq": ("simple",)}  # and "chat"
 

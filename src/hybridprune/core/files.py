@@ -80,12 +80,31 @@ def atomic_dir(dest: str | Path, overwrite: bool = False):
 
 
 def check_out_path(dest: str | Path) -> Path:
-    """An output path must name something of its own: not `.`, `..` or a folder holding the current one."""
+    """An output path must name something of its own (not `.`, `..` or a folder holding the current one), must not
+    be a dangling symbolic link, and must lie where this process can write: checked before any work."""
     dest = Path(dest)
+    if dest.is_symlink() and not dest.exists():
+        raise HybridPruneError(f"--out {dest} is a symbolic link to {os.readlink(dest)}, which does not exist; "
+                               "remove the link or choose another --out")
     if dest.name in ("", ".", "..") or Path.cwd() == dest.resolve() or dest.resolve() in Path.cwd().parents:
         raise HybridPruneError(f"--out {str(dest)!r} is the current folder or one above it; name a new folder, "
                                "e.g. --out out/pruned")
+    check_writable(dest)
     return dest
+
+
+def check_writable(dest: str | Path) -> None:
+    """The nearest existing folder above `dest` must be a folder this process can write (a read-only filesystem,
+    a file in the way); one line naming it."""
+    dest = Path(dest)
+    for parent in dest.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise HybridPruneError(f"cannot write {dest}: {parent} is a file, not a folder; choose another "
+                                       "--out")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise HybridPruneError(f"cannot write {dest}: {parent} is read-only; choose another --out")
+            return
 
 
 def remove_path(path: Path) -> None:

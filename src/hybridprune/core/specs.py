@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,6 +105,66 @@ def check_model_spec(spec: str) -> str:
     if path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") > 1:
         raise HybridPruneError(f"model not found: {spec} (give a folder, a .gguf file, a hub id or 'default')")
     return "hub"
+
+
+# ----------------------------------------------------------------------------- the sparse kernels
+
+KERNEL_PATHS = {"auto": 0, "portable": 1, "avx2": 2, "avx512": 3}  # HYBRIDPRUNE_KERNELS
+# what each forced path needs from the CPU (the C++ side checks the same with __builtin_cpu_supports)
+NEEDS = {"avx2": ("avx2", "fma", "popcnt"), "avx512": ("avx2", "fma", "popcnt", "avx512f", "avx512bw", "avx512vl",
+                                                        "avx512_vbmi2")}
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none: the C++ check still holds)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def check_kernels_env() -> str:
+    """HYBRIDPRUNE_KERNELS, checked: a known path, and one this CPU has. Returns its name."""
+    name = os.environ.get("HYBRIDPRUNE_KERNELS", "auto")
+    if name not in KERNEL_PATHS:
+        raise HybridPruneError(f"HYBRIDPRUNE_KERNELS={name!r} is not a kernel path; use one of {', '.join(KERNEL_PATHS)}")
+    flags = cpu_flags()
+    lacking = [f for f in NEEDS.get(name, ()) if f not in flags]
+    if flags and lacking:
+        raise HybridPruneError(f"HYBRIDPRUNE_KERNELS={name} needs {', '.join(lacking)}, which this CPU lacks; use "
+                               f"auto (the fastest path it has){', avx2' if name == 'avx512' and 'avx2' in flags else ''}"
+                               " or portable")
+    return name
+
+
+def toolchain_problem() -> str | None:
+    """Why the kernels cannot be compiled here (no C++ compiler, no ninja), in one line naming the fix; None if
+    they can. Asked before a model loads, so that --kernels is refused up front."""
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        return (f"the sparse kernels are compiled from C++ on first use, and no C++ compiler ({compiler}) is installed: "
+                "install g++ (Debian/Ubuntu: apt-get install g++), or run without --kernels")
+    if shutil.which("ninja") is None and not _venv_ninja():
+        return "the sparse kernels are built with ninja, which is not installed: pip install 'hybridprune[kernels]'"
+    return None
+
+
+def _venv_ninja() -> bool:
+    """ninja installed beside this Python (a venv's bin/, which a plain .venv/bin/python lacks on its PATH)."""
+    import sysconfig
+    scripts = sysconfig.get_path("scripts")
+    return bool(scripts) and (Path(scripts) / "ninja").is_file()
+
+
+def check_toolchain() -> None:
+    """Everything --kernels needs, asked before a model loads: HYBRIDPRUNE_KERNELS and the C++ toolchain."""
+    check_kernels_env()
+    problem = toolchain_problem()
+    if problem:
+        raise HybridPruneError(problem)
 
 
 # ----------------------------------------------------------------------------- patterns

@@ -90,10 +90,14 @@ def _fewshot_rows(name: str, loader, shots: int) -> list[dict]:
     """Training rows for few-shot exemplars; without a training split, shots > 0 is refused (never sampled
     from the evaluated examples)."""
     try:
-        return loader()
+        rows = loader()
     except HybridPruneError as e:
         raise HybridPruneError(f"--num-fewshot {shots} needs a {name} training split for the exemplars ({e}); "
                                "use --num-fewshot 0") from None
+    if shots > len(rows):
+        raise HybridPruneError(f"--num-fewshot {shots} is more than the {len(rows)} examples of {name}'s training "
+                               f"split that exemplars come from; use --num-fewshot {len(rows)} or less")
+    return rows
 
 
 def task_config(name: str, data_dir_path=None, num_fewshot: int | None = None, gsm8k_mode: str = "fewshot") -> dict:
@@ -141,7 +145,9 @@ def task_config(name: str, data_dir_path=None, num_fewshot: int | None = None, g
         if root is None:
             cfg.update(dataset_path="openai/gsm8k", dataset_name="main")
         else:
-            gsm8k_examples("test", root)  # fails early, naming the file, if it is missing
+            gsm8k_examples("test", root)  # fails early, naming the file, if it is missing or holds a bad line
+            if fewshot:
+                _fewshot_rows("gsm8k", lambda: gsm8k_examples("train", root), fewshot)
             cfg.update(dataset_path="json", dataset_kwargs={"data_files": {
                 "train": str(local_file(root, "gsm8k", "train")), "test": str(local_file(root, "gsm8k", "test"))}})
         return {"task": "hybridprune_gsm8k", **cfg, "_split": "test", "_prompt": prompt, "_mode": gsm8k_mode}
@@ -154,6 +160,8 @@ def task_config(name: str, data_dir_path=None, num_fewshot: int | None = None, g
                                {"metric": "f1", "aggregation": "mean", "higher_is_better": True}]}
         rows = squad_examples("eval", root)
         split = "validation" if root is None else "dev, evaluation half (odd-numbered articles)"
+        if not rows:
+            raise HybridPruneError(f"SQuAD's evaluation split ({split}) holds no questions; fix the data file")
         files = {"test": _write_jsonl("squad-eval", rows)}
         if cfg["num_fewshot"]:  # exemplars from the fitting half (offline) or train (hub), never from the test rows
             fit = _fewshot_rows("squad", lambda: squad_examples("fit", root), cfg["num_fewshot"])

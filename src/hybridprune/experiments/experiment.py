@@ -164,6 +164,7 @@ def run_experiment(recipe_path, out, quick: bool = False, only: str | None = Non
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise HybridPruneError(f"--out {out} is a file; give a folder for the run (its stages are cached there)")
+    files.check_out_path(out)
     if isolate is None:
         isolate = can_isolate()
     cap_heap_growth()  # before any stage: freed tensors go back to the OS (the study's peak is one stage's)
@@ -215,6 +216,8 @@ def _check(recipe_path, quick, device, dtype, kernels) -> Recipe:
         recipe.dtype = dtype
     if kernels:
         recipe.eval["kernels"] = True
+    if recipe.eval.get("kernels"):
+        specs.check_toolchain()  # HYBRIDPRUNE_KERNELS and a compiler, before any stage
     if recipe.model != "default":
         specs.check_model_spec(recipe.model)  # a missing model is refused before anything is written
     return recipe

@@ -27,6 +27,7 @@ from pathlib import Path
 import yaml
 
 from hybridprune.core.config import FinetuneConfig, PruneConfig, recipe_keys
+from hybridprune.core import yamlfile
 from hybridprune.core.errors import HybridPruneError
 from hybridprune.core.specs import check_dtype, parse_calib
 
@@ -41,12 +42,14 @@ EVAL_KEYS = ("batch_size", "generate_batch_size", "sample_seed", "kernels")
 CLAIM = re.compile(r"^\s*(\S+)\s*(>=|<=|>|<)\s*(\S+)\s+on\s+(\w+)\.(\S+)\s*$")
 
 
-class _LineLoader(yaml.SafeLoader):
-    """YAML that remembers the line of every mapping and key, so an error can name the line to fix."""
+class _LineLoader(yamlfile.StrictLoader):
+    """YAML that remembers the line of every mapping and key, so an error can name the line to fix, and refuses a
+    key given twice."""
 
 
 def _mapping(loader, node):
     loader.flatten_mapping(node)
+    yamlfile.check_unique(loader, node)
     out = {loader.construct_object(k, deep=True): loader.construct_object(v, deep=True) for k, v in node.value}
     out["__lines__"] = {loader.construct_object(k): k.start_mark.line + 1 for k, _ in node.value}
     out["__line__"] = node.start_mark.line + 1
@@ -104,12 +107,7 @@ def load_recipe(path, quick: bool = False) -> Recipe:
     """Parse and check a recipe; any mistake is one HybridPruneError naming the file and line. With quick, the
     main profile is checked too (a mistake there would surface on the first full run)."""
     path = Path(path)
-    if not path.is_file():
-        raise HybridPruneError(f"recipe {path} not found")
-    try:
-        raw = yaml.load(path.read_text(), Loader=_LineLoader)
-    except yaml.YAMLError as e:
-        raise HybridPruneError(f"recipe {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    raw = yamlfile.load(path, "recipe", loader=_LineLoader)
     if not isinstance(raw, dict):
         raise HybridPruneError(f"recipe {path} must be a mapping with model, prune, calibration, runs, tasks")
     recipe = _build(path, raw, quick=False)

@@ -11,6 +11,7 @@ Offline fallbacks (the data directory has no WikiText-2 train and no SQuAD train
 """
 from __future__ import annotations
 
+import io
 import json
 import random
 from functools import lru_cache
@@ -78,17 +79,38 @@ def _hub(*args, **kwargs):
                                "pass --data-dir (or HYBRIDPRUNE_DATA) with local files") from None
 
 
-def _jsonl(path: Path) -> list[dict]:
+def _text(path: Path) -> str:
+    """A data file as UTF-8 text; other bytes are one line naming the file and the line they are on."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise HybridPruneError(f"{path} line {line} is not UTF-8 text (byte {raw[e.start]:#04x}); fix or replace "
+                               "the file") from None
+
+
+def _jsonl(path: Path, fields: tuple[str, ...] = ()) -> list[dict]:
+    """The JSON objects of a JSON-lines file; a line that is not one, or lacks one of `fields`, is one line
+    naming the file and the line."""
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except ValueError as e:
-                raise HybridPruneError(f"{path} line {n} is not valid JSON ({e.msg}); fix or replace the file") \
-                    from None
+    for n, line in enumerate(io.StringIO(_text(path), newline=None), 1):  # lines as open() gives them
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            raise HybridPruneError(f"{path} line {n} is not valid JSON ({e.msg}); fix or replace the file") \
+                from None
+        if not isinstance(row, dict):
+            raise HybridPruneError(f"{path} line {n} is not a JSON object; fix or replace the file")
+        missing = [k for k in fields if not isinstance(row.get(k), str)]
+        if missing:
+            raise HybridPruneError(f"{path} line {n} has no text field {missing[0]!r} (every line needs "
+                                   f"{', '.join(fields)}); fix or replace the file")
+        rows.append(row)
+    if not rows:
+        raise HybridPruneError(f"{path} holds no examples; fix or replace the file")
     return rows
 
 
@@ -102,8 +124,8 @@ def wikitext2_rows(split: str, root: Path | None) -> tuple[str, ...]:
         return tuple(_hub("wikitext", "wikitext-2-raw-v1", split=hub_split)["text"])
     if split == "train":
         split = "valid"  # documented offline fallback: there is no train file
-    with open(local_file(root, "wikitext2", split), encoding="utf-8", newline="") as f:
-        return tuple(line if line.strip() else "" for line in f)
+    text = _text(local_file(root, "wikitext2", split))
+    return tuple(line if line.strip() else "" for line in io.StringIO(text, newline=""))  # as open(newline="")
 
 
 def wikitext2_text(split: str, root: Path | None) -> str:
@@ -115,13 +137,33 @@ def c4_texts(root: Path | None) -> list[str]:
     if root is None:
         ds = _hub("allenai/c4", data_files={"train": "en/c4-train.00000-of-01024.json.gz"}, split="train")
         return list(ds["text"][:20000])
-    return [r["text"] for r in _jsonl(local_file(root, "c4", "train"))]
+    return [r["text"] for r in _jsonl(local_file(root, "c4", "train"), ("text",))]
 
 
 @lru_cache(maxsize=4)
 def _squad_dev(root: Path) -> tuple[dict, ...]:
-    with open(local_file(root, "squad", "dev"), encoding="utf-8") as f:
-        return tuple(json.load(f)["data"])
+    """SQuAD v1.1's articles, each checked to hold what the readers take."""
+    path = local_file(root, "squad", "dev")
+    try:
+        data = json.loads(_text(path))
+    except ValueError as e:
+        raise HybridPruneError(f"{path} is not valid JSON ({e}); fix or replace the file") from None
+    articles = data.get("data") if isinstance(data, dict) else None
+    if not isinstance(articles, list) or not articles:
+        raise HybridPruneError(f"{path} holds no articles (a SQuAD file has {{\"data\": [articles]}}); fix or "
+                               "replace the file")
+    for i, article in enumerate(articles):
+        ok = isinstance(article, dict) and isinstance(article.get("title"), str) and \
+            isinstance(article.get("paragraphs"), list) and all(
+                isinstance(p, dict) and isinstance(p.get("context"), str) and isinstance(p.get("qas"), list) and
+                all(isinstance(q, dict) and isinstance(q.get("question"), str) and "id" in q and
+                    isinstance(q.get("answers"), list) and all(isinstance(a, dict) and "text" in a
+                                                               for a in q["answers"]) for q in p["qas"])
+                for p in article["paragraphs"])
+        if not ok:
+            raise HybridPruneError(f"{path}: article {i} lacks SQuAD's fields (title, paragraphs with context and "
+                                   "qas: id, question, answers with text); fix or replace the file")
+    return tuple(articles)
 
 
 def squad_examples(part: str, root: Path | None) -> list[dict]:
@@ -146,7 +188,7 @@ def squad_examples(part: str, root: Path | None) -> list[dict]:
 def gsm8k_examples(split: str, root: Path | None) -> list[dict]:
     if root is None:
         return [dict(r) for r in _hub("openai/gsm8k", "main", split=split)]
-    return _jsonl(local_file(root, "gsm8k", split))
+    return _jsonl(local_file(root, "gsm8k", split), ("question", "answer"))
 
 
 def boolq_examples(split: str, root: Path | None) -> list[dict]:
@@ -155,8 +197,11 @@ def boolq_examples(split: str, root: Path | None) -> list[dict]:
         rows = _hub("aps/super_glue", "boolq", split=split)
         return [{"question": r["question"], "passage": r["passage"], "label": bool(r["label"])} for r in rows]
     out = []
-    for r in _jsonl(local_file(root, "boolq", split)):
+    path = local_file(root, "boolq", split)
+    for n, r in enumerate(_jsonl(path, ("question", "passage")), 1):
         label = r.get("label", r.get("answer"))
+        if label is None:
+            raise HybridPruneError(f"{path}: example {n} has no 'label' (or 'answer'); fix or replace the file")
         label = label if isinstance(label, bool) else str(label).lower() == "true"
         passage = r["passage"]
         if "title" in r and split == "train":

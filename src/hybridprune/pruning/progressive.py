@@ -19,12 +19,12 @@ import json
 import shutil
 from pathlib import Path
 
-import yaml
 
 from hybridprune.io import models
 from hybridprune.io.data import calibration_samples, resolve_bos
 from hybridprune.io.folder import load_tier_maps
 from hybridprune.pruning.engine import PruneConfig, PruneResult, prune, save_pruned
+from hybridprune.core import yamlfile
 from hybridprune.core.errors import HybridPruneError
 from hybridprune.pruning.patterns import TieredBlocks, parse_tiers
 
@@ -33,12 +33,7 @@ logger = logging.getLogger(__name__)
 
 def load_schedule(path) -> list[tuple[float, float, float]]:
     path = Path(path)
-    if not path.is_file():
-        raise HybridPruneError(f"schedule file {path} not found")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise HybridPruneError(f"schedule {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    data = yamlfile.load(path, "schedule file")
     rounds = data.get("rounds") if isinstance(data, dict) else data
     if not rounds:
         raise HybridPruneError(f"schedule {path} has no `rounds:` list")

@@ -164,6 +164,7 @@ def empty_model(folder, dtype=None, trust_remote_code: bool = False):
         tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except Exception as e:
         raise models._load_error(str(folder), e) from None
+    models.check_causal_lm(config, str(folder))
     want = models._dtype(dtype)
     if want == "auto":
         want = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)

@@ -9,7 +9,9 @@ import torch
 
 from hybridprune.io import models
 from hybridprune.sparse.load import load_model
-from hybridprune.io.folder import RECORD_FILE, load_permutations, load_tier_maps, read_record
+from hybridprune.io.folder import (PACKED_FILE, RECORD_FILE, TIERS_FILE, load_permutations, load_tier_maps,
+                                   read_record)
+from hybridprune.sparse.packing import read_packed
 from hybridprune.core.errors import HybridPruneError
 from hybridprune.pruning.patterns import NM_TIER, TOPK_TIER, check_nm, expand_tiers, parse_nm, to_blocks
 
@@ -41,6 +43,17 @@ def check_tiers(W: torch.Tensor, tiers: torch.Tensor, b: int, n: int, m: int, k:
 TIER_TOLERANCE = 0.02  # tier counts are rounded per matrix (or layer) and edge blocks are smaller than 16 x 16
 
 
+TIERED = ("three-tier", "block", "block-topk")
+
+
+def _tier_maps(folder: Path, record: dict) -> dict:
+    """Each pruned matrix's tier map: tiers.safetensors, or, in a packed folder, each matrix's packed `tiers`."""
+    if not record.get("packed"):
+        return load_tier_maps(folder)
+    _, packed, _ = read_packed(folder)
+    return {key[:-len(".weight")]: t["tiers"] for key, t in packed.items() if "tiers" in t}
+
+
 def inspect_folder(folder, plot_dir=None, matrices=None) -> dict:
     folder = Path(folder)
     if not (folder / "config.json").is_file():
@@ -51,7 +64,7 @@ def inspect_folder(folder, plot_dir=None, matrices=None) -> dict:
     report = models.sparsity_report(model)
     record = read_record(folder) or {}
     detail = (record.get("prune") or {}).get("pattern_detail") or {}
-    tier_maps = load_tier_maps(folder)
+    tier_maps = _tier_maps(folder, record)
     mats = models.prunable_matrices(model)
     lines = [f"{folder}: overall sparsity {report['overall']:.4f} over {report['prunable_params']:,} prunable weights"]
     violations = []
@@ -94,6 +107,13 @@ def inspect_folder(folder, plot_dir=None, matrices=None) -> dict:
                        "order of its size" for name in unordered]
         lines.append(f"N:M groups valid{' (permuted columns)' if permuted else ''}: "
                      f"{'yes' if report['nm_valid'] else 'NO: ' + ', '.join((bad + unordered)[:5])}")
+    if detail.get("pattern") in TIERED:  # what the record promises must be there
+        missing = [name for name in mats if name not in skipped and name not in tier_maps]
+        if missing:
+            where = f"{PACKED_FILE} holds" if record.get("packed") else \
+                f"{TIERS_FILE} {'is missing' if not (folder / TIERS_FILE).is_file() else 'holds'}"
+            violations.append(f"the record says {detail['pattern']}, but {where} no tier map for {len(missing)} "
+                              f"pruned matrices (e.g. {missing[0]}): the folder is incomplete; re-prune it")
     if tier_maps:
         b, k = detail.get("block_size", 16), detail.get("topk", 15)
         n, m = parse_nm(detail.get("tier_nm", "2:4"))

@@ -27,12 +27,13 @@ from torch import nn
 from hybridprune.io import models
 from hybridprune.io.folder import load_permutations, load_tier_maps, read_record
 from hybridprune.core.errors import HybridPruneError
+from hybridprune.core.specs import (KERNEL_PATHS as IMPLS, check_kernels_env, check_toolchain,  # noqa: F401
+                                   toolchain_problem)
 from hybridprune.sparse.packing import kept_per_row, pack_prunable, unpack_matrix
 
 logger = logging.getLogger(__name__)
 _CSRC = Path(__file__).parent / "csrc"
 _BUILT: dict = {}
-IMPLS = {"auto": 0, "portable": 1, "avx2": 2, "avx512": 3}
 # rows of x from which a dense matmul of decoded strips beats the sparse kernel, per layout (bench/kernels.py,
 # 11008 x 4096 fp32: unstructured and 2:4 on 2 AVX2 cores, tiered re-measured on 2 AVX-512 cores, where its
 # kernel at 128 rows took 58 ms and the strips 77 ms: the tiered decoder is scalar)
@@ -50,25 +51,6 @@ def extension():
     return build("packed", "run without --kernels")
 
 
-def toolchain_problem() -> str | None:
-    """Why the kernels cannot be compiled here (no C++ compiler, no ninja), in one line naming the fix; None if
-    they can. Asked before a model loads, so that --kernels is refused up front."""
-    import shutil
-
-    from torch.utils.cpp_extension import is_ninja_available
-    compiler = os.environ.get("CXX", "c++")
-    if shutil.which(compiler) is None:
-        return (f"the sparse kernels are compiled from C++ on first use, and no C++ compiler ({compiler}) is installed: "
-                "install g++ (Debian/Ubuntu: apt-get install g++), or run without --kernels")
-    if not is_ninja_available():
-        return "the sparse kernels are built with ninja, which is not installed: pip install 'hybridprune[kernels]'"
-    return None
-
-
-def check_toolchain() -> None:
-    problem = toolchain_problem()
-    if problem:
-        raise HybridPruneError(problem)
 
 
 def build(name: str, fallback: str, source: Path | None = None):
@@ -96,10 +78,8 @@ def build(name: str, fallback: str, source: Path | None = None):
 
 
 def impl() -> int:
-    name = os.environ.get("HYBRIDPRUNE_KERNELS", "auto")
-    if name not in IMPLS:
-        raise HybridPruneError(f"HYBRIDPRUNE_KERNELS={name!r}; use one of {', '.join(IMPLS)}")
-    return IMPLS[name]
+    """The kernel path HYBRIDPRUNE_KERNELS forces (0: the fastest this CPU has), checked against the CPU."""
+    return IMPLS[check_kernels_env()]
 
 
 def covered(layout: dict) -> bool:
