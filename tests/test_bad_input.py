@@ -703,10 +703,14 @@ def test_a_truncated_cached_default_model_is_rebuilt(tmp_path, monkeypatch):
 
 # ----------------------------------------------------------------------------- flags checked before loading
 
-def test_save_packed_outside_the_format_is_refused_before_pruning(tmp_path, tiny_llama_dir, capsys, no_load):
+def test_save_packed_outside_the_format_is_refused_before_pruning(tmp_path, tiny_llama_dir, capsys, no_load,
+                                                                 monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("pruned before the flags were checked")
+    monkeypatch.setattr("hybridprune.pruning.engine.prune", boom)  # the in-memory and the layer-streamed path
     _refused(["prune", "--model", str(tiny_llama_dir), "--method", "magnitude", "--pattern", "three-tier",
               "--block-size", "32", "--save", "packed", "--out", str(tmp_path / "o")], capsys,
-             "the packed format covers blocks up to 16x16")
+             "the packed format covers blocks up to 16x16", tmp_path)
 
 
 @pytest.mark.parametrize("value,flags,match", [
