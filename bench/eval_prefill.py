@@ -20,9 +20,9 @@ def main():
     ap.add_argument("--generate-batch-size", type=int, default=32)
     args = ap.parse_args()
     cap_heap_growth()
-    from hybridprune.io import models
+    from hybridprune.sparse.load import load_model
     from hybridprune.evaluation import tasks
-    model, tok = models.load_model(args.model)
+    model, tok = load_model(args.model)
     cls = tasks._lm_class()
     shared = cls._prefill_scoring_golds
     sample = args.sample or (96 if args.task == "squad" else 10)

@@ -155,14 +155,14 @@ def model_bytes_rows(args) -> list:
 
     from hybridprune import PruneConfig
     from hybridprune.pruning.engine import prune
-    from hybridprune.io import models
+    from hybridprune.sparse.load import load_model
     from hybridprune.sparse import packing
     from hybridprune.pruning.engine import save_pruned
     rows = []
     for dtype in ("float32", "bfloat16"):
         for name, cfg in (("three-tier", dict(pattern="three-tier")), ("2:4", dict(pattern="2:4")),
                           ("unstructured50", dict(pattern="unstructured", sparsity=0.5))):
-            model, tok = models.load_model("default", dtype=dtype)
+            model, tok = load_model("default", dtype=dtype)
             config = PruneConfig(method="magnitude", **cfg)
             result = prune(model, config, tokenizer=tok)
             with tempfile.TemporaryDirectory() as tmp:
@@ -214,8 +214,8 @@ def e2e_rows(args) -> list:
     from hybridprune import PruneConfig
     from hybridprune.pruning.engine import prune
     from hybridprune.sparse import kernels
-    from hybridprune.io import models
-    model, tok = models.load_model("default")
+    from hybridprune.sparse.load import load_model
+    model, tok = load_model("default")
     prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,",
                "The three laws of thermodynamics"]
 
@@ -242,7 +242,7 @@ def e2e_rows(args) -> list:
     dense_out, dense_tps = decode(model)
     rows = []
     for name, cfg in (("three-tier", dict(pattern="three-tier")), ("wanda50", dict(pattern="unstructured", sparsity=0.5))):
-        pruned, _ = models.load_model("default")
+        pruned, _ = load_model("default")
         result = prune(pruned, PruneConfig(method="wanda", calib="wikitext2", nsamples=8, seqlen=256, **cfg), tokenizer=tok)
         ref_out, ref_tps = decode(pruned)  # the pruned model as dense matrices with zeros
         n = kernels.sparsify_(pruned, PruneConfig(method="wanda", **cfg), result)
