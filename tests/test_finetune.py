@@ -262,6 +262,7 @@ def test_bf16_autocast_runs_the_matmuls_in_bf16_and_keeps_fp32_weights(samples, 
             assert mod.weight.dtype == torch.float32 and torch.equal(mod.weight != 0, masks[name]), name
 
 
+@pytest.mark.kernels
 def test_hash_dropout_keeps_each_element_with_1_minus_p():
     """csrc/dropout.cpp: the dropped share is p within 5 sigma, kept values are x / (1 - p) exactly, the AVX-512
     and portable paths agree bit for bit, a seed gives one mask and another seed another, any float dtype."""

@@ -529,8 +529,14 @@ def cmd_progressive(args):
 
 
 def _ft_config(args, data):
-    return _config_from_args(FinetuneConfig, args, "ft_", names=args.ft_flags, data=data, seed=args.seed,
-                             device=args.device, data_dir=args.data_dir, bos=args.bos)
+    config = _config_from_args(FinetuneConfig, args, "ft_", names=args.ft_flags, data=data, seed=args.seed,
+                               device=args.device, data_dir=args.data_dir, bos=args.bos)
+    if config.dropout_rng == "hash":  # compiled from C++: refused now, not after the model loads
+        from hybridprune.core.specs import toolchain_problem
+        if toolchain_problem():
+            raise HybridPruneError(f"--dropout-rng hash needs the C++ kernels: {toolchain_problem()}"
+                                   .replace("or run without --kernels", "or use --dropout-rng torch"))
+    return config
 
 
 def cmd_finetune(args):

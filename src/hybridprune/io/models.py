@@ -5,6 +5,7 @@ and prunable matrices as the Linear / Conv1D modules inside those layers (never 
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
 import logging
@@ -117,17 +118,38 @@ def _intact(folder: Path) -> bool:
         return False
 
 
+@contextlib.contextmanager
+def _converting(dest: Path):
+    """Hold a lock beside `dest` while it is converted: processes that start together (test workers, experiment
+    stages) wait for the first one's conversion instead of racing it."""
+    writable_cache(dest.parent)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with open(dest.parent / f".{dest.name}.lock", "w") as lock:
+        try:
+            import fcntl
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except ImportError:  # no fcntl (Windows): convert without the lock
+            pass
+        yield
+
+
+def _cached_conversion(gguf, dest: Path, what: str) -> Path:
+    """`dest`, converted from `gguf()` unless a whole copy is there (an incomplete one is converted again)."""
+    if dest.exists() and _intact(dest):
+        return dest
+    with _converting(dest):
+        if dest.exists() and not _intact(dest):
+            logger.warning(f"the cached {what} {dest} is incomplete; converting it again")
+            shutil.rmtree(dest, ignore_errors=True)
+        if not dest.exists():
+            convert_gguf(gguf(), dest)
+    return dest
+
+
 def default_model_path() -> Path:
     """The default model as a safetensors folder, converted once from the wheel's GGUF file (again if the cached
     copy is incomplete)."""
-    dest = cache_dir() / "models" / DEFAULT_NAME
-    if dest.exists() and not _intact(dest):
-        writable_cache(dest.parent)
-        logger.warning(f"the cached default model {dest} is incomplete; converting it again")
-        shutil.rmtree(dest, ignore_errors=True)
-    if not (dest / "config.json").exists():
-        convert_gguf(default_gguf_path(), dest)
-    return dest
+    return _cached_conversion(default_gguf_path, cache_dir() / "models" / DEFAULT_NAME, "default model")
 
 
 def resolve_model(spec: str) -> tuple[str, dict]:
@@ -138,13 +160,9 @@ def resolve_model(spec: str) -> tuple[str, dict]:
     path = Path(spec).expanduser()
     if kind == "gguf":
         _require_gguf()
+        _check_gguf(path)  # before anything is written to the cache
         dest = cache_dir() / "models" / f"{path.stem}-{path.stat().st_size}"
-        if dest.exists() and not _intact(dest):
-            writable_cache(dest.parent)
-            shutil.rmtree(dest, ignore_errors=True)
-        if not (dest / "config.json").exists():
-            convert_gguf(path.resolve(), dest)
-        return str(dest), {}
+        return str(_cached_conversion(path.resolve, dest, "conversion of")), {}
     if kind == "folder":
         return str(path), {}
     return spec, {}  # a hub id
