@@ -154,8 +154,7 @@ def save(model: PrunedModel, out: str | Path, *, packed: bool = False, overwrite
 def _save_dense(pm: PrunedModel, out, overwrite: bool) -> Path:
     if "finetune" in pm.record:
         res = {"model": pm.model, "adapter": pm.adapter, "losses": pm.losses or [], "record": pm.record["finetune"]}
-        merge = pm.adapter is None
-        return finetuning.save_finetuned(res, pm.tokenizer, out, pm.record, FinetuneConfig(merge=merge),
+        return finetuning.save_finetuned(res, pm.tokenizer, out, pm.record, pm.adapter is None,
                                          pm.tier_maps, pm.permutations, overwrite=overwrite)
 
     def extra(tmp):

@@ -211,7 +211,6 @@ def cmd_prune(args):
     from hybridprune import api
     from hybridprune.evaluation.ppl import perplexity
     from hybridprune.io.data import data_dir
-    from hybridprune.io.folder import read_record
 
     config = _config(args)
     _check_device(args)
@@ -233,7 +232,7 @@ def cmd_prune(args):
                                          trust_remote_code=args.trust_remote_code)
         print(f"pruned in {result.seconds:.1f}s ({config.method}, {result.pattern['pattern']}, layer-streamed)",
               flush=True)
-        _say_pruned(read_record(args.out), Path(args.out))
+        _say_pruned(None, Path(args.out))
         return
     model, tok = _load(args, args.model, to_device=False)
     pm, extra = api.PrunedModel(model, tok, source=args.model), {}
@@ -284,9 +283,11 @@ def _streams(args) -> bool:
     return False
 
 
-def _say_pruned(record: dict, out: Path):
+def _say_pruned(record: dict | None, out: Path):
+    """The saved sparsity against the pattern's; record: what was pruned (None: the saved folder's own)."""
     from hybridprune.io.folder import read_record
     saved = read_record(out)
+    record = record or saved
     print(f"sparsity {saved['sparsity']:.4f} (expected {record['prune']['pattern_detail']['sparsity']:.4f}); "
           f"saved to {out}")
     if record.get("uncalibrated"):
@@ -533,8 +534,9 @@ def _ft_config(args, data):
                                device=args.device, data_dir=args.data_dir, bos=args.bos)
     if config.dropout_rng == "hash":  # compiled from C++: refused now, not after the model loads
         from hybridprune.core.specs import toolchain_problem
-        if toolchain_problem():
-            raise HybridPruneError(f"--dropout-rng hash needs the C++ kernels: {toolchain_problem()}"
+        problem = toolchain_problem()
+        if problem:
+            raise HybridPruneError(f"--dropout-rng hash needs the C++ kernels: {problem}"
                                    .replace("or run without --kernels", "or use --dropout-rng torch"))
     return config
 

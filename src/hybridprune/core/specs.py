@@ -7,6 +7,7 @@ pruning.patterns; every rule about what a valid option is lives here once.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -115,15 +116,17 @@ NEEDS = {"avx2": ("avx2", "fma", "popcnt"), "avx512": ("avx2", "fma", "popcnt", 
                                                         "avx512_vbmi2")}
 
 
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags from /proc/cpuinfo (empty where there is none: the C++ check still holds)."""
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo, read once (kernels.impl() asks on every forward); empty where
+    there is none: the C++ check still holds."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
+                return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return set()
+    return frozenset()
 
 
 def check_kernels_env() -> str:

@@ -483,7 +483,7 @@ def finetune_and_save(model_spec: str, config: FinetuneConfig, out, overwrite=Fa
         return res
     prior = read_record(model_spec) if Path(model_spec).is_dir() else None
     folder = Path(model_spec) if Path(model_spec).is_dir() else None
-    save_finetuned(res, tok, out, finetuned_record(prior, model_spec, res), config,
+    save_finetuned(res, tok, out, finetuned_record(prior, model_spec, res), config.merge,
                    load_tier_maps(folder) if folder else {}, load_permutations(folder) if folder else {},
                    overwrite=overwrite)
     shutil.rmtree(work, ignore_errors=True)
@@ -498,14 +498,14 @@ def finetuned_record(prior: dict | None, source: str, res: dict) -> dict:
     return record
 
 
-def save_finetuned(res: dict, tokenizer, out, record: dict, config: FinetuneConfig, tier_maps: dict,
+def save_finetuned(res: dict, tokenizer, out, record: dict, merged: bool, tier_maps: dict,
                    permutations: dict, overwrite: bool = False) -> Path:
     """Save what finetune() returned: the model, its record, the loss curve (PNG and JSON), the adapter unless it
     was merged, and the input's tier maps and column orders, which stay valid (no weight moved between zero and
     non-zero)."""
     from hybridprune.core.plots import plot_loss
 
-    keep_adapter = res["adapter"] is not None and not config.merge
+    keep_adapter = res["adapter"] is not None and not merged
     with tempfile.TemporaryDirectory() as adapter_dir:
         if keep_adapter:
             # The folder must load as a plain model: save the adapter, then take the LoRA modules out unmerged.

@@ -101,15 +101,14 @@ def check_safetensors(f: Path) -> dict:
             raise HybridPruneError(f"{f} is truncated inside its header; save the model again")
         try:
             header = json.loads(fh.read(n).decode("utf-8"))
-            ends = [info["data_offsets"][1] for key, info in header.items() if key != "__metadata__"]
-        except (ValueError, UnicodeDecodeError, TypeError, KeyError, IndexError):
+            ends = {key: info["data_offsets"][1] for key, info in header.items() if key != "__metadata__"}
+        except (ValueError, UnicodeDecodeError, TypeError, KeyError, IndexError, AttributeError):
             raise HybridPruneError(f"{f} has a corrupt header (not a safetensors file any more); save the model "
                                    "again") from None
-    for key, info in header.items():
-        if key != "__metadata__" and 8 + n + info["data_offsets"][1] > size:
+    for key, end in ends.items():
+        if 8 + n + end > size:
             raise HybridPruneError(f"{f} is truncated: tensor {key} lies past the end of the file; save the model "
                                    "again")
-    del ends
     return header
 
 
