@@ -70,4 +70,6 @@ for name, n in (("decode (batch 1)", 1), ("prefill (2048 tokens)", 2048)):
         line += f"; semi-structured 2:4 not available here ({type(e).__name__}: {str(e)[:80]})"
     print(line)
 EOF
+echo "== packed GPU kernels (Triton) against cuBLAS"
+$PY bench/triton_kernels.py
 echo "outputs in $OUT"

@@ -321,3 +321,21 @@ def test_eval_sample_records_docs_and_clusters(data_dir, default_tokenizer):
     first = evaluate_model(model, default_tokenizer, ["boolq"], limit=want[0] + 1, batch_size=4,
                            data_dir_path=data_dir)["boolq"]
     assert res["per_example"]["margin"][0] == pytest.approx(first["per_example"]["margin"][-1], rel=1e-5)
+
+
+@pytest.mark.parametrize("task", ["squad", "gsm8k"])
+def test_gold_only_evaluation_scores_the_same_gold_nll_without_answers(task, tiny_llama_dir, data_dir, tmp_path):
+    """generate=False reports the gold answer's NLL, example for example as the full evaluation does, and no
+    accuracy (nothing was generated to score)."""
+    from hybridprune import load_model
+    from hybridprune.evaluation.tasks import evaluate_model
+    model, tok = load_model(str(tiny_llama_dir))
+    kw = dict(limit=3, batch_size=2, num_fewshot=0)
+    full = evaluate_model(model, tok, [task], **kw)[task]
+    gold = evaluate_model(model, tok, [task], generate=False, samples_path=tmp_path / "s.jsonl", **kw)[task]
+    answers = [json.loads(line)["output"][0][0] for line in open(tmp_path / "s.jsonl")]
+    assert answers and all(len(tok(a, add_special_tokens=False)["input_ids"]) <= 1 for a in answers)
+    assert gold["per_example"]["gold_nll"] == pytest.approx(full["per_example"]["gold_nll"], rel=1e-5)
+    assert gold["gold_nll"] == pytest.approx(full["gold_nll"], rel=1e-5)
+    assert not any(k.startswith(("exact_match", "f1")) for k in gold) and set(gold["per_example"]) == {"gold_nll"}
+    assert "gold NLL only" in gold["mode"] and any(k.startswith("exact_match") for k in full)

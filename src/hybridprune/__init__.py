@@ -13,7 +13,7 @@ import importlib
 import logging
 from typing import TYPE_CHECKING
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())  # the application decides where logs go
 

@@ -43,7 +43,8 @@ class PrunedModel:
     model, tokenizer: the transformers objects (pruned in place by `prune`);
     source: the spec it was loaded from; record: what hybridprune.json says (the "prune" and "finetune" settings);
     tier_maps / permutations: per pruned matrix, the three-tier map and the N:M column order;
-    losses: the fine-tuning loss curve; adapter: an unmerged LoRA adapter (FinetuneConfig(merge=False)).
+    losses: the fine-tuning loss curve; adapter: an unmerged LoRA adapter (FinetuneConfig(merge=False));
+    calibration_text: the sequences a --calib self / self:SOURCE prune generated (saved as calibration.jsonl).
     """
 
     model: nn.Module
@@ -54,6 +55,7 @@ class PrunedModel:
     permutations: dict[str, torch.Tensor] = field(default_factory=dict)
     losses: list | None = None
     adapter: Any = None
+    calibration_text: list[dict] = field(default_factory=list)  # what the model wrote to calibrate itself
 
     @property
     def sparsity(self) -> float:
@@ -106,7 +108,8 @@ def prune(model: PrunedModel | str, config: PruneConfig | None = None, **options
     result = engine.prune(pm.model, config, tokenizer=pm.tokenizer)
     logger.info(f"pruned in {result.seconds:.1f}s ({config.method}, {result.pattern['pattern']}, in memory)")
     record = engine.pruned_record(config, result, pm.source, {"loading": "in memory"})
-    return replace(pm, record=record, tier_maps=result.tier_maps, permutations=result.permutations)
+    return replace(pm, record=record, tier_maps=result.tier_maps, permutations=result.permutations,
+                   calibration_text=result.texts)
 
 
 def finetune(model: PrunedModel, config: FinetuneConfig | None = None, *, work_dir: str | Path | None = None,
@@ -159,6 +162,7 @@ def _save_dense(pm: PrunedModel, out, overwrite: bool) -> Path:
 
     def extra(tmp):
         folder.save_maps(tmp, pm.tier_maps, pm.permutations)
+        folder.save_calibration_text(tmp, pm.calibration_text)
     record = {k: v for k, v in pm.record.items() if k not in ("versions", "saved", "sparsity", "packed")}
     return models.save_model(pm.model, pm.tokenizer, out, record or {"model": pm.source}, overwrite=overwrite,
                              extra=extra)

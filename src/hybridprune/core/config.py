@@ -82,8 +82,17 @@ class PruneConfig:
     group: str | None = option(None, "unstructured comparison group: row | matrix (default: each method's paper: "
                                "row for wanda and magnitude, matrix, i.e. rows x 128-column block, for sparsegpt)",
                                type=str)
-    calib: str = option("wikitext2", "calibration text: wikitext2 | c4 | squad | gsm8k | boolq | "
-                        "mixed:wikitext2=0.5,squad=0.5", recipe="calibration:")
+    calib: str = option("wikitext2", "calibration text: wikitext2 | c4 | squad | gsm8k | boolq | self (the model "
+                        "writes it) | self:SOURCE (the model continues prefixes of SOURCE; the most perplexing "
+                        "share is dropped) | mixed:wikitext2=0.5,self=0.5", recipe="calibration:")
+    calib_select: str = option("random", "how the nsamples windows are chosen: random | diversity (greedily, from "
+                               "a pool of random windows, the set that covers the most distinct tokens)",
+                               choices=specs.CALIB_SELECT)
+    calib_pool: int = option(0, f"--calib-select diversity: candidate windows (0 = {specs.SELECT_POOL} x nsamples)")
+    self_filter: float = option(specs.SELF_FILTER, "self:SOURCE: the share of generations dropped, those of highest "
+                                "perplexity (Ji et al. 2025), in [0, 1)")
+    self_prefix: int = option(specs.SELF_PREFIX_TOKENS, "self:SOURCE: prefix tokens drawn from SOURCE")
+    self_batch: int = option(16, "self, self:SOURCE: sequences generated together (bounds the KV cache)")
     nsamples: int = option(128, "calibration sequences")
     seqlen: int = option(2048, "tokens per calibration sequence")
     seed: int = option(0, "seed of the calibration draw (a recipe's seeds: axis sets it per run)")
@@ -156,6 +165,7 @@ class PruneConfig:
                                    f"{', '.join(specs.SQUAD_FORMATS)}")
         specs.check_bos(self.bos)
         specs.parse_calib(self.calib)  # magnitude reads none, but records it: a typo is refused all the same
+        self._check_calibration_choice()
         specs.check_device_name(self.device)
         self.skip = tuple(self.skip or ())
         pattern = self.build_pattern()
@@ -203,6 +213,38 @@ class PruneConfig:
             raise HybridPruneError(f"{n('refit')} needs calibration statistics, which method {self.method} does not "
                                    f"collect; use {n('method')} wanda or {n('refit')} 0")
 
+    def _check_calibration_choice(self) -> None:
+        n = name
+        if self.calib_select not in specs.CALIB_SELECT:
+            raise HybridPruneError(f"unknown {n('calib_select')} {self.calib_select!r}; use one of: "
+                                   f"{', '.join(specs.CALIB_SELECT)}")
+        if not isinstance(self.calib_pool, int) or self.calib_pool < 0:
+            raise HybridPruneError(f"{n('calib_pool')} must be a whole number >= 0, got {self.calib_pool}")
+        if self.calib_pool and self.calib_select == "random":
+            raise HybridPruneError(f"{n('calib_pool')} sizes the pool that {n('calib_select')} diversity picks from; "
+                                   f"add {n('calib_select')} diversity or drop {n('calib_pool')}")
+        if self.calib_select == "diversity":
+            if self.calib_pool and self.calib_pool < self.nsamples:
+                raise HybridPruneError(f"{n('calib_pool')} {self.calib_pool} is smaller than {n('nsamples')} "
+                                       f"{self.nsamples}; the pool must hold at least the windows picked from it")
+            if specs.generates(self.calib):
+                raise HybridPruneError(f"{n('calib_select')} diversity picks from drawn windows, not from generated "
+                                       f"text ({self.calib}); generated sources are filtered by perplexity instead")
+        if not (isinstance(self.self_filter, (int, float)) and 0 <= self.self_filter < 1):
+            raise HybridPruneError(f"{n('self_filter')} is the share of generations dropped; it must be in [0, 1), "
+                                   f"got {self.self_filter}")
+        if self.self_prefix < 1 or self.self_batch < 1:
+            raise HybridPruneError(f"need {n('self_prefix')} >= 1 and {n('self_batch')} >= 1, got "
+                                   f"{self.self_prefix} and {self.self_batch}")
+        if any(c.startswith(specs.SELF_PREFIX) for c, _ in specs.parse_calib(self.calib)) and \
+                self.self_prefix >= self.seqlen:
+            raise HybridPruneError(f"{n('self_prefix')} {self.self_prefix} leaves nothing to generate in "
+                                   f"{n('seqlen')} {self.seqlen} tokens; use a shorter prefix")
+
+    def select_pool(self) -> int:
+        """The candidate windows --calib-select diversity picks from."""
+        return self.calib_pool or specs.SELECT_POOL * self.nsamples
+
     def comparison_group(self) -> str:
         return self.group or ("matrix" if self.method == "sparsegpt" else "row")
 
@@ -238,7 +280,8 @@ class PruneConfig:
 PRUNE_GROUPS = {
     "pattern": ("method", "pattern", "sparsity", "group", "skip", "sparsegpt_block", "percdamp",
                 "channel_permutation"),
-    "calibration": ("calib", "nsamples", "seqlen", "seed", "batch_size", "squad_format"),
+    "calibration": ("calib", "nsamples", "seqlen", "seed", "batch_size", "squad_format", "calib_select",
+                    "calib_pool", "self_filter", "self_prefix", "self_batch"),
     "three-tier and block patterns": ("tiers", "block_size", "tier_nm", "topk", "tier_metric", "scope", "retention",
                                       "block_score", "refit"),
     "layer-wise sparsity (OWL)": ("layer_sparsity", "owl_m", "owl_lambda"),

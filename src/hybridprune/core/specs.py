@@ -19,7 +19,18 @@ from hybridprune.core.errors import HybridPruneError
 
 METHODS = ("magnitude", "wanda", "ria", "sparsegpt")
 CHANNEL_PERMUTATIONS = ("none", "reallocation", "lsa")
-CALIB_SOURCES = ("wikitext2", "c4", "squad", "gsm8k", "boolq")
+CALIB_SOURCES = ("wikitext2", "c4", "squad", "gsm8k", "boolq")  # text read from files (io.data)
+SELF = "self"        # text the model generates from a bare start token (Williams et al., NAACL 2025)
+SELF_PREFIX = "self:"  # "self:SOURCE": the model continues prefixes of SOURCE (Ji et al., ICLR 2025)
+CALIB_SELECT = ("random", "diversity")
+SELECT_POOL = 4      # --calib-select diversity: the pool is this many times nsamples windows (unless given)
+# Self-generated calibration text. Williams et al.: start from the BOS token alone, sample from the whole
+# vocabulary, the temperature moving linearly from START to END over the first STEPS tokens, then END.
+SELF_TEMPERATURE = (1.5, 1.0, 32)
+# Ji et al.: continue prefixes drawn from the source's fitting split, sampled at temperature 1, then drop the
+# generations whose perplexity is in the top share.
+SELF_FILTER = 0.2
+SELF_PREFIX_TOKENS = 16
 BOS_POLICIES = ("auto", "always", "papers")
 SQUAD_FORMATS = {
     "context": "{context}",
@@ -56,12 +67,28 @@ def check_device_name(device: str | None) -> None:
         raise HybridPruneError(f"unknown --device {device!r}; use cpu, cuda or cuda:N")
 
 
+def check_calib_source(name: str) -> None:
+    """A single calibration source: a file source, self, or self:SOURCE."""
+    if name in CALIB_SOURCES or name == SELF:
+        return
+    if name.startswith(SELF_PREFIX):
+        if name[len(SELF_PREFIX):] in CALIB_SOURCES:
+            return
+        raise HybridPruneError(f"unknown source in {name!r}; self:SOURCE continues text of one of: "
+                               f"{', '.join(CALIB_SOURCES)} (e.g. self:wikitext2)")
+    raise HybridPruneError(f"unknown calibration source {name!r}; use one of: {', '.join(CALIB_SOURCES)}, self, "
+                           "self:SOURCE or mixed:a=0.5,b=0.5")
+
+
+def is_generated(name: str) -> bool:
+    """Whether a single source is text the model writes itself (self, self:SOURCE)."""
+    return name == SELF or name.startswith(SELF_PREFIX)
+
+
 def parse_calib(spec: str) -> list[tuple[str, float]]:
-    """'wikitext2' -> [(wikitext2, 1.0)]; 'mixed:wikitext2=0.5,squad=0.5' -> both with their weights."""
+    """'wikitext2' -> [(wikitext2, 1.0)]; 'mixed:wikitext2=0.5,self=0.5' -> both with their weights."""
     if not spec.startswith("mixed:"):
-        if spec not in CALIB_SOURCES:
-            raise HybridPruneError(f"unknown calibration source {spec!r}; use one of: {', '.join(CALIB_SOURCES)} "
-                                   "or mixed:a=0.5,b=0.5")
+        check_calib_source(spec)
         return [(spec, 1.0)]
     parts = []
     for item in spec[len("mixed:"):].split(","):
@@ -70,12 +97,18 @@ def parse_calib(spec: str) -> list[tuple[str, float]]:
             weight = float(w)
         except ValueError:
             raise HybridPruneError(f"bad mixture item {item!r}; write mixed:wikitext2=0.5,squad=0.5") from None
-        if name not in CALIB_SOURCES or not math.isfinite(weight) or weight < 0:
-            raise HybridPruneError(f"bad mixture item {item!r}; sources: {', '.join(CALIB_SOURCES)}, weights >= 0")
+        if not math.isfinite(weight) or weight < 0:
+            raise HybridPruneError(f"bad mixture item {item!r}; weights are numbers >= 0")
+        check_calib_source(name)
         parts.append((name, weight))
     if abs(sum(w for _, w in parts) - 1) > 1e-6:
         raise HybridPruneError(f"mixture weights in {spec!r} add up to {sum(w for _, w in parts):g}, not 1")
     return parts
+
+
+def generates(spec: str) -> bool:
+    """Whether a calibration spec (single or mixed) has a part the model generates."""
+    return any(is_generated(name) for name, _ in parse_calib(spec))
 
 
 def data_dir(explicit: str | os.PathLike | None = None) -> Path | None:
@@ -110,7 +143,8 @@ def check_model_spec(spec: str) -> str:
 
 # ----------------------------------------------------------------------------- the sparse kernels
 
-KERNEL_PATHS = {"auto": 0, "portable": 1, "avx2": 2, "avx512": 3}  # HYBRIDPRUNE_KERNELS
+KERNEL_PATHS = {"auto": 0, "portable": 1, "avx2": 2, "avx512": 3,  # HYBRIDPRUNE_KERNELS
+                "triton": 0}  # the GPU kernels for CPU inputs too (under TRITON_INTERPRET=1: tests)
 # what each forced path needs from the CPU (the C++ side checks the same with __builtin_cpu_supports)
 NEEDS = {"avx2": ("avx2", "fma", "popcnt"), "avx512": ("avx2", "fma", "popcnt", "avx512f", "avx512bw", "avx512vl",
                                                         "avx512_vbmi2")}

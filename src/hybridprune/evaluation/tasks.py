@@ -255,7 +255,8 @@ def evaluate_model(model, tokenizer, tasks: list[str], limit: int | None = None,
                    num_fewshot: int | None = None, gsm8k_mode: str = "fewshot", chat_template: bool = False,
                    data_dir_path=None, ppl_seqlen: int = 2048, ppl_windows: int | None = None,
                    samples_path=None, fewshot_seed: int = LM_EVAL_FEWSHOT_SEED, bos: str = "auto",
-                   generate_batch_size: int | None = None, sample: int | None = None, sample_seed: int = 0) -> dict:
+                   generate_batch_size: int | None = None, sample: int | None = None, sample_seed: int = 0,
+                   generate: bool = True) -> dict:
     """Run the tasks on an in-memory model; returns {task: {metric: value, metric_stderr: ..., n, split, prompt}}.
 
     seed seeds sampling (none of these tasks samples); fewshot_seed picks the exemplars (lm-eval's default);
@@ -264,6 +265,8 @@ def evaluate_model(model, tokenizer, tasks: list[str], limit: int | None = None,
     generation (default batch_size), which keeps only the last position's logits and gains most from width.
     sample: a seeded subset of each task's split spread over its articles/passages (spread_sample, seed
     sample_seed), instead of lm-eval's first `limit` examples. Every entry records its `doc_ids` and `clusters`.
+    generate=False: SQuAD and GSM8K report their gold-answer NLL only; no answer is generated (one token is, for
+    lm-eval's sake, and its scores are dropped), which is where a small pruned model sits at the accuracy floor.
     """
     require_eval(tasks)
     from hybridprune.io.data import resolve_bos
@@ -273,6 +276,10 @@ def evaluate_model(model, tokenizer, tasks: list[str], limit: int | None = None,
     if not hasattr(model, "generate") and any(t in ("gsm8k", "squad") for t in tasks):
         raise HybridPruneError(f"{type(model).__name__} cannot generate; gsm8k and squad need a causal LM")
     configs = {t: task_config(t, data_dir_path, num_fewshot, gsm8k_mode) for t in tasks if t != "wikitext2"}
+    if not generate:
+        for c in configs.values():
+            if c["output_type"] == "generate_until":
+                c["generation_kwargs"] = {**c["generation_kwargs"], "max_gen_toks": 1}
     bos = resolve_bos(tokenizer, bos)
     results = {}
     if "wikitext2" in tasks:
@@ -323,6 +330,10 @@ def evaluate_model(model, tokenizer, tasks: list[str], limit: int | None = None,
             entry[label + ("_stderr" if stderr else "")] = value
         task_samples = out.get("samples", {}).get(cfg["task"], [])
         entry["per_example"] = _per_example(task_samples)
+        if not generate and cfg["output_type"] == "generate_until":  # one token generated: no answer to score
+            entry = {k: v for k, v in entry.items() if not k.startswith(("exact_match", "f1"))}
+            entry["per_example"] = {}
+            entry["mode"] = (entry["mode"] + ", " if entry.get("mode") else "") + "gold NLL only (no generation)"
         gold = gold_scores(lm, name, task_samples)
         entry.update(_mean_and_stderr(gold))
         entry["per_example"].update(gold)

@@ -29,7 +29,7 @@ from hybridprune.core import files, specs
 from hybridprune.core.errors import HybridPruneError, interrupt_on_sigterm
 from hybridprune.core.heap import cap_heap_growth, release
 from hybridprune.core.files import write_text_atomic
-from hybridprune.experiments.recipe import Recipe, load_recipe
+from hybridprune.experiments.recipe import MAGNITUDE, Recipe, load_recipe
 
 logger = logging.getLogger(__name__)
 PEAKS_FILE = "peak_rss.json"  # in stages/: the peak RSS (KiB) of the process that ran each stage (isolated runs)
@@ -71,7 +71,7 @@ def plan(recipe: Recipe, out: Path) -> tuple[list[Stage], dict, dict]:
             config.update(method="magnitude", tier_metric=None, refit=None, dsnot=False, layer_sparsity="uniform")
             label = f"prune magnitude ({pattern})"
         else:
-            config.update(calib=recipe.calibration[calib_name], seed=seed)
+            config.update(**recipe.calibration[calib_name], seed=seed)
             label = f"prune {pattern} / calibration {calib_name}" + (f" / seed {seed}" if several else "")
         spec = {"model": recipe.model, "dtype": recipe.dtype, "config": config}
         key = _key(["prune", spec])
@@ -82,7 +82,9 @@ def plan(recipe: Recipe, out: Path) -> tuple[list[Stage], dict, dict]:
         by_run[run.name] = {}
         for seed_index, seed in enumerate(recipe.seeds):
             model_stage = None
-            if run.calibration is not None:
+            if run.calibration == MAGNITUDE:  # the same stage at every seed, as the dense model's
+                model_stage = prune_stage(run.pattern, None)
+            elif run.calibration is not None:
                 model_stage = prune_stage(run.pattern, run.calibration, seed, seed_index)
                 pruned[(run.pattern, run.calibration, seed)] = model_stage
                 if run.finetune != "none":
@@ -104,6 +106,26 @@ def plan(recipe: Recipe, out: Path) -> tuple[list[Stage], dict, dict]:
     return sorted(stages.values(), key=lambda s: (rank[s.key], order[s.kind])), by_run, pruned
 
 
+def _generated_calibration(stage: Stage, config):
+    """Text the model writes to calibrate itself (--calib self, self:SOURCE) depends on the model, the seed and the
+    generation settings, not on the pattern: it is generated once and kept in stages/calibration-KEY for every
+    pattern that prunes with it."""
+    from hybridprune.pruning import calibration
+    if not (specs.generates(config.calib) and specs.needs_calibration(config.method)):
+        return None
+    key = _key(["calibration", stage.spec["model"], stage.spec["dtype"],
+                {f: getattr(config, f) for f in calibration.GENERATION_FIELDS}])
+    path = stage.path.parent / f"calibration-{key}"
+    if (path / "record.json").is_file():
+        return calibration.load(path)
+    from hybridprune.io.models import load_dense
+    model, tok = load_dense(stage.spec["model"], dtype=stage.spec["dtype"])
+    calib = calibration.draw(tok, config, model)
+    del model
+    calibration.save(calib, path)
+    return calib
+
+
 def _run_stage(stage: Stage, recipe: Recipe, device: str | None, loaded: dict) -> None:
     """Run one stage. `loaded` keeps the last model that eval stages loaded (a model's eval stages run one after
     another, so it is read once, not once per task); tokenized fine-tuning data is cached on disk (out/stages/data)."""
@@ -116,11 +138,13 @@ def _run_stage(stage: Stage, recipe: Recipe, device: str | None, loaded: dict) -
     if stage.kind == "prune":
         from hybridprune.pruning.streaming import prune_streamed, streamable
         config = PruneConfig(**stage.spec["config"], device=device)
+        calib = _generated_calibration(stage, config)
         if streamable(stage.spec["model"]):  # as `prune` does: one layer in memory at a time
-            prune_streamed(stage.spec["model"], config, stage.path, overwrite=True, dtype=stage.spec["dtype"])
+            prune_streamed(stage.spec["model"], config, stage.path, overwrite=True, dtype=stage.spec["dtype"],
+                           calib=calib)
             return
         model, tok = load_model(stage.spec["model"], dtype=stage.spec["dtype"])
-        result = prune(model, config, tokenizer=tok)
+        result = prune(model, config, tokenizer=tok, calib=calib)
         save_pruned(model, tok, stage.path, config, result, source=stage.spec["model"], overwrite=True)
     elif stage.kind == "finetune":
         from hybridprune.finetuning.finetune import FinetuneConfig, finetune_and_save
@@ -143,7 +167,8 @@ def _run_stage(stage: Stage, recipe: Recipe, device: str | None, loaded: dict) -
                              num_fewshot=s.get("num_fewshot"), gsm8k_mode=s.get("mode", "fewshot"),
                              ppl_seqlen=s.get("seqlen", 2048), ppl_windows=s.get("windows"),
                              batch_size=recipe.eval.get("batch_size", 8),
-                             generate_batch_size=s.get("generate_batch_size", recipe.eval.get("generate_batch_size")))
+                             generate_batch_size=s.get("generate_batch_size", recipe.eval.get("generate_batch_size")),
+                             generate=s.get("generate", True))
         record = read_record(spec) if stage.input else None
         files.write_text_atomic(stage.path, json.dumps({"model": spec, "stage": stage.spec, "hybridprune": record,
                                                          "results": res}, default=str))

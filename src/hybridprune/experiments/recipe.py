@@ -4,14 +4,16 @@
     prune             PruneConfig options shared by every pruned run; `patterns:` an axis of overrides
     methods           an axis crossed with patterns: {wanda: {}, ria: {}, owl: {layer_sparsity: owl}} (an empty entry
                       is the method of that name); runs are then `exp1@three-tier+ria`
-    calibration       named calibration sources (data.parse_calib specs)
+    calibration       named calibration sources: a spec (wikitext2, self, self:wikitext2, mixed:...) or a mapping of
+                      calibration options, e.g. {calib: wikitext2, calib_select: diversity}
     finetune          named FinetuneConfig option sets
     seeds             an axis: each seed sets the calibration draw and the fine-tuning seed (LoRA initialisation,
                       data order); the evaluated examples stay the same for every seed
-    runs              {name, calibration, finetune, pattern}: what to build and evaluate
+    runs              {name, calibration, finetune, pattern}: what to build and evaluate; `calibration: magnitude`
+                      is each pattern's magnitude-pruned floor, no calibration read
     tasks             per task: limit (first N) or sample (a seeded subset spread over articles), windows, ...;
                       a generating task may set its own generate_batch_size (long prompts: a narrower batch
-                      holds a smaller KV cache)
+                      holds a smaller KV cache), or `generate: false` to score the gold answer's NLL only
     eval              batch sizes and the seed of the evaluation sample
     claims            `a > b on task.metric`, judged by the report
     quick             prune / finetune / tasks overrides for a smoke run (both profiles are checked)
@@ -34,8 +36,8 @@ from hybridprune.core.specs import check_dtype, parse_calib
 TOP_KEYS = {"model", "prune", "patterns", "methods", "calibration", "finetune", "runs", "tasks", "claims", "eval",
             "quick", "dtype", "seeds"}
 TASK_KEYS = {"wikitext2": {"windows", "seqlen"}, "boolq": {"limit", "sample", "num_fewshot"},
-             "squad": {"limit", "sample", "num_fewshot", "generate_batch_size"},
-             "gsm8k": {"limit", "sample", "num_fewshot", "mode", "generate_batch_size"}}
+             "squad": {"limit", "sample", "num_fewshot", "generate_batch_size", "generate"},
+             "gsm8k": {"limit", "sample", "num_fewshot", "mode", "generate_batch_size", "generate"}}
 METRICS = {"wikitext2": {"ppl"}, "boolq": {"acc", "gold_nll", "margin"}, "squad": {"exact_match", "f1", "gold_nll"},
            "gsm8k": {"exact_match[strict-match]", "exact_match[flexible-extract]", "gold_nll"}}
 EVAL_KEYS = ("batch_size", "generate_batch_size", "sample_seed", "kernels")
@@ -68,10 +70,14 @@ def _plain(x):
     return x
 
 
+MAGNITUDE = "magnitude"  # a run's calibration: the pattern's magnitude-pruned floor, which reads no calibration
+CALIB_KEYS = ("calib", "calib_select", "calib_pool", "self_filter", "self_prefix", "self_batch", "squad_format")
+
+
 @dataclass
 class Run:
     name: str
-    calibration: str | None     # None: the dense model
+    calibration: str | None     # None: the dense model; "magnitude": the pattern's calibration-free floor
     finetune: str               # a name in Recipe.finetune, or "none"
     pattern: str | None
 
@@ -94,7 +100,7 @@ class Recipe:
     dtype: str | None
     prune: dict
     patterns: dict[str, dict]
-    calibration: dict[str, str]
+    calibration: dict[str, dict]   # name -> PruneConfig calibration options ({"calib": spec, ...})
     finetune: dict[str, dict | None]
     runs: list[Run]
     tasks: dict[str, dict]
@@ -185,11 +191,21 @@ def _build(path: Path, raw: dict, quick: bool) -> Recipe:
     calib_raw = section("calibration")
     if not isinstance(calib_raw, dict) or not _plain(calib_raw):
         fail(line(raw, "calibration"), "`calibration:` must name at least one source, e.g. wiki: wikitext2")
+    calibration = {}
     for name, spec in _plain(calib_raw).items():
+        if name == MAGNITUDE:
+            fail(line(calib_raw, name), f"`{MAGNITUDE}` is the name of each pattern's calibration-free floor "
+                                        "(a run's `calibration: magnitude`); name this source otherwise")
+        entry = dict(spec) if isinstance(spec, dict) else {"calib": str(spec)}
+        bad = set(entry) - set(CALIB_KEYS)
+        if bad or "calib" not in entry:
+            fail(line(calib_raw, name), f"calibration {name!r}: a source spec, or a mapping with calib: and any of "
+                                        f"{', '.join(CALIB_KEYS[1:])}")
         try:
-            parse_calib(str(spec))
-        except HybridPruneError as e:
+            PruneConfig(**{**prune_opts, **entry, "device": "cpu"})
+        except (HybridPruneError, TypeError) as e:
             fail(line(calib_raw, name), f"calibration {name!r}: {e}")
+        calibration[name] = entry
 
     ft_raw = raw.get("finetune") or {}
     finetune = {"none": None}
@@ -224,13 +240,13 @@ def _build(path: Path, raw: dict, quick: bool) -> Recipe:
         if name in seen:
             fail(line(r, "name"), f"duplicate run name {name!r}")
         seen.add(name)
-        if calib is not None and calib not in _plain(calib_raw):
+        if calib is not None and calib != MAGNITUDE and calib not in calibration:
             fail(line(r, "calibration"), f"run {name!r} names calibration {calib!r}, which `calibration:` does not "
                                          f"define ({', '.join(_plain(calib_raw))})")
         if ft not in finetune:
             fail(line(r, "finetune"), f"run {name!r} names fine-tuning {ft!r}, which `finetune:` does not define "
                                       f"({', '.join(finetune)})")
-        if calib is None and ft != "none":
+        if calib in (None, MAGNITUDE) and ft != "none":
             fail(line(r, "finetune"), f"run {name!r} fine-tunes without calibration; give it a calibration")
         if pat is not None and pat not in bases.values():
             fail(line(r, "pattern"), f"run {name!r} names pattern {pat!r}, not in `patterns:`")
@@ -265,7 +281,9 @@ def _build(path: Path, raw: dict, quick: bool) -> Recipe:
             opts.update(override)
         for k, v in opts.items():
             low = 0 if k == "num_fewshot" else 1
-            if k != "mode" and (not isinstance(v, int) or isinstance(v, bool) or v < low):
+            if k == "generate" and not isinstance(v, bool):
+                fail(line(tasks_raw, task), f"{task} generate must be true or false (false: gold NLL only), got {v!r}")
+            if k not in ("mode", "generate") and (not isinstance(v, int) or isinstance(v, bool) or v < low):
                 fail(line(tasks_raw, task), f"{task} {k} must be a whole number >= {low}, got {v!r}{profile}")
         if "limit" in opts and "sample" in opts:
             fail(line(tasks_raw, task), f"{task}: give limit (the first N examples) or sample (a seeded subset "
@@ -305,7 +323,7 @@ def _build(path: Path, raw: dict, quick: bool) -> Recipe:
         if not isinstance(v, int) or isinstance(v, bool) or v < low:
             fail(line(raw.get("eval"), k), f"eval {k} must be a whole number >= {low}, got {v!r}")
     return Recipe(str(path), str(raw.get("model", "default")), raw.get("dtype"), prune_opts, patterns,
-                  {k: str(v) for k, v in _plain(calib_raw).items()}, finetune, runs, tasks, claims, ev, seeds)
+                  calibration, finetune, runs, tasks, claims, ev, seeds)
 
 
 def _seeds(block: dict, raw: dict, prune_opts: dict, fail, line) -> list[int]:

@@ -8,6 +8,10 @@
     claims   `a > b on task.metric` judged supported / refuted / inconclusive on that interval, beside "holds in k
              of n seeds"; with fewer than MIN_UNITS independent units (clusters, windows) per seed no verdict is
              given ("too few to judge")
+    ranking  per pattern, the calibration sources ranked on each task's continuous metric (perplexity, gold NLL),
+             each with its paired difference to the best and that difference's two-level interval; and the spread
+             between sources (best / worst perplexity) in each seed, which the papers expect to grow with sparsity
+             and with structure
     overlap  Jaccard index of the pruned sets: between calibrations at the same seed, between seeds of the same
              calibration (does the text move the mask more than a new draw of the same text does?), and
              against magnitude pruning; summed over matrices, overall, per matrix type and per layer
@@ -97,17 +101,63 @@ def build_report(recipe: Recipe, stages, by_run, pruned, times, out: Path, peaks
              for a, b in itertools.combinations(names, 2) if (p := _pair(table, task, metric, a, b))]
     claims = [_judge(c, pairs, names) for c in recipe.claims]
     overlap = mask_overlap(pruned, recipe)
+    ranking = rank_sources(recipe, table, pairs)
     peaks = peaks or {}
     peak = max(((v, s.label) for s in stages if (v := peaks.get(s.key))), default=None)
     results = {"recipe": recipe.path, "model": recipe.model, "seeds": recipe.seeds, "min_units": MIN_UNITS,
-               "runs": table, "pairs": pairs, "claims": claims, "overlap": overlap, "stage_seconds": times,
+               "runs": table, "pairs": pairs, "claims": claims, "ranking": ranking, "overlap": overlap, "stage_seconds": times,
                "stage_peak_rss_kib": peaks, "peak_rss": {"kib": peak[0], "stage": peak[1]} if peak else None}
     with atomic_dir(out / "plots", overwrite=True) as tmp:
         _plots(recipe, table, overlap, tmp)
     write_text_atomic(out / "results.json", json.dumps(results, indent=1, default=str))
     write_text_atomic(out / "results.csv", _csv(recipe, table))
-    write_text_atomic(out / "report.md", _markdown(recipe, table, pairs, claims, overlap, times, results["peak_rss"]))
+    write_text_atomic(out / "report.md", _markdown(recipe, table, pairs, claims, overlap, times, results["peak_rss"],
+                                                   ranking))
     return results
+
+
+RANK_METRIC = {"wikitext2": "ppl", "squad": "gold_nll", "boolq": "gold_nll", "gsm8k": "gold_nll"}  # lower is better
+
+
+def rank_sources(recipe: Recipe, table: dict, pairs: list[dict]) -> dict:
+    """Per pattern: the pruned runs (not the dense model) ranked on each task's continuous metric, best first,
+    each with its paired difference to the best and the two-level interval; and the per-seed spread of WikiText-2
+    perplexity between calibration sources (best / worst, magnitude left out)."""
+    groups: dict[str, list] = collections.defaultdict(list)
+    for run in recipe.runs:
+        if run.calibration is not None:
+            groups[run.pattern or ""].append(run)
+    out = {}
+    for pattern, runs in groups.items():
+        entry = {"tasks": {}, "spread": {}}
+        for task, metric in RANK_METRIC.items():
+            if task not in recipe.tasks:
+                continue
+            rows = [(r, e[metric]) for r in runs if (e := table[r.name]["tasks"].get(task)) and e.get(metric) is not None]
+            rows.sort(key=lambda x: x[1])
+            if not rows:
+                continue
+            best = rows[0][0].name
+            ranked = []
+            for r, value in rows:
+                item = {"run": r.name, "calibration": r.calibration, "value": value}
+                p = next((p for p in pairs if p["task"] == task and p["metric"] == metric
+                          and {p["a"], p["b"]} == {r.name, best}), None)
+                if p is not None and r.name != best:
+                    sign = 1 if p["a"] == r.name else -1
+                    lo, hi = sorted((sign * p["lo"], sign * p["hi"]))
+                    item.update(diff_to_best=sign * p["diff"], interval=[lo, hi], tied_with_best=lo <= 0,
+                                judged=p["judged"])
+                ranked.append(item)
+            entry["tasks"][f"{task}.{metric}"] = ranked
+        sources = [r for r in runs if r.calibration != "magnitude" and "wikitext2" in recipe.tasks]
+        for seed in recipe.seeds:
+            vals = [table[r.name]["seeds"].get(seed, {}).get("wikitext2", {}).get("ppl") for r in sources]
+            vals = [v for v in vals if v is not None]
+            if len(vals) > 1:
+                entry["spread"][seed] = max(vals) / min(vals)
+        out[pattern] = entry
+    return out
 
 
 def _pair(table: dict, task: str, metric: str, a: str, b: str) -> dict | None:
@@ -256,7 +306,7 @@ def _units(entry: dict | None) -> str:
     return f"{entry.get('n')} / {k}"
 
 
-def _markdown(recipe, table, pairs, claims, overlap, times, peak=None) -> str:
+def _markdown(recipe, table, pairs, claims, overlap, times, peak=None, ranking=None) -> str:
     cols = _columns(recipe)
     several = len(recipe.seeds) > 1
     spread = "mean over seeds ± between-seed SD" if several else "mean ± standard error; perplexity over windows"
@@ -310,6 +360,24 @@ def _markdown(recipe, table, pairs, claims, overlap, times, peak=None) -> str:
                 f"{r['units']} units; holds in {r['holds_in']} of {r['of_seeds']} seed(s)"
                 + (" (per seed " + ", ".join(f"{d:+.3g}" for d in r["per_seed_diff"]) + ")" if several else ""))
             lines.append(f"- `{c['claim']}` ({r['a']} vs {r['b']}): **{r['status']}**{detail}")
+    if ranking:
+        lines += ["", "## Sources ranked per pattern (best first; difference to the best with its 95% interval, "
+                  f"{how}; perplexity compared on per-window NLL; = marks an interval that reaches 0)", ""]
+        for pattern, entry in ranking.items():
+            for key, ranked in entry["tasks"].items():
+                lines.append(f"- `{pattern or 'all'}` {key}: " + "; ".join(
+                    f"{i + 1}. {x['run'].split('@')[0]} {x['value']:.4g}" +
+                    (f" ({x['diff_to_best']:+.3g} [{x['interval'][0]:+.3g}, {x['interval'][1]:+.3g}]"
+                     f"{' =' if x['tied_with_best'] else ''})" if "interval" in x else "")
+                    for i, x in enumerate(ranked)))
+        spreads = {p: e["spread"] for p, e in ranking.items() if e["spread"]}
+        if spreads:
+            lines += ["", "Spread between calibration sources (worst / best WikiText-2 perplexity, magnitude left "
+                      "out), per seed:", "", "| pattern | " + " | ".join(f"seed {s}" for s in recipe.seeds) + " |",
+                      "|---|" + "---:|" * len(recipe.seeds)]
+            for p, sp in spreads.items():
+                lines.append(f"| {p or 'all'} | " + " | ".join(f"{sp[s]:.3f}" if s in sp else "-"
+                                                               for s in recipe.seeds) + " |")
     lines += ["", "## Mask overlap (Jaccard index of the pruned sets)", ""]
     for pattern, o in overlap.items():
         lines += [f"Pattern `{pattern}`:", ""]

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from hybridprune.core.errors import HybridPruneError
-from hybridprune.core.specs import (BOS_POLICIES, CALIB_SOURCES, SQUAD_FORMATS, check_bos,  # noqa: F401
+from hybridprune.core.specs import (BOS_POLICIES, CALIB_SOURCES, SQUAD_FORMATS, check_bos, generates,  # noqa: F401
                                    data_dir, parse_calib)
 
 LOCAL_FILES = {
@@ -323,32 +323,80 @@ def _tokenized(text: str, tokenizer, bos: str = "papers") -> torch.Tensor:
     return torch.tensor(text_ids(tokenizer, text, bos), dtype=torch.long)
 
 
-def calibration_samples(tokenizer, spec: str = "wikitext2", nsamples: int = 128, seqlen: int = 2048, seed: int = 0,
-                        data_dir_path=None, squad_format: str = "context_question", bos: str = "auto") -> torch.Tensor:
-    """[nsamples, seqlen] token ids; same arguments, same samples.
-
-    bos (see resolve_bos): with 'always' every window is BOS + seqlen - 1 tokens of text.
-    """
-    if nsamples < 1 or seqlen < 2:
-        raise HybridPruneError(f"need --nsamples >= 1 and --seqlen >= 2, got {nsamples} and {seqlen}")
+def source_windows(tokenizer, source: str, n: int, seqlen: int, seed: int, root: Path | None,
+                   squad_format: str = "context_question", bos: str = "auto") -> torch.Tensor:
+    """[n, seqlen] windows of one file source (random windows of running text, or examples packed back to back);
+    the same arguments give the same windows."""
     bos = resolve_bos(tokenizer, bos)
     bos_id = tokenizer.bos_token_id if bos == "always" else None
     body = seqlen - 1 if bos_id is not None else seqlen
+    kind, payload = calibration_texts(source, root, squad_format)
+    if kind == "continuous":
+        gen = torch.Generator().manual_seed(seed)
+        return _with_bos(_windows_continuous(_tokenized(payload, tokenizer, bos), n, body, gen), bos_id)
+    return _with_bos(_windows_packed(payload, tokenizer, n, body, seed), bos_id)
+
+
+def calibration_samples(tokenizer, spec: str = "wikitext2", nsamples: int = 128, seqlen: int = 2048, seed: int = 0,
+                        data_dir_path=None, squad_format: str = "context_question", bos: str = "auto",
+                        select: str = "random", pool: int | None = None) -> torch.Tensor:
+    """[nsamples, seqlen] token ids; same arguments, same samples.
+
+    bos (see resolve_bos): with 'always' every window is BOS + seqlen - 1 tokens of text.
+    select='diversity': draw `pool` windows at random, then keep the nsamples that cover the most distinct tokens
+    (select_diverse). Sources the model generates are drawn by pruning.calibration, not here.
+    """
+    if nsamples < 1 or seqlen < 2:
+        raise HybridPruneError(f"need --nsamples >= 1 and --seqlen >= 2, got {nsamples} and {seqlen}")
+    if generates(spec):
+        raise HybridPruneError(f"{spec!r} is text the model generates; draw it with pruning.calibration.draw")
+    if select == "diversity":
+        pool = pool or 4 * nsamples
+        if pool < nsamples:
+            raise HybridPruneError(f"--calib-pool {pool} is smaller than --nsamples {nsamples}")
+        candidates = calibration_samples(tokenizer, spec, pool, seqlen, seed, data_dir_path, squad_format, bos)
+        return candidates[select_diverse(candidates, nsamples)]
     root = data_dir(data_dir_path)
     parts = parse_calib(spec)
     counts = split_counts(nsamples, [w for _, w in parts])
     chunks = []
     for j, ((source, _), n) in enumerate(zip(parts, counts)):
-        if n == 0:
-            continue
-        kind, payload = calibration_texts(source, root, squad_format)
-        part_seed = seed * 1000 + j
-        if kind == "continuous":
-            gen = torch.Generator().manual_seed(part_seed)
-            chunks.append(_with_bos(_windows_continuous(_tokenized(payload, tokenizer, bos), n, body, gen), bos_id))
-        else:
-            chunks.append(_with_bos(_windows_packed(payload, tokenizer, n, body, part_seed), bos_id))
+        if n:
+            chunks.append(source_windows(tokenizer, source, n, seqlen, seed * 1000 + j, root, squad_format, bos))
+    return interleave(chunks, seed)
+
+
+def interleave(chunks: list[torch.Tensor], seed: int) -> torch.Tensor:
+    """The parts of a mixture in one seeded order, so that every micro-batch sees the mixture."""
     out = torch.cat(chunks)
-    if len(chunks) > 1:  # interleave sources so every micro-batch sees the mixture
+    if len(chunks) > 1:
         out = out[torch.randperm(len(out), generator=torch.Generator().manual_seed(seed))]
     return out
+
+
+# ----------------------------------------------------------------------------- selection
+
+def lexical_coverage(windows: torch.Tensor) -> int:
+    """The diversity score of a set of windows: how many distinct token ids they contain together."""
+    return int(torch.unique(windows).numel())
+
+
+def select_diverse(windows: torch.Tensor, n: int) -> torch.Tensor:
+    """Indices of n windows chosen greedily to maximise lexical_coverage: each step takes the window that adds the
+    most token ids not yet covered (ties: the earlier window). A greedy cover keeps at least 1 - 1/e of the best
+    set's score; in the spirit of ZipCal (2026), which selects calibration text for lexical diversity, with a score
+    of our own. Returned in the pool's order."""
+    if n > len(windows):
+        raise HybridPruneError(f"a pool of {len(windows)} windows cannot give {n}")
+    uniq = [torch.unique(w) for w in windows]
+    owner = torch.cat([torch.full((len(u),), i) for i, u in enumerate(uniq)])
+    flat = torch.cat(uniq)
+    covered = torch.zeros(int(flat.max()) + 1, dtype=torch.bool)
+    taken = torch.zeros(len(windows), dtype=torch.bool)
+    for _ in range(n):
+        gain = torch.zeros(len(windows)).index_add_(0, owner, (~covered[flat]).float())
+        gain[taken] = -1
+        best = int(torch.argmax(gain))  # argmax returns the first maximum
+        taken[best] = True
+        covered[uniq[best]] = True
+    return torch.nonzero(taken).flatten()

@@ -26,6 +26,7 @@ REPORT_FILE = "sparsity.json"
 TIERS_FILE = "tiers.safetensors"
 PERMUTATIONS_FILE = "permutations.safetensors"  # N:M column order per matrix (--channel-permutation)
 PACKED_FILE = "packed.safetensors"
+CALIBRATION_FILE = "calibration.jsonl"  # the text a model generated to calibrate itself (--calib self...)
 INDEX = "model.safetensors.index.json"
 SIDE_FILES = (TIERS_FILE, PERMUTATIONS_FILE, PACKED_FILE)  # safetensors files that are not model weights
 _BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2}
@@ -74,6 +75,13 @@ def save_maps(folder, tier_maps: dict, permutations: dict) -> None:
     for name, maps in ((TIERS_FILE, tier_maps), (PERMUTATIONS_FILE, permutations)):
         if maps:
             save_file({k: v.contiguous() for k, v in maps.items()}, str(Path(folder) / name))
+
+
+def save_calibration_text(folder, rows: list[dict]) -> None:
+    """The text a model generated to calibrate its own pruning, one JSON line a sequence (kept or dropped)."""
+    if rows:
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        (Path(folder) / CALIBRATION_FILE).write_text(text, encoding="utf-8")
 
 
 def _load(folder, name) -> dict[str, torch.Tensor]:

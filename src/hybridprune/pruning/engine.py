@@ -27,8 +27,10 @@ from hybridprune.io import folder as folder_format
 from hybridprune.core.config import PruneConfig
 from hybridprune.io import models
 from hybridprune.io.models import default_device  # noqa: F401
-from hybridprune.io.data import calibration_samples, resolve_bos
+from hybridprune.io.data import resolve_bos
 from hybridprune.core.errors import HybridPruneError
+from hybridprune.core.specs import generates
+from hybridprune.pruning import calibration
 from hybridprune.pruning.dsnot import nm_groups, refine, refine_permuted, tier_groups
 from hybridprune.pruning.layerwise import layer_pattern, outlier_ratio, owl_sparsities
 from hybridprune.pruning.patterns import NM, TieredBlocks, assign_tiers, expand_tiers, pattern_of, permute_channels, tier_counts
@@ -45,6 +47,8 @@ class PruneResult:
     bos: str = ""                                           # the BOS policy the calibration windows used
     layer_sparsity: dict[str, float] = field(default_factory=dict)  # OWL: each layer's target
     permutations: dict[str, torch.Tensor] = field(default_factory=dict)  # N:M column order per matrix (RIA)
+    calibration: dict = field(default_factory=dict)  # how the windows were drawn, selected or generated
+    texts: list[dict] = field(default_factory=list)  # generated calibration text (calibration.jsonl)
 
 
 class _StopForward(Exception):
@@ -382,11 +386,14 @@ class _Pruner:
 
 @torch.no_grad()
 def prune(model: nn.Module, config: PruneConfig | None = None, tokenizer=None, samples: torch.Tensor | None = None,
-          floors: dict[str, torch.Tensor] | None = None, stream=None) -> PruneResult:
-    """Prune `model` in place. Calibration samples are drawn from config.calib unless given.
+          floors: dict[str, torch.Tensor] | None = None, stream=None,
+          calib: calibration.Calibration | None = None) -> PruneResult:
+    """Prune `model` in place. Calibration samples are drawn from config.calib (calibration.draw) unless given.
 
     floors: tier maps of a previous progressive round (blocks only move down).
     stream: a streaming.LayerStream when the model is an empty skeleton whose layers are read one at a time.
+    calib: windows drawn beforehand (a streamed prune generates its self-calibration text with the whole model
+    before the skeleton is filled layer by layer).
     """
     config = config or PruneConfig()
     start = time.perf_counter()
@@ -401,10 +408,13 @@ def prune(model: nn.Module, config: PruneConfig | None = None, tokenizer=None, s
     else:
         bos = "given samples" if samples is not None or tokenizer is None else resolve_bos(tokenizer, config.bos)
     if pruner.calibrated and samples is None:
-        if tokenizer is None:
-            raise HybridPruneError("pass a tokenizer or calibration samples for a calibrated method")
-        samples = calibration_samples(tokenizer, config.calib, config.nsamples, config.seqlen, config.seed,
-                                      config.data_dir, config.squad_format, bos=config.bos)
+        if calib is None:
+            if tokenizer is None:
+                raise HybridPruneError("pass a tokenizer or calibration samples for a calibrated method")
+            if stream is not None and generates(config.calib):
+                raise HybridPruneError("a streamed prune needs its generated calibration drawn first (calib=)")
+            calib = calibration.draw(tokenizer, config, model)
+        samples, bos = calib.samples, calib.bos
     was_training = model.training
     model.eval()
     if pruner.tiered and pruner.pattern.scope == "model":
@@ -425,14 +435,16 @@ def prune(model: nn.Module, config: PruneConfig | None = None, tokenizer=None, s
     return PruneResult(tier_maps=tier_maps, seconds=time.perf_counter() - start,
                        pattern=pruner.pattern.describe(), skipped=pruner.skipped,
                        uncalibrated=sorted(set(pruner.uncalibrated)), bos=bos, layer_sparsity=layer_sparsity,
-                       permutations=pruner.permutations)
+                       permutations=pruner.permutations, calibration=calib.record if calib else {},
+                       texts=calib.texts if calib else [])
 
 
 def pruned_record(config: PruneConfig, result: PruneResult, source: str, extra: dict | None = None) -> dict:
     """What hybridprune.json says about a pruning run."""
     return {"model": source, "prune": {**config.record(), "bos": result.bos or config.bos},
             "prune_seconds": round(result.seconds, 2), "skipped": result.skipped,
-            "uncalibrated": result.uncalibrated, "layer_sparsity": result.layer_sparsity or None, **(extra or {})}
+            "uncalibrated": result.uncalibrated, "layer_sparsity": result.layer_sparsity or None,
+            **({"calibration": result.calibration} if result.calibration else {}), **(extra or {})}
 
 
 def save_pruned(model, tokenizer, out, config: PruneConfig, result: PruneResult, source: str,
@@ -449,5 +461,7 @@ def save_pruned(model, tokenizer, out, config: PruneConfig, result: PruneResult,
 
 
 def save_maps(result: PruneResult, folder) -> None:
-    """The per-matrix tier maps and column orders that a pruned folder keeps beside its weights."""
+    """The per-matrix tier maps and column orders that a pruned folder keeps beside its weights, and the text the
+    model generated to calibrate itself."""
     folder_format.save_maps(folder, result.tier_maps, result.permutations)
+    folder_format.save_calibration_text(folder, result.texts)

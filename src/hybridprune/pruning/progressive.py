@@ -21,7 +21,9 @@ from pathlib import Path
 
 
 from hybridprune.io import models
-from hybridprune.io.data import calibration_samples, resolve_bos
+from hybridprune.io.data import resolve_bos
+from hybridprune.core.specs import generates
+from hybridprune.pruning import calibration
 from hybridprune.io.folder import load_tier_maps
 from hybridprune.pruning.engine import PruneConfig, PruneResult, prune, save_pruned
 from hybridprune.core import yamlfile
@@ -84,8 +86,10 @@ def run_progressive(model, tokenizer, config: PruneConfig, schedule, out, source
         shutil.rmtree(partial)
     bos = resolve_bos(tokenizer, config.bos)
     if samples is None and config.method != "magnitude":
-        samples = calibration_samples(tokenizer, config.calib, config.nsamples, config.seqlen, config.seed,
-                                      config.data_dir, config.squad_format, bos=bos)
+        if start and generates(config.calib):
+            raise HybridPruneError(f"--resume would have the partly pruned model write its calibration text again "
+                                   f"({config.calib}); rerun without --resume")
+        samples = calibration.draw(tokenizer, config, model).samples
     seconds, result = 0.0, None
     for r in range(start, len(schedule)):
         cfg = dataclasses.replace(config, pattern="three-tier", tiers=schedule[r])

@@ -23,6 +23,8 @@ from hybridprune.core import files
 from hybridprune.io import models
 from hybridprune.core.errors import HybridPruneError
 from hybridprune.core.heap import trim_heap
+from hybridprune.core.specs import generates, needs_calibration
+from hybridprune.pruning import calibration
 from hybridprune.io.folder import INDEX, ShardReader, has_safetensors
 
 def streamable(spec: str) -> bool:
@@ -182,19 +184,24 @@ def empty_model(folder, dtype=None, trust_remote_code: bool = False):
 
 
 def prune_streamed(spec: str, config, out, overwrite: bool = False, dtype=None, trust_remote_code: bool = False,
-                   extra_record: dict | None = None):
+                   extra_record: dict | None = None, calib=None):
     """Prune the safetensors model folder `spec` layer by layer into `out` (written atomically).
-    Returns (PruneResult, out path)."""
+    calib: calibration windows drawn beforehand (else drawn here). Returns (PruneResult, out path)."""
     from hybridprune.pruning.engine import prune, pruned_record, save_maps
 
     folder, _ = models.resolve_model(spec)
     folder = Path(folder)
     if not folder.is_dir() or not has_safetensors(folder):
         raise HybridPruneError(f"--stream needs a folder of safetensors weights; {spec} is not one (use --stream off)")
+    if calib is None and generates(config.calib) and needs_calibration(config.method):
+        # the model writes its calibration text whole, before the skeleton is filled one layer at a time
+        whole, tok = models.load_dense(str(folder), dtype=dtype, trust_remote_code=trust_remote_code)
+        calib = calibration.draw(tok, config, whole)
+        del whole
     model, mconfig, tok, want = empty_model(folder, dtype, trust_remote_code)
     with files.atomic_dir(out, overwrite=overwrite) as tmp:
         stream = LayerStream(model, folder, tmp, want)
-        result = prune(model, config, tokenizer=tok, stream=stream)
+        result = prune(model, config, tokenizer=tok, stream=stream, calib=calib)
         report = stream.finish()
         mconfig.dtype = want
         mconfig.save_pretrained(tmp)

@@ -26,7 +26,7 @@ from torch import nn
 
 from hybridprune.io import models
 from hybridprune.io.folder import load_permutations, load_tier_maps, read_record
-from hybridprune.core.errors import HybridPruneError
+from hybridprune.core.errors import HybridPruneError, require
 from hybridprune.core.specs import (KERNEL_PATHS as IMPLS, check_kernels_env, check_toolchain,  # noqa: F401
                                    toolchain_problem)
 from hybridprune.sparse.packing import kept_per_row, pack_prunable, unpack_matrix
@@ -122,13 +122,33 @@ class PackedLinear(nn.Module):
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, packed={self.layout['kind']}"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def backend(self, device: torch.device) -> str:
+        """What computes this matrix for inputs on `device`: "dense" (a layout no kernel covers), "triton" (CUDA, or
+        HYBRIDPRUNE_KERNELS=triton, which runs the GPU kernels on the CPU under TRITON_INTERPRET=1) or "cpu"."""
         if self.kind == "unpacked":
+            return "dense"
+        if device.type == "cuda" or os.environ.get("HYBRIDPRUNE_KERNELS") == "triton":
+            return "triton"
+        if device.type != "cpu":
+            raise HybridPruneError(f"the packed kernels run on the CPU and on CUDA GPUs, not on {device.type}; load "
+                                   "the model without --kernels")
+        return "cpu"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        backend = self.backend(x.device)
+        if backend == "dense":
             y = x @ self.weight.to(x.dtype).t()
+        elif backend == "triton":
+            require("triton", "gpu", "the packed GPU kernels")
+            from hybridprune.sparse import triton_kernels
+            xs = x.index_select(-1, self._buffers["perm"]) if self.permuted else x
+            x2 = xs.reshape(-1, self.in_features)
+            values = self._buffers["dense" if self.kind == "tiered" else "values"]
+            if x2.dtype not in (torch.float32, values.dtype):
+                x2 = x2.float()
+            y = triton_kernels.matmul(self.kind, x2, self._buffers, self.layout)
+            y = y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
         else:
-            if not x.is_cpu:
-                raise HybridPruneError("the packed kernels run on the CPU; load the model without --kernels on "
-                                       f"{x.device.type}")
             xf = x if x.dtype == torch.float32 else x.float()
             y = self.matmul(xf.index_select(-1, self._buffers["perm"]) if self.permuted else xf)
             if y.dtype != x.dtype:
