@@ -13,6 +13,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from kernels import pruned_matrix  # bench/kernels.py: the same pruned matrices as the CPU bench
+
 
 def timed(fn, reps=50):
     for _ in range(5):
@@ -31,26 +33,13 @@ def main() -> int:
               "TRITON_INTERPRET=1 by tests/test_triton_kernels.py)")
         return 1
     import triton
-    from hybridprune.pruning import patterns
     from hybridprune.sparse import kernels, packing
     print(f"GPU {torch.cuda.get_device_name(0)}, torch {torch.__version__}, triton {triton.__version__}, "
           f"CUDA {torch.version.cuda}")
-    g = torch.Generator().manual_seed(0)
     for N, K in ((11008, 4096), (4096, 11008)):
-        W = torch.randn(N, K, generator=g)
         for name in ("unstructured", "2:4", "three-tier"):
-            tiers = None
-            if name == "unstructured":
-                keep, layout = patterns.unstructured_keep(W.abs(), 0.5), {"kind": "unstructured"}
-            elif name == "2:4":
-                keep, layout = patterns.nm_keep(W.abs(), 2, 4), {"kind": "nm", "n": 2, "m": 4}
-            else:
-                tp = patterns.TieredBlocks()
-                tiers = tp.keep(W.abs())[1]
-                keep = tp.apply_tiers(W.abs(), None, tiers.clone())
-                layout = {"kind": "tiered", "block": 16, "n": 2, "m": 4, "k": tp.topk}
-            Wp = (W * keep).to(torch.bfloat16)
-            layout = {**layout, "shape": [N, K], "dtype": "bfloat16"}
+            Wp, layout, tiers = pruned_matrix(name, N, K, torch.bfloat16)
+            layout = {**layout, "dtype": "bfloat16"}
             t = packing.pack_matrix(Wp, layout, "w", tiers)
             m = kernels.PackedLinear(layout, t).cuda()
             Wd = Wp.cuda()

@@ -84,6 +84,16 @@ def test_diversity_selection_hand_checked():
         data.select_diverse(pool, 6)
 
 
+def test_generated_text_with_any_line_separator_survives_the_cache(tmp_path):
+    # a model can write U+2028, U+2029 or U+0085: json.dumps keeps them as they are, and str.splitlines() cuts at them
+    rows = [{"source": "self", "text": f"one{sep}two", "prefix": "", "ppl": 3.5, "kept": True}
+            for sep in ("\u2028", "\u2029", "\x85", "\x1c", "\r", "\n")]
+    cal = calibration.Calibration(torch.zeros(6, 4, dtype=torch.long), "always", {"source": "self"}, rows)
+    calibration.save(cal, tmp_path / "c")
+    again = calibration.load(tmp_path / "c")
+    assert again.texts == rows and torch.equal(again.samples, cal.samples)
+
+
 def test_diversity_selection_beats_a_random_draw(default_tokenizer, data_dir):
     pool = data.calibration_samples(default_tokenizer, "wikitext2", 64, 128, seed=3, data_dir_path=data_dir)
     chosen = data.calibration_samples(default_tokenizer, "wikitext2", 16, 128, seed=3, data_dir_path=data_dir,
@@ -147,6 +157,8 @@ claims:
 quick:
   prune: {{nsamples: 2, seqlen: 24, self_prefix: 4}}
   tasks: {{windows: 20, seqlen: 16}}
+notes: |
+  Budgets: tiny, so that the test runs in seconds.
 """
 
 
@@ -168,6 +180,9 @@ def test_a_recipe_with_the_new_sources_runs_in_the_quick_profile(tiny_llama_dir,
     assert len(claims["magnitude < wiki on wikitext2.ppl"]["results"]) == 2  # one per pattern
     text = (out / "report.md").read_text()
     assert "Sources ranked per pattern" in text and "Spread between calibration sources" in text
+    # the recipe's notes and the calibration budget of the profile that ran head the report
+    assert "Budgets: tiny, so that the test runs in seconds." in text
+    assert "Calibration per prune: 2 windows of 24 tokens (48 tokens)." in text
 
 
 def test_the_shipped_sources_recipe_plans_the_study():

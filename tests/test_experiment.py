@@ -346,6 +346,7 @@ def test_gold_nll_equals_a_hand_computation(default_tokenizer, data_dir):
     (("boolq: {limit: 4}", "boolq: {limit: 4, sample: 8}"), "line 16: boolq: give limit"),
     (("boolq: {limit: 4}", "boolq: {sample: 0}"), "line 16: boolq sample must be a whole number >= 1"),
     (("eval: {batch_size: 4}", "eval: {batch_size: 4, sample_seed: -1}"), "line 17: eval sample_seed must be"),
+    (("\ncalibration:\n", "\nnotes: [a, b]\ncalibration:\n"), "line 3: `notes:` is free text"),
 ])
 def test_bad_recipes_name_the_line(edit, match, tmp_path, capsys):
     from hybridprune.cli import main

@@ -17,6 +17,7 @@
     eval              batch sizes and the seed of the evaluation sample
     claims            `a > b on task.metric`, judged by the report
     quick             prune / finetune / tasks overrides for a smoke run (both profiles are checked)
+    notes             free text the report prints under its title: what the budgets are and why
 
 Every mistake is one HybridPruneError naming the file and the line to fix.
 """
@@ -34,7 +35,7 @@ from hybridprune.core.errors import HybridPruneError
 from hybridprune.core.specs import check_dtype, parse_calib
 
 TOP_KEYS = {"model", "prune", "patterns", "methods", "calibration", "finetune", "runs", "tasks", "claims", "eval",
-            "quick", "dtype", "seeds"}
+            "quick", "dtype", "seeds", "notes"}
 TASK_KEYS = {"wikitext2": {"windows", "seqlen"}, "boolq": {"limit", "sample", "num_fewshot"},
              "squad": {"limit", "sample", "num_fewshot", "generate_batch_size", "generate"},
              "gsm8k": {"limit", "sample", "num_fewshot", "mode", "generate_batch_size", "generate"}}
@@ -107,6 +108,7 @@ class Recipe:
     claims: list[Claim]
     eval: dict = field(default_factory=dict)
     seeds: list[int] = field(default_factory=lambda: [0])
+    notes: str = ""
 
 
 def load_recipe(path, quick: bool = False) -> Recipe:
@@ -322,8 +324,11 @@ def _build(path: Path, raw: dict, quick: bool) -> Recipe:
         low = 0 if k == "sample_seed" else 1
         if not isinstance(v, int) or isinstance(v, bool) or v < low:
             fail(line(raw.get("eval"), k), f"eval {k} must be a whole number >= {low}, got {v!r}")
+    notes = raw.get("notes", "")
+    if not isinstance(notes, str):
+        fail(line(raw, "notes"), "`notes:` is free text (a string, e.g. a YAML block after `notes: |`)")
     return Recipe(str(path), str(raw.get("model", "default")), raw.get("dtype"), prune_opts, patterns,
-                  calibration, finetune, runs, tasks, claims, ev, seeds)
+                  calibration, finetune, runs, tasks, claims, ev, seeds, notes.strip())
 
 
 def _seeds(block: dict, raw: dict, prune_opts: dict, fail, line) -> list[int]:

@@ -28,6 +28,7 @@ import re
 import statistics
 from pathlib import Path
 
+from hybridprune.core.config import PruneConfig
 from hybridprune.experiments.recipe import METRICS, Claim, Recipe
 from hybridprune.experiments.stats import MIN_UNITS, mcnemar, paired_bootstrap, seeds_bootstrap
 
@@ -316,6 +317,11 @@ def _markdown(recipe, table, pairs, claims, overlap, times, peak=None, ranking=N
              f"{sum(v for v in times.values() if v) / 60:.1f} min in all (from stages/times.json)" +
              (f"; the largest peak RSS of a stage's process {peak['kib'] / 1024:,.0f} MiB ({peak['stage']})"
               if peak else "") + ".", ""]
+    if recipe.notes:
+        lines += [recipe.notes, ""]
+    calib = {k: recipe.prune.get(k, PruneConfig.__dataclass_fields__[k].default) for k in ("nsamples", "seqlen")}
+    lines += [f"Calibration per prune: {calib['nsamples']} windows of {calib['seqlen']} tokens "
+              f"({calib['nsamples'] * calib['seqlen']:,} tokens).", ""]
     first = next(iter(table.values()))["tasks"]
     lines += ["Examples per task (n / independent units, the clusters the bootstrap resamples): " +
               "; ".join(f"{t} {_units(first.get(t))} ({(first.get(t) or {}).get('selection', 'windows')})"

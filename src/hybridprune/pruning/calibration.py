@@ -103,8 +103,10 @@ def load(path) -> Calibration:
     path = Path(path)
     meta = json.loads((path / "record.json").read_text())
     texts_file = path / folder.CALIBRATION_FILE
-    texts = [json.loads(line) for line in texts_file.read_text(encoding="utf-8").splitlines()] \
-        if texts_file.is_file() else []
+    lines = texts_file.read_text(encoding="utf-8").split("\n") if texts_file.is_file() else []
+    # JSON lines end in "\n" alone: generated text may hold U+2028 or U+0085, which json.dumps(ensure_ascii=False)
+    # leaves as they are and str.splitlines() would cut at
+    texts = [json.loads(line) for line in lines if line]
     return Calibration(load_file(str(path / "samples.safetensors"))["samples"], meta["bos"], meta["record"], texts)
 
 
