@@ -43,3 +43,15 @@ def test_claims_need_enough_units_and_count_seeds():
     assert ok["status"] == "supported" and (ok["holds_in"], ok["of_seeds"]) == (2, 3)
     assert ok["per_seed_diff"] == [3.0, 1.0, 2.0]
     assert judge(MIN_UNITS - 1)["status"] == "too few to judge"
+
+
+def test_pair_counts_equal_the_direct_count_for_every_pair():
+    import itertools
+    import torch
+    from hybridprune.experiments.stats import jaccard_counts, pair_counts
+    g = torch.Generator().manual_seed(0)
+    sets = torch.rand(5, 1000, generator=g) < torch.tensor([0.1, 0.5, 0.5, 0.9, 0.0])[:, None]
+    for chunk in (1 << 24, 7):  # one product, and sums over column chunks
+        inter, union = pair_counts(sets, chunk=chunk)
+        for a, b in itertools.product(range(5), repeat=2):
+            assert (int(inter[a, b]), int(union[a, b])) == jaccard_counts(sets[a], sets[b])

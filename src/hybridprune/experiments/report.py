@@ -230,7 +230,8 @@ def mask_overlap(pruned: dict, recipe: Recipe) -> dict:
     """Jaccard index of the pruned sets of every pair of pruned models of one pattern (calibrations x seeds, and
     magnitude pruning), overall, per matrix type and per layer; with several seeds also summarised as between
     calibrations at the same seed and between seeds of the same calibration."""
-    from hybridprune.experiments.stats import jaccard_counts
+    import torch
+    from hybridprune.experiments.stats import pair_counts
     from hybridprune.io.folder import ShardReader
     several = len(recipe.seeds) > 1
     out = {}
@@ -244,17 +245,20 @@ def mask_overlap(pruned: dict, recipe: Recipe) -> dict:
         report = json.loads((next(iter(members.values())).path / "sparsity.json").read_text())
         names = [f"{layer['layer']}.{m}.weight" for layer in report["layers"] for m in layer["matrices"]]
         readers = {k: ShardReader(s.path) for k, s in members.items()}  # one file or shards alike
-        pairs = list(itertools.combinations(members, 2))
-        # counts[pair][group] = [|A & B|, |A | B|] summed over matrices; each matrix is read once per model
-        counts = {pair: collections.defaultdict(lambda: [0, 0]) for pair in pairs}
+        keys = list(members)
+        pairs = list(itertools.combinations(range(len(keys)), 2))
+        # counts[pair][group] = [|A & B|, |A | B|] summed over matrices; each matrix is read once per model, and
+        # every pair's counts come from one matrix product over the members' zero masks
+        counts = {(keys[x], keys[y]): collections.defaultdict(lambda: [0, 0]) for x, y in pairs}
         for n in names:
-            zero = {k: r.get([n])[n] == 0 for k, r in readers.items()}
+            inter, union = pair_counts(torch.stack([readers[k].get([n])[n].reshape(-1) == 0 for k in keys]))
             groups = ("overall", ("by_type", n.rsplit(".", 2)[-2]), ("by_layer", re.search(r"\.(\d+)\.", n).group(1)))
-            for a, b in pairs:
-                i, u = jaccard_counts(zero[a], zero[b])
+            for x, y in pairs:
+                c = counts[(keys[x], keys[y])]
+                i, u = int(inter[x, y]), int(union[x, y])
                 for g in groups:
-                    counts[(a, b)][g][0] += i
-                    counts[(a, b)][g][1] += u
+                    c[g][0] += i
+                    c[g][1] += u
         rows = {}
         for (a, b), c in counts.items():
             ratio = {g: i / u if u else 1.0 for g, (i, u) in c.items()}

@@ -77,6 +77,19 @@ def jaccard_counts(a, b) -> tuple[int, int]:
     return int((a & b).sum()), int((a | b).sum())
 
 
+def pair_counts(sets, chunk: int = 1 << 24) -> tuple:
+    """For m boolean sets of equal size, stacked as [m, n]: the [m, m] matrices of |A & B| and |A | B| of every
+    pair, from one matrix product (0/1 sums are exact in float32 below 2**24, so columns go in chunks of that)."""
+    import torch
+    sets = torch.as_tensor(sets).reshape(len(sets), -1)
+    inter = torch.zeros(len(sets), len(sets), dtype=torch.int64)
+    for lo in range(0, sets.shape[1], chunk):
+        part = sets[:, lo:lo + chunk].to(torch.float32)
+        inter += (part @ part.T).round().to(torch.int64)
+    size = inter.diagonal()
+    return inter, size[:, None] + size[None, :] - inter
+
+
 def jaccard(a, b) -> float:
     """Jaccard index of two boolean sets; 1.0 when both are empty."""
     inter, union = jaccard_counts(np.asarray(a, dtype=bool), np.asarray(b, dtype=bool))
