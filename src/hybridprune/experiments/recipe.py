@@ -29,7 +29,7 @@ from pathlib import Path
 
 import yaml
 
-from hybridprune.core.config import FinetuneConfig, PruneConfig, recipe_keys
+from hybridprune.core.config import PRUNE_GROUPS, FinetuneConfig, PruneConfig, recipe_keys
 from hybridprune.core import yamlfile
 from hybridprune.core.errors import HybridPruneError
 from hybridprune.core.specs import check_dtype, parse_calib
@@ -72,7 +72,8 @@ def _plain(x):
 
 
 MAGNITUDE = "magnitude"  # a run's calibration: the pattern's magnitude-pruned floor, which reads no calibration
-CALIB_KEYS = ("calib", "calib_select", "calib_pool", "self_filter", "self_prefix", "self_batch", "squad_format")
+# what a named calibration entry may set: PruneConfig's calibration options, less the budget and the seed (prune:, seeds:)
+CALIB_KEYS = tuple(k for k in PRUNE_GROUPS["calibration"] if k not in ("nsamples", "seqlen", "seed", "batch_size"))
 
 
 @dataclass
