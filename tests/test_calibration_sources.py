@@ -44,6 +44,16 @@ def test_self_text_is_the_same_for_a_seed_and_holds_no_evaluation_example(smol, 
     assert info["temperature"] == {"start": 1.5, "end": 1.0, "steps": 32} and info["dropped"] == 0
 
 
+def test_self_text_does_not_depend_on_the_batch(smol, data_dir):
+    """Each sequence samples from a stream of its own: --self-batch changes speed, never the text."""
+    draws = [calibration.draw(smol.tokenizer, PruneConfig(calib="self", nsamples=3, seqlen=24, seed=5,
+                                                           data_dir=str(data_dir), **extra), smol.model)
+             for extra in ({}, {"self_batch": 1}, {"self_batch": 2})]
+    for d in draws[1:]:
+        assert torch.equal(d.samples, draws[0].samples)
+    assert len({tuple(row.tolist()) for row in draws[0].samples}) == 3  # and the rows differ from each other
+
+
 def test_self_source_drops_exactly_the_share_it_states(smol, data_dir):
     for share, made in ((0.2, 10), (0.5, 16), (0.0, 8)):
         config = PruneConfig(calib="self:wikitext2", nsamples=8, seqlen=32, self_filter=share, self_prefix=8,

@@ -92,7 +92,8 @@ class PruneConfig:
     self_filter: float = option(specs.SELF_FILTER, "self:SOURCE: the share of generations dropped, those of highest "
                                 "perplexity (Ji et al. 2025), in [0, 1)")
     self_prefix: int = option(specs.SELF_PREFIX_TOKENS, "self:SOURCE: prefix tokens drawn from SOURCE")
-    self_batch: int = option(16, "self, self:SOURCE: sequences generated together (bounds the KV cache)")
+    self_batch: int = option(32, "self, self:SOURCE: sequences generated together (bounds the KV cache; the "
+                             "text is the same at any value)")
     nsamples: int = option(128, "calibration sequences")
     seqlen: int = option(2048, "tokens per calibration sequence")
     seed: int = option(0, "seed of the calibration draw (a recipe's seeds: axis sets it per run)")

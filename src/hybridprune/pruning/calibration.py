@@ -13,11 +13,13 @@ Two generated sources, each as its paper describes it:
 A generation's perplexity is exp of the mean negative log-likelihood of its generated tokens under the model at
 temperature 1, read from the logits the sampler already computed (no second pass). Generation runs self_batch
 sequences at a time with a KV cache and asks the model for the last position's logits only, so no buffer holds
-vocabulary x tokens. One torch.Generator seeded from the calibration seed drives every draw: the same seed and
-settings give the same text.
+vocabulary x tokens. Each sequence samples from a random stream of its own (row_generator: seeded from the
+calibration seed and the sequence's number), so the same seed and settings give the same text whatever the batch:
+--self-batch changes speed and the KV cache's size, never the text.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -86,7 +88,7 @@ def draw(tokenizer, config: PruneConfig, model: nn.Module | None = None) -> Cali
 
 
 GENERATION_FIELDS = ("calib", "nsamples", "seqlen", "seed", "bos", "squad_format", "self_filter", "self_prefix",
-                     "self_batch", "data_dir")  # what a generated calibration depends on, besides the model
+                     "data_dir")  # what a generated calibration depends on, besides the model
 
 
 def save(calib: Calibration, path) -> None:
@@ -139,8 +141,14 @@ def kept_count(n: int, share: float) -> int:
     return math.ceil(n / (1 - share) - 1e-9)
 
 
+def row_generator(seed: int, row: int) -> torch.Generator:
+    """The random stream generated sequence number `row` samples from: seeded by a hash of (seed, row), so a
+    sequence's text does not depend on which other sequences share its batch."""
+    digest = hashlib.sha256(f"hybridprune-calibration:{seed}:{row}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2 ** 63 - 1))
+
+
 def _generated_part(model, tokenizer, source: str, n: int, config: PruneConfig, seed: int, bos: str, root):
-    gen = torch.Generator().manual_seed(seed)
     if source == specs.SELF:
         prompts = torch.full((n, 1), start_token(tokenizer), dtype=torch.long)
         schedule, share, total = specs.SELF_TEMPERATURE, 0.0, n
@@ -156,7 +164,7 @@ def _generated_part(model, tokenizer, source: str, n: int, config: PruneConfig, 
         info = {"source": source, "paper": "Ji et al. 2025", "prefix_tokens": config.self_prefix,
                 "prefix_from": f"{text_source} (fitting split)", "temperature": 1.0, "top_k": None,
                 "filter_share": share}
-    ids, nll = generate(model, prompts, config.seqlen, schedule, gen, config.self_batch, desc=f"writing {source}")
+    ids, nll = generate(model, prompts, config.seqlen, schedule, seed, config.self_batch, desc=f"writing {source}")
     ppl = torch.exp(nll)
     order = torch.argsort(ppl, stable=True)
     keep = torch.zeros(total, dtype=torch.bool)
@@ -173,14 +181,15 @@ def _generated_part(model, tokenizer, source: str, n: int, config: PruneConfig, 
 
 @torch.no_grad()
 def generate(model: nn.Module, prompts: torch.Tensor, length: int, schedule: tuple[float, float, int],
-             gen: torch.Generator, batch: int, desc: str = "generating") -> tuple[torch.Tensor, torch.Tensor]:
+             seed: int, batch: int, desc: str = "generating") -> tuple[torch.Tensor, torch.Tensor]:
     """Sample each prompt's continuation to `length` tokens in all. Returns the ids [n, length] and each row's mean
     negative log-likelihood of its generated tokens at temperature 1 [n].
 
     The KV cache is transformers' StaticCache of exactly `length` positions: a growing cache copies itself at every
     step (measured 1.3 s a step at 2,000 tokens x 32 rows on 2 cores, against 0.48 s static). Sampling uses the
     Gumbel-max trick (argmax of logits / t + Gumbel noise from the seeded generator), a draw from the same
-    distribution as softmax sampling at half its cost over a 49k vocabulary."""
+    distribution as softmax sampling at half its cost over a 49k vocabulary. Row r's noise comes from
+    row_generator(seed, lo + r) alone, so `batch` changes the speed, never the text."""
     from transformers import StaticCache
     n, p = prompts.shape
     temps = temperatures(length - p, schedule)
@@ -193,6 +202,7 @@ def generate(model: nn.Module, prompts: torch.Tensor, length: int, schedule: tup
     for lo in range(0, n, batch):
         rows = prompts[lo:lo + batch]
         k = len(rows)
+        gens = [row_generator(seed, lo + r) for r in range(k)]
         cache = StaticCache(config=model.config, max_cache_len=length)
         ids, pos = rows.to(device), 0
         out[lo:lo + k, :p] = rows
@@ -202,7 +212,8 @@ def generate(model: nn.Module, prompts: torch.Tensor, length: int, schedule: tup
                         logits_to_keep=1)
             pos += ids.shape[1]
             logits = res.logits[:, -1].float().cpu()
-            gumbel = -torch.log(-torch.log(torch.rand(logits.shape, generator=gen).clamp_min_(1e-20)))
+            noise = torch.stack([torch.rand(logits.shape[1], generator=g) for g in gens])
+            gumbel = -torch.log(-torch.log(noise.clamp_min_(1e-20)))
             nxt = torch.argmax(logits / t + gumbel, dim=-1, keepdim=True)
             nll[lo:lo + k] += (torch.logsumexp(logits, -1, keepdim=True) - logits.gather(1, nxt)).squeeze(1).double()
             out[lo:lo + k, p + i] = nxt.squeeze(1)
