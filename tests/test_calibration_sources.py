@@ -54,6 +54,19 @@ def test_self_text_does_not_depend_on_the_batch(smol, data_dir):
     assert len({tuple(row.tolist()) for row in draws[0].samples}) == 3  # and the rows differ from each other
 
 
+def test_sampling_draws_from_the_tempered_softmax():
+    """40,000 draws from one row: frequencies within 0.01 of softmax(logits / t) at t = 1 and 2, and a token of
+    probability zero (logit -inf) never drawn."""
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, float("-inf")]])
+    for t in (1.0, 2.0):
+        gen = [torch.Generator().manual_seed(7)]
+        draws = torch.cat([calibration.sample(logits, t, gen) for _ in range(40_000)]).flatten()
+        freq = torch.bincount(draws, minlength=5).double() / len(draws)
+        want = torch.softmax(logits[0].double() / t, -1)
+        assert (freq - want).abs().max() < 0.01, (t, freq, want)
+        assert freq[4] == 0
+
+
 def test_self_source_drops_exactly_the_share_it_states(smol, data_dir):
     for share, made in ((0.2, 10), (0.5, 16), (0.0, 8)):
         config = PruneConfig(calib="self:wikitext2", nsamples=8, seqlen=32, self_filter=share, self_prefix=8,

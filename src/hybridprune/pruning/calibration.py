@@ -179,6 +179,19 @@ def _generated_part(model, tokenizer, source: str, n: int, config: PruneConfig, 
     return ids[keep], rows, info
 
 
+def sample(logits: torch.Tensor, t: float, gens: list[torch.Generator]) -> torch.Tensor:
+    """One token per row of logits [k, V], from softmax(logits / t), row i drawing its noise from gens[i]: the
+    Gumbel-max trick, argmax(logits / t + Gumbel noise). Returns [k, 1].
+
+    Not inverting the cumulative softmax at one uniform number, though that draws 1 number a token instead of V:
+    every one of the V interval edges then moves with the logits' last-bit differences between batch sizes, so a
+    sequence's text changed with --self-batch (row 0 at its 18th token in the batch test); Gumbel-max changes only
+    when the two best scores are that close."""
+    noise = torch.stack([torch.rand(logits.shape[1], generator=g) for g in gens])
+    gumbel = -torch.log(-torch.log(noise.clamp_min_(1e-20)))
+    return torch.argmax(logits / t + gumbel, dim=-1, keepdim=True)
+
+
 @torch.no_grad()
 def generate(model: nn.Module, prompts: torch.Tensor, length: int, schedule: tuple[float, float, int],
              seed: int, batch: int, desc: str = "generating") -> tuple[torch.Tensor, torch.Tensor]:
@@ -186,10 +199,9 @@ def generate(model: nn.Module, prompts: torch.Tensor, length: int, schedule: tup
     negative log-likelihood of its generated tokens at temperature 1 [n].
 
     The KV cache is transformers' StaticCache of exactly `length` positions: a growing cache copies itself at every
-    step (measured 1.3 s a step at 2,000 tokens x 32 rows on 2 cores, against 0.48 s static). Sampling uses the
-    Gumbel-max trick (argmax of logits / t + Gumbel noise from the seeded generator), a draw from the same
-    distribution as softmax sampling at half its cost over a 49k vocabulary. Row r's noise comes from
-    row_generator(seed, lo + r) alone, so `batch` changes the speed, never the text."""
+    step (measured 1.3 s a step at 2,000 tokens x 32 rows on 2 cores, against 0.48 s static). Each token is drawn
+    by `sample` with noise from its row's own stream, row_generator(seed, row), so `batch` changes the speed, not
+    the text (up to near ties that the batch size's rounding of the logits decides)."""
     from transformers import StaticCache
     n, p = prompts.shape
     temps = temperatures(length - p, schedule)
@@ -212,9 +224,7 @@ def generate(model: nn.Module, prompts: torch.Tensor, length: int, schedule: tup
                         logits_to_keep=1)
             pos += ids.shape[1]
             logits = res.logits[:, -1].float().cpu()
-            noise = torch.stack([torch.rand(logits.shape[1], generator=g) for g in gens])
-            gumbel = -torch.log(-torch.log(noise.clamp_min_(1e-20)))
-            nxt = torch.argmax(logits / t + gumbel, dim=-1, keepdim=True)
+            nxt = sample(logits, t, gens)
             nll[lo:lo + k] += (torch.logsumexp(logits, -1, keepdim=True) - logits.gather(1, nxt)).squeeze(1).double()
             out[lo:lo + k, p + i] = nxt.squeeze(1)
             ids = nxt.to(device)
