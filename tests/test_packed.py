@@ -11,7 +11,7 @@ from conftest import safetensors_tensors, tiny_model
 from hybridprune.cli import main
 from hybridprune.core.errors import HybridPruneError
 from hybridprune.pruning import patterns
-from hybridprune.sparse import kernels, packing
+from hybridprune.sparse import kernels, packing, routes
 from hybridprune.sparse.load import load_model
 
 TIERED = {"kind": "tiered", "block": 16, "n": 2, "m": 4, "k": 15}
@@ -73,10 +73,10 @@ def test_packed_bytes_match_the_format():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4", "three-tier"])
 def test_kernels_equal_dense_matmul(pattern, dtype):
-    """All implementations (portable, AVX2 and AVX-512 where the CPU has them) stay within fp32 rounding of a
-    float64 reference, on odd shapes, random tier maps, batch 1, 3, 6 (a pass of 4 rows, then 2), 16 and prefill
-    batches (130, 300: the dense-strip path from kernels.DENSE_FROM rows on, or AVX-512's GEMM from
-    kernels.GEMM_FROM rows on). Below GEMM_FROM they agree bit for bit."""
+    """Every kernel path (portable, AVX2 and AVX-512 where the CPU has them) and every route it has (the sparse
+    kernel, dense strips, AVX-512's packed GEMM) stays within fp32 rounding of a float64 reference, on odd shapes,
+    random tier maps, batch 1, 3, 6 (a pass of 4 rows, then 2), 16 and prefill batches (130, 300); the module as
+    dispatched gives one of them. The sparse kernel gives the same bits on every path."""
     worst = 0.0
     for N, K in SHAPES:
         if pattern == "2:4" and K % 16:
@@ -84,20 +84,18 @@ def test_kernels_equal_dense_matmul(pattern, dtype):
         W, layout, tiers = pruned(pattern, N, K, dtype, seed=N)
         m = kernels.PackedLinear(layout, packing.pack_matrix(W, layout, "w", tiers))
         assert m.kind == layout["kind"]
-        for B in (1, 3, 6, 16, 130, 300):  # 130: sparse or strips by layout; 300: strips (AVX-512: the GEMM)
+        paths = [1] + [2] * kernels.extension().has_avx2() + [3] * kernels.extension().has_avx512()
+        for B in (1, 3, 6, 16, 130, 300):
             x = torch.randn(B, K)
             ref = x.double() @ W.double().t()
-            outs = {1: m.matmul(x, 1)}
-            if kernels.extension().has_avx2():
-                outs[2] = m.matmul(x, 2)
-            if kernels.extension().has_avx512():
-                outs[3] = m.matmul(x, 3)
+            outs = {(path, route): m.matmul(x, path, route) for path in paths for route in m.routes(path)}
             for y in outs.values():
                 err = ((y.double() - ref).abs().max() / ref.abs().max()).item()
                 worst = max(worst, err)
                 assert err < 1e-5, (N, K, B, err)
-            same = [y for i, y in outs.items() if i != 3 or B < kernels.GEMM_FROM[m.kind]]
-            assert all(torch.equal(same[0], y) for y in same[1:]), (N, K, B)
+            sparse = [y for (_, route), y in outs.items() if route == routes.SPARSE]
+            assert all(torch.equal(sparse[0], y) for y in sparse[1:]), (N, K, B)
+            assert torch.equal(m.matmul(x), outs[(paths[-1], m.route(B, paths[-1]))])
     print(f"{pattern} {dtype}: largest relative error {worst:.2e}")
 
 
@@ -332,19 +330,25 @@ def test_recipe_eval_kernels(tmp_path):
         experiment.load_recipe(tmp_path / "c.yaml")
 
 
+def _avx2() -> bool:
+    return kernels.toolchain_problem() is None and kernels.extension().has_avx2()
+
+
 def _avx512() -> bool:
     """Whether this CPU runs the AVX-512 paths (False where the kernels cannot be built: those tests skip anyway)."""
     return kernels.toolchain_problem() is None and kernels.extension().has_avx512()
 
 
 @pytest.mark.kernels
-@pytest.mark.skipif(not _avx512(), reason="the packed GEMM needs AVX-512")
+@pytest.mark.skipif(not _avx2(), reason="the packed GEMM needs AVX2 or AVX-512")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4", "three-tier"])
 def test_packed_gemm_equals_dense_matmul(pattern, dtype):
-    """The large-batch GEMM (PackedLinear.gemm): odd shapes with edge blocks, batch tiles of 16, 32 and 48 rows and
-    a remainder, within fp32 rounding of a float64 product; the module dispatches to it from GEMM_FROM rows on.
-    1040 columns span three k-slices of the GEMM (the tiered one takes each slice's blocks from its list)."""
+    """The large-batch GEMM (PackedLinear.gemm), AVX2 and AVX-512 where the CPU has it: odd shapes with edge blocks,
+    batch tiles of 16, 32 and 48 rows and a remainder, within fp32 rounding of a float64 product, and the two
+    paths equal bit for bit (the same sums in the same order); the module dispatches to it where it measured
+    fastest. 1040 columns span three k-slices of the GEMM (the tiered one takes each slice's blocks from its list)."""
+    paths = [2] + [3] * _avx512()
     for N, K in SHAPES + [(130, 256), (40, 1040)]:
         if pattern == "2:4" and K % 16:
             continue
@@ -352,11 +356,12 @@ def test_packed_gemm_equals_dense_matmul(pattern, dtype):
         m = kernels.PackedLinear(layout, packing.pack_matrix(W, layout, "w", tiers))
         for B in (1, 3, 17, 33, 70):
             x = torch.randn(B, K)
-            y = m.gemm(x)
-            if B >= kernels.GEMM_FROM[m.kind]:
-                assert torch.equal(m(x), y)
+            ys = [m.gemm(x, path) for path in paths]
+            assert all(torch.equal(ys[0], y) for y in ys[1:]), (N, K, B)
+            if m.route(B) == routes.GEMM:
+                assert torch.equal(m(x), ys[-1])
             ref = x.double() @ W.double().t()
-            err = ((y.double() - ref).abs().max() / ref.abs().max()).item()
+            err = ((ys[0].double() - ref).abs().max() / ref.abs().max()).item()
             assert err < 1e-5, (N, K, B, err)
 
 
@@ -409,7 +414,7 @@ def test_a_version_1_folder_loads_and_says_it_has_no_checksums(pruned_folders, t
 
 @pytest.mark.parametrize("edit,match", [
     (lambda rec: rec["packed"].update(version="1.0"), "version '1.0'"),
-    (lambda rec: rec["packed"].update(version=3), "version 3"),
+    (lambda rec: rec["packed"].update(version=4), "version 4"),
     (lambda rec: next(iter(rec["packed"]["matrices"].values())).update(n=1, m=2), "says n:m 1:2"),
     (lambda rec: next(iter(rec["packed"]["matrices"].values())).update(kind="sparse"), "kind 'sparse'"),
     (lambda rec: next(iter(rec["packed"]["matrices"].values())).update(transposed=True), "transposed"),

@@ -62,8 +62,8 @@ class PrunedModel:
         """The fraction of zeros over the prunable matrices of the decoder layers."""
         return models.sparsity_report(self.model)["overall"]
 
-    def save(self, out: str | Path, *, packed: bool = False, overwrite: bool = False) -> Path:
-        return save(self, out, packed=packed, overwrite=overwrite)
+    def save(self, out: str | Path, *, packed: bool = False, overwrite: bool = False, values: str = "float") -> Path:
+        return save(self, out, packed=packed, overwrite=overwrite, values=values)
 
 
 def load(spec: str = "default", *, dtype: str | torch.dtype | None = None, device: str | None = None,
@@ -136,10 +136,15 @@ def evaluate(model: PrunedModel, tasks: Sequence[str] | str = ("wikitext2",), **
     return evaluate_model(pm.model, pm.tokenizer, names, **options)
 
 
-def save(model: PrunedModel, out: str | Path, *, packed: bool = False, overwrite: bool = False) -> Path:
+def save(model: PrunedModel, out: str | Path, *, packed: bool = False, overwrite: bool = False,
+         values: str = "float") -> Path:
     """Write the folder the CLI writes: safetensors weights, tokenizer, hybridprune.json, sparsity.json, tier maps
     and column orders (and, after fine-tuning, the loss curve and any unmerged adapter). packed=True stores only
-    what is kept (the packed format); the folder appears whole or not at all."""
+    what is kept (the packed format), values="int8" its kept values as int8 with a scale per output row; the
+    folder appears whole or not at all."""
+    packing.check_values(values)
+    if values != "float" and not packed:
+        raise HybridPruneError(f"values={values!r} stores packed weights; pass packed=True as well")
     pm = _as_pruned(model)
     if packed and "prune" not in pm.record:
         raise HybridPruneError("only a pruned model can be saved packed; prune it first, or save it dense")
@@ -148,7 +153,7 @@ def save(model: PrunedModel, out: str | Path, *, packed: bool = False, overwrite
     if Path(out).exists() and not overwrite:
         raise HybridPruneError(f"output folder {out} exists; pass overwrite=True or choose another folder")
     if packed:
-        with packing.packed_output(out, overwrite=overwrite) as tmp:
+        with packing.packed_output(out, overwrite=overwrite, values=values) as tmp:
             _save_dense(pm, tmp, overwrite=True)
         return Path(out)
     return _save_dense(pm, out, overwrite=overwrite)
@@ -168,10 +173,12 @@ def _save_dense(pm: PrunedModel, out, overwrite: bool) -> Path:
                              extra=extra)
 
 
-def use_kernels(model: PrunedModel) -> PrunedModel:
-    """Compute every pruned matrix from its packed form with hybridprune's CPU kernels (in place)."""
+def use_kernels(model: PrunedModel, *, values: str = "float") -> PrunedModel:
+    """Compute every pruned matrix from its packed form with hybridprune's CPU kernels (in place); values="int8"
+    packs the kept values as int8 with a scale per output row first."""
+    packing.check_values(values)
     pm = _as_pruned(model)
-    n = kernels.sparsify_(pm.model, record=pm.record, tier_maps=pm.tier_maps, perms=pm.permutations)
+    n = kernels.sparsify_(pm.model, record=pm.record, tier_maps=pm.tier_maps, perms=pm.permutations, values=values)
     if n == 0:
         logger.warning("use_kernels: nothing to pack (the model was not pruned by hybridprune); running dense")
     return pm

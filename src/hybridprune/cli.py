@@ -214,6 +214,8 @@ def cmd_prune(args):
 
     config = _config(args)
     _check_device(args)
+    if args.values != "float" and args.save != "packed":
+        raise HybridPruneError(f"--values {args.values} stores packed weights; add --save packed")
     if args.save == "packed":
         from hybridprune.sparse.packing import check_packable
         check_packable(config.build_pattern().describe())
@@ -248,7 +250,7 @@ def cmd_prune(args):
         print(f"pruned perplexity {pruned['ppl']:.2f}  ({pruned['windows']} windows x {pruned['seqlen']})")
         extra["pruned_ppl"] = pruned
     pm.record.update(extra)
-    api.save(pm, args.out, packed=args.save == "packed", overwrite=args.overwrite)
+    api.save(pm, args.out, packed=args.save == "packed", overwrite=args.overwrite, values=args.values)
     _say_pruned(pm.record, Path(args.out))
 
 
@@ -260,7 +262,7 @@ def _saving(args):
         yield args.out, args.overwrite
         return
     from hybridprune.sparse.packing import packed_output
-    with packed_output(args.out, overwrite=args.overwrite) as tmp:
+    with packed_output(args.out, overwrite=args.overwrite, values=args.values) as tmp:
         yield tmp, True
 
 
@@ -473,18 +475,27 @@ def _add_eval_args(p):
     p.add_argument("--ppl-windows", type=int, default=None, help="wikitext2: evaluate only the first N windows")
 
 
+def _add_values_arg(p) -> None:
+    p.add_argument("--values", default="float", choices=["float", "int8"], help="packed weights: the kept values "
+                   "in the model's dtype (float, default) or as int8 with one scale per output row (about a quarter "
+                   "of fp32's bytes; --kernels computes with them)")
+
+
 def cmd_pack(args):
     from hybridprune.sparse.packing import is_packed, pack_folder, unpack_folder
     _check_out(args.out, args.overwrite)
     if not Path(args.model).is_dir():
         raise HybridPruneError(f"{args.model} is not a folder; pack takes a folder saved by `hybridprune prune`")
     if args.unpack:
+        if args.values != "float":
+            raise HybridPruneError(f"--values {args.values} applies to packing; --unpack writes the weights as they "
+                                   "were packed (int8 ones dequantized): drop --values")
         if not is_packed(args.model):
             raise HybridPruneError(f"{args.model} is not packed (no packed.safetensors); nothing to unpack")
         unpack_folder(args.model, args.out, overwrite=args.overwrite)
         print(f"unpacked to {args.out}")
         return
-    stats = pack_folder(args.model, args.out, overwrite=args.overwrite)
+    stats = pack_folder(args.model, args.out, overwrite=args.overwrite, values=args.values)
     print(f"saved to {args.out}: prunable matrices {stats['dense_bytes'] / 1e6:.1f} MB -> "
           f"{stats['packed_bytes'] / 1e6:.1f} MB ({stats['packed_bytes'] / stats['dense_bytes']:.3f} of dense)")
 
@@ -578,6 +589,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--save", default="dense", choices=["dense", "packed"], help="dense: a from_pretrained folder, "
                    "pruned weights as zeros (default); packed: only what is kept (see `hybridprune pack`)")
+    _add_values_arg(p)
     p.add_argument("--compare-ppl", action="store_true", help="measure WikiText-2 perplexity before and after")
     p.add_argument("--max-windows", type=int, default=None, help="with --compare-ppl: windows to evaluate")
     p.add_argument("--ppl-seqlen", type=int, default=2048, help="with --compare-ppl: window length")
@@ -632,6 +644,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--unpack", action="store_true", help="packed folder -> ordinary from_pretrained folder")
+    _add_values_arg(p)
     p.set_defaults(func=cmd_pack)
 
     p = sub.add_parser("inspect", help="sparsity report of a saved model", description="Per-layer and per-matrix "

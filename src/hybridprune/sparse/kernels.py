@@ -6,10 +6,12 @@
 The extension is compiled from csrc/packed.cpp with torch's C++ extension mechanism the first time it is used
 (`make setup` does it once) into the hybridprune cache folder; nothing prebuilt is downloaded. `build(name)` does
 the same for any csrc source (fine-tuning's hashed dropout, csrc/dropout.cpp).
-Three implementations give bit-identical results below the GEMM's batch size: AVX-512 (expand-loads for the
-bitmask, two-source permutes for 2:4 positions) and AVX2+FMA where the CPU has them, and a portable one
-(HYBRIDPRUNE_KERNELS=portable forces it; avx2 and avx512 name the others). For prefill batches, AVX-512 runs its
-own GEMM, whose sums are ordered differently (within fp32 rounding of the others, not bit-identical). Layouts
+The sparse kernel has three implementations with bit-identical results: AVX-512 (expand-loads for the bitmask,
+two-source permutes for 2:4 positions) and AVX2+FMA where the CPU has them, and a portable one
+(HYBRIDPRUNE_KERNELS=portable forces it; avx2 and avx512 name the others). For prefill, x with two or more rows
+takes whichever route routes.py measured fastest on this machine: the sparse kernel, the packed GEMM (AVX-512 or
+AVX2, the same bits), or dense strips (torch's matmul over decoded rows); their sums are ordered differently (within fp32 rounding of each
+other, not bit-identical). Layouts
 the kernels do not cover (blocks other than 16x16, an N:M other than 2:4) keep their packed form on disk and
 compute with the unpacked matrix.
 """
@@ -27,23 +29,19 @@ from torch import nn
 from hybridprune.io import models
 from hybridprune.io.folder import load_permutations, load_tier_maps, read_record
 from hybridprune.core.errors import HybridPruneError, require
-from hybridprune.core.specs import (KERNEL_PATHS as IMPLS, check_kernels_env, check_toolchain,  # noqa: F401
+from hybridprune.core.specs import (KERNEL_PATHS as IMPLS, cache_bytes, check_kernels_env,  # noqa: F401
+                                   check_toolchain,
                                    toolchain_problem)
-from hybridprune.sparse.packing import kept_per_row, pack_prunable, unpack_matrix
+from hybridprune.sparse import routes
+from hybridprune.sparse.packing import kept_per_row, pack_prunable, packed_bytes, unpack_matrix
 
 logger = logging.getLogger(__name__)
 _CSRC = Path(__file__).parent / "csrc"
 _BUILT: dict = {}
-# rows of x from which a dense matmul of decoded strips beats the sparse kernel, per layout (bench/kernels.py,
-# 11008 x 4096 fp32: unstructured and 2:4 on 2 AVX2 cores, tiered re-measured on 2 AVX-512 cores, where its
-# kernel at 128 rows took 58 ms and the strips 77 ms: the tiered decoder is scalar)
-DENSE_FROM = {"unstructured": 48, "nm": 24, "tiered": 256}
-STRIP = 512       # rows decoded at a time for it
-# On AVX-512, from GEMM_FROM rows of x on, the packed GEMM instead (csrc/packed.cpp: 16 weight rows decoded into
-# L2 at a time, an 8 x 48 register tile over x^T); it replaces both the sparse kernel and the strips there. Where
-# it overtakes the sparse kernel (11008 x 4096 fp32, 2 AVX-512 cores: unstructured 11.6 vs 13.2 ms at 12 rows,
-# 2:4 12.6 vs 14.5 ms at 16, tiered 16.3 vs 16.0 ms at 24 and 17.5 vs 21.2 ms at 32).
-GEMM_FROM = {"unstructured": 12, "nm": 16, "tiered": 24}
+STRIP = 512  # weight rows decoded at a time for the dense-strips route
+MAX_COPIES = 64  # copies of a small matrix cycled through while measuring routes (its weights then come from DRAM)
+_TABLES: dict = {}  # routes.RouteTable per compiled build
+_ENTRIES: dict = {}  # measured route entries by routes.entry_key, for this process
 
 
 def extension():
@@ -65,6 +63,7 @@ def build(name: str, fallback: str, source: Path | None = None):
         digest = hashlib.sha256(source.read_bytes() + torch.__version__.encode()).hexdigest()[:12]
         folder = models.cache_dir() / "kernels" / digest
         folder.mkdir(parents=True, exist_ok=True)
+        _TABLES[name] = routes.RouteTable(folder / "routes.json")
         scripts = sysconfig.get_path("scripts")  # ninja comes with the venv; a plain .venv/bin/python lacks PATH
         if scripts and scripts not in os.environ.get("PATH", "").split(os.pathsep):
             os.environ["PATH"] = scripts + os.pathsep + os.environ.get("PATH", "")
@@ -99,6 +98,8 @@ class PackedLinear(nn.Module):
         self.layout = dict(layout)
         self.out_features, self.in_features = layout["shape"]
         self.kind = layout["kind"] if covered(layout) else "unpacked"
+        # int8 values: the kernels compute sum(q * x), and each output is then multiplied by its row's scale
+        self.scaled = layout.get("values") == "int8" and self.kind != "unpacked"
         if self.kind == "unpacked":
             self.register_buffer("weight", unpack_matrix(tensors, layout))
         else:
@@ -139,6 +140,9 @@ class PackedLinear(nn.Module):
         if backend == "dense":
             y = x @ self.weight.to(x.dtype).t()
         elif backend == "triton":
+            if self.scaled:
+                raise HybridPruneError("the GPU kernels take float values; int8 values (--values int8) run on the CPU "
+                                       "kernels: pack with --values float for a GPU")
             require("triton", "gpu", "the packed GPU kernels")
             from hybridprune.sparse import triton_kernels
             xs = x.index_select(-1, self._buffers["perm"]) if self.permuted else x
@@ -156,16 +160,20 @@ class PackedLinear(nn.Module):
         bias = self._parameters.get("bias")
         return y if bias is None else y + bias.to(y.dtype)
 
-    def matmul(self, x: torch.Tensor, implementation: int | None = None) -> torch.Tensor:
-        """x [..., in] fp32 -> x @ W.T [..., out] fp32, by the number of rows: the sparse kernel (decode), then for
-        prefill the packed GEMM from GEMM_FROM rows on (AVX-512), or elsewhere a dense matmul over strips of rows
-        decoded from the packed form from DENSE_FROM rows on."""
+    def matmul(self, x: torch.Tensor, implementation: int | None = None, route: str | None = None) -> torch.Tensor:
+        """x [..., in] fp32 -> x @ W.T [..., out] fp32 by `route` (default: the one measured fastest for this many
+        rows on this machine, see routes.py): the sparse kernel, the packed GEMM (AVX-512 or AVX2) or dense
+        strips; with int8 values, times each row's scale."""
+        y = self._matmul(x, implementation, route)
+        return y * self._buffers["scale"] if self.scaled else y
+
+    def _matmul(self, x: torch.Tensor, implementation: int | None, route: str | None) -> torch.Tensor:
         ext, which = extension(), impl() if implementation is None else implementation
         rows = x.numel() // self.in_features
-        route = self.route(rows, which)
-        if route != "sparse kernel":
+        route = route or self.route(rows, which)
+        if route != routes.SPARSE:
             x2 = x.reshape(rows, self.in_features)
-            y = self.gemm(x2) if route == "packed GEMM" else self.dense_matmul(x2)
+            y = self.gemm(x2, which) if route == routes.GEMM else self.dense_matmul(x2)
             return y.reshape(*x.shape[:-1], self.out_features)
         # decode: the Python around the kernel costs ~2 us (the default model's k_proj takes ~20 us): the kernels
         # take [..., in] as it comes, the buffers are read from the dict (nn.Module.__getattr__ costs ~0.5 us each)
@@ -178,25 +186,68 @@ class PackedLinear(nn.Module):
                           b["topk_positions"], b["offsets"], which)
         return y if y.shape[-1] == self.out_features else y[..., :self.out_features].contiguous()
 
+    def routes(self, implementation: int = 0) -> list[str]:
+        """The routes this matrix can take on kernel path `implementation` (0: the fastest the CPU has): the packed
+        GEMM needs AVX2 or AVX-512."""
+        gemm = _path(implementation) in (2, 3)
+        return [routes.SPARSE] + ([routes.GEMM] if gemm else []) + [routes.STRIPS]
+
     def route(self, rows: int, implementation: int = 0) -> str:
-        """Which path `matmul` takes for `rows` rows of x: "sparse kernel", "packed GEMM" or "dense strips"."""
-        if implementation in (0, 3) and rows >= GEMM_FROM[self.kind] and extension().has_avx512():
-            return "packed GEMM"
-        return "dense strips" if rows >= DENSE_FROM[self.kind] else "sparse kernel"
+        """Which route `matmul` takes for `rows` rows of x: the fastest measured on this machine (routes.py)."""
+        if rows < routes.BUCKETS[0]:
+            return routes.SPARSE
+        return routes.choose(self.route_table(implementation), rows)
+
+    def route_table(self, implementation: int = 0) -> dict:
+        """This layout and shape's measured routes on this machine: from this process, the cache, or measured now
+        (once per machine, a second or so for a 7B model's largest matrix)."""
+        path = _path(implementation)
+        values = self._buffers["dense" if self.kind == "tiered" else "values"]
+        key = routes.entry_key(self.kind, (self.out_features, self.in_features), values.dtype, path)
+        entry = _ENTRIES.get(key)
+        if entry is None:
+            table = _TABLES["packed"]
+            entry = table.get(key)
+            if entry is None:
+                logger.info(f"measuring the prefill routes of {key} (once on this machine; kept in {table.path})")
+                entry = self._measure_routes(path)
+                table.put(key, entry)
+            _ENTRIES[key] = entry
+        return entry
+
+    def _measure_routes(self, implementation: int) -> dict:
+        """Time every route at routes.BUCKETS rows, cycling through copies of this matrix (up to twice the L3 in
+        all), so that as in a model's forward its weights come from DRAM rather than cache."""
+        n = max(1, min(MAX_COPIES, -(-2 * cache_bytes() // max(1, packed_bytes(self._buffers)))))
+        copies = [self] + [PackedLinear(self.layout, {k: v.clone() for k, v in self._packed_tensors().items()})
+                           for _ in range(n - 1)]
+        turn = {"i": 0}
+
+        def run(route: str, x: torch.Tensor):
+            module = copies[turn["i"] % n]
+            turn["i"] += 1
+            return module.matmul(x, implementation, route)
+        with torch.no_grad():
+            return routes.measure(run, self.routes(implementation), self.in_features)
+
+    def _packed_tensors(self) -> dict:
+        """The packed tensors this module was built from (its buffers less those it derived)."""
+        return {k: v for k, v in self._buffers.items() if k not in ("rowptr", "offsets", "weight")}
 
     def _padded(self, x: torch.Tensor) -> torch.Tensor:
         """x, contiguous, with zero columns up to the packed width (whole mask bytes, whole 16-column blocks)."""
         return _pad(x, self.pad_cols)
 
-    def gemm(self, x: torch.Tensor) -> torch.Tensor:
-        """x @ W.T by the packed GEMM (AVX-512 only): each thread decodes 16 weight rows at a time into L2."""
+    def gemm(self, x: torch.Tensor, implementation: int = 0) -> torch.Tensor:
+        """x @ W.T by the packed GEMM (AVX-512, or AVX2 where the CPU lacks it or implementation is 2): each
+        thread decodes 16 weight rows at a time into L2. Both give the same bits."""
         ext, xp = extension(), self._padded(x)
         if self.kind == "unstructured":
-            return ext.unstructured_gemm(xp, self.mask, self.values, self.rowptr)
+            return ext.unstructured_gemm(xp, self.mask, self.values, self.rowptr, implementation)
         if self.kind == "nm":
-            return ext.nm24_gemm(xp, self.values, self.positions)
+            return ext.nm24_gemm(xp, self.values, self.positions, implementation)
         return ext.tiered_gemm(xp, self.tiers, self.dense, self.nm_values, self.nm_positions, self.topk_values,
-                               self.topk_positions, self.offsets)[:, :self.out_features]
+                               self.topk_positions, self.offsets, implementation)[:, :self.out_features]
 
     def dense_matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x @ W.T with W decoded STRIP rows at a time (a strip stays in cache; the whole matrix never exists)."""
@@ -219,17 +270,27 @@ class PackedLinear(nn.Module):
         return y
 
 
+def _path(implementation: int) -> int:
+    """The kernel path an implementation number runs: 0 (the fastest) resolved to 3 (AVX-512), 2 (AVX2) or 1."""
+    if implementation:
+        return implementation
+    ext = extension()
+    return 3 if ext.has_avx512() else 2 if ext.has_avx2() else 1
+
+
 def _pad(x: torch.Tensor, extra: int) -> torch.Tensor:
     return torch.nn.functional.pad(x, (0, extra)).contiguous() if extra else x.contiguous()
 
 
 def sparsify_(model: nn.Module, config=None, result=None, packed: dict | None = None, layouts: dict | None = None,
-              record: dict | None = None, tier_maps: dict | None = None, perms: dict | None = None) -> int:
+              record: dict | None = None, tier_maps: dict | None = None, perms: dict | None = None,
+              values: str = "float") -> int:
     """Swap each pruned matrix's module for a PackedLinear, in place. Returns how many were swapped.
 
     config/result: the PruneConfig and PruneResult of `prune(model, config)` (the pattern and tier maps), or
     record/tier_maps/perms: a saved folder's hybridprune.json, tiers.safetensors and permutations.safetensors; each
-    prunable matrix is then packed here from the model's own zeros. packed/layouts: the tensors and layouts of a packed folder
+    prunable matrix is then packed here from the model's own zeros, its kept values in the model's dtype or
+    (values="int8") as int8 with a scale per output row. packed/layouts: the tensors and layouts of a packed folder
     (packing.read_packed), keyed by weight name.
     """
     if config is not None and result is not None:
@@ -244,7 +305,7 @@ def sparsify_(model: nn.Module, config=None, result=None, packed: dict | None = 
         skipped = set(record.get("skipped") or [])
         for name, mod in models.prunable_matrices(model).items():
             done = pack_prunable(name, models.weight_matrix(mod).detach(), not isinstance(mod, nn.Linear), pattern,
-                                 tier_maps or {}, skipped, perms)
+                                 tier_maps or {}, skipped, perms, values)
             if done is not None:
                 layouts[f"{name}.weight"], packed[f"{name}.weight"] = done
     for key, layout in layouts.items():

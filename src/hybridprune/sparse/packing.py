@@ -11,12 +11,13 @@
                     nm_values     [nn, B/M*N, B]  kept value t of every block row, t-major
                     nm_positions  [nn, B/M*N] int32  the 2-bit positions of value t of the B rows in one word
                     topk_values   [nt, k]       and  topk_positions [nt, k] uint8: row * B + column
-Tensors that were not pruned are stored as they are. Every packed tensor of matrix `W` is named `W.<field>`,
+Values are stored in the model's dtype, or with --values int8 ("values": "int8", "scale": "row") as int8 with a
+float32 scale [out] per output row (quantize). Tensors that were not pruned are stored as they are. Every packed tensor of matrix `W` is named `W.<field>`,
 and the folder's hybridprune.json records {"packed": {"format", "version", "matrices": {W: layout}}}.
 The layouts are the ones the kernels read (kernels.py), so loading never converts them.
 
-Unpacking restores every weight bit for bit; a pruned weight reads back as +0.0 (pruning by a multiply can
-leave -0.0, the same number).
+Unpacking restores every weight bit for bit (int8 values: the dequantized weights, q * scale, which the kernels
+compute with); a pruned weight reads back as +0.0 (pruning by a multiply can leave -0.0, the same number).
 """
 from __future__ import annotations
 
@@ -39,9 +40,12 @@ from hybridprune.pruning.patterns import from_blocks, to_blocks
 
 logger = logging.getLogger(__name__)
 FORMAT, VERSION = "hybridprune-packed", 2
-VERSIONS = (1, 2)  # what this release reads; version 1 (hybridprune 0.1) carries no checksums
+INT8_VERSION = 3  # a folder with int8 values: a version-2 reader would take the int8 numbers for the weights
+VERSIONS = (1, 2, 3)  # what this release reads; version 1 (hybridprune 0.1) carries no checksums
 KINDS = ("unstructured", "nm", "tiered")
 DTYPES = ("float32", "float16", "bfloat16")
+VALUES = ("float", "int8")  # how kept values are stored: in the model's dtype, or int8 with a scale per output row
+VALUE_FIELDS = ("values", "dense", "nm_values", "topk_values")
 
 
 def _bits(m: int) -> int:
@@ -132,9 +136,14 @@ def _pack_tiered(W, layout, name, tiers):
 
 
 def unpack_matrix(t: dict, layout: dict) -> torch.Tensor:
-    """The dense [out, in] matrix back from its packed tensors."""
+    """The dense [out, in] matrix back from its packed tensors (int8 values: q * scale, in float32, then the
+    layout's dtype)."""
     N, K = layout["shape"]
     kind = layout["kind"]
+    if layout.get("values") == "int8":
+        plain, base = dequantized(t, layout)
+        W = unpack_matrix(plain, base) * t["scale"].float().unsqueeze(1)
+        return W.to(getattr(torch, layout.get("dtype", "float32")))
     if kind == "unstructured":
         keep = ((t["mask"].to(torch.int32).unsqueeze(-1) >> torch.arange(8, dtype=torch.int32)) & 1).bool()
         keep = keep.reshape(N, -1)[:, :K]
@@ -169,6 +178,57 @@ def unpack_matrix(t: dict, layout: dict) -> torch.Tensor:
     return from_blocks(blocks.reshape(R, C, b * b), N, K, b).contiguous()
 
 
+def quantize(t: dict, layout: dict) -> tuple[dict, dict]:
+    """A packed matrix's kept values as int8 with one float32 scale per output row: s_r = max |kept value of row r|
+    / 127 (1 for a row that keeps nothing), q = round(v / s_r), in [-127, 127]. Returns (layout, tensors) with
+    "values": "int8", "scale": "row" and the scales as tensor `scale` [out].
+
+    Per output row rather than per block: the kernels then multiply each output by its row's scale once
+    (y_r = s_r * sum_k q_rk x_k), so their inner loops only widen int8 to fp32, as they widen bf16; a scale per
+    16x16 block would cost a multiply per block and output in every kernel and in the GEMMs' decoders."""
+    if layout.get("values") == "int8":
+        return layout, t
+    rows = _value_rows(t, layout)
+    N = layout["shape"][0]
+    amax = torch.zeros(-(-N // layout["block"]) * layout["block"] if layout["kind"] == "tiered" else N)
+    for field, r in rows.items():
+        amax.scatter_reduce_(0, r.reshape(-1), t[field].float().abs().reshape(-1), "amax")
+    scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
+    out = dict(t)
+    for field, r in rows.items():
+        out[field] = torch.round(t[field].float() / scale[r]).clamp_(-127, 127).to(torch.int8).contiguous()
+    out["scale"] = scale[:N].contiguous()
+    return {**layout, "values": "int8", "scale": "row"}, out
+
+
+def _value_rows(t: dict, layout: dict) -> dict:
+    """For each tensor of kept values, the output row of every value (int64, the tensor's shape)."""
+    N = layout["shape"][0]
+    if layout["kind"] == "unstructured":
+        return {"values": torch.repeat_interleave(torch.arange(N), kept_per_row(t["mask"]))}
+    if layout["kind"] == "nm":
+        return {"values": torch.arange(N).unsqueeze(1).expand_as(t["values"])}
+    b = layout["block"]
+    C = t["tiers"].shape[1]
+    flat = t["tiers"].reshape(-1).to(torch.int64)
+    block_row = torch.arange(flat.numel()) // C
+    lane = torch.arange(b)
+    rows = {}
+    for field, tier in (("dense", 0), ("nm_values", 1)):  # [blocks, columns, rows]: row i is the last index
+        first = block_row[flat == tier] * b
+        rows[field] = (first.view(-1, 1, 1) + lane.view(1, 1, -1)).expand_as(t[field])
+    first = block_row[flat == 2] * b
+    rows["topk_values"] = first.view(-1, 1) + (t["topk_positions"].to(torch.int64) // b)
+    return rows
+
+
+def dequantized(t: dict, layout: dict) -> tuple[dict, dict]:
+    """The packed tensors with float32 values (q as numbers) and the layout without "values": what unpack_matrix
+    reads before multiplying the rows by their scales."""
+    plain = {k: (v.float() if k in VALUE_FIELDS else v) for k, v in t.items() if k != "scale"}
+    return plain, {k: v for k, v in layout.items() if k not in ("values", "scale")}
+
+
 def kept_per_row(mask: torch.Tensor) -> torch.Tensor:
     """Kept weights per row of an unstructured bitmask [N, bytes] (int64 [N])."""
     popcount = torch.tensor([bin(i).count("1") for i in range(256)])
@@ -177,6 +237,18 @@ def kept_per_row(mask: torch.Tensor) -> torch.Tensor:
 
 def expected_shapes(layout: dict, t: dict) -> dict:
     """The shape each packed tensor must have, from the layout (and, for values, from the mask / tier map)."""
+    out = _expected_shapes(layout, t)
+    return {**out, "scale": (layout["shape"][0],)} if layout.get("values") == "int8" else out
+
+
+def expected_dtypes(layout: dict) -> dict:
+    """The dtype the value tensors (and an int8 layout's scales) must have."""
+    if layout.get("values") == "int8":
+        return {**dict.fromkeys(VALUE_FIELDS, torch.int8), "scale": torch.float32}
+    return dict.fromkeys(VALUE_FIELDS, getattr(torch, layout.get("dtype", "float32")))
+
+
+def _expected_shapes(layout: dict, t: dict) -> dict:
     N, K = layout["shape"]
     kind = layout["kind"]
     if kind == "unstructured":
@@ -245,9 +317,10 @@ def layout_for(pattern: dict, name: str, W: torch.Tensor, tier_maps: dict, skipp
 
 
 def pack_prunable(name: str, W: torch.Tensor, transposed: bool, pattern: dict, tier_maps: dict,
-                  skipped: set, perms: dict | None = None) -> tuple[dict, dict] | None:
+                  skipped: set, perms: dict | None = None, values: str = "float") -> tuple[dict, dict] | None:
     """(layout, packed tensors) of one prunable matrix [out, in] under a record's pattern; None = keep it as it
-    is. Used for folders (pack_folder) and for models in memory (kernels.sparsify_)."""
+    is. values="int8" stores the kept values as int8 with a scale per output row (quantize). Used for folders
+    (pack_folder) and for models in memory (kernels.sparsify_)."""
     layout = layout_for(pattern, name, W, tier_maps, skipped, perms)
     if layout is None:
         return None
@@ -259,7 +332,14 @@ def pack_prunable(name: str, W: torch.Tensor, transposed: bool, pattern: dict, t
         packed = {**pack_matrix(W[:, perm], layout, name), "perm": perm.to(torch.int32)}
     else:
         packed = pack_matrix(W, layout, name, tier_maps.get(name))
+    if values == "int8":
+        layout, packed = quantize(packed, layout)
     return {**layout, "transposed": transposed}, packed
+
+
+def check_values(values: str) -> None:
+    if values not in VALUES:
+        raise HybridPruneError(f"unknown values {values!r}; use one of {', '.join(VALUES)}")
 
 
 def packed_bytes(t: dict) -> int:
@@ -301,13 +381,15 @@ def _prunable_names(folder: Path, shapes: bool = False) -> dict:
     return out
 
 
-def pack_folder(src, out, overwrite: bool = False, log=None) -> dict:
-    """Pack a saved pruned model folder into `out`. Returns {"dense_bytes", "packed_bytes", "matrices"}."""
+def pack_folder(src, out, overwrite: bool = False, log=None, values: str = "float") -> dict:
+    """Pack a saved pruned model folder into `out`, the kept values in the model's dtype or (values="int8") as
+    int8 with a scale per output row. Returns {"dense_bytes", "packed_bytes", "matrices"}."""
     import shutil
 
     from safetensors import safe_open
     from safetensors.torch import save_file
 
+    check_values(values)
     src = Path(src)
     if is_packed(src):
         raise HybridPruneError(f"{src} is already packed")
@@ -331,7 +413,7 @@ def pack_folder(src, out, overwrite: bool = False, log=None) -> dict:
                 mod = key[:-len(".weight")] if key.endswith(".weight") else None
                 if mod in prunable and t.dim() == 2:
                     done = pack_prunable(mod, t.t() if prunable[mod] else t, prunable[mod], pattern, tier_maps,
-                                         skipped, perms)
+                                         skipped, perms, values)
                     stats["dense_bytes"] += t.numel() * t.element_size()
                     if done is not None:
                         layouts[key], packed = done
@@ -349,8 +431,9 @@ def pack_folder(src, out, overwrite: bool = False, log=None) -> dict:
             if f.is_file() and f.suffix != ".safetensors" and f.name != "model.safetensors.index.json" \
                     or f.name in (TIERS_FILE, PERMUTATIONS_FILE):
                 shutil.copy(f, tmp / f.name)
-        save_file(tensors, str(tmp / PACKED_FILE), metadata={"format": FORMAT, "version": str(VERSION)})
-        rec = {**record, "packed": {"format": FORMAT, "version": VERSION, "file": PACKED_FILE, "matrices": layouts,
+        version = INT8_VERSION if values == "int8" else VERSION
+        save_file(tensors, str(tmp / PACKED_FILE), metadata={"format": FORMAT, "version": str(version)})
+        rec = {**record, "packed": {"format": FORMAT, "version": version, "file": PACKED_FILE, "matrices": layouts,
                                     "dense_bytes": stats["dense_bytes"], "packed_bytes": stats["packed_bytes"],
                                     "checksum": "crc32", "checksums": {k: checksum(v) for k, v in tensors.items()}}}
         (tmp / RECORD_FILE).write_text(json.dumps(rec, indent=2, default=str))
@@ -384,6 +467,9 @@ def check_layout(f: Path, key: str, layout) -> None:
             bad(f"has N:M {n}:{m}, not 0 < N < M")
     if layout["kind"] == "nm" and shape[1] % layout["m"]:
         bad(f"has M={layout['m']}, which does not divide its {shape[1]} inputs")
+    if layout.get("values", "float") not in VALUES or (layout.get("values") == "int8") != (layout.get("scale") == "row"):
+        bad(f"has values {layout.get('values')!r} with scale {layout.get('scale')!r}, not float, or int8 with a "
+            "scale per row")
     if layout["kind"] == "tiered":
         b, k = layout.get("block"), layout.get("k")
         if not (isinstance(b, int) and 0 < b <= 16 and b % layout["m"] == 0 and layout["m"] <= 4):
@@ -432,6 +518,9 @@ def read_packed(folder) -> tuple[dict, dict, dict]:
     for key, layout in layouts.items():
         check_layout(f, key, layout)
         _check_against_pattern(f, key, layout, pattern)
+        if layout.get("values") == "int8" and version < INT8_VERSION:
+            raise HybridPruneError(f"{folder / RECORD_FILE} says version {version}, but {key} has int8 values, which "
+                                   f"need version {INT8_VERSION}; the file was changed: re-pack the model")
     check_safetensors(f)
     try:
         everything = load_file(str(f))
@@ -469,6 +558,11 @@ def read_packed(folder) -> tuple[dict, dict, dict]:
             if tuple(got.shape) != tuple(shape):
                 raise HybridPruneError(f"{f}: tensor {key}.{field} is {list(got.shape)}, its metadata says "
                                        f"{list(shape)}; re-pack the model")
+        for field, dtype in expected_dtypes(layout).items():
+            got = packed[key].get(field)
+            if got is not None and got.dtype != dtype:
+                raise HybridPruneError(f"{f}: tensor {key}.{field} is {str(got.dtype).replace('torch.', '')}, its "
+                                       f"layout says {str(dtype).replace('torch.', '')}; re-pack the model")
     return plain, packed, layouts
 
 
@@ -483,7 +577,7 @@ def unpacked_state(folder) -> tuple[dict, dict, dict]:
 
 
 @contextlib.contextmanager
-def packed_output(out, overwrite: bool = False):
+def packed_output(out, overwrite: bool = False, values: str = "float"):
     """Yield a temporary sibling of `out` (named as core.files.atomic_dir's, so a killed run's is cleaned up) to
     save a dense pruned folder into; when the block ends it is packed into `out` and removed."""
     out = Path(out)
@@ -491,7 +585,7 @@ def packed_output(out, overwrite: bool = False):
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-unpacked")
     try:
         yield tmp
-        pack_folder(tmp, out, overwrite=overwrite)
+        pack_folder(tmp, out, overwrite=overwrite, values=values)
     finally:
         files.remove_path(tmp)
 

@@ -9,7 +9,8 @@
 //
 // Two implementations give bit-identical results: an AVX2+FMA one and a portable one that performs the same
 // fused multiply-adds in the same order (std::fma), so a CPU without AVX2 computes exactly the same numbers.
-// Every product accumulates in fp32; weights may be fp32 or bf16 (stored as their upper 16 bits).
+// Every product accumulates in fp32; weights may be fp32, bf16 (stored as their upper 16 bits) or int8 (converted
+// to fp32 in registers; the caller multiplies each output by its row's scale).
 // Threads: at::parallel_for over rows (unstructured, 2:4) or 16-row block rows (tiered).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -26,6 +27,7 @@
 namespace {
 
 inline float to_f(float v) { return v; }
+inline float to_f(int8_t v) { return static_cast<float>(v); }
 inline float to_f(uint16_t v) {
   uint32_t u = static_cast<uint32_t>(v) << 16;
   float f;
@@ -241,6 +243,9 @@ const ExpandTable& expand_table() {
 }
 
 HP_AVX2 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+HP_AVX2 inline __m256 load8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
 HP_AVX2 inline __m256 load8(const uint16_t* p) {
   __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
@@ -440,11 +445,17 @@ constexpr int64_t PF = 4096;
 #define HP_PREFETCH(p) _mm_prefetch(reinterpret_cast<const char*>(p) + PF, _MM_HINT_T0)
 
 HP_AVX512 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+HP_AVX512 inline __m512 load16(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
 HP_AVX512 inline __m512 load16(const uint16_t* p) {
   const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 HP_AVX512 inline __m512 load8z(const float* p) { return _mm512_maskz_loadu_ps(0xFF, p); }  // lanes 8-15 zero
+HP_AVX512 inline __m512 load8z(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
 HP_AVX512 inline __m512 load8z(const uint16_t* p) {
   const __m256i h = _mm256_maskz_loadu_epi16(0xFF, p);
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
@@ -452,6 +463,9 @@ HP_AVX512 inline __m512 load8z(const uint16_t* p) {
 // The weights of two mask bytes: the next popcount(m) values to the lanes of m's set bits (an expand-load reads
 // only those values, so it never passes the end of the matrix).
 HP_AVX512 inline __m512 expand16(__mmask16 m, const float* src) { return _mm512_maskz_expandloadu_ps(m, src); }
+HP_AVX512 inline __m512 expand16(__mmask16 m, const int8_t* src) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_expandloadu_epi8(m, src)));
+}
 HP_AVX512 inline __m512 expand16(__mmask16 m, const uint16_t* src) {
   const __m256i h = _mm256_maskz_expandloadu_epi16(m, src);
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
@@ -559,7 +573,7 @@ HP_AVX512 void tiered_row_avx512(const float* x, int64_t C, const int8_t* tr, co
     if (tier == 0) {
       const W* w = dense + d++ * 256;
       for (int j = 0; j < 16; j++) {
-        if (sizeof(W) == 4 || j % 2 == 0) HP_PREFETCH(w + j * 16);  // one per cache line
+        if (j * 16 * sizeof(W) % 64 == 0) HP_PREFETCH(w + j * 16);  // one per cache line
         const __m512 wj = load16(w + j * 16);
         for (int i = 0; i < NB; i++) acc[i] = _mm512_fmadd_ps(wj, _mm512_set1_ps(xc[i * Kp + j]), acc[i]);
       }
@@ -569,7 +583,7 @@ HP_AVX512 void tiered_row_avx512(const float* x, int64_t C, const int8_t* tr, co
       n++;
       if (n % 2 == 0) HP_PREFETCH(p);
       for (int s = 0; s < 8; s++) {
-        if (sizeof(W) == 4 || s % 2 == 0) HP_PREFETCH(w + s * 16);
+        if (s * 16 * sizeof(W) % 64 == 0) HP_PREFETCH(w + s * 16);
         const __m512 ws = load16(w + s * 16);
         const __m512i ps = _mm512_srlv_epi32(_mm512_set1_epi32(static_cast<int>(p[s])), shifts);
         for (int i = 0; i < NB; i++) {
@@ -654,8 +668,7 @@ inline int64_t gemm_ld(int64_t Kp) { return Kp + 16; }
 
 // NR rows x NM*16 batch rows; w(i, k) = w[i * rs + k]; xt[k * NM*16 + m]; c[i * ldc + m].
 template <int NR, int NM>
-HP_AVX512 __attribute__((always_inline)) inline void gemm_tile(const float* w, int64_t rs, const float* xt,
-    int64_t kc, float* c, int64_t ldc) {
+HP_AVX512 void gemm_tile(const float* w, int64_t rs, const float* xt, int64_t kc, float* c, int64_t ldc) {
   __m512 acc[NR][NM];
   for (int i = 0; i < NR; i++)
     for (int j = 0; j < NM; j++) acc[i][j] = _mm512_loadu_ps(c + i * ldc + j * 16);
@@ -770,8 +783,8 @@ HP_AVX512 void tiered_panel_avx512(int64_t C, const int8_t* tr, const W* dense, 
 // NR panel rows x NM*16 batch rows over nb blocks of a panel: w(i, column j of block b) = w[b * 256 + j * 16 + i];
 // block b reads x^T from its block column cols[b].
 template <int NR, int NM>
-HP_AVX512 __attribute__((always_inline)) inline void gemm_tile_blocks(const float* w, const int32_t* cols, int64_t nb,
-                                                                      const float* xt, float* c, int64_t ldc) {
+HP_AVX512 void gemm_tile_blocks(const float* w, const int32_t* cols, int64_t nb, const float* xt, float* c,
+                                int64_t ldc) {
   __m512 acc[NR][NM];
   for (int i = 0; i < NR; i++)
     for (int j = 0; j < NM; j++) acc[i][j] = _mm512_loadu_ps(c + i * ldc + j * 16);
@@ -791,10 +804,180 @@ HP_AVX512 __attribute__((always_inline)) inline void gemm_tile_blocks(const floa
     for (int j = 0; j < NM; j++) _mm512_storeu_ps(c + i * ldc + j * 16, acc[i][j]);
 }
 
+// ----- The packed GEMM's AVX2 pieces (8 lanes, 16 registers): the same buffers, x^T tiles and sums as AVX-512's,
+// through a 4 weight rows x 16 batch rows register tile (8 accumulators), so the results are the same bit for bit.
+constexpr int GNR2 = 4;
+
+// 4 rows x NM*16 batch rows, 16 at a time; w(i, k) = w[i * rs + k]; xt[k * NM*16 + m]; c[i * ldc + m].
+template <int NM>
+HP_AVX2 void gemm_tile_avx2(const float* w, int64_t rs, const float* xt, int64_t kc, float* c, int64_t ldc) {
+  constexpr int XW = NM * 16;
+  for (int j = 0; j < NM; j++) {
+    __m256 acc[GNR2][2];
+    for (int i = 0; i < GNR2; i++)
+      for (int h = 0; h < 2; h++) acc[i][h] = _mm256_loadu_ps(c + i * ldc + j * 16 + h * 8);
+    for (int64_t k = 0; k < kc; k++) {
+      const __m256 b0 = _mm256_loadu_ps(xt + k * XW + j * 16), b1 = _mm256_loadu_ps(xt + k * XW + j * 16 + 8);
+      for (int i = 0; i < GNR2; i++) {
+        const __m256 a = _mm256_broadcast_ss(w + i * rs + k);
+        acc[i][0] = _mm256_fmadd_ps(a, b0, acc[i][0]);
+        acc[i][1] = _mm256_fmadd_ps(a, b1, acc[i][1]);
+      }
+    }
+    for (int i = 0; i < GNR2; i++)
+      for (int h = 0; h < 2; h++) _mm256_storeu_ps(c + i * ldc + j * 16 + h * 8, acc[i][h]);
+  }
+}
+
+// gemm_tile_blocks on AVX2: 4 panel rows x NM*16 batch rows over nb blocks.
+template <int NM>
+HP_AVX2 void gemm_tile_blocks_avx2(const float* w, const int32_t* cols, int64_t nb, const float* xt, float* c,
+                                   int64_t ldc) {
+  constexpr int XW = NM * 16;
+  for (int j = 0; j < NM; j++) {
+    __m256 acc[GNR2][2];
+    for (int i = 0; i < GNR2; i++)
+      for (int h = 0; h < 2; h++) acc[i][h] = _mm256_loadu_ps(c + i * ldc + j * 16 + h * 8);
+    for (int64_t b = 0; b < nb; b++) {
+      const float* wb = w + b * 256;
+      const float* xb = xt + static_cast<int64_t>(cols[b]) * 16 * XW + j * 16;
+      for (int kk = 0; kk < 16; kk++) {
+        const __m256 b0 = _mm256_loadu_ps(xb + kk * XW), b1 = _mm256_loadu_ps(xb + kk * XW + 8);
+        for (int i = 0; i < GNR2; i++) {
+          const __m256 a = _mm256_broadcast_ss(wb + kk * 16 + i);
+          acc[i][0] = _mm256_fmadd_ps(a, b0, acc[i][0]);
+          acc[i][1] = _mm256_fmadd_ps(a, b1, acc[i][1]);
+        }
+      }
+    }
+    for (int i = 0; i < GNR2; i++)
+      for (int h = 0; h < 2; h++) _mm256_storeu_ps(c + i * ldc + j * 16 + h * 8, acc[i][h]);
+  }
+}
+
+HP_AVX2 void topk_adds_avx2(const float* wg, const int32_t* xg, int64_t nt, const float* xt, int64_t Kp, int64_t Mp,
+                            float* ag) {
+  for (int64_t e = 0; e < nt; e++) {
+    const __m256 a = _mm256_set1_ps(wg[e]);
+    const int64_t col = xg[e] >> 4;
+    float* c = ag + (xg[e] & 15) * Mp;
+    for (int64_t m0 = 0; m0 < Mp; m0 += GNM * 16) {
+      const int64_t w = std::min<int64_t>(GNM * 16, Mp - m0);
+      const float* xr = xt + m0 * Kp + col * w;
+      for (int64_t j = 0; j < w; j += 8)
+        _mm256_storeu_ps(c + m0 + j, _mm256_fmadd_ps(a, _mm256_loadu_ps(xr + j), _mm256_loadu_ps(c + m0 + j)));
+    }
+  }
+}
+
+// Row-major decoders into the GEMM's buffers, AVX2: rows r .. r+rows into out[GR][gemm_ld], rows past `rows` zero.
+template <typename W>
+HP_AVX2 void unstructured_buf_avx2(const uint8_t* mask, const W* vals, int64_t nvals, const int64_t* rowptr,
+                                   int64_t Kp, int64_t r, int64_t rows, float* out) {
+  for (int64_t q = 0; q < rows; q++) unstructured_rows_avx2(mask, vals, nvals, rowptr, Kp, r + q, r + q + 1, out + q * gemm_ld(Kp));
+  for (int64_t q = rows; q < GR; q++) std::memset(out + q * gemm_ld(Kp), 0, Kp * sizeof(float));
+}
+
+template <typename W>
+HP_AVX2 void nm24_buf_avx2(const W* vals, const uint8_t* pos, int64_t K, int64_t r, int64_t rows, float* out) {
+  const int64_t nv = K / 2;
+  // 8 values fill 16 columns; lane l of a half is column 4g + (l % 4) of group g: values 2g and 2g+1
+  const __m256i ev[2] = {_mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2), _mm256_setr_epi32(4, 4, 4, 4, 6, 6, 6, 6)};
+  const __m256i one = _mm256_set1_epi32(1), three = _mm256_set1_epi32(3);
+  const __m256i col = _mm256_setr_epi32(0, 1, 2, 3, 0, 1, 2, 3);
+  for (int64_t q = 0; q < rows; q++) {
+    const W* v = vals + (r + q) * nv;
+    const uint8_t* p = pos + (r + q) * (nv / 4);
+    float* o = out + q * gemm_ld(K);
+    for (int64_t j0 = 0; j0 < nv; j0 += 8) {
+      uint16_t p16;
+      std::memcpy(&p16, p + j0 / 4, 2);
+      const __m256 w = load8(v + j0);
+      const __m256i pw = _mm256_set1_epi32(p16);
+      for (int h = 0; h < 2; h++) {
+        const __m256i od = _mm256_add_epi32(ev[h], one);
+        const __m256i pe = _mm256_and_si256(_mm256_srlv_epi32(pw, _mm256_add_epi32(ev[h], ev[h])), three);
+        const __m256i po = _mm256_and_si256(_mm256_srlv_epi32(pw, _mm256_add_epi32(od, od)), three);
+        __m256 d = _mm256_blendv_ps(_mm256_setzero_ps(), _mm256_permutevar8x32_ps(w, ev[h]),
+                                    _mm256_castsi256_ps(_mm256_cmpeq_epi32(pe, col)));
+        d = _mm256_blendv_ps(d, _mm256_permutevar8x32_ps(w, od), _mm256_castsi256_ps(_mm256_cmpeq_epi32(po, col)));
+        _mm256_storeu_ps(o + j0 * 2 + h * 8, d);
+      }
+    }
+  }
+  for (int64_t q = rows; q < GR; q++) std::memset(out + q * gemm_ld(K), 0, K * sizeof(float));
+}
+
+// tiered_panel_avx512 on AVX2: the same panel (dense and 2:4 blocks k-major, top-k weights listed).
+template <typename W>
+HP_AVX2 void tiered_panel_avx2(int64_t C, const int8_t* tr, const W* dense, const W* nmv, const uint32_t* nmp,
+                               const W* tkv, const uint8_t* tkp, int64_t k, int64_t d, int64_t n, int64_t t,
+                               float* out, int32_t* cols, int64_t& nb, float* tkw, int32_t* tkx, int64_t& nt) {
+  const __m256i shifts[2] = {_mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14),
+                             _mm256_setr_epi32(16, 18, 20, 22, 24, 26, 28, 30)};
+  const __m256i three = _mm256_set1_epi32(3);
+  nb = nt = 0;
+  for (int64_t c = 0; c < C; c++) {
+    const int tier = tr[c];
+    if (tier == 2) {
+      const W* w = tkv + t * k;
+      const uint8_t* p = tkp + t * k;
+      t++;
+      for (int64_t e = 0; e < k; e++, nt++) {
+        tkw[nt] = to_f(w[e]);
+        tkx[nt] = static_cast<int32_t>(((c * 16 + (p[e] & 15)) << 4) | (p[e] >> 4));
+      }
+      continue;
+    }
+    if (tier != 0 && tier != 1) continue;  // an empty block
+    float* o = out + nb * 256;
+    cols[nb++] = static_cast<int32_t>(c);
+    if (tier == 0) {
+      const W* w = dense + d++ * 256;
+      for (int j = 0; j < 32; j++) _mm256_storeu_ps(o + j * 8, load8(w + j * 8));
+      continue;
+    }
+    const W* w = nmv + n * 128;
+    const uint32_t* p = nmp + n * 8;
+    n++;
+    for (int g = 0; g < 4; g++) {  // value columns 2g and 2g+1 fill columns 4g .. 4g+3
+      for (int h = 0; h < 2; h++) {  // rows 8h .. 8h+7
+        const __m256 we = load8(w + 2 * g * 16 + h * 8), wo = load8(w + (2 * g + 1) * 16 + h * 8);
+        const __m256i pe = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(p[2 * g])), shifts[h]), three);
+        const __m256i po = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(p[2 * g + 1])), shifts[h]), three);
+        for (int cc = 0; cc < 4; cc++) {
+          const __m256i cv = _mm256_set1_epi32(cc);
+          __m256 v = _mm256_blendv_ps(_mm256_setzero_ps(), we, _mm256_castsi256_ps(_mm256_cmpeq_epi32(pe, cv)));
+          v = _mm256_blendv_ps(v, wo, _mm256_castsi256_ps(_mm256_cmpeq_epi32(po, cv)));
+          _mm256_storeu_ps(o + (4 * g + cc) * 16 + h * 8, v);
+        }
+      }
+    }
+  }
+}
+
+// Each top-k weight (value wg[e], input column xg[e] >> 4, panel row xg[e] & 15) times its column of x^T, added
+// to the row's sums: one broadcast FMA per 16 batch rows.
+HP_AVX512 void topk_adds_avx512(const float* wg, const int32_t* xg, int64_t nt, const float* xt, int64_t Kp,
+                                int64_t Mp, float* ag) {
+  for (int64_t e = 0; e < nt; e++) {
+    const __m512 a = _mm512_set1_ps(wg[e]);
+    const int64_t col = xg[e] >> 4;
+    float* c = ag + (xg[e] & 15) * Mp;
+    for (int64_t m0 = 0; m0 < Mp; m0 += GNM * 16) {
+      const int64_t w = std::min<int64_t>(GNM * 16, Mp - m0);
+      const float* xr = xt + m0 * Kp + col * w;
+      for (int64_t j = 0; j < w; j += 16)
+        _mm512_storeu_ps(c + m0 + j, _mm512_fmadd_ps(a, _mm512_loadu_ps(xr + j), _mm512_loadu_ps(c + m0 + j)));
+    }
+  }
+}
+
 // Block rows [R0, R1) against every batch row, GG at a time (a k-slice of x^T read once per GG block rows): the
-// panels' blocks in k-slices of GKC columns through the register tile, then the top-k weights, then y.
-template <typename Panel>
-HP_AVX512 void tiered_gemm_rows(const float* xt, int64_t M, int64_t Mp, int64_t C, int64_t k, float* y, int64_t ldy,
+// panels' blocks in k-slices of GKC columns through the register tile, then the top-k weights, then y. WIDE: the
+// AVX-512 tiles (8 weight rows x 48 batch rows), else AVX2's (4 x 16); the sums are the same, bit for bit.
+template <bool WIDE, typename Panel>
+void tiered_gemm_rows(const float* xt, int64_t M, int64_t Mp, int64_t C, int64_t k, float* y, int64_t ldy,
                                 int64_t R0, int64_t R1, Panel& panel) {
   const int64_t Kp = C * 16;
   std::vector<float> buf(static_cast<size_t>(GG * C * 256)), acc(static_cast<size_t>(GG * GR * Mp));
@@ -823,30 +1006,25 @@ HP_AVX512 void tiered_gemm_rows(const float* xt, int64_t M, int64_t Mp, int64_t 
         for (int64_t m0 = 0; m0 < Mp; m0 += GNM * 16) {
           const int64_t nm = std::min<int64_t>(GNM, (Mp - m0) / 16);
           const float* tile = xt + m0 * Kp;
-          for (int i0 = 0; i0 < GR; i0 += GNR) {
+          for (int i0 = 0; i0 < GR; i0 += WIDE ? GNR : GNR2) {
             float* c = ag + i0 * Mp + m0;
-            if (nm == 3) gemm_tile_blocks<GNR, 3>(wg + i0, cg + b0, b1 - b0, tile, c, Mp);
-            else if (nm == 2) gemm_tile_blocks<GNR, 2>(wg + i0, cg + b0, b1 - b0, tile, c, Mp);
-            else gemm_tile_blocks<GNR, 1>(wg + i0, cg + b0, b1 - b0, tile, c, Mp);
+            if constexpr (WIDE) {
+              if (nm == 3) gemm_tile_blocks<GNR, 3>(wg + i0, cg + b0, b1 - b0, tile, c, Mp);
+              else if (nm == 2) gemm_tile_blocks<GNR, 2>(wg + i0, cg + b0, b1 - b0, tile, c, Mp);
+              else gemm_tile_blocks<GNR, 1>(wg + i0, cg + b0, b1 - b0, tile, c, Mp);
+            } else {
+              if (nm == 3) gemm_tile_blocks_avx2<3>(wg + i0, cg + b0, b1 - b0, tile, c, Mp);
+              else if (nm == 2) gemm_tile_blocks_avx2<2>(wg + i0, cg + b0, b1 - b0, tile, c, Mp);
+              else gemm_tile_blocks_avx2<1>(wg + i0, cg + b0, b1 - b0, tile, c, Mp);
+            }
           }
         }
       }
     }
     for (int64_t g = 0; g < ng; g++) {
       float* ag = acc.data() + g * GR * Mp;
-      const float* wg = tkw.data() + g * C * k;
-      const int32_t* xg = tkx.data() + g * C * k;
-      for (int64_t e = 0; e < nt[g]; e++) {
-        const __m512 a = _mm512_set1_ps(wg[e]);
-        const int64_t col = xg[e] >> 4;
-        float* c = ag + (xg[e] & 15) * Mp;
-        for (int64_t m0 = 0; m0 < Mp; m0 += GNM * 16) {
-          const int64_t w = std::min<int64_t>(GNM * 16, Mp - m0);
-          const float* xr = xt + m0 * Kp + col * w;
-          for (int64_t j = 0; j < w; j += 16)
-            _mm512_storeu_ps(c + m0 + j, _mm512_fmadd_ps(a, _mm512_loadu_ps(xr + j), _mm512_loadu_ps(c + m0 + j)));
-        }
-      }
+      if constexpr (WIDE) topk_adds_avx512(tkw.data() + g * C * k, tkx.data() + g * C * k, nt[g], xt, Kp, Mp, ag);
+      else topk_adds_avx2(tkw.data() + g * C * k, tkx.data() + g * C * k, nt[g], xt, Kp, Mp, ag);
       const int64_t r0 = (g0 + g) * GR;
       for (int64_t m = 0; m < M; m++)
         for (int64_t i = 0; i < GR; i++) y[m * ldy + r0 + i] = ag[i * Mp + m];
@@ -857,8 +1035,8 @@ HP_AVX512 void tiered_gemm_rows(const float* xt, int64_t M, int64_t Mp, int64_t 
 // Weight rows chunk*16 .. chunk*16+15 for chunks [c0, c1) against every batch row, GG chunks at a time (so that
 // a k-slice of x^T is read once per GG*16 weight rows): decode(chunk, buf) fills a chunk's buffer, row-major; xt
 // holds x^T in tiles of 48 (the last maybe 16 or 32) batch rows.
-template <typename Decode>
-HP_AVX512 void gemm_chunks(const float* xt, int64_t M, int64_t Mp, int64_t Kp, int64_t N, float* y, int64_t ldy,
+template <bool WIDE, typename Decode>
+void gemm_chunks(const float* xt, int64_t M, int64_t Mp, int64_t Kp, int64_t N, float* y, int64_t ldy,
                            int64_t c0, int64_t c1, Decode& decode) {
   const int64_t ld = gemm_ld(Kp);
   std::vector<float> buf(static_cast<size_t>(GG * GR * ld)), acc(static_cast<size_t>(GG * GR * Mp));
@@ -874,12 +1052,18 @@ HP_AVX512 void gemm_chunks(const float* xt, int64_t M, int64_t Mp, int64_t Kp, i
         for (int64_t m0 = 0; m0 < Mp; m0 += GNM * 16) {
           const int64_t nm = std::min<int64_t>(GNM, (Mp - m0) / 16);
           const float* tile = xt + m0 * Kp + k0 * nm * 16;
-          for (int i0 = 0; i0 < GR; i0 += GNR) {
+          for (int i0 = 0; i0 < GR; i0 += WIDE ? GNR : GNR2) {
             const float* w = bg + i0 * ld + k0;
             float* c = ag + i0 * Mp + m0;
-            if (nm == 3) gemm_tile<GNR, 3>(w, ld, tile, kc, c, Mp);
-            else if (nm == 2) gemm_tile<GNR, 2>(w, ld, tile, kc, c, Mp);
-            else gemm_tile<GNR, 1>(w, ld, tile, kc, c, Mp);
+            if constexpr (WIDE) {
+              if (nm == 3) gemm_tile<GNR, 3>(w, ld, tile, kc, c, Mp);
+              else if (nm == 2) gemm_tile<GNR, 2>(w, ld, tile, kc, c, Mp);
+              else gemm_tile<GNR, 1>(w, ld, tile, kc, c, Mp);
+            } else {
+              if (nm == 3) gemm_tile_avx2<3>(w, ld, tile, kc, c, Mp);
+              else if (nm == 2) gemm_tile_avx2<2>(w, ld, tile, kc, c, Mp);
+              else gemm_tile_avx2<1>(w, ld, tile, kc, c, Mp);
+            }
           }
         }
       }
@@ -909,12 +1093,12 @@ std::vector<float> pack_xt(const float* x, int64_t M, int64_t Kp, int64_t Mp) {
 }
 
 // y[M, N] (ldy columns) = x @ W.T for x [M, Kp], threads over chunks of 16 weight rows.
-template <typename Decode>
+template <bool WIDE, typename Decode>
 void packed_gemm(const float* x, int64_t M, int64_t Kp, int64_t N, float* y, int64_t ldy, Decode&& decode) {
   const int64_t Mp = (M + 15) / 16 * 16;
   const std::vector<float> xt = pack_xt(x, M, Kp, Mp);
   at::parallel_for(0, (N + GR - 1) / GR, 1, [&](int64_t c0, int64_t c1) {
-    gemm_chunks(xt.data(), M, Mp, Kp, N, y, ldy, c0, c1, decode);
+    gemm_chunks<WIDE>(xt.data(), M, Mp, Kp, N, y, ldy, c0, c1, decode);
   });
 }
 
@@ -955,11 +1139,26 @@ torch::Tensor like_input(const torch::Tensor& xin, const torch::Tensor& y) {
   return y.view(sizes);
 }
 
-bool is_bf16(const torch::Tensor& v) {
-  TORCH_CHECK(v.scalar_type() == torch::kFloat32 || v.scalar_type() == torch::kBFloat16,
-              "packed values must be float32 or bfloat16");
+// The packed values' type: fp32, bf16 (kept as uint16_t) or int8 (the kernels then compute sum(q * x), and the
+// caller multiplies each output by its row's scale).
+enum class VT { F32, BF16, I8 };
+VT value_type(const torch::Tensor& v) {
+  const auto t = v.scalar_type();
+  TORCH_CHECK(t == torch::kFloat32 || t == torch::kBFloat16 || t == torch::kInt8,
+              "packed values must be float32, bfloat16 or int8");
   TORCH_CHECK(v.is_contiguous(), "packed values must be contiguous");
-  return v.scalar_type() == torch::kBFloat16;
+  return t == torch::kInt8 ? VT::I8 : t == torch::kBFloat16 ? VT::BF16 : VT::F32;
+}
+template <typename T>
+struct Tag {
+  using type = T;
+};
+// f(Tag<W>{}) with W the C++ type of the values
+template <typename F>
+void by_type(VT t, F&& f) {
+  if (t == VT::I8) f(Tag<int8_t>{});
+  else if (t == VT::BF16) f(Tag<uint16_t>{});
+  else f(Tag<float>{});
 }
 
 template <typename W>
@@ -982,7 +1181,7 @@ torch::Tensor unstructured_mm(torch::Tensor xin, torch::Tensor mask, torch::Tens
   const torch::Tensor x = as_rows(xin);
   check_unstructured(x, mask, rowptr);
   const int64_t B = x.size(0), Kp = x.size(1), N = mask.size(0);
-  const bool bf = is_bf16(values);
+  const VT vt = value_type(values);
   const Path path = pick(impl);
   auto y = torch::empty({B, N}, x.options());
   const float* xp = x.data_ptr<float>();
@@ -991,20 +1190,14 @@ torch::Tensor unstructured_mm(torch::Tensor xin, torch::Tensor mask, torch::Tens
   float* yp = y.data_ptr<float>();
   const int64_t nv = values.numel();
   at::parallel_for(0, N, grain(Kp * B), [&](int64_t n0, int64_t n1) {
+    by_type(vt, [&](auto tag) {
+      using W = typename decltype(tag)::type;
 #ifdef HP_X86
-    if (path == AVX512) {
-      if (bf) unstructured_fast<true>(xp, B, Kp, mp, ptr<uint16_t>(values), nv, rp, n0, n1, N, yp);
-      else unstructured_fast<true>(xp, B, Kp, mp, ptr<float>(values), nv, rp, n0, n1, N, yp);
-      return;
-    }
-    if (path == AVX2) {
-      if (bf) unstructured_fast<false>(xp, B, Kp, mp, ptr<uint16_t>(values), nv, rp, n0, n1, N, yp);
-      else unstructured_fast<false>(xp, B, Kp, mp, ptr<float>(values), nv, rp, n0, n1, N, yp);
-      return;
-    }
+      if (path == AVX512) return unstructured_fast<true>(xp, B, Kp, mp, ptr<W>(values), nv, rp, n0, n1, N, yp);
+      if (path == AVX2) return unstructured_fast<false>(xp, B, Kp, mp, ptr<W>(values), nv, rp, n0, n1, N, yp);
 #endif
-    if (bf) unstructured_portable(xp, B, Kp, mp, ptr<uint16_t>(values), rp, n0, n1, N, yp);
-    else unstructured_portable(xp, B, Kp, mp, ptr<float>(values), rp, n0, n1, N, yp);
+      unstructured_portable(xp, B, Kp, mp, ptr<W>(values), rp, n0, n1, N, yp);
+    });
   });
   return like_input(xin, y);
 }
@@ -1023,27 +1216,21 @@ torch::Tensor nm24_mm(torch::Tensor xin, torch::Tensor values, torch::Tensor pos
   const torch::Tensor x = as_rows(xin);
   check_nm24(x, values, positions);
   const int64_t B = x.size(0), K = x.size(1), N = values.size(0);
-  const bool bf = is_bf16(values);
+  const VT vt = value_type(values);
   const Path path = pick(impl);
   auto y = torch::empty({B, N}, x.options());
   const float* xp = x.data_ptr<float>();
   const uint8_t* pp = positions.data_ptr<uint8_t>();
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, N, grain(K * B), [&](int64_t n0, int64_t n1) {
+    by_type(vt, [&](auto tag) {
+      using W = typename decltype(tag)::type;
 #ifdef HP_X86
-    if (path == AVX512) {
-      if (bf) nm24_fast<true>(xp, B, K, ptr<uint16_t>(values), pp, n0, n1, N, yp);
-      else nm24_fast<true>(xp, B, K, ptr<float>(values), pp, n0, n1, N, yp);
-      return;
-    }
-    if (path == AVX2) {
-      if (bf) nm24_fast<false>(xp, B, K, ptr<uint16_t>(values), pp, n0, n1, N, yp);
-      else nm24_fast<false>(xp, B, K, ptr<float>(values), pp, n0, n1, N, yp);
-      return;
-    }
+      if (path == AVX512) return nm24_fast<true>(xp, B, K, ptr<W>(values), pp, n0, n1, N, yp);
+      if (path == AVX2) return nm24_fast<false>(xp, B, K, ptr<W>(values), pp, n0, n1, N, yp);
 #endif
-    if (bf) nm24_portable(xp, B, K, ptr<uint16_t>(values), pp, n0, n1, N, yp);
-    else nm24_portable(xp, B, K, ptr<float>(values), pp, n0, n1, N, yp);
+      nm24_portable(xp, B, K, ptr<W>(values), pp, n0, n1, N, yp);
+    });
   });
   return like_input(xin, y);
 }
@@ -1051,7 +1238,7 @@ torch::Tensor nm24_mm(torch::Tensor xin, torch::Tensor values, torch::Tensor pos
 // The argument checks shared by tiered_mm and tiered_gemm: x [B, C*16], a tier map [R, C] and its blocks.
 struct TieredArgs {
   int64_t R, C, k;
-  bool bf;
+  VT vt;
 };
 TieredArgs check_tiered(const torch::Tensor& x, const torch::Tensor& tiers, const torch::Tensor& dense,
                         const torch::Tensor& nm_values, const torch::Tensor& nm_positions,
@@ -1065,12 +1252,12 @@ TieredArgs check_tiered(const torch::Tensor& x, const torch::Tensor& tiers, cons
               "offsets must be [R+1, 3]");
   TORCH_CHECK(nm_positions.scalar_type() == torch::kInt32, "2:4 block positions must be int32 words");
   TORCH_CHECK(topk_positions.scalar_type() == torch::kUInt8, "top-k positions must be uint8");
-  const bool bf = is_bf16(dense);
-  TORCH_CHECK(is_bf16(nm_values) == bf && is_bf16(topk_values) == bf, "all packed values must share one dtype");
+  const VT vt = value_type(dense);
+  TORCH_CHECK(value_type(nm_values) == vt && value_type(topk_values) == vt, "all packed values must share one dtype");
   const int64_t* op = offsets.data_ptr<int64_t>();
   TORCH_CHECK(op[R * 3] == dense.numel() / 256 && op[R * 3 + 1] == nm_values.numel() / 128 &&
               op[R * 3 + 2] == topk_positions.size(0), "offsets disagree with the blocks");
-  return {R, C, topk_positions.dim() == 2 ? topk_positions.size(1) : 0, bf};
+  return {R, C, topk_positions.dim() == 2 ? topk_positions.size(1) : 0, vt};
 }
 
 torch::Tensor tiered_mm(torch::Tensor xin, torch::Tensor tiers, torch::Tensor dense, torch::Tensor nm_values,
@@ -1079,7 +1266,6 @@ torch::Tensor tiered_mm(torch::Tensor xin, torch::Tensor tiers, torch::Tensor de
   const torch::Tensor x = as_rows(xin);
   const TieredArgs a = check_tiered(x, tiers, dense, nm_values, nm_positions, topk_values, topk_positions, offsets);
   const int64_t B = x.size(0), R = a.R, C = a.C, k = a.k;
-  const bool bf = a.bf;
   const Path path = pick(impl);
   const int64_t* op = offsets.data_ptr<int64_t>();
   const int64_t Np = R * 16;
@@ -1092,23 +1278,17 @@ torch::Tensor tiered_mm(torch::Tensor xin, torch::Tensor tiers, torch::Tensor de
   // grain counts a block row's 16 x C*16 weights: the default model's k_proj (12 block rows) then runs on both
   // threads (with a quarter of that it ran on one, 1.8x slower from DRAM)
   at::parallel_for(0, R, grain(C * 256 * B), [&](int64_t r0, int64_t r1) {
-#define HP_TIERED(IMPL, W)                                                                                   \
+    by_type(a.vt, [&](auto tag) {
+      using W = typename decltype(tag)::type;
+#define HP_TIERED(IMPL) \
   IMPL(xp, B, C, tp, ptr<W>(dense), ptr<W>(nm_values), np_, ptr<W>(topk_values), kp, k, op, r0, r1, Np, yp)
 #ifdef HP_X86
-    if (path == AVX512) {
-      if (bf) HP_TIERED(tiered_fast<true>, uint16_t);
-      else HP_TIERED(tiered_fast<true>, float);
-      return;
-    }
-    if (path == AVX2) {
-      if (bf) HP_TIERED(tiered_fast<false>, uint16_t);
-      else HP_TIERED(tiered_fast<false>, float);
-      return;
-    }
+      if (path == AVX512) return HP_TIERED(tiered_fast<true>);
+      if (path == AVX2) return HP_TIERED(tiered_fast<false>);
 #endif
-    if (bf) HP_TIERED(tiered_portable, uint16_t);
-    else HP_TIERED(tiered_portable, float);
+      HP_TIERED(tiered_portable);
 #undef HP_TIERED
+    });
   });
   return like_input(xin, y);
 }
@@ -1118,7 +1298,7 @@ torch::Tensor unstructured_decode(torch::Tensor mask, torch::Tensor values, torc
                                   int64_t r1) {
   const int64_t Kp = mask.size(1) * 8;
   TORCH_CHECK(0 <= r0 && r0 <= r1 && r1 <= mask.size(0), "row range out of bounds");
-  const bool bf = is_bf16(values);
+  const VT vt = value_type(values);
   auto out = torch::empty({r1 - r0, Kp}, torch::kFloat32);
   const uint8_t* mp = mask.data_ptr<uint8_t>();
   const int64_t* rp = rowptr.data_ptr<int64_t>();
@@ -1126,15 +1306,13 @@ torch::Tensor unstructured_decode(torch::Tensor mask, torch::Tensor values, torc
   const bool fast = pick(0) != PORTABLE;
   const int64_t nv = values.numel();
   at::parallel_for(r0, r1, grain(Kp), [&](int64_t a, int64_t b) {
+    by_type(vt, [&](auto tag) {
+      using W = typename decltype(tag)::type;
 #ifdef HP_X86
-    if (fast) {
-      if (bf) unstructured_rows_avx2(mp, ptr<uint16_t>(values), nv, rp, Kp, a, b, o + (a - r0) * Kp);
-      else unstructured_rows_avx2(mp, ptr<float>(values), nv, rp, Kp, a, b, o + (a - r0) * Kp);
-      return;
-    }
+      if (fast) return unstructured_rows_avx2(mp, ptr<W>(values), nv, rp, Kp, a, b, o + (a - r0) * Kp);
 #endif
-    if (bf) unstructured_rows(mp, ptr<uint16_t>(values), rp, Kp, a, b, o + (a - r0) * Kp);
-    else unstructured_rows(mp, ptr<float>(values), rp, Kp, a, b, o + (a - r0) * Kp);
+      unstructured_rows(mp, ptr<W>(values), rp, Kp, a, b, o + (a - r0) * Kp);
+    });
   });
   return out;
 }
@@ -1142,13 +1320,12 @@ torch::Tensor unstructured_decode(torch::Tensor mask, torch::Tensor values, torc
 torch::Tensor nm24_decode(torch::Tensor values, torch::Tensor positions, int64_t r0, int64_t r1) {
   const int64_t K = values.size(1) * 2;
   TORCH_CHECK(0 <= r0 && r0 <= r1 && r1 <= values.size(0), "row range out of bounds");
-  const bool bf = is_bf16(values);
+  const VT vt = value_type(values);
   auto out = torch::empty({r1 - r0, K}, torch::kFloat32);
   const uint8_t* pp = positions.data_ptr<uint8_t>();
   float* o = out.data_ptr<float>();
   at::parallel_for(r0, r1, grain(K), [&](int64_t a, int64_t b) {
-    if (bf) nm24_rows(ptr<uint16_t>(values), pp, K, a, b, o + (a - r0) * K);
-    else nm24_rows(ptr<float>(values), pp, K, a, b, o + (a - r0) * K);
+    by_type(vt, [&](auto tag) { nm24_rows(ptr<typename decltype(tag)::type>(values), pp, K, a, b, o + (a - r0) * K); });
   });
   return out;
 }
@@ -1158,7 +1335,7 @@ torch::Tensor tiered_decode(torch::Tensor tiers, torch::Tensor dense, torch::Ten
                             torch::Tensor offsets, int64_t R0, int64_t R1) {
   const int64_t R = tiers.size(0), C = tiers.size(1), Kp = C * 16;
   TORCH_CHECK(0 <= R0 && R0 <= R1 && R1 <= R, "block row range out of bounds");
-  const bool bf = is_bf16(dense);
+  const VT vt = value_type(dense);
   const int64_t k = topk_positions.dim() == 2 ? topk_positions.size(1) : 0;
   auto out = torch::empty({(R1 - R0) * 16, Kp}, torch::kFloat32);
   const int8_t* tp = tiers.data_ptr<int8_t>();
@@ -1167,65 +1344,78 @@ torch::Tensor tiered_decode(torch::Tensor tiers, torch::Tensor dense, torch::Ten
   const int64_t* op = offsets.data_ptr<int64_t>();
   float* o = out.data_ptr<float>();
   at::parallel_for(R0, R1, 1, [&](int64_t a, int64_t b) {
-    if (bf) tiered_rows(C, tp, ptr<uint16_t>(dense), ptr<uint16_t>(nm_values), np_, ptr<uint16_t>(topk_values), kp, k,
-                        op, a, b, o + (a - R0) * 16 * Kp);
-    else tiered_rows(C, tp, ptr<float>(dense), ptr<float>(nm_values), np_, ptr<float>(topk_values), kp, k, op, a, b,
-                     o + (a - R0) * 16 * Kp);
+    by_type(vt, [&](auto tag) {
+      using W = typename decltype(tag)::type;
+      tiered_rows(C, tp, ptr<W>(dense), ptr<W>(nm_values), np_, ptr<W>(topk_values), kp, k, op, a, b,
+                  o + (a - R0) * 16 * Kp);
+    });
   });
   return out;
 }
 
-// The large-batch GEMM (AVX-512 only; elsewhere PackedLinear decodes strips for torch's matmul).
-#ifdef HP_X86
-#define HP_GEMM_REQUIRE TORCH_CHECK(cpu_has_avx512(), "the packed GEMM needs AVX-512 (F, BW, VL, VBMI2)")
-#else
-#define HP_GEMM_REQUIRE TORCH_CHECK(false, "the packed GEMM needs AVX-512 (F, BW, VL, VBMI2)")
-#endif
+// The large-batch GEMM: AVX-512 (impl 0 or 3) or AVX2 (impl 2, or 0 on a CPU without AVX-512), bit for bit the
+// same; a CPU with neither decodes strips for torch's matmul instead (PackedLinear's dense-strips route).
+bool gemm_wide(int64_t impl) {
+  const Path path = pick(impl);
+  TORCH_CHECK(path != PORTABLE, "the packed GEMM needs AVX2+FMA or AVX-512; use the sparse kernel or dense strips");
+  return path == AVX512;
+}
 
-torch::Tensor unstructured_gemm(torch::Tensor x, torch::Tensor mask, torch::Tensor values, torch::Tensor rowptr) {
-  HP_GEMM_REQUIRE;
+torch::Tensor unstructured_gemm(torch::Tensor x, torch::Tensor mask, torch::Tensor values, torch::Tensor rowptr,
+                                int64_t impl) {
+  const bool wide = gemm_wide(impl);
   check_unstructured(x, mask, rowptr);
   const int64_t B = x.size(0), Kp = x.size(1), N = mask.size(0);
   auto y = torch::empty({B, N}, x.options());
 #ifdef HP_X86
-  const bool bf = is_bf16(values);
+  const VT vt = value_type(values);
   const uint8_t* mp = mask.data_ptr<uint8_t>();
   const int64_t* rp = rowptr.data_ptr<int64_t>();
-  packed_gemm(x.data_ptr<float>(), B, Kp, N, y.data_ptr<float>(), N, [&](int64_t ch, float* buf) {
+  const int64_t nv = values.numel();
+  auto decode = [&](int64_t ch, float* buf) {
     const int64_t rows = std::min<int64_t>(GR, N - ch * GR);
-    if (bf) unstructured_rows_avx512(mp, ptr<uint16_t>(values), rp, Kp, ch * GR, rows, buf);
-    else unstructured_rows_avx512(mp, ptr<float>(values), rp, Kp, ch * GR, rows, buf);
-  });
+    by_type(vt, [&](auto tag) {
+      using W = typename decltype(tag)::type;
+      if (wide) unstructured_rows_avx512(mp, ptr<W>(values), rp, Kp, ch * GR, rows, buf);
+      else unstructured_buf_avx2(mp, ptr<W>(values), nv, rp, Kp, ch * GR, rows, buf);
+    });
+  };
+  if (wide) packed_gemm<true>(x.data_ptr<float>(), B, Kp, N, y.data_ptr<float>(), N, decode);
+  else packed_gemm<false>(x.data_ptr<float>(), B, Kp, N, y.data_ptr<float>(), N, decode);
 #endif
   return y;
 }
 
-torch::Tensor nm24_gemm(torch::Tensor x, torch::Tensor values, torch::Tensor positions) {
-  HP_GEMM_REQUIRE;
+torch::Tensor nm24_gemm(torch::Tensor x, torch::Tensor values, torch::Tensor positions, int64_t impl) {
+  const bool wide = gemm_wide(impl);
   check_nm24(x, values, positions);
   const int64_t B = x.size(0), K = x.size(1), N = values.size(0);
   auto y = torch::empty({B, N}, x.options());
 #ifdef HP_X86
-  const bool bf = is_bf16(values);
+  const VT vt = value_type(values);
   const uint8_t* pp = positions.data_ptr<uint8_t>();
-  packed_gemm(x.data_ptr<float>(), B, K, N, y.data_ptr<float>(), N, [&](int64_t ch, float* buf) {
+  auto decode = [&](int64_t ch, float* buf) {
     const int64_t rows = std::min<int64_t>(GR, N - ch * GR);
-    if (bf) nm24_rows_avx512(ptr<uint16_t>(values), pp, K, ch * GR, rows, buf);
-    else nm24_rows_avx512(ptr<float>(values), pp, K, ch * GR, rows, buf);
-  });
+    by_type(vt, [&](auto tag) {
+      using W = typename decltype(tag)::type;
+      if (wide) nm24_rows_avx512(ptr<W>(values), pp, K, ch * GR, rows, buf);
+      else nm24_buf_avx2(ptr<W>(values), pp, K, ch * GR, rows, buf);
+    });
+  };
+  if (wide) packed_gemm<true>(x.data_ptr<float>(), B, K, N, y.data_ptr<float>(), N, decode);
+  else packed_gemm<false>(x.data_ptr<float>(), B, K, N, y.data_ptr<float>(), N, decode);
 #endif
   return y;
 }
 
 torch::Tensor tiered_gemm(torch::Tensor x, torch::Tensor tiers, torch::Tensor dense, torch::Tensor nm_values,
                           torch::Tensor nm_positions, torch::Tensor topk_values, torch::Tensor topk_positions,
-                          torch::Tensor offsets) {
-  HP_GEMM_REQUIRE;
+                          torch::Tensor offsets, int64_t impl) {
+  const bool wide = gemm_wide(impl);
   const TieredArgs a = check_tiered(x, tiers, dense, nm_values, nm_positions, topk_values, topk_positions, offsets);
   auto y = torch::empty({x.size(0), a.R * 16}, x.options());
 #ifdef HP_X86
   const int64_t B = x.size(0), R = a.R, C = a.C, k = a.k;
-  const bool bf = a.bf;
   const int64_t* op = offsets.data_ptr<int64_t>();
   const int8_t* tp = tiers.data_ptr<int8_t>();
   const uint32_t* np_ = reinterpret_cast<const uint32_t*>(nm_positions.data_ptr<int32_t>());
@@ -1235,13 +1425,18 @@ torch::Tensor tiered_gemm(torch::Tensor x, torch::Tensor tiers, torch::Tensor de
   float* yp = y.data_ptr<float>();
   auto panel = [&](int64_t Rb, float* buf, int32_t* cols, int64_t& nb, float* tkw, int32_t* tkx, int64_t& nt) {
     const int64_t d = op[Rb * 3], n = op[Rb * 3 + 1], t = op[Rb * 3 + 2];
-    if (bf) tiered_panel_avx512(C, tp + Rb * C, ptr<uint16_t>(dense), ptr<uint16_t>(nm_values), np_,
-                                ptr<uint16_t>(topk_values), kp, k, d, n, t, buf, cols, nb, tkw, tkx, nt);
-    else tiered_panel_avx512(C, tp + Rb * C, ptr<float>(dense), ptr<float>(nm_values), np_, ptr<float>(topk_values),
-                             kp, k, d, n, t, buf, cols, nb, tkw, tkx, nt);
+    by_type(a.vt, [&](auto tag) {
+      using W = typename decltype(tag)::type;
+#define HP_PANEL(FN) FN(C, tp + Rb * C, ptr<W>(dense), ptr<W>(nm_values), np_, ptr<W>(topk_values), kp, k, d, n, t, \
+                        buf, cols, nb, tkw, tkx, nt)
+      if (wide) HP_PANEL(tiered_panel_avx512);
+      else HP_PANEL(tiered_panel_avx2);
+#undef HP_PANEL
+    });
   };
   at::parallel_for(0, R, 1, [&](int64_t R0, int64_t R1) {
-    tiered_gemm_rows(xt.data(), B, Mp, C, k, yp, R * 16, R0, R1, panel);
+    if (wide) tiered_gemm_rows<true>(xt.data(), B, Mp, C, k, yp, R * 16, R0, R1, panel);
+    else tiered_gemm_rows<false>(xt.data(), B, Mp, C, k, yp, R * 16, R0, R1, panel);
   });
 #endif
   return y;
@@ -1257,9 +1452,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("unstructured_decode", &unstructured_decode, "rows [r0, r1) of a bitmask-packed matrix, dense fp32");
   m.def("nm24_decode", &nm24_decode, "rows [r0, r1) of a 2:4-packed matrix, dense fp32");
   m.def("tiered_decode", &tiered_decode, "block rows [R0, R1) of a tiered matrix, dense fp32");
-  m.def("unstructured_gemm", &unstructured_gemm, "x[B,Kp] @ W.T for large B: bitmask rows decoded 16 at a time (AVX-512)");
-  m.def("nm24_gemm", &nm24_gemm, "x[B,K] @ W.T for large B: 2:4 rows decoded 16 at a time (AVX-512)");
-  m.def("tiered_gemm", &tiered_gemm, "x[B,C*16] @ W.T for large B: tiered block rows decoded one at a time (AVX-512)");
+  m.def("unstructured_gemm", &unstructured_gemm, "x[B,Kp] @ W.T for large B: bitmask rows decoded 16 at a time (AVX-512 or AVX2)");
+  m.def("nm24_gemm", &nm24_gemm, "x[B,K] @ W.T for large B: 2:4 rows decoded 16 at a time (AVX-512 or AVX2)");
+  m.def("tiered_gemm", &tiered_gemm, "x[B,C*16] @ W.T for large B: tiered block rows decoded one at a time (AVX-512 or AVX2)");
   m.def("has_avx2", &cpu_has_avx2, "whether this CPU runs the AVX2+FMA path");
   m.def("has_avx512", &cpu_has_avx512, "whether this CPU runs the AVX-512 path (F, BW, VL, VBMI2)");
 }

@@ -1,0 +1,139 @@
+"""int8 packed values (--values int8): one float32 scale per output row, kernels that widen int8 in registers."""
+import json
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from hybridprune.cli import main
+from hybridprune.sparse import kernels, packing, routes
+from hybridprune.sparse.load import load_model
+from test_packed import SHAPES, pruned
+
+
+def test_quantize_hand_checked():
+    """2:4, row 0 keeps 0.5, -1.27 | 0.01: scale 1.27 / 127 = 0.01, q = 50, -127 | 1, 0; row 1 keeps nothing:
+    scale 1."""
+    W = torch.tensor([[0.5, -1.27, 0.0, 0.0, 0.01, 0.0, 0.0, 0.0], [0.0] * 8])
+    layout = {"kind": "nm", "n": 2, "m": 4, "shape": [2, 8]}
+    qlayout, t = packing.quantize(packing.pack_matrix(W, layout, "w"), layout)
+    assert (qlayout["values"], qlayout["scale"]) == ("int8", "row")
+    assert t["values"].dtype == torch.int8 and t["scale"].dtype == torch.float32
+    assert torch.allclose(t["scale"], torch.tensor([0.01, 1.0]))
+    assert t["values"].tolist() == [[50, -127, 1, 0], [0, 0, 0, 0]]
+    s = t["scale"][0]
+    want = torch.tensor([[50 * s, -127 * s, 0, 0, 1 * s, 0, 0, 0], [0.0] * 8])
+    assert torch.equal(packing.unpack_matrix(t, qlayout), want)
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4", "three-tier"])
+def test_quantized_weights_are_within_half_a_step_and_zeros_stay_zero(pattern):
+    """Every kept weight reads back within half its row's step (a value scaled by another row's scale would not,
+    nor one clamped), the largest of each row exactly, and every pruned weight as 0; shapes and dtypes as the
+    loader checks them."""
+    for N, K in SHAPES:
+        if pattern == "2:4" and K % 16:
+            continue
+        W, layout, tiers = pruned(pattern, N, K, seed=N)
+        qlayout, t = packing.quantize(packing.pack_matrix(W, layout, "w", tiers), layout)
+        back = packing.unpack_matrix(t, qlayout)
+        step = t["scale"].unsqueeze(1)
+        assert ((back - W).abs() <= step / 2 * (1 + 1e-5)).all()
+        assert torch.equal(back[W == 0], torch.zeros(int((W == 0).sum())))
+        row_max = W.abs().amax(1)
+        assert torch.allclose(back.abs().amax(1)[row_max > 0], row_max[row_max > 0], rtol=1e-6)
+        for field, shape in packing.expected_shapes(qlayout, t).items():
+            assert tuple(t[field].shape) == tuple(shape), field
+        for field, dtype in packing.expected_dtypes(qlayout).items():
+            assert field not in t or t[field].dtype == dtype, field
+
+
+@pytest.mark.kernels
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4", "three-tier"])
+def test_int8_kernels_equal_the_dequantized_matrix(pattern):
+    """Every path (portable, AVX2, AVX-512 where the CPU has them) and every route, on odd shapes and batches 1, 3,
+    16 and 130, within fp32 rounding of a float64 product with the unpacked (dequantized) matrix; the sparse
+    kernel gives the same bits on every path."""
+    for N, K in SHAPES:
+        if pattern == "2:4" and K % 16:
+            continue
+        W, layout, tiers = pruned(pattern, N, K, seed=N)
+        qlayout, t = packing.quantize(packing.pack_matrix(W, layout, "w", tiers), layout)
+        m = kernels.PackedLinear(qlayout, t)
+        assert m.scaled and m._buffers["scale"].shape == (N,)
+        ref_W = packing.unpack_matrix(t, qlayout).double()
+        paths = [1] + [2] * kernels.extension().has_avx2() + [3] * kernels.extension().has_avx512()
+        for B in (1, 3, 16, 130):
+            x = torch.randn(B, K)
+            ref = x.double() @ ref_W.t()
+            outs = {(p, r): m.matmul(x, p, r) for p in paths for r in m.routes(p)}
+            for key, y in outs.items():
+                err = ((y.double() - ref).abs().max() / ref.abs().max()).item()
+                assert err < 1e-5, (N, K, B, key, err)
+            sparse = [y for (_, r), y in outs.items() if r == routes.SPARSE]
+            assert all(torch.equal(sparse[0], y) for y in sparse[1:]), (N, K, B)
+
+
+def test_int8_bytes_follow_the_format():
+    """Per 16x16 block: dense 256 B, 2:4 128 + 32 B, top-k 15 + 15 B, a tier byte; plus 4 B of scale per row."""
+    W, layout, tiers = pruned("three-tier", 64, 64, random_tiers=False)
+    qlayout, t = packing.quantize(packing.pack_matrix(W, layout, "w", tiers), layout)
+    counts = [int((tiers == i).sum()) for i in range(3)]
+    assert packing.packed_bytes(t) == 256 * counts[0] + 160 * counts[1] + 30 * counts[2] + tiers.numel() + 4 * 64
+    W, layout, _ = pruned("2:4", 64, 64)
+    qlayout, t = packing.quantize(packing.pack_matrix(W, layout, "w"), layout)
+    assert packing.packed_bytes(t) == 64 * 32 + 64 * 64 // 8 + 4 * 64
+
+
+@pytest.fixture(scope="module")
+def int8_folders(tmp_path_factory, default_tokenizer):
+    """A tiny Llama pruned three-tier and saved packed with int8 values, and the same prune saved dense."""
+    root = tmp_path_factory.mktemp("int8")
+    model = tiny_model("llama", vocab=len(default_tokenizer), hidden=40, inter=72)
+    src = root / "tiny"
+    model.save_pretrained(src)
+    default_tokenizer.save_pretrained(src)
+    args = ["prune", "--model", str(src), "--method", "magnitude", "--pattern", "three-tier"]
+    assert main([*args, "--out", str(root / "dense")]) == 0
+    assert main([*args, "--save", "packed", "--values", "int8", "--out", str(root / "q")]) == 0
+    return root / "dense", root / "q"
+
+
+@pytest.mark.kernels
+def test_int8_folder_loads_dequantized_and_through_the_kernels(int8_folders, default_tokenizer):
+    """prune --save packed --values int8: the record says int8; the folder loads as the dequantized weights
+    (within half a step of the fp32 prune's), and through the kernels gives that model's log-likelihoods."""
+    dense, q = int8_folders
+    record = json.loads((q / "hybridprune.json").read_text())
+    layouts = record["packed"]["matrices"]
+    assert layouts and all(v["values"] == "int8" and v["scale"] == "row" for v in layouts.values())
+    assert record["packed"]["version"] == packing.INT8_VERSION  # older readers refuse it rather than misread it
+    a, _ = load_model(str(dense))
+    b, _ = load_model(str(q))
+    c, _ = load_model(str(q), kernels=True)
+    _, packed, _ = packing.read_packed(q)
+    for key in layouts:
+        wa, wb = a.state_dict()[key], b.state_dict()[key]
+        step = packed[key]["scale"].unsqueeze(1)
+        assert ((wa - wb).abs() <= step / 2 * (1 + 1e-5)).all() and torch.equal(wb[wa == 0], wa[wa == 0])
+    ids = default_tokenizer(["The cat sat on the mat because it was warm."], return_tensors="pt")
+    with torch.no_grad():
+        lb, lc = b(**ids).logits, c(**ids).logits
+    assert ((lb - lc).abs().max() / lb.abs().max()).item() < 1e-4
+
+
+def test_values_int8_needs_packed_and_a_tampered_dtype_is_refused(int8_folders, tmp_path, capsys):
+    dense, q = int8_folders
+    assert main(["prune", "--model", str(dense), "--values", "int8", "--out", str(tmp_path / "x")]) == 2
+    assert "--save packed" in capsys.readouterr().err
+    assert main(["pack", str(q), "--unpack", "--values", "int8", "--out", str(tmp_path / "y")]) == 2
+    import shutil
+    bad = tmp_path / "bad"
+    shutil.copytree(q, bad)
+    rec = json.loads((bad / "hybridprune.json").read_text())
+    for layout in rec["packed"]["matrices"].values():
+        layout.pop("values"), layout.pop("scale")
+    (bad / "hybridprune.json").write_text(json.dumps(rec))
+    assert main(["ppl", str(bad), "--seqlen", "32", "--max-windows", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "int8" in err and "re-pack" in err
