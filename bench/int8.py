@@ -1,0 +1,113 @@
+"""int8 packed values against fp32 dense, torch's own int8 dense path and the fp32 packed kernels, in one process.
+
+Part 1, per pattern on an N x K matrix (default 11008 x 4096, a 7B MLP matrix), weights from DRAM as in decoding
+(every timing cycles through copies of the matrix worth twice the L3, as bench/kernels.py does):
+    bytes        packed int8 bytes over fp32 dense bytes (targets: three-tier <= 0.18, 2:4 and unstructured <= 0.17)
+    batch 1      ms of torch's F.linear on the fp32 matrix, of torch's quantize_dynamic int8 Linear (int8 weights,
+                 activations quantized per call, fbgemm), of the fp32 packed kernel and of the int8 packed kernel
+                 (targets: int8 packed >= 4x fp32 dense and faster than quantize_dynamic)
+Part 2, quality: the default model pruned (Wanda; three-tier, 2:4, unstructured 50%), its matrices packed in
+memory with fp32 and with int8 values, WikiText-2 perplexity through the kernels (target: int8 within 1%).
+
+    python bench/int8.py [--shape 11008x4096] [--reps 20] [--windows 20 --seqlen 512] [--no-quality] [--json out.json]
+Run it alone: with two cores anything else running changes the timings.
+"""
+import argparse
+import json
+import time
+import warnings
+
+import torch
+import torch.nn.functional as F
+from _common import report, write_json
+from headline import commit, machine
+from kernels import cold_copies, copies_for, l3_bytes, pruned_matrix, rotating, timed
+
+PATTERNS = {"three-tier": dict(pattern="three-tier"), "2:4": dict(pattern="2:4"),
+            "unstructured": dict(pattern="unstructured", sparsity=0.5)}
+
+
+def speed_rows(args) -> list:
+    from hybridprune.sparse import packing
+    from torch.ao.quantization import quantize_dynamic
+    N, K = map(int, args.shape.split("x"))
+    rows = []
+    for pattern in PATTERNS:
+        W, layout, tiers = pruned_matrix(pattern, N, K, torch.float32)
+        fp32 = packing.pack_matrix(W, layout, pattern, tiers)
+        qlayout, q = packing.quantize(fp32, layout)
+        Ws, fp32_modules = cold_copies(W, layout, fp32)
+        _, int8_modules = cold_copies(W, qlayout, q)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.ao's deprecation notices
+            dyn = []
+            for _ in range(copies_for(N * K)):  # int8 weights: a quarter of the bytes, so as many copies as that needs
+                lin = torch.nn.Linear(K, N, bias=False)
+                lin.weight.data = W.clone()
+                dyn.append(quantize_dynamic(torch.nn.Sequential(lin), {torch.nn.Linear}, dtype=torch.qint8))
+        x = torch.randn(1, K)
+        with torch.no_grad():
+            t = {"dense_fp32": timed(rotating([lambda w=w: F.linear(x, w) for w in Ws]), args.reps),
+                 "torch_int8_dynamic": timed(rotating([lambda m=m: m(x) for m in dyn]), args.reps),
+                 "packed_fp32": timed(rotating([lambda m=m: m(x) for m in fp32_modules]), args.reps),
+                 "packed_int8": timed(rotating([lambda m=m: m(x) for m in int8_modules]), args.reps)}
+        dense_bytes = N * K * 4
+        row = dict(pattern=pattern, shape=args.shape, batch=1, threads=torch.get_num_threads(),
+                   int8_bytes_ratio=round(packing.packed_bytes(q) / dense_bytes, 4),
+                   fp32_packed_bytes_ratio=round(packing.packed_bytes(fp32) / dense_bytes, 4),
+                   **{f"{k}_ms": round(v * 1e3, 3) for k, v in t.items()},
+                   int8_vs_dense=round(t["dense_fp32"] / t["packed_int8"], 2),
+                   int8_vs_torch_int8=round(t["torch_int8_dynamic"] / t["packed_int8"], 2),
+                   int8_vs_fp32_packed=round(t["packed_fp32"] / t["packed_int8"], 2),
+                   int8_GBps=round(packing.packed_bytes(q) / t["packed_int8"] / 1e9, 1))
+        report(row)
+        rows.append(row)
+        del Ws, fp32_modules, int8_modules, dyn
+    return rows
+
+
+def quality_rows(args) -> list:
+    import hybridprune as hp
+    from hybridprune.evaluation.ppl import perplexity
+    from hybridprune.sparse import kernels
+    rows = []
+    for pattern, options in PATTERNS.items():
+        ppl = {}
+        for values in ("float", "int8"):
+            pm = hp.prune(hp.load("default"), method="wanda", calib="wikitext2", nsamples=args.nsamples,
+                          seqlen=args.calib_seqlen, seed=0, **options)
+            n = kernels.sparsify_(pm.model, record=pm.record, tier_maps=pm.tier_maps, perms=pm.permutations,
+                                  values=values)
+            start = time.perf_counter()
+            res = perplexity(pm.model, pm.tokenizer, seqlen=args.seqlen, max_windows=args.windows)
+            ppl[values] = res["ppl"]
+            report(dict(pattern=pattern, values=values, packed_matrices=n, ppl=round(res["ppl"], 4),
+                        windows=res["windows"], seqlen=res["seqlen"], seconds=round(time.perf_counter() - start, 1)))
+        row = dict(pattern=pattern, ppl_fp32_packed=round(ppl["float"], 4), ppl_int8_packed=round(ppl["int8"], 4),
+                   int8_change_pct=round(100 * (ppl["int8"] / ppl["float"] - 1), 3))
+        report(row)
+        rows.append(row)
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="11008x4096")
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--no-quality", action="store_true", help="only part 1 (bytes and speed)")
+    ap.add_argument("--windows", type=int, default=20, help="WikiText-2 test windows for the perplexity")
+    ap.add_argument("--seqlen", type=int, default=512, help="tokens per perplexity window")
+    ap.add_argument("--nsamples", type=int, default=32, help="calibration windows of the prunes")
+    ap.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration window")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    print(json.dumps({"date": time.strftime("%Y-%m-%d"), "commit": commit(), **machine(),
+                      "l3_bytes": l3_bytes()}), flush=True)
+    rows = speed_rows(args)
+    if not args.no_quality:
+        rows += quality_rows(args)
+    write_json(rows, args.json)
+
+
+if __name__ == "__main__":
+    main()
