@@ -1,7 +1,8 @@
 """int8 packed values against fp32 dense, torch's own int8 dense path and the fp32 packed kernels, in one process.
 
 Part 1, per pattern on an N x K matrix (default 11008 x 4096, a 7B MLP matrix), weights from DRAM as in decoding
-(every timing cycles through copies of the matrix worth twice the L3, as bench/kernels.py does):
+(every timing cycles through copies of the matrix: fp32 ones worth twice the L3, as bench/kernels.py does, int8
+ones worth --cold-l3 (8) L3s):
     bytes        packed int8 bytes over fp32 dense bytes (targets: three-tier <= 0.18, 2:4 and unstructured <= 0.17)
     batch 1      ms of torch's F.linear on the fp32 matrix, of torch's quantize_dynamic int8 Linear (int8 weights,
                  activations quantized per call, fbgemm), of the fp32 packed kernel and of the int8 packed kernel
@@ -27,8 +28,15 @@ PATTERNS = {"three-tier": dict(pattern="three-tier"), "2:4": dict(pattern="2:4")
             "unstructured": dict(pattern="unstructured", sparsity=0.5)}
 
 
+def cold(nbytes: int, args) -> int:
+    """Copies of an nbytes matrix to cycle through so that the int8 ones come from DRAM: --cold-l3 times the L3 in
+    all (2 x L3, bench/kernels.py's rule, left torch's 45 MB int8 matrix partly cached here: 0.94 ms with 2
+    copies, 1.25-1.28 ms with 6)."""
+    return max(copies_for(nbytes), -(-args.cold_l3 * l3_bytes() // nbytes))
+
+
 def speed_rows(args) -> list:
-    from hybridprune.sparse import packing
+    from hybridprune.sparse import kernels, packing
     from torch.ao.quantization import quantize_dynamic
     N, K = map(int, args.shape.split("x"))
     rows = []
@@ -37,11 +45,12 @@ def speed_rows(args) -> list:
         fp32 = packing.pack_matrix(W, layout, pattern, tiers)
         qlayout, q = packing.quantize(fp32, layout)
         Ws, fp32_modules = cold_copies(W, layout, fp32)
-        _, int8_modules = cold_copies(W, qlayout, q)
+        int8_modules = [kernels.PackedLinear(qlayout, {k: v.clone() for k, v in q.items()})
+                        for _ in range(cold(packing.packed_bytes(q), args))]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch.ao's deprecation notices
             dyn = []
-            for _ in range(copies_for(N * K)):  # int8 weights: a quarter of the bytes, so as many copies as that needs
+            for _ in range(cold(N * K, args)):  # int8 weights: a quarter of fp32's bytes
                 lin = torch.nn.Linear(K, N, bias=False)
                 lin.weight.data = W.clone()
                 dyn.append(quantize_dynamic(torch.nn.Sequential(lin), {torch.nn.Linear}, dtype=torch.qint8))
@@ -94,6 +103,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="11008x4096")
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--cold-l3", type=int, default=8, help="int8 matrices: cycle through this many L3s of copies")
     ap.add_argument("--no-quality", action="store_true", help="only part 1 (bytes and speed)")
     ap.add_argument("--windows", type=int, default=20, help="WikiText-2 test windows for the perplexity")
     ap.add_argument("--seqlen", type=int, default=512, help="tokens per perplexity window")

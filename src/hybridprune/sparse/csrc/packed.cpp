@@ -463,8 +463,25 @@ HP_AVX512 inline __m512 load8z(const uint16_t* p) {
 // The weights of two mask bytes: the next popcount(m) values to the lanes of m's set bits (an expand-load reads
 // only those values, so it never passes the end of the matrix).
 HP_AVX512 inline __m512 expand16(__mmask16 m, const float* src) { return _mm512_maskz_expandloadu_ps(m, src); }
+// int8: a masked load of exactly popcount(m) bytes (never past the values' end), then a byte shuffle whose control
+// comes from a 2 KB table, 8 bytes per mask byte (the second byte's indices moved up by the first's count). The
+// memory form of vpexpandb made the kernel 1.5x slower than with fp32 values on an AMD EPYC (Zen 4), its register
+// form 1.1x.
+struct ShuffleTable {
+  alignas(64) uint8_t idx[256][8];
+  ShuffleTable() {
+    for (int m = 0; m < 256; m++)
+      for (int i = 0, c = 0; i < 8; i++) idx[m][i] = (m >> i) & 1 ? static_cast<uint8_t>(c++) : 0x80;
+  }
+};
+const ShuffleTable kShuffle;
 HP_AVX512 inline __m512 expand16(__mmask16 m, const int8_t* src) {
-  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_expandloadu_epi8(m, src)));
+  const int lo = m & 0xFF, hi = m >> 8;
+  const __m128i ctl = _mm_unpacklo_epi64(
+      _mm_loadl_epi64(reinterpret_cast<const __m128i*>(kShuffle.idx[lo])),
+      _mm_add_epi8(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(kShuffle.idx[hi])), _mm_set1_epi8(static_cast<char>(_mm_popcnt_u32(lo)))));
+  const __m128i packed = _mm_maskz_loadu_epi8(static_cast<__mmask16>((1u << _mm_popcnt_u32(m)) - 1), src);
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_shuffle_epi8(packed, ctl)));
 }
 HP_AVX512 inline __m512 expand16(__mmask16 m, const uint16_t* src) {
   const __m256i h = _mm256_maskz_expandloadu_epi16(m, src);
