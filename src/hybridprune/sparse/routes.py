@@ -21,6 +21,7 @@ advantage at one row.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -44,6 +45,12 @@ REPS = 3        # timed calls per route and bucket (the median), after one warm-
 
 def machine() -> str:
     """What the measurements depend on besides the matrix: the CPU's name and flags, and torch's threads."""
+    return f"{_cpu()}, {torch.get_num_threads()} threads"
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu() -> str:
+    """The CPU's name and a hash of its flags, read once (a prefill asks on every matmul)."""
     name = "unknown CPU"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -52,8 +59,7 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    flags = hashlib.sha256(" ".join(sorted(cpu_flags())).encode()).hexdigest()[:8]
-    return f"{name} (flags {flags}), {torch.get_num_threads()} threads"
+    return f"{name} (flags {hashlib.sha256(' '.join(sorted(cpu_flags())).encode()).hexdigest()[:8]})"
 
 
 def entry_key(kind: str, shape: Sequence[int], dtype: torch.dtype, implementation: int) -> str:
