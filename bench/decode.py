@@ -27,24 +27,28 @@ PATTERNS = {"three-tier": dict(pattern="three-tier"), "2:4": dict(pattern="2:4")
             "unstructured": dict(pattern="unstructured", sparsity=0.5)}
 
 
-def decode(model, tok, args):
-    """(outputs, tokens/s): one warm-up, then the prompts --repeats times (median rate)."""
-    model.config.use_cache = True
+def one_pass(model, tok, new_tokens: int, prompts=PROMPTS) -> tuple[list, int, float]:
+    """Greedy decoding of each prompt, batch 1: (outputs, new tokens, seconds in generate)."""
+    outs, tokens, seconds = [], 0, 0.0
     with torch.no_grad():
-        model.generate(**tok(PROMPTS[0], return_tensors="pt"), max_new_tokens=4, do_sample=False,
-                       pad_token_id=tok.eos_token_id)
-        rates, outs = [], []
-        for _ in range(args.repeats):
-            outs, tokens, seconds = [], 0, 0.0
-            for p in PROMPTS:
-                ids = tok(p, return_tensors="pt")
-                t = time.perf_counter()
-                g = model.generate(**ids, max_new_tokens=args.new_tokens, do_sample=False,
-                                   pad_token_id=tok.eos_token_id)
-                seconds += time.perf_counter() - t
-                tokens += g.shape[1] - ids["input_ids"].shape[1]
-                outs.append(g)
-            rates.append(tokens / seconds)
+        for p in prompts:
+            ids = tok(p, return_tensors="pt")
+            t = time.perf_counter()
+            g = model.generate(**ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tok.eos_token_id)
+            seconds += time.perf_counter() - t
+            tokens += g.shape[1] - ids["input_ids"].shape[1]
+            outs.append(g)
+    return outs, tokens, seconds
+
+
+def decode(model, tok, new_tokens: int, repeats: int, prompts=PROMPTS):
+    """(outputs, tokens/s): one short warm-up, then the prompts `repeats` times (median rate)."""
+    model.config.use_cache = True
+    one_pass(model, tok, 4, prompts[:1])
+    rates = []
+    for _ in range(repeats):
+        outs, tokens, seconds = one_pass(model, tok, new_tokens, prompts)
+        rates.append(tokens / seconds)
     return outs, statistics.median(rates)
 
 
@@ -83,16 +87,8 @@ def breakdown(model, tok, args) -> dict:
         return out
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
     ALL_ATTENTION_FUNCTIONS["sdpa"] = timed_attention
-    total, tokens = 0.0, 0
     try:
-        with torch.no_grad():
-            for p in PROMPTS:
-                ids = tok(p, return_tensors="pt")
-                t = time.perf_counter()
-                g = model.generate(**ids, max_new_tokens=args.new_tokens, do_sample=False,
-                                   pad_token_id=tok.eos_token_id)
-                total += time.perf_counter() - t
-                tokens += g.shape[1] - ids["input_ids"].shape[1]
+        _, tokens, total = one_pass(model, tok, args.new_tokens)
     finally:
         ALL_ATTENTION_FUNCTIONS["sdpa"] = original
         for h in handles:
@@ -140,7 +136,7 @@ def main():
     rows = []
     dense = hp.load("default")
     tok = dense.tokenizer
-    dense_out, dense_tps = decode(dense.model, tok, args)
+    dense_out, dense_tps = decode(dense.model, tok, args.new_tokens, args.repeats)
     row = dict(model="dense fp32", tok_s=round(dense_tps, 1), vs_dense=1.0, **breakdown(dense.model, tok, args))
     report(row)
     rows.append(row)
@@ -151,7 +147,7 @@ def main():
         hp.use_kernels(pm, values="float" if variant == "fp32" else "int8")
         if variant.endswith("LM head int8"):
             int8_lm_head(pm.model)
-        out, tps = decode(pm.model, tok, args)
+        out, tps = decode(pm.model, tok, args.new_tokens, args.repeats)
         if ref_model is None:
             ref_model, ref_out = pm.model, out
         gaps = [first_gap(ref_model, a, b) for a, b in zip(ref_out, out)]

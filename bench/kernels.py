@@ -226,23 +226,8 @@ def e2e_rows(args) -> list:
 
     def decode(m):
         """Outputs and tokens/s: one short warm-up generation, then the prompts `--e2e-repeats` times (median)."""
-        m.config.use_cache = True
-        with torch.no_grad():
-            m.generate(**tok(prompts[0], return_tensors="pt"), max_new_tokens=4, do_sample=False,
-                       pad_token_id=tok.eos_token_id)
-            rates = []
-            for _ in range(args.e2e_repeats):
-                outs, tokens, seconds = [], 0, 0.0
-                for p in prompts:
-                    ids = tok(p, return_tensors="pt")
-                    t = time.perf_counter()
-                    g = m.generate(**ids, max_new_tokens=args.new_tokens, do_sample=False,
-                                   pad_token_id=tok.eos_token_id)
-                    seconds += time.perf_counter() - t
-                    tokens += g.shape[1] - ids["input_ids"].shape[1]
-                    outs.append(g[0].tolist())
-                rates.append(tokens / seconds)
-        return outs, statistics.median(rates)
+        from decode import decode as run  # bench/decode.py
+        return run(m, tok, args.new_tokens, args.e2e_repeats, prompts)
 
     dense_out, dense_tps = decode(model)
     rows = []
@@ -254,7 +239,7 @@ def e2e_rows(args) -> list:
         out, tps = decode(pruned)
         row = dict(model="default", pattern=name, packed_matrices=n, new_tokens=args.new_tokens,
                    dense_tok_s=round(dense_tps, 1), zeros_dense_tok_s=round(ref_tps, 1), kernels_tok_s=round(tps, 1),
-                   speedup=round(tps / dense_tps, 2), same_outputs_as_unpacked=out == ref_out)
+                   speedup=round(tps / dense_tps, 2), same_outputs_as_unpacked=all(torch.equal(a, b) for a, b in zip(out, ref_out)))
         report(row)
         rows.append(row)
         del pruned

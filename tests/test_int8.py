@@ -11,6 +11,15 @@ from hybridprune.sparse.load import load_model
 from test_packed import SHAPES, pruned
 
 
+def quantized(pattern: str):
+    """(W, int8 layout, int8 tensors) for each of test_packed's odd shapes the pattern packs."""
+    for N, K in SHAPES:
+        if pattern == "2:4" and K % 16:
+            continue
+        W, layout, tiers = pruned(pattern, N, K, seed=N)
+        yield (W, *packing.quantize(packing.pack_matrix(W, layout, "w", tiers), layout))
+
+
 def test_quantize_hand_checked():
     """2:4, row 0 keeps 0.5, -1.27 | 0.01: scale 1.27 / 127 = 0.01, q = 50, -127 | 1, 0; row 1 keeps nothing:
     scale 1."""
@@ -31,11 +40,7 @@ def test_quantized_weights_are_within_half_a_step_and_zeros_stay_zero(pattern):
     """Every kept weight reads back within half its row's step (a value scaled by another row's scale would not,
     nor one clamped), the largest of each row exactly, and every pruned weight as 0; shapes and dtypes as the
     loader checks them."""
-    for N, K in SHAPES:
-        if pattern == "2:4" and K % 16:
-            continue
-        W, layout, tiers = pruned(pattern, N, K, seed=N)
-        qlayout, t = packing.quantize(packing.pack_matrix(W, layout, "w", tiers), layout)
+    for W, qlayout, t in quantized(pattern):
         back = packing.unpack_matrix(t, qlayout)
         step = t["scale"].unsqueeze(1)
         assert ((back - W).abs() <= step / 2 * (1 + 1e-5)).all()
@@ -54,11 +59,8 @@ def test_int8_kernels_equal_the_dequantized_matrix(pattern):
     """Every path (portable, AVX2, AVX-512 where the CPU has them) and every route, on odd shapes and batches 1, 3,
     16 and 130, within fp32 rounding of a float64 product with the unpacked (dequantized) matrix; the sparse
     kernel gives the same bits on every path."""
-    for N, K in SHAPES:
-        if pattern == "2:4" and K % 16:
-            continue
-        W, layout, tiers = pruned(pattern, N, K, seed=N)
-        qlayout, t = packing.quantize(packing.pack_matrix(W, layout, "w", tiers), layout)
+    for W, qlayout, t in quantized(pattern):
+        N, K = W.shape
         m = kernels.PackedLinear(qlayout, t)
         assert m.scaled and m._buffers["scale"].shape == (N,)
         ref_W = packing.unpack_matrix(t, qlayout).double()

@@ -749,50 +749,25 @@ HP_AVX512 void nm24_rows_avx512(const W* vals, const uint8_t* pos, int64_t K, in
   for (int64_t q = rows; q < GR; q++) std::memset(out + q * gemm_ld(K), 0, K * sizeof(float));
 }
 
-// The tiered GEMM skips what a block row's top-k and empty blocks would cost in the dense tile. Its panel: the
-// dense and 2:4 blocks decoded k-major one after another (w[b * 256 + j * 16 + i] = row i, column j of the b-th
-// such block, cols[b] its block column, ascending), and each top-k weight as its value and (input column << 4 | row).
-// A top-k block (k of 256 weights) then costs k broadcast FMAs per 16 batch rows, not a dense block's 256.
+// The tiered GEMM skips what a block row's top-k and empty blocks would cost in the dense tile (its panel:
+// tiered_panel, below). A dense block and a 2:4 block written k-major into the panel, AVX-512:
 template <typename W>
-HP_AVX512 void tiered_panel_avx512(int64_t C, const int8_t* tr, const W* dense, const W* nmv, const uint32_t* nmp,
-                                   const W* tkv, const uint8_t* tkp, int64_t k, int64_t d, int64_t n, int64_t t,
-                                   float* out, int32_t* cols, int64_t& nb, float* tkw, int32_t* tkx, int64_t& nt) {
+HP_AVX512 void dense_block_avx512(const W* w, float* o) {
+  for (int j = 0; j < 16; j++) _mm512_storeu_ps(o + j * 16, load16(w + j * 16));
+}
+template <typename W>
+HP_AVX512 void nm_block_avx512(const W* w, const uint32_t* p, float* o) {
   const __m512i shifts = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
   const __m512i three = _mm512_set1_epi32(3);
-  nb = nt = 0;
-  for (int64_t c = 0; c < C; c++) {
-    const int tier = tr[c];
-    if (tier == 2) {
-      const W* w = tkv + t * k;
-      const uint8_t* p = tkp + t * k;
-      t++;
-      for (int64_t e = 0; e < k; e++, nt++) {
-        tkw[nt] = to_f(w[e]);
-        tkx[nt] = static_cast<int32_t>(((c * 16 + (p[e] & 15)) << 4) | (p[e] >> 4));
-      }
-      continue;
-    }
-    if (tier != 0 && tier != 1) continue;  // an empty block
-    float* o = out + nb * 256;
-    cols[nb++] = static_cast<int32_t>(c);
-    if (tier == 0) {
-      const W* w = dense + d++ * 256;
-      for (int j = 0; j < 16; j++) _mm512_storeu_ps(o + j * 16, load16(w + j * 16));
-      continue;
-    }
-    const W* w = nmv + n * 128;
-    const uint32_t* p = nmp + n * 8;
-    n++;
-    for (int g = 0; g < 4; g++) {  // value columns 2g and 2g+1 fill columns 4g .. 4g+3
-      const __m512 we = load16(w + 2 * g * 16), wo = load16(w + (2 * g + 1) * 16);
-      const __m512i pe = _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(static_cast<int>(p[2 * g])), shifts), three);
-      const __m512i po = _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(static_cast<int>(p[2 * g + 1])), shifts), three);
-      for (int cc = 0; cc < 4; cc++) {
-        const __m512i cv = _mm512_set1_epi32(cc);
-        __m512 col = _mm512_maskz_mov_ps(_mm512_cmpeq_epi32_mask(pe, cv), we);
-        col = _mm512_mask_mov_ps(col, _mm512_cmpeq_epi32_mask(po, cv), wo);
-        _mm512_storeu_ps(o + (4 * g + cc) * 16, col);
-      }
+  for (int g = 0; g < 4; g++) {  // value columns 2g and 2g+1 fill columns 4g .. 4g+3
+    const __m512 we = load16(w + 2 * g * 16), wo = load16(w + (2 * g + 1) * 16);
+    const __m512i pe = _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(static_cast<int>(p[2 * g])), shifts), three);
+    const __m512i po = _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(static_cast<int>(p[2 * g + 1])), shifts), three);
+    for (int cc = 0; cc < 4; cc++) {
+      const __m512i cv = _mm512_set1_epi32(cc);
+      __m512 col = _mm512_maskz_mov_ps(_mm512_cmpeq_epi32_mask(pe, cv), we);
+      col = _mm512_mask_mov_ps(col, _mm512_cmpeq_epi32_mask(po, cv), wo);
+      _mm512_storeu_ps(o + (4 * g + cc) * 16, col);
     }
   }
 }
@@ -925,14 +900,40 @@ HP_AVX2 void nm24_buf_avx2(const W* vals, const uint8_t* pos, int64_t K, int64_t
   for (int64_t q = rows; q < GR; q++) std::memset(out + q * gemm_ld(K), 0, K * sizeof(float));
 }
 
-// tiered_panel_avx512 on AVX2: the same panel (dense and 2:4 blocks k-major, top-k weights listed).
+// The AVX2 block writers of the tiered GEMM's panel (as dense_block_avx512, nm_block_avx512).
 template <typename W>
-HP_AVX2 void tiered_panel_avx2(int64_t C, const int8_t* tr, const W* dense, const W* nmv, const uint32_t* nmp,
-                               const W* tkv, const uint8_t* tkp, int64_t k, int64_t d, int64_t n, int64_t t,
-                               float* out, int32_t* cols, int64_t& nb, float* tkw, int32_t* tkx, int64_t& nt) {
+HP_AVX2 void dense_block_avx2(const W* w, float* o) {
+  for (int j = 0; j < 32; j++) _mm256_storeu_ps(o + j * 8, load8(w + j * 8));
+}
+template <typename W>
+HP_AVX2 void nm_block_avx2(const W* w, const uint32_t* p, float* o) {
   const __m256i shifts[2] = {_mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14),
                              _mm256_setr_epi32(16, 18, 20, 22, 24, 26, 28, 30)};
   const __m256i three = _mm256_set1_epi32(3);
+  for (int g = 0; g < 4; g++) {  // value columns 2g and 2g+1 fill columns 4g .. 4g+3
+    for (int h = 0; h < 2; h++) {  // rows 8h .. 8h+7
+      const __m256 we = load8(w + 2 * g * 16 + h * 8), wo = load8(w + (2 * g + 1) * 16 + h * 8);
+      const __m256i pe = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(p[2 * g])), shifts[h]), three);
+      const __m256i po = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(p[2 * g + 1])), shifts[h]), three);
+      for (int cc = 0; cc < 4; cc++) {
+        const __m256i cv = _mm256_set1_epi32(cc);
+        __m256 v = _mm256_blendv_ps(_mm256_setzero_ps(), we, _mm256_castsi256_ps(_mm256_cmpeq_epi32(pe, cv)));
+        v = _mm256_blendv_ps(v, wo, _mm256_castsi256_ps(_mm256_cmpeq_epi32(po, cv)));
+        _mm256_storeu_ps(o + (4 * g + cc) * 16 + h * 8, v);
+      }
+    }
+  }
+}
+
+// The tiered GEMM's panel of one block row, for either instruction set (its dense and 2:4 block writers): the
+// dense and 2:4 blocks decoded k-major one after another (out[b * 256 + j * 16 + i] = row i, column j of the b-th
+// such block, cols[b] its block column, ascending), and each top-k weight as its value and (input column << 4 |
+// row). A top-k block (k of 256 weights) then costs k broadcast FMAs per 16 batch rows, not a dense block's 256.
+template <typename W>
+void tiered_panel(int64_t C, const int8_t* tr, const W* dense, const W* nmv, const uint32_t* nmp, const W* tkv,
+                  const uint8_t* tkp, int64_t k, int64_t d, int64_t n, int64_t t, float* out, int32_t* cols,
+                  int64_t& nb, float* tkw, int32_t* tkx, int64_t& nt, void (*dense_block)(const W*, float*),
+                  void (*nm_block)(const W*, const uint32_t*, float*)) {
   nb = nt = 0;
   for (int64_t c = 0; c < C; c++) {
     const int tier = tr[c];
@@ -947,29 +948,10 @@ HP_AVX2 void tiered_panel_avx2(int64_t C, const int8_t* tr, const W* dense, cons
       continue;
     }
     if (tier != 0 && tier != 1) continue;  // an empty block
-    float* o = out + nb * 256;
-    cols[nb++] = static_cast<int32_t>(c);
-    if (tier == 0) {
-      const W* w = dense + d++ * 256;
-      for (int j = 0; j < 32; j++) _mm256_storeu_ps(o + j * 8, load8(w + j * 8));
-      continue;
-    }
-    const W* w = nmv + n * 128;
-    const uint32_t* p = nmp + n * 8;
-    n++;
-    for (int g = 0; g < 4; g++) {  // value columns 2g and 2g+1 fill columns 4g .. 4g+3
-      for (int h = 0; h < 2; h++) {  // rows 8h .. 8h+7
-        const __m256 we = load8(w + 2 * g * 16 + h * 8), wo = load8(w + (2 * g + 1) * 16 + h * 8);
-        const __m256i pe = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(p[2 * g])), shifts[h]), three);
-        const __m256i po = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(p[2 * g + 1])), shifts[h]), three);
-        for (int cc = 0; cc < 4; cc++) {
-          const __m256i cv = _mm256_set1_epi32(cc);
-          __m256 v = _mm256_blendv_ps(_mm256_setzero_ps(), we, _mm256_castsi256_ps(_mm256_cmpeq_epi32(pe, cv)));
-          v = _mm256_blendv_ps(v, wo, _mm256_castsi256_ps(_mm256_cmpeq_epi32(po, cv)));
-          _mm256_storeu_ps(o + (4 * g + cc) * 16 + h * 8, v);
-        }
-      }
-    }
+    cols[nb] = static_cast<int32_t>(c);
+    if (tier == 0) dense_block(dense + d++ * 256, out + nb * 256);
+    else nm_block(nmv + n * 128, nmp + n * 8, out + nb * 256), n++;
+    nb++;
   }
 }
 
@@ -1444,11 +1426,9 @@ torch::Tensor tiered_gemm(torch::Tensor x, torch::Tensor tiers, torch::Tensor de
     const int64_t d = op[Rb * 3], n = op[Rb * 3 + 1], t = op[Rb * 3 + 2];
     by_type(a.vt, [&](auto tag) {
       using W = typename decltype(tag)::type;
-#define HP_PANEL(FN) FN(C, tp + Rb * C, ptr<W>(dense), ptr<W>(nm_values), np_, ptr<W>(topk_values), kp, k, d, n, t, \
-                        buf, cols, nb, tkw, tkx, nt)
-      if (wide) HP_PANEL(tiered_panel_avx512);
-      else HP_PANEL(tiered_panel_avx2);
-#undef HP_PANEL
+      tiered_panel(C, tp + Rb * C, ptr<W>(dense), ptr<W>(nm_values), np_, ptr<W>(topk_values), kp, k, d, n, t, buf, cols,
+                   nb, tkw, tkx, nt, wide ? dense_block_avx512<W> : dense_block_avx2<W>,
+                   wide ? nm_block_avx512<W> : nm_block_avx2<W>);
     });
   };
   at::parallel_for(0, R, 1, [&](int64_t R0, int64_t R1) {
