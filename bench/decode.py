@@ -1,8 +1,8 @@
 """End-to-end decoding on the default model, batch 1, greedy: where a token's time goes, dense against packed.
 
 Models: the dense fp32 model; the same model pruned (Wanda, WikiText-2 calibration) to --pattern, through the
-kernels with fp32 values, with int8 values, and with int8 values plus the LM head as torch's dynamic int8 Linear
-(--lm-head int8; the tied embedding stays fp32). For each: tokens per second (median of --repeats passes over
+kernels with fp32 values, with int8 values, and with int8 values plus the LM head packed int8 too
+(use_kernels(lm_head="int8"): a scale per vocabulary row; the tied embedding stays fp32). For each: tokens per second (median of --repeats passes over
 the prompts, --new-tokens each), the outputs against the fp32-packed model's (where they differ, the fp32-packed
 model's gap between its two best logits at the first differing token: a near tie, or not), and a breakdown of
 one pass: seconds in the packed (or dense) decoder matmuls, the LM head, attention and the rest (Python, norms,
@@ -15,7 +15,6 @@ import argparse
 import json
 import statistics
 import time
-import warnings
 
 import torch
 from _common import report, write_json
@@ -109,20 +108,6 @@ def first_gap(ref_model, a, b) -> float | None:
     return round(float(top[0] - top[1]), 4)
 
 
-def int8_lm_head(model) -> None:
-    """The LM head as torch's dynamic int8 Linear, a scale per output row as in our packed int8 (fbgemm; the
-    activations are quantized per call; the tied embedding keeps its fp32 copy)."""
-    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
-    head = model.get_output_embeddings()
-    linear = torch.nn.Linear(head.in_features, head.out_features, bias=head.bias is not None)
-    linear.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=False)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        q = quantize_dynamic(torch.nn.Sequential(linear), {torch.nn.Linear: per_channel_dynamic_qconfig},
-                             dtype=torch.qint8)[0]
-    model.set_output_embeddings(q)
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pattern", default="three-tier", choices=list(PATTERNS))
@@ -144,9 +129,8 @@ def main():
     for variant in ("fp32", "int8", "int8 + LM head int8"):
         pm = hp.prune(hp.load("default"), method="wanda", calib="wikitext2", nsamples=args.nsamples, seqlen=512,
                       seed=0, **PATTERNS[args.pattern])
-        hp.use_kernels(pm, values="float" if variant == "fp32" else "int8")
-        if variant.endswith("LM head int8"):
-            int8_lm_head(pm.model)
+        hp.use_kernels(pm, values="float" if variant == "fp32" else "int8",
+                       lm_head="int8" if variant.endswith("LM head int8") else "float")
         out, tps = decode(pm.model, tok, args.new_tokens, args.repeats)
         if ref_model is None:
             ref_model, ref_out = pm.model, out

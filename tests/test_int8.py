@@ -139,3 +139,30 @@ def test_values_int8_needs_packed_and_a_tampered_dtype_is_refused(int8_folders, 
     assert main(["ppl", str(bad), "--seqlen", "32", "--max-windows", "1"]) == 2
     err = capsys.readouterr().err
     assert "int8" in err and "re-pack" in err
+
+
+@pytest.mark.kernels
+def test_int8_lm_head_computes_with_its_dequantized_rows_and_leaves_the_embedding(int8_folders, default_tokenizer,
+                                                                                   tmp_path, capsys):
+    """use_kernels(lm_head="int8"): the output layer becomes a PackedLinear with int8 values whose output is the
+    float64 product with its dequantized weights (to fp32 rounding); the tied input embedding keeps its fp32
+    weights; --lm-head int8 without --kernels is refused before the model loads."""
+    import hybridprune as hp
+    dense, _ = int8_folders
+    pm = hp.load(str(dense))
+    embedding = pm.model.get_input_embeddings().weight.detach().clone()
+    fp32_head = pm.model.get_output_embeddings().weight.detach().clone()
+    hp.use_kernels(pm, lm_head="int8")
+    head = pm.model.get_output_embeddings()
+    assert isinstance(head, kernels.PackedLinear) and head.scaled and head.values.dtype == torch.int8
+    assert torch.equal(pm.model.get_input_embeddings().weight, embedding)
+    W = packing.unpack_matrix(dict(head._buffers), head.layout)
+    assert ((W - fp32_head).abs() <= head._buffers["scale"].unsqueeze(1) / 2 * (1 + 1e-5)).all()
+    ids = default_tokenizer(["A short sentence to score."], return_tensors="pt")
+    with torch.no_grad():
+        hidden = pm.model.model(**ids).last_hidden_state
+        got = pm.model(**ids).logits
+    ref = hidden.double() @ W.double().t()
+    assert ((got.double() - ref).abs().max() / ref.abs().max()).item() < 1e-5
+    assert main(["ppl", str(dense), "--lm-head", "int8", "--seqlen", "32", "--max-windows", "1"]) == 2
+    assert "--kernels" in capsys.readouterr().err

@@ -35,6 +35,8 @@ def _add_kernel_args(p):
     p.add_argument("--kernels", action="store_true", help="compute the pruned matrices from their packed form with "
                    "hybridprune's sparse CPU kernels (a packed folder, or an unpruned-format pruned folder packed in "
                    "memory); a model with nothing pruned runs dense")
+    p.add_argument("--lm-head", default="float", choices=["float", "int8"], help="with --kernels: int8 also packs "
+                   "the output layer (int8 values, a scale per vocabulary row; the tied embedding keeps its weights)")
 
 
 # ----------------------------------------------------------------------------- options from the configs
@@ -120,7 +122,9 @@ def _load(args, spec, to_device: bool = True):
         raise HybridPruneError("--max-memory and --offload-folder need --device-map auto")
     if device_map and args.device:
         raise HybridPruneError("--device-map places the layers itself; drop --device")
-    kernels = getattr(args, "kernels", False)
+    kernels, lm_head = getattr(args, "kernels", False), getattr(args, "lm_head", "float")
+    if lm_head != "float" and not kernels:
+        raise HybridPruneError(f"--lm-head {lm_head} runs the output layer on the kernels; add --kernels")
     if kernels and (device_map or (args.device and args.device != "cpu")):
         raise HybridPruneError("--kernels computes on the CPU; drop --device/--device-map, or drop --kernels")
     if kernels:
@@ -128,7 +132,7 @@ def _load(args, spec, to_device: bool = True):
         check_toolchain()  # before the model loads
     model, tok = load_model(spec, dtype=args.dtype, trust_remote_code=args.trust_remote_code, device_map=device_map,
                             max_memory=max_memory, offload_folder=getattr(args, "offload_folder", None),
-                            kernels=kernels)
+                            kernels=kernels, lm_head=lm_head)
     if args.device and to_device and not device_map:
         model.to(args.device)
     return model, tok

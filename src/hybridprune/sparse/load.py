@@ -7,17 +7,22 @@ import torch
 from hybridprune.core.errors import HybridPruneError
 from hybridprune.io import models
 from hybridprune.io.folder import is_packed
-from hybridprune.sparse.kernels import sparsify_, use_kernels
+from hybridprune.sparse.kernels import pack_lm_head_, sparsify_, use_kernels
 from hybridprune.sparse.packing import load_packed
 
 
 def load_model(spec: str = "default", dtype: str | torch.dtype | None = None, device: str | None = None,
                trust_remote_code: bool = False, device_map: str | None = None, max_memory: dict | None = None,
-               offload_folder: str | None = None, kernels: bool = False):
+               offload_folder: str | None = None, kernels: bool = False, lm_head: str = "float"):
     """Load (model, tokenizer) from any spec. The model is in eval mode with the KV cache off.
     device_map / max_memory / offload_folder: accelerate's placement and offloading (from_pretrained's).
     A packed folder loads as the same model; kernels=True computes its pruned matrices from their packed form,
-    also for an unpacked pruned folder, which is then packed in memory."""
+    also for an unpacked pruned folder, which is then packed in memory; lm_head="int8" (with kernels) also packs
+    the output layer with int8 values (kernels.pack_lm_head_)."""
+    if lm_head not in ("float", "int8"):
+        raise HybridPruneError(f"unknown LM head {lm_head!r}; use float or int8")
+    if lm_head == "int8" and not kernels:
+        raise HybridPruneError("an int8 LM head runs on the kernels; add --kernels (kernels=True)")
     path, _ = models.resolve_model(spec)
     models._hub_check(spec, path)
     if is_packed(path):
@@ -27,6 +32,8 @@ def load_model(spec: str = "default", dtype: str | torch.dtype | None = None, de
         model, tok, packed, layouts = load_packed(path, dtype=dtype)
         if kernels:
             sparsify_(model, packed=packed, layouts=layouts)
+            if lm_head == "int8":
+                pack_lm_head_(model)
         if device:
             model.to(device)
         return model, tok
@@ -34,4 +41,6 @@ def load_model(spec: str = "default", dtype: str | torch.dtype | None = None, de
                                    device_map=device_map, max_memory=max_memory, offload_folder=offload_folder)
     if kernels:
         use_kernels(model, path)
+        if lm_head == "int8":
+            pack_lm_head_(model)
     return model, tok
