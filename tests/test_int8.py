@@ -164,5 +164,9 @@ def test_int8_lm_head_computes_with_its_dequantized_rows_and_leaves_the_embeddin
         got = pm.model(**ids).logits
     ref = hidden.double() @ W.double().t()
     assert ((got.double() - ref).abs().max() / ref.abs().max()).item() < 1e-5
+    # the evaluation's memory-bounded head (which sizes its chunks from the vocabulary) takes it as it is
+    from hybridprune.evaluation.ppl import perplexity
+    res = perplexity(pm.model, ids=ids["input_ids"][0].repeat(4), seqlen=8, progress=False)
+    assert res["windows"] == 3 and res["ppl"] > 1
     assert main(["ppl", str(dense), "--lm-head", "int8", "--seqlen", "32", "--max-windows", "1"]) == 2
     assert "--kernels" in capsys.readouterr().err

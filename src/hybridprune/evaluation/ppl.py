@@ -70,7 +70,9 @@ class OutputHead:
         return out
 
     def rows_per_chunk(self) -> int:
-        vocab = self.head.weight.shape[0] if self.split else self.model.config.vocab_size
+        # out_features: nn.Linear's and the packed kernels' PackedLinear alike (--lm-head int8 has no .weight)
+        vocab = getattr(self.head, "out_features", None) or self.head.weight.shape[0] if self.split \
+            else self.model.config.vocab_size
         return max(1, CHUNK_BYTES // (4 * vocab))
 
     def token_logprobs(self, hidden: torch.Tensor, targets: torch.Tensor, greedy: bool = False):
