@@ -33,7 +33,8 @@ from hybridprune.core.specs import (KERNEL_PATHS as IMPLS, cache_bytes, check_ke
                                    check_toolchain,
                                    toolchain_problem)
 from hybridprune.sparse import routes
-from hybridprune.sparse.packing import kept_per_row, pack_prunable, packed_bytes, quantize, unpack_matrix
+from hybridprune.sparse.packing import (kept_per_row, pack_matrix, pack_prunable, packed_bytes, quantize,
+                                        unpack_matrix)
 
 logger = logging.getLogger(__name__)
 _CSRC = Path(__file__).parent / "csrc"
@@ -319,8 +320,8 @@ def sparsify_(model: nn.Module, config=None, result=None, packed: dict | None = 
 
 def pack_lm_head_(model: nn.Module) -> bool:
     """The output layer (the LM head, often tied to the input embedding) as a PackedLinear with int8 values and a
-    scale per vocabulary row, in place; the embedding keeps its own weights. Its layout is the unstructured one with
-    every weight kept (a bitmask of ones: an eighth of a byte a weight), so the unstructured int8 kernel computes it.
+    scale per vocabulary row, in place; the embedding keeps its own weights. Its layout is the unstructured one (a
+    bitmask of its non-zeros, all of them: an eighth of a byte a weight), so the unstructured int8 kernel computes it.
     Returns whether there was a head to pack. The tied fp32 head of the default model is 113 MB a token, more than
     its packed three-tier int8 decoder (bench/decode.py)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -331,11 +332,7 @@ def pack_lm_head_(model: nn.Module) -> bool:
                                "head")
     W = head.weight.detach().float()
     layout = {"kind": "unstructured", "shape": list(W.shape), "dtype": "float32"}
-    # every weight kept: an exact zero too (the mask marks positions, not values)
-    tensors = {"mask": torch.full((W.shape[0], -(-W.shape[1] // 8)), 255, dtype=torch.uint8),
-               "values": W.contiguous().reshape(-1)}
-    if W.shape[1] % 8:
-        tensors["mask"][:, -1] = (1 << (W.shape[1] % 8)) - 1
+    tensors = pack_matrix(W, layout, "the output layer")
     layout, tensors = quantize(tensors, layout)
     model.set_output_embeddings(PackedLinear(layout, tensors, head.bias))
     return True
