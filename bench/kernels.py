@@ -14,7 +14,6 @@ of --e2e-repeats passes) and whether the outputs are the same.
     python bench/kernels.py --batches 1 --no-bytes --no-e2e   # batch 1 and the default model's shapes only
 """
 import argparse
-import functools
 import statistics
 import time
 
@@ -23,14 +22,10 @@ import torch.nn.functional as F
 from _common import report, write_json
 
 
-@functools.cache
 def l3_bytes() -> int:
-    """This CPU's last-level cache (sysfs; 32 MB where it does not say)."""
-    try:
-        text = open("/sys/devices/system/cpu/cpu0/cache/index3/size").read().strip()
-        return int(text.rstrip("KMG")) * {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1], 1)
-    except (OSError, ValueError):
-        return 32 << 20
+    """This CPU's last-level cache (hybridprune.core.specs.cache_bytes: sysfs, 32 MB where it does not say)."""
+    from hybridprune.core.specs import cache_bytes
+    return cache_bytes()
 
 
 def copies_for(nbytes: int) -> int:
