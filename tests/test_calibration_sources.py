@@ -54,6 +54,40 @@ def test_self_text_does_not_depend_on_the_batch(smol, data_dir):
     assert len({tuple(row.tolist()) for row in draws[0].samples}) == 3  # and the rows differ from each other
 
 
+def test_generation_runs_linear_layers_weights_first_with_the_same_results(monkeypatch):
+    """_WeightsFirst computes F.linear as (W @ x.T).T (a wide weight in slices) at 2-128 fp32 rows on the CPU: equal
+    to F.linear within float rounding, bias and leading dimensions included; one row, bf16 and wider inputs are
+    left to F.linear; and generate() runs under it."""
+    F = torch.nn.functional
+    g = torch.Generator().manual_seed(0)
+    monkeypatch.setattr(calibration._WeightsFirst, "SLICE", 40)  # 100 output rows: slices of 40, 40 and 20
+    w, b = torch.randn(100, 24, generator=g), torch.randn(100, generator=g)
+    for shape in ((2, 24), (3, 5, 24), (128, 24)):
+        x = torch.randn(*shape, generator=g)
+        with calibration._WeightsFirst():
+            got, got_nobias = F.linear(x, w, b), F.linear(x, w)
+        assert got.shape == (*shape[:-1], 100)
+        torch.testing.assert_close(got, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got_nobias, F.linear(x, w), rtol=1e-5, atol=1e-5)
+    calls = []
+    monkeypatch.setattr(torch, "cat", lambda *a, **k: calls.append(1) or torch.concat(*a, **k))
+    with calibration._WeightsFirst():
+        for x, weight in ((torch.randn(1, 24), w), (torch.randn(129, 24), w),
+                          (torch.randn(4, 24).bfloat16(), w.bfloat16())):
+            F.linear(x, weight)
+        assert not calls  # none of them took the weights-first path
+        F.linear(torch.randn(4, 24), w)
+        assert calls
+    modes = []
+    real = calibration._WeightsFirst.__torch_function__
+    monkeypatch.setattr(calibration._WeightsFirst, "__torch_function__",
+                        lambda self, func, types, args=(), kwargs=None:
+                        modes.append(func) or real(self, func, types, args, kwargs))
+    model = tiny_model("llama")
+    calibration.generate(model, torch.zeros(2, 1, dtype=torch.long), 4, (1.0, 1.0, 0), 0, 2)
+    assert F.linear in modes
+
+
 def test_sampling_draws_from_the_tempered_softmax():
     """40,000 draws from one row: frequencies within 0.01 of softmax(logits / t) at t = 1 and 2, and a token of
     probability zero (logit -inf) never drawn."""
