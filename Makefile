@@ -10,7 +10,7 @@ ifeq ($(origin HYBRIDPRUNE_DATA), undefined)
   endif
 endif
 
-.PHONY: setup run test test-fast lint bench docs wheel-check clean
+.PHONY: setup run test test-fast lint bench bench-llama-cpp docs wheel-check clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,13 @@ bench: setup
 	$(PY) bench/prune_speed.py
 	$(PY) bench/three_tier.py
 	$(PY) bench/kernels.py
+
+# llama.cpp beside the kernels (bench/vs_llama_cpp.py): llama-cpp-python is built into .bench/, never into the venv.
+LLAMA_SITE := .bench/llama-site
+bench-llama-cpp: setup
+	test -d $(LLAMA_SITE)/llama_cpp || CMAKE_ARGS="-DGGML_NATIVE=ON" $(PIP) install --no-deps --target $(LLAMA_SITE) \
+		llama-cpp-python==0.3.36 diskcache==5.6.3
+	PYTHONPATH=$(LLAMA_SITE) $(PY) bench/vs_llama_cpp.py
 
 # The documentation site into site/ (not committed); --strict fails on a broken link or reference.
 docs: setup

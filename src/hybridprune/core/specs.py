@@ -175,9 +175,9 @@ def cache_bytes() -> int:
     return 32 << 20
 
 
-def check_kernels_env() -> str:
-    """HYBRIDPRUNE_KERNELS, checked: a known path, and one this CPU has. Returns its name."""
-    name = os.environ.get("HYBRIDPRUNE_KERNELS", "auto")
+def check_kernels_env(name: str | None = None) -> str:
+    """HYBRIDPRUNE_KERNELS (or `name`, its value), checked: a known path, and one this CPU has. Returns its name."""
+    name = os.environ.get("HYBRIDPRUNE_KERNELS", "auto") if name is None else name
     if name not in KERNEL_PATHS:
         raise HybridPruneError(f"HYBRIDPRUNE_KERNELS={name!r} is not a kernel path; use one of {', '.join(KERNEL_PATHS)}")
     flags = cpu_flags()

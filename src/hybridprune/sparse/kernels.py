@@ -43,11 +43,16 @@ STRIP = 512  # weight rows decoded at a time for the dense-strips route
 MAX_COPIES = 64  # copies of a small matrix cycled through while measuring routes (its weights then come from DRAM)
 _TABLES: dict = {}  # routes.RouteTable per compiled build
 _ENTRIES: dict = {}  # measured route entries by routes.entry_key, for this process
+_IMPL: dict = {}  # kernel path by HYBRIDPRUNE_KERNELS value, checked
 
 
 def extension():
-    """The compiled sparse kernels, csrc/packed.cpp (built on first use, then loaded from the cache)."""
-    return build("packed", "run without --kernels")
+    """The compiled sparse kernels, csrc/packed.cpp (built on first use, then loaded from the cache; asked on every
+    forward, so after the first call it is one dictionary read)."""
+    ext = _BUILT.get("packed")
+    if ext is None:
+        ext = _BUILT["packed"] = build("packed", "run without --kernels")
+    return ext
 
 
 
@@ -77,9 +82,14 @@ def build(name: str, fallback: str, source: Path | None = None):
     return _BUILT[key]
 
 
-def impl() -> int:
-    """The kernel path HYBRIDPRUNE_KERNELS forces (0: the fastest this CPU has), checked against the CPU."""
-    return IMPLS[check_kernels_env()]
+def impl(name: str | None = None) -> int:
+    """The kernel path HYBRIDPRUNE_KERNELS (or `name`, its value) forces (0: the fastest this CPU has), checked
+    against the CPU once per value."""
+    name = os.environ.get("HYBRIDPRUNE_KERNELS", "auto") if name is None else name
+    path = _IMPL.get(name)
+    if path is None:
+        path = _IMPL[name] = IMPLS[check_kernels_env(name)]
+    return path
 
 
 def covered(layout: dict) -> bool:
@@ -124,12 +134,14 @@ class PackedLinear(nn.Module):
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, packed={self.layout['kind']}"
 
-    def backend(self, device: torch.device) -> str:
+    def backend(self, device: torch.device, env: str | None = None) -> str:
         """What computes this matrix for inputs on `device`: "dense" (a layout no kernel covers), "triton" (CUDA, or
-        HYBRIDPRUNE_KERNELS=triton, which runs the GPU kernels on the CPU under TRITON_INTERPRET=1) or "cpu"."""
+        HYBRIDPRUNE_KERNELS=triton, which runs the GPU kernels on the CPU under TRITON_INTERPRET=1) or "cpu".
+        env: HYBRIDPRUNE_KERNELS's value where the caller has read it."""
         if self.kind == "unpacked":
             return "dense"
-        if device.type == "cuda" or os.environ.get("HYBRIDPRUNE_KERNELS") == "triton":
+        env = os.environ.get("HYBRIDPRUNE_KERNELS", "auto") if env is None else env
+        if device.type == "cuda" or env == "triton":
             return "triton"
         if device.type != "cpu":
             raise HybridPruneError(f"the packed kernels run on the CPU and on CUDA GPUs, not on {device.type}; load "
@@ -137,7 +149,8 @@ class PackedLinear(nn.Module):
         return "cpu"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        backend = self.backend(x.device)
+        env = os.environ.get("HYBRIDPRUNE_KERNELS", "auto")
+        backend = self.backend(x.device, env)
         if backend == "dense":
             y = x @ self.weight.to(x.dtype).t()
         elif backend == "triton":
@@ -155,7 +168,7 @@ class PackedLinear(nn.Module):
             y = y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
         else:
             xf = x if x.dtype == torch.float32 else x.float()
-            y = self.matmul(xf.index_select(-1, self._buffers["perm"]) if self.permuted else xf)
+            y = self.matmul(xf.index_select(-1, self._buffers["perm"]) if self.permuted else xf, impl(env))
             if y.dtype != x.dtype:
                 y = y.to(x.dtype)
         bias = self._parameters.get("bias")
@@ -166,7 +179,7 @@ class PackedLinear(nn.Module):
         rows on this machine, see routes.py): the sparse kernel, the packed GEMM (AVX-512 or AVX2) or dense
         strips; with int8 values, times each row's scale."""
         y = self._matmul(x, implementation, route)
-        return y * self._buffers["scale"] if self.scaled else y
+        return y.mul_(self._buffers["scale"]) if self.scaled else y
 
     def _matmul(self, x: torch.Tensor, implementation: int | None, route: str | None) -> torch.Tensor:
         ext, which = extension(), impl() if implementation is None else implementation
