@@ -437,3 +437,14 @@ def test_corrupt_packed_header_is_one_line(pruned_folders, tmp_path, capsys):
     raw[8:24] = b"\xff" * 16  # inside the JSON header
     f.write_bytes(bytes(raw))
     _refused(["ppl", str(bad), "--max-windows", "1", "--seqlen", "64"], capsys, "corrupt header")
+
+
+def test_kernel_path_is_checked_once_per_value_and_a_bad_value_is_always_refused(monkeypatch):
+    """kernels.impl() caches each HYBRIDPRUNE_KERNELS value it has checked; a bad value is never cached."""
+    monkeypatch.setenv("HYBRIDPRUNE_KERNELS", "portable")
+    assert kernels.impl() == kernels.IMPLS["portable"] == kernels.impl("portable")
+    for _ in range(2):
+        with pytest.raises(HybridPruneError, match="not a kernel path"):
+            kernels.impl("bogus")
+    monkeypatch.setenv("HYBRIDPRUNE_KERNELS", "auto")
+    assert kernels.impl() == kernels.IMPLS["auto"]
