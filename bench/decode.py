@@ -108,14 +108,19 @@ def first_gap(ref_model, a, b) -> float | None:
     return round(float(top[0] - top[1]), 4)
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def arguments(doc: str) -> argparse.ArgumentParser:
+    """The options of an end-to-end decoding bench (this one and vs_llama_cpp.py)."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pattern", default="three-tier", choices=list(PATTERNS))
     ap.add_argument("--new-tokens", type=int, default=48)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--nsamples", type=int, default=16)
+    ap.add_argument("--nsamples", type=int, default=16, help="calibration sequences of the prune")
     ap.add_argument("--json", default=None)
-    args = ap.parse_args()
+    return ap
+
+
+def main():
+    args = arguments(__doc__).parse_args()
     import hybridprune as hp
     print(json.dumps({"date": time.strftime("%Y-%m-%d"), "commit": commit(), **machine()}), flush=True)
     rows = []

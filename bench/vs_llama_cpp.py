@@ -20,14 +20,13 @@ llama-cpp-python is not a dependency of hybridprune. Build it for this bench alo
 
 Run it alone.
 """
-import argparse
 import json
 import statistics
 import time
 
 import torch
 from _common import report, write_json
-from decode import PATTERNS, PROMPTS, decode
+from decode import PATTERNS, PROMPTS, arguments, decode
 from headline import commit, machine
 
 
@@ -93,13 +92,7 @@ def packed_bytes(model) -> dict:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--pattern", default="three-tier", choices=list(PATTERNS))
-    ap.add_argument("--new-tokens", type=int, default=48)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--nsamples", type=int, default=16)
-    ap.add_argument("--json", default=None)
-    args = ap.parse_args()
+    args = arguments(__doc__).parse_args()
     from llama_cpp import Llama, __version__ as llama_version
 
     import hybridprune as hp
