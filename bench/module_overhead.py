@@ -1,4 +1,4 @@
-"""The Python around a packed matmul: one PackedLinear call against the raw kernel call it makes, batch 1.
+"""The Python around a packed matmul: one PackedLinear call against the sparse kernel call it makes (PackedLinear._sparse_kernel, on x already padded), batch 1.
 
 For each pattern and value type, a 576 x 576 matrix (the default model's q_proj and o_proj shape) pruned by
 magnitude (three-tier with the default tier map) and packed; the module call and the extension call each timed
@@ -54,17 +54,10 @@ def main():
             if values == "int8":
                 lay, t = packing.quantize(t, layout)
             m = kernels.PackedLinear(lay, t)
-            b = m._buffers
-            if m.kind == "tiered":
-                def raw():
-                    return ext.tiered_mm(m._padded(x), b["tiers"], b["dense"], b["nm_values"], b["nm_positions"],
-                                         b["topk_values"], b["topk_positions"], b["offsets"], which)
-            elif m.kind == "nm":
-                def raw():
-                    return ext.nm24_mm(x, b["values"], b["positions"], which)
-            else:
-                def raw():
-                    return ext.unstructured_mm(m._padded(x), b["mask"], b["values"], b["rowptr"], which)
+            xp = m._padded(x)
+
+            def raw():
+                return m._sparse_kernel(ext, xp, which)
             with torch.no_grad():
                 module, kernel = per_call(lambda: m(x), args.calls), per_call(raw, args.calls)
             report(dict(pattern=pattern, values=values, module_us=round(module, 1), kernel_us=round(kernel, 1),

@@ -34,13 +34,10 @@ def gguf_bytes(path) -> dict:
     """Bytes of the GGUF's matrices a token reads: the decoder's and the output head's (the tied embedding)."""
     import gguf
     reader = gguf.GGUFReader(str(path))
-    out = {"decoder": 0, "head": 0, "types": sorted({t.tensor_type.name for t in reader.tensors})}
-    for t in reader.tensors:
-        if t.name.startswith("blk.") and len(t.shape) == 2:
-            out["decoder"] += int(t.n_bytes)
-        elif t.name in ("output.weight", "token_embd.weight") and not out["head"]:
-            out["head"] = int(t.n_bytes)
-    return out
+    sizes = {t.name: int(t.n_bytes) for t in reader.tensors}
+    return {"decoder": sum(int(t.n_bytes) for t in reader.tensors if t.name.startswith("blk.") and len(t.shape) == 2),
+            "head": sizes.get("output.weight", sizes.get("token_embd.weight", 0)),  # untied, else tied
+            "types": sorted({t.tensor_type.name for t in reader.tensors})}
 
 
 def llama_decode(llm, prompts: list[list[int]], new_tokens: int, repeats: int) -> tuple[list[list[int]], float]:
@@ -79,7 +76,7 @@ def shared_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def packed_bytes(model) -> dict:
+def packed_model_bytes(model) -> dict:
     """Bytes of the packed decoder matrices and of the output head a token reads."""
     from hybridprune.sparse.kernels import PackedLinear
     from hybridprune.sparse.packing import packed_bytes
@@ -116,7 +113,7 @@ def main():
     packed_out, packed_tps = decode(pm.model, tok, args.new_tokens, args.repeats)
 
     llama_bytes = gguf_bytes(path)
-    ours = packed_bytes(pm.model)
+    ours = packed_model_bytes(pm.model)
     dense_bytes = {"decoder": sum(m.weight.numel() * 4 for n, m in dense.model.named_modules()
                                   if isinstance(m, torch.nn.Linear) and ".layers." in n),
                    "head": dense.model.get_output_embeddings().weight.numel() * 4}

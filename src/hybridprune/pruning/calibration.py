@@ -197,12 +197,12 @@ def sample(logits: torch.Tensor, t: float, gens: list[torch.Generator]) -> torch
 class _WeightsFirst(TorchFunctionMode):
     """Within it, F.linear on the CPU in fp32 at 2 to 128 rows computes x @ W.T as (W @ x.T).T, a wide weight in
     slices of SLICE rows: the same products, summed in an order the BLAS picks (the mean log-likelihoods moved by
-    1e-6), at a different speed. Measured on an AMD EPYC with
-    AVX-512, 2 threads, torch 2.13, the weights cycled from DRAM (2026-12-07), at 16 rows: 1.06-1.14x on the
-    default model's decoder matrices and 1.61x on its 49,152 x 576 LM head (32 rows: 1.06-1.14x and 1.48x; one
-    row: 0.96-1.09x, so one row is left alone). Generating 16 sequences gave the same tokens, with steps of 115-122
-    ms against 141-143 at 96 tokens, and 36-37 s against 39-47 s at 256 tokens (bench/self_calibration.py's
-    setting; the rest of a step there is mostly attention over the static cache and the sampler's noise)."""
+    1e-6), at a different speed. Measured on an AMD EPYC with AVX-512, 2 threads, torch 2.13, the weights cycled
+    from DRAM (2026-12-07), at 16 rows: 1.06-1.14x on the default model's decoder matrices and 1.61x on its
+    49,152 x 576 LM head (32 rows: 1.06-1.14x and 1.48x; one row: 0.96-1.09x, so one row is left alone).
+    Generating 16 sequences gave the same tokens, with steps of 115-122 ms against 141-143 at 96 tokens, and
+    36-37 s against 39-47 s at 256 tokens (bench/self_calibration.py's setting; the rest of a step there is mostly
+    attention over the static cache and the sampler's noise)."""
 
     SLICE = 4096
     ROWS = (2, 128)

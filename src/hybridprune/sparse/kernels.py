@@ -47,12 +47,8 @@ _IMPL: dict = {}  # kernel path by HYBRIDPRUNE_KERNELS value, checked
 
 
 def extension():
-    """The compiled sparse kernels, csrc/packed.cpp (built on first use, then loaded from the cache; asked on every
-    forward, so after the first call it is one dictionary read)."""
-    ext = _BUILT.get("packed")
-    if ext is None:
-        ext = _BUILT["packed"] = build("packed", "run without --kernels")
-    return ext
+    """The compiled sparse kernels, csrc/packed.cpp (built on first use, then loaded from the cache)."""
+    return build("packed", "run without --kernels")
 
 
 
@@ -60,10 +56,10 @@ def extension():
 def build(name: str, fallback: str, source: Path | None = None):
     """csrc/<name>.cpp (or another `source`, e.g. an earlier version to benchmark against) compiled with torch's
     C++ extension mechanism into the cache (once per source text and torch); `fallback` tells the user how to do
-    without it if the build fails."""
-    source = Path(source) if source is not None else _CSRC / f"{name}.cpp"
-    key = str(source)
+    without it if the build fails. Asked on every forward: once built, it is one dictionary read."""
+    key = name if source is None else str(source)
     if key not in _BUILT:
+        source = Path(source) if source is not None else _CSRC / f"{name}.cpp"
         from torch.utils.cpp_extension import load
         check_toolchain()
         digest = hashlib.sha256(source.read_bytes() + torch.__version__.encode()).hexdigest()[:12]
@@ -191,7 +187,11 @@ class PackedLinear(nn.Module):
             return y.reshape(*x.shape[:-1], self.out_features)
         # decode: the Python around the kernel costs ~2 us (the default model's k_proj takes ~20 us): the kernels
         # take [..., in] as it comes, the buffers are read from the dict (nn.Module.__getattr__ costs ~0.5 us each)
-        xp, b = self._padded(x), self._buffers
+        return self._sparse_kernel(ext, self._padded(x), which)
+
+    def _sparse_kernel(self, ext, xp: torch.Tensor, which: int) -> torch.Tensor:
+        """The sparse kernel on x already padded (_padded), nothing around it (bench/module_overhead.py times it)."""
+        b = self._buffers
         if self.kind == "unstructured":
             return ext.unstructured_mm(xp, b["mask"], b["values"], b["rowptr"], which)
         if self.kind == "nm":
