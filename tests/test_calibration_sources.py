@@ -45,9 +45,10 @@ def test_self_text_is_the_same_for_a_seed_and_holds_no_evaluation_example(smol, 
 
 
 def test_self_text_does_not_depend_on_the_batch(smol, data_dir):
-    """Each sequence samples from a stream of its own: --self-batch changes speed, never the text."""
+    """Each sequence samples from a stream of its own: in float32, --self-batch changes speed, never the text."""
     draws = [calibration.draw(smol.tokenizer, PruneConfig(calib="self", nsamples=3, seqlen=24, seed=5,
-                                                           data_dir=str(data_dir), **extra), smol.model)
+                                                           data_dir=str(data_dir), self_dtype="float32", **extra),
+                              smol.model)
              for extra in ({}, {"self_batch": 1}, {"self_batch": 2})]
     for d in draws[1:]:
         assert torch.equal(d.samples, draws[0].samples)
@@ -88,6 +89,38 @@ def test_generation_runs_linear_layers_weights_first_with_the_same_results(monke
     assert F.linear in modes
 
 
+def test_bfloat16_generation_multiplies_bfloat16_copies_and_leaves_the_weights(smol, data_dir, monkeypatch):
+    """_Bfloat16Linears: F.linear on fp32 operands equals the product of their bfloat16 roundings (fp32 sums), bias
+    added in fp32, over leading dimensions; the weight keeps its fp32 values and the copies go when the mode ends.
+    auto picks bfloat16 only where the CPU has AVX512_BF16 or AMX. A bfloat16 self draw is the same for a seed,
+    records its dtype and batch, and differs from float32's text."""
+    F = torch.nn.functional
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(40, 24, generator=g), torch.randn(40, generator=g)
+    before = w.clone()
+    for shape in ((1, 24), (3, 5, 24), (130, 24)):
+        x = torch.randn(*shape, generator=g)
+        with calibration._Bfloat16Linears() as mode:
+            got = F.linear(x, w, b)
+            assert len(mode.copies) == 1
+        want = F.linear(x.bfloat16(), w.bfloat16()).float() + b
+        assert got.dtype == torch.float32 and torch.equal(got, want)
+        assert not torch.equal(got, F.linear(x, w, b))
+        assert not mode.copies and torch.equal(w, before)
+    for flags, want in ((set(), torch.float32), ({"avx2", "avx512f"}, torch.float32),
+                        ({"avx512_bf16"}, torch.bfloat16), ({"amx_bf16"}, torch.bfloat16)):
+        monkeypatch.setattr(calibration.specs, "cpu_flags", lambda f=frozenset(flags): f)
+        assert calibration.generation_dtype("auto", torch.device("cpu")) == want
+        assert calibration.generation_dtype("float32", torch.device("cpu")) == torch.float32
+    monkeypatch.undo()
+    config = PruneConfig(calib="self", nsamples=2, seqlen=24, seed=3, data_dir=str(data_dir), self_dtype="bfloat16")
+    a, again = (calibration.draw(smol.tokenizer, config, smol.model) for _ in range(2))
+    fp32 = calibration.draw(smol.tokenizer, PruneConfig(**{**config.__dict__, "self_dtype": "float32"}), smol.model)
+    assert torch.equal(a.samples, again.samples) and not torch.equal(a.samples, fp32.samples)
+    assert (a.record["generated"][0]["matmul_dtype"], a.record["generated"][0]["batch"]) == ("bfloat16", 32)
+    assert fp32.record["generated"][0]["matmul_dtype"] == "float32"
+
+
 def test_sampling_draws_from_the_tempered_softmax():
     """40,000 draws from one row: frequencies within 0.01 of softmax(logits / t) at t = 1 and 2, and a token of
     probability zero (logit -inf) never drawn."""
@@ -123,7 +156,7 @@ def test_self_source_drops_exactly_the_share_it_states(smol, data_dir):
 def test_recorded_perplexity_is_the_models_own(smol, data_dir):
     """The ppl the filter ranks by is the model's at temperature 1, whatever temperature sampled the token: it
     equals a teacher-forced forward over the generated tokens (self samples at 1.5 falling to 1.0 here)."""
-    config = PruneConfig(calib="self", nsamples=2, seqlen=24, data_dir=str(data_dir))
+    config = PruneConfig(calib="self", nsamples=2, seqlen=24, data_dir=str(data_dir), self_dtype="float32")
     cal = calibration.draw(smol.tokenizer, config, smol.model)
     with torch.no_grad():
         logits = smol.model(cal.samples).logits[:, :-1].float()

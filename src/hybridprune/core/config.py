@@ -92,8 +92,12 @@ class PruneConfig:
     self_filter: float = option(specs.SELF_FILTER, "self:SOURCE: the share of generations dropped, those of highest "
                                 "perplexity (Ji et al. 2025), in [0, 1)")
     self_prefix: int = option(specs.SELF_PREFIX_TOKENS, "self:SOURCE: prefix tokens drawn from SOURCE")
-    self_batch: int = option(32, "self, self:SOURCE: sequences generated together (bounds the KV cache; the "
-                             "text is the same at any value)")
+    self_batch: int = option(32, "self, self:SOURCE: sequences generated together (bounds the KV cache; with "
+                             "--self-dtype float32 the text is the same at any value)")
+    self_dtype: str = option("auto", "self, self:SOURCE: what the generating model's linear layers multiply in: "
+                             "auto (bfloat16 where the CPU or GPU multiplies it natively, else float32) | float32 | "
+                             "bfloat16 (the weights stay float32; a bfloat16 copy is held while generating)",
+                             choices=specs.SELF_DTYPES)
     nsamples: int = option(128, "calibration sequences")
     seqlen: int = option(2048, "tokens per calibration sequence")
     seed: int = option(0, "seed of the calibration draw (a recipe's seeds: axis sets it per run)")
@@ -219,6 +223,9 @@ class PruneConfig:
         if self.calib_select not in specs.CALIB_SELECT:
             raise HybridPruneError(f"unknown {n('calib_select')} {self.calib_select!r}; use one of: "
                                    f"{', '.join(specs.CALIB_SELECT)}")
+        if self.self_dtype not in specs.SELF_DTYPES:
+            raise HybridPruneError(f"unknown {n('self_dtype')} {self.self_dtype!r}; use one of: "
+                                   f"{', '.join(specs.SELF_DTYPES)}")
         if not isinstance(self.calib_pool, int) or self.calib_pool < 0:
             raise HybridPruneError(f"{n('calib_pool')} must be a whole number >= 0, got {self.calib_pool}")
         if self.calib_pool and self.calib_select == "random":
@@ -282,7 +289,7 @@ PRUNE_GROUPS = {
     "pattern": ("method", "pattern", "sparsity", "group", "skip", "sparsegpt_block", "percdamp",
                 "channel_permutation"),
     "calibration": ("calib", "nsamples", "seqlen", "seed", "batch_size", "squad_format", "calib_select",
-                    "calib_pool", "self_filter", "self_prefix", "self_batch"),
+                    "calib_pool", "self_filter", "self_prefix", "self_batch", "self_dtype"),
     "three-tier and block patterns": ("tiers", "block_size", "tier_nm", "topk", "tier_metric", "scope", "retention",
                                       "block_score", "refit"),
     "layer-wise sparsity (OWL)": ("layer_sparsity", "owl_m", "owl_lambda"),

@@ -30,6 +30,9 @@ SELF_TEMPERATURE = (1.5, 1.0, 32)
 # Ji et al.: continue prefixes drawn from the source's fitting split, sampled at temperature 1, then drop the
 # generations whose perplexity is in the top share.
 SELF_FILTER = 0.2
+# self, self:SOURCE: the dtype the generating model's linear layers multiply in (auto: bfloat16 where the hardware
+# multiplies it natively, else float32; see pruning/calibration.py)
+SELF_DTYPES = ("auto", "float32", "bfloat16")
 SELF_PREFIX_TOKENS = 16
 BOS_POLICIES = ("auto", "always", "papers")
 SQUAD_FORMATS = {

@@ -15,7 +15,10 @@ temperature 1, read from the logits the sampler already computed (no second pass
 sequences at a time with a KV cache and asks the model for the last position's logits only, so no buffer holds
 vocabulary x tokens. Each sequence samples from a random stream of its own (row_generator: seeded from the
 calibration seed and the sequence's number), so the same seed and settings give the same text whatever the batch:
---self-batch changes speed and the KV cache's size, never the text.
+with --self-dtype float32, --self-batch changes speed and the KV cache's size, never the text. With bfloat16 (what
+auto picks where the hardware multiplies it natively) generation is 1.3-1.4x faster on the default model, but each
+linear layer's input is rounded to bfloat16, which turns the last-bit differences between batch sizes into different
+tokens: the text is then the same for the same seed, settings and batch on the same machine.
 """
 from __future__ import annotations
 
@@ -90,7 +93,7 @@ def draw(tokenizer, config: PruneConfig, model: nn.Module | None = None) -> Cali
 
 
 GENERATION_FIELDS = ("calib", "nsamples", "seqlen", "seed", "bos", "squad_format", "self_filter", "self_prefix",
-                     "data_dir")  # what a generated calibration depends on, besides the model
+                     "self_dtype", "self_batch", "data_dir")  # self_batch: bfloat16's text depends on it  # what a generated calibration depends on, besides the model
 
 
 def save(calib: Calibration, path) -> None:
@@ -166,7 +169,10 @@ def _generated_part(model, tokenizer, source: str, n: int, config: PruneConfig, 
         info = {"source": source, "paper": "Ji et al. 2025", "prefix_tokens": config.self_prefix,
                 "prefix_from": f"{text_source} (fitting split)", "temperature": 1.0, "top_k": None,
                 "filter_share": share}
-    ids, nll = generate(model, prompts, config.seqlen, schedule, seed, config.self_batch, desc=f"writing {source}")
+    dtype = generation_dtype(config.self_dtype, next(model.parameters()).device)
+    info.update(matmul_dtype=str(dtype).removeprefix("torch."), batch=config.self_batch)
+    ids, nll = generate(model, prompts, config.seqlen, schedule, seed, config.self_batch, desc=f"writing {source}",
+                        dtype=dtype)
     ppl = torch.exp(nll)
     order = torch.argsort(ppl, stable=True)
     keep = torch.zeros(total, dtype=torch.bool)
@@ -224,17 +230,60 @@ class _WeightsFirst(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+class _Bfloat16Linears(TorchFunctionMode):
+    """Within it, F.linear on fp32 inputs and an fp32 2-D weight multiplies in bfloat16: the input rounded to
+    bfloat16, the weight through a bfloat16 copy made on first use and held until the mode ends, the products summed
+    in fp32 by the BLAS and returned as fp32 (a bias is added in fp32). The model's own weights are never changed.
+    Half the bytes a step and the CPU's bfloat16 dot products: on an AMD EPYC with AVX512_BF16, 2 threads, torch
+    2.13, at 16 rows, 2.2-2.6x faster than fp32 on the default model's decoder matrices and 3.1-3.4x on its LM head
+    (2026-12-07). The text then differs from fp32's (each logit moves by bfloat16's rounding)."""
+
+    def __init__(self):
+        super().__init__()
+        self.copies: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear and len(args) >= 2:
+            x, w = args[0], args[1]
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            if (type(x) is torch.Tensor and type(w) in (torch.Tensor, nn.Parameter)
+                    and x.dtype == w.dtype == torch.float32 and w.dim() == 2 and w.layout == torch.strided):
+                held = self.copies.get(id(w))
+                if held is None or held[0] is not w:
+                    held = self.copies[id(w)] = (w, w.detach().to(torch.bfloat16))
+                y = F.linear(x.to(torch.bfloat16), held[1]).float()
+                return y + bias if bias is not None else y
+        return func(*args, **kwargs)
+
+    def __exit__(self, *exc):
+        self.copies.clear()
+        return super().__exit__(*exc)
+
+
+def generation_dtype(choice: str, device: torch.device) -> torch.dtype:
+    """--self-dtype resolved: auto is bfloat16 where the hardware multiplies it natively (a CPU with AVX512_BF16
+    or AMX, a CUDA GPU that supports it), else float32 (an AVX2 CPU would emulate bfloat16, slower than fp32)."""
+    if choice == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+        return torch.bfloat16 if {"avx512_bf16", "amx_bf16"} & specs.cpu_flags() else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[choice]
+
+
 @torch.no_grad()
 def generate(model: nn.Module, prompts: torch.Tensor, length: int, schedule: tuple[float, float, int],
-             seed: int, batch: int, desc: str = "generating") -> tuple[torch.Tensor, torch.Tensor]:
+             seed: int, batch: int, desc: str = "generating", dtype: torch.dtype = torch.float32
+             ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample each prompt's continuation to `length` tokens in all. Returns the ids [n, length] and each row's mean
     negative log-likelihood of its generated tokens at temperature 1 [n].
 
     The KV cache is transformers' StaticCache of exactly `length` positions: a growing cache copies itself at every
     step (measured 1.3 s a step at 2,000 tokens x 32 rows on 2 cores, against 0.48 s static). Each token is drawn
     by `sample` with noise from its row's own stream, row_generator(seed, row), so `batch` changes the speed, not
-    the text (up to near ties that the batch size's rounding of the logits decides). The model's linear layers run
-    weights first (_WeightsFirst), which only makes them faster."""
+    the text (up to near ties that the batch size's rounding of the logits decides). An fp32 model's linear layers
+    multiply in `dtype`: in fp32 weights first (_WeightsFirst), which only makes them faster, or in bfloat16
+    (_Bfloat16Linears), which also changes the text."""
     from transformers import StaticCache
     n, p = prompts.shape
     temps = temperatures(length - p, schedule)
@@ -244,7 +293,7 @@ def generate(model: nn.Module, prompts: torch.Tensor, length: int, schedule: tup
     was_training = model.training
     model.eval()
     bar = tqdm(total=n * (length - p), desc=desc, unit="tok", leave=False)
-    with _WeightsFirst():
+    with _Bfloat16Linears() if dtype == torch.bfloat16 else _WeightsFirst():
         for lo in range(0, n, batch):
             rows = prompts[lo:lo + batch]
             k = len(rows)
