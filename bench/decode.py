@@ -1,8 +1,9 @@
 """End-to-end decoding on the default model, batch 1, greedy: where a token's time goes, dense against packed.
 
 Models: the dense fp32 model; the same model pruned (Wanda, WikiText-2 calibration) to --pattern, through the
-kernels with fp32 values, with int8 values, and with int8 values plus the LM head packed int8 too
-(use_kernels(lm_head="int8"): a scale per vocabulary row; the tied embedding stays fp32). For each: tokens per second (median of --repeats passes over
+kernels with fp32 values, with int8 values, with int8 values plus the LM head packed int8 too
+(use_kernels(lm_head="int8"): a scale per vocabulary row; the tied embedding stays fp32), and that with int8
+activations (use_kernels(activations="int8"): x rounded to int8 per row, AVX-512 VNNI sums). For each: tokens per second (median of --repeats passes over
 the prompts, --new-tokens each), the outputs against the fp32-packed model's (where they differ, the fp32-packed
 model's gap between its two best logits at the first differing token: a near tie, or not), and a breakdown of
 one pass: seconds in the packed (or dense) decoder matmuls, the LM head, attention and the rest (Python, norms,
@@ -131,11 +132,12 @@ def main():
     report(row)
     rows.append(row)
     ref_model, ref_out = None, None
-    for variant in ("fp32", "int8", "int8 + LM head int8"):
+    for variant in ("fp32", "int8", "int8 + LM head int8", "int8 + LM head int8 + int8 activations"):
         pm = hp.prune(hp.load("default"), method="wanda", calib="wikitext2", nsamples=args.nsamples, seqlen=512,
                       seed=0, **PATTERNS[args.pattern])
         hp.use_kernels(pm, values="float" if variant == "fp32" else "int8",
-                       lm_head="int8" if variant.endswith("LM head int8") else "float")
+                       lm_head="int8" if "LM head int8" in variant else "float",
+                       activations="int8" if variant.endswith("activations") else "float")
         out, tps = decode(pm.model, tok, args.new_tokens, args.repeats)
         if ref_model is None:
             ref_model, ref_out = pm.model, out

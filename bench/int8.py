@@ -6,9 +6,12 @@ ones worth --cold-l3 (8) L3s):
     bytes        packed int8 bytes over fp32 dense bytes (targets: three-tier <= 0.18, 2:4 and unstructured <= 0.17)
     batch 1      ms of torch's F.linear on the fp32 matrix, of torch's quantize_dynamic int8 Linear (int8 weights,
                  activations quantized per call, fbgemm), of the fp32 packed kernel and of the int8 packed kernel
-                 (targets: int8 packed >= 4x fp32 dense and faster than quantize_dynamic)
+                 (targets: int8 packed >= 4x fp32 dense and faster than quantize_dynamic); also the int8 packed
+                 kernel with int8 activations (PackedLinear.use_int8_activations: x rounded
+                 to int8 per row, AVX-512 VNNI sums), which is what quantize_dynamic does to x
 Part 2, quality: the default model pruned (Wanda; three-tier, 2:4, unstructured 50%), its matrices packed in
-memory with fp32 and with int8 values, WikiText-2 perplexity through the kernels (target: int8 within 1%).
+memory with fp32 and with int8 values, WikiText-2 perplexity through the kernels (target: int8 within 1%); also
+int8 values with int8 activations.
 
     python bench/int8.py [--shape 11008x4096] [--reps 20] [--windows 20 --seqlen 512] [--no-quality] [--json out.json]
 Run it alone: with two cores anything else running changes the timings.
@@ -47,6 +50,9 @@ def speed_rows(args) -> list:
         Ws, fp32_modules = cold_copies(W, layout, fp32)
         int8_modules = [kernels.PackedLinear(qlayout, {k: v.clone() for k, v in q.items()})
                         for _ in range(cold(packing.packed_bytes(q), args))]
+        act_modules = [kernels.PackedLinear(qlayout, {k: v.clone() for k, v in q.items()})
+                       for _ in range(cold(packing.packed_bytes(q), args))]
+        act_modules = [m for m in act_modules if m.use_int8_activations()]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch.ao's deprecation notices
             dyn = []
@@ -60,6 +66,8 @@ def speed_rows(args) -> list:
                  "torch_int8_dynamic": timed(rotating([lambda m=m: m(x) for m in dyn]), args.reps),
                  "packed_fp32": timed(rotating([lambda m=m: m(x) for m in fp32_modules]), args.reps),
                  "packed_int8": timed(rotating([lambda m=m: m(x) for m in int8_modules]), args.reps)}
+            if act_modules:
+                t["packed_int8_act"] = timed(rotating([lambda m=m: m(x) for m in act_modules]), args.reps)
         dense_bytes = N * K * 4
         row = dict(pattern=pattern, shape=args.shape, batch=1, threads=torch.get_num_threads(),
                    int8_bytes_ratio=round(packing.packed_bytes(q) / dense_bytes, 4),
@@ -69,9 +77,11 @@ def speed_rows(args) -> list:
                    int8_vs_torch_int8=round(t["torch_int8_dynamic"] / t["packed_int8"], 2),
                    int8_vs_fp32_packed=round(t["packed_fp32"] / t["packed_int8"], 2),
                    int8_GBps=round(packing.packed_bytes(q) / t["packed_int8"] / 1e9, 1))
+        if act_modules:
+            row["int8_act_vs_torch_int8"] = round(t["torch_int8_dynamic"] / t["packed_int8_act"], 2)
         report(row)
         rows.append(row)
-        del Ws, fp32_modules, int8_modules, dyn
+        del Ws, fp32_modules, int8_modules, act_modules, dyn
     return rows
 
 
@@ -82,11 +92,13 @@ def quality_rows(args) -> list:
     rows = []
     for pattern, options in PATTERNS.items():
         ppl = {}
-        for values in ("float", "int8"):
+        for values in ("float", "int8", "int8 act"):
             pm = hp.prune(hp.load("default"), method="wanda", calib="wikitext2", nsamples=args.nsamples,
                           seqlen=args.calib_seqlen, seed=0, **options)
             n = kernels.sparsify_(pm.model, record=pm.record, tier_maps=pm.tier_maps, perms=pm.permutations,
-                                  values=values)
+                                  values=values.split()[0])
+            if values == "int8 act":
+                kernels.int8_activations_(pm.model)
             start = time.perf_counter()
             res = perplexity(pm.model, pm.tokenizer, seqlen=args.seqlen, max_windows=args.windows)
             ppl[values] = res["ppl"]
@@ -94,6 +106,9 @@ def quality_rows(args) -> list:
                         windows=res["windows"], seqlen=res["seqlen"], seconds=round(time.perf_counter() - start, 1)))
         row = dict(pattern=pattern, ppl_fp32_packed=round(ppl["float"], 4), ppl_int8_packed=round(ppl["int8"], 4),
                    int8_change_pct=round(100 * (ppl["int8"] / ppl["float"] - 1), 3))
+        if "int8 act" in ppl:
+            row.update(ppl_int8_act=round(ppl["int8 act"], 4),
+                       int8_act_change_pct=round(100 * (ppl["int8 act"] / ppl["float"] - 1), 3))
         report(row)
         rows.append(row)
     return rows

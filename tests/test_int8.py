@@ -170,3 +170,81 @@ def test_int8_lm_head_computes_with_its_dequantized_rows_and_leaves_the_embeddin
     assert res["windows"] == 3 and res["ppl"] > 1
     assert main(["ppl", str(dense), "--lm-head", "int8", "--seqlen", "32", "--max-windows", "1"]) == 2
     assert "--kernels" in capsys.readouterr().err
+
+
+def test_activations_round_to_int8_per_row_hand_checked():
+    """Row [0.5, -1.0, 0.25, 0.0]: max |x| = 1, so q = nearbyint(x * 127) = [64 (63.5, to even), -127, 32, 0] and
+    s = 1 / 127; against a 1 x 4 unstructured int8 matrix keeping 2, -3 at columns 0 and 1 (one mask byte, padded
+    to 8 columns): y = (2 * 64 + (-3) * (-127)) / 127 * its row scale. An all-zero row gives zeros."""
+    ext = kernels.extension()
+    W = torch.tensor([[2.0, -3.0, 0.0, 0.0]])
+    layout = {"kind": "unstructured", "shape": [1, 4], "dtype": "float32"}
+    qlayout, t = packing.quantize(packing.pack_matrix(W, layout, "w"), layout)
+    m = kernels.PackedLinear(qlayout, t)
+    assert m.use_int8_activations() and m.rowsum.tolist() == [int(t["values"].sum())]
+    q = t["values"].tolist()  # the row's int8 values: 3 / 127 per step, so 85 and -127
+    x = torch.tensor([[0.5, -1.0, 0.25, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    for impl in [1] + [3] * ext.has_vnni():
+        sums = ext.unstructured_mm_q8(m._padded(x), t["mask"], t["values"], m.rowptr, m.rowsum, impl)
+        assert q == [85, -127]
+        assert sums[0, 0] == torch.tensor(float(85 * 64 + (-127) * (-127))) * (torch.tensor(1.0) / 127)
+        assert sums[1, 0] == 0
+
+
+@pytest.mark.kernels
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4", "three-tier"])
+def test_int8_activation_kernels_sum_exact_int8_products(pattern):
+    """With int8 activations every path (portable; AVX-512 VNNI where the CPU has it; 2 runs the portable sums)
+    gives the same bits, on odd shapes and batches 1, 3, 16 and 130: the exact integer sum of the rounded x times
+    the int8 values, times x's row scale (a float64 reference within fp32 rounding), times the row's weight scale
+    in forward."""
+    ext = kernels.extension()
+    for W, qlayout, t in quantized(pattern):
+        N, K = W.shape
+        m = kernels.PackedLinear(qlayout, t)
+        assert m.use_int8_activations()
+        Wq = (packing.unpack_matrix(t, qlayout).double() / m.scale.double().unsqueeze(1)).round()
+        assert torch.equal(m.rowsum[:N], Wq.sum(1).to(torch.int32))
+        for B in (1, 3, 16, 130):
+            x = torch.randn(B, K)
+            amax = x.abs().amax(1, keepdim=True).double()
+            xq = torch.clamp(torch.round(x.double() * (127 / amax)), -127, 127)
+            want = (xq @ Wq.t()) * (amax / 127)
+            outs = [m._sparse_kernel(ext, m._padded(x), impl) for impl in [1, 2] + [3] * ext.has_vnni()]
+            for y in outs:
+                assert ((y.double() - want).abs().max() / want.abs().max()).item() < 1e-6, (N, K, B)
+                assert torch.equal(y, outs[0]), (N, K, B)
+            assert torch.equal(m(x), outs[0] * m.scale)  # every row count takes the int8 sparse kernel
+
+
+@pytest.mark.kernels
+def test_int8_activations_through_the_api_and_their_refusals(int8_folders, default_tokenizer, tmp_path, capsys,
+                                                             monkeypatch):
+    """use_kernels(values="int8", activations="int8"): every unstructured matrix and the int8 head round their
+    inputs, and a packed three-tier int8 folder's tiered matrices and head too; the log-likelihoods stay within 2%
+    of the fp32-activation model's; without int8 values (before the model loads), and on the CLI without --kernels,
+    it is refused."""
+    import hybridprune as hp
+    dense, q = int8_folders
+    ids = default_tokenizer(["The cat sat on the mat because it was warm."], return_tensors="pt")
+    pruned = hp.prune(hp.load(str(dense.parent / "tiny")), method="magnitude", pattern="unstructured",
+                      sparsity=0.5)
+    pruned.save(tmp_path / "u")
+    a = hp.use_kernels(hp.load(str(tmp_path / "u")), values="int8", lm_head="int8")
+    b = hp.use_kernels(hp.load(str(tmp_path / "u")), values="int8", lm_head="int8", activations="int8")
+    mods = [m for m in b.model.modules() if isinstance(m, kernels.PackedLinear)]
+    assert len(mods) == 7 * 2 + 1 and all(m.activations == "int8" for m in mods)  # 2 layers, and the head
+    with torch.no_grad():
+        la, lb = a.model(**ids).logits, b.model(**ids).logits
+    assert 0 < ((la - lb).abs().max() / la.abs().max()).item() < 0.02
+    with pytest.raises(Exception, match="int8 values"):
+        hp.use_kernels(hp.load(str(tmp_path / "u")), activations="int8")
+    c, _ = load_model(str(q), kernels=True, lm_head="int8", activations="int8")
+    kinds = {(m.kind, m.activations) for m in c.modules() if isinstance(m, kernels.PackedLinear)}
+    assert kinds == {("tiered", "int8"), ("unstructured", "int8")}
+    assert main(["ppl", str(q), "--activations", "int8", "--seqlen", "32", "--max-windows", "1"]) == 2
+    assert "--kernels" in capsys.readouterr().err
+    import hybridprune.io.models as io_models
+    monkeypatch.setattr(io_models, "load_dense", lambda *a, **k: pytest.fail("loaded a model before refusing"))
+    assert main(["ppl", str(dense), "--kernels", "--activations", "int8", "--seqlen", "32", "--max-windows", "1"]) == 2
+    assert "--values int8" in capsys.readouterr().err

@@ -58,7 +58,8 @@ def test_every_field_is_set_by_its_flag(cls):
               "dsnot_skip": "none", "template": "alpaca", "steps": "3", "lr": "0.001", "grad_accum": "2",
               "lora_r": "4", "lora_alpha": "8", "lora_dropout": "0.1", "max_examples": "5", "logging_steps": "2",
               "save_steps": "9", "autocast": "fp32", "dropout_rng": "hash", "seed": "5", "calib_select": "diversity",
-              "calib_pool": "512", "self_filter": "0.3", "self_prefix": "8", "self_batch": "4"}
+              "calib_pool": "512", "self_filter": "0.3", "self_prefix": "8", "self_batch": "4",
+              "self_dtype": "float32"}
     if cls is FinetuneConfig:
         values.update(method="full", batch_size="3", seqlen="64")
     for field, flag in flags.items():

@@ -67,12 +67,14 @@ class PrunedModel:
 
 
 def load(spec: str = "default", *, dtype: str | torch.dtype | None = None, device: str | None = None,
-         kernels: bool = False, trust_remote_code: bool = False, lm_head: str = "float") -> PrunedModel:
+         kernels: bool = False, trust_remote_code: bool = False, lm_head: str = "float",
+         activations: str = "float") -> PrunedModel:
     """Load a model: "default" (SmolLM2-135M-Instruct), a folder (dense, pruned or packed), a .gguf file or a hub
     id. A folder saved by hybridprune brings its record, tier maps and column orders; kernels=True computes the
-    pruned matrices from their packed form (CPU), and with lm_head="int8" the output layer too, in int8."""
+    pruned matrices from their packed form (CPU), and with lm_head="int8" the output layer too, in int8;
+    activations="int8" rounds the inputs of the int8-valued packed matrices to int8 as well."""
     model, tok = load_model(spec, dtype=dtype, device=device, trust_remote_code=trust_remote_code, kernels=kernels,
-                            lm_head=lm_head)
+                            lm_head=lm_head, activations=activations)
     is_folder = Path(spec).is_dir()
     record = (folder.read_record(spec) if is_folder else None) or {}
     return PrunedModel(model, tok, source=spec, record=record,
@@ -174,16 +176,24 @@ def _save_dense(pm: PrunedModel, out, overwrite: bool) -> Path:
                              extra=extra)
 
 
-def use_kernels(model: PrunedModel, *, values: str = "float", lm_head: str = "float") -> PrunedModel:
+def use_kernels(model: PrunedModel, *, values: str = "float", lm_head: str = "float",
+                activations: str = "float") -> PrunedModel:
     """Compute every pruned matrix from its packed form with hybridprune's CPU kernels (in place); values="int8"
     packs the kept values as int8 with a scale per output row first; lm_head="int8" packs the output layer so too
-    (the tied input embedding keeps its weights)."""
+    (the tied input embedding keeps its weights); activations="int8" (with int8 values) also rounds each input row
+    of every packed matrix, the int8 head included, to int8 (one scale per row), so that the sparse kernels sum
+    int8 products (AVX-512 VNNI)."""
     packing.check_values(values)
     packing.check_values(lm_head)
+    packing.check_values(activations)
+    if activations == "int8" and values != "int8":
+        raise HybridPruneError('activations="int8" needs int8 values; add values="int8"')
     pm = _as_pruned(model)
     n = kernels.sparsify_(pm.model, record=pm.record, tier_maps=pm.tier_maps, perms=pm.permutations, values=values)
     if lm_head == "int8":
         kernels.pack_lm_head_(pm.model)
+    if activations == "int8":
+        kernels.int8_activations_(pm.model)
     if n == 0:
         logger.warning("use_kernels: nothing to pack (the model was not pruned by hybridprune); running dense")
     return pm

@@ -37,6 +37,9 @@ def _add_kernel_args(p):
                    "memory); a model with nothing pruned runs dense")
     p.add_argument("--lm-head", default="float", choices=["float", "int8"], help="with --kernels: int8 also packs "
                    "the output layer (int8 values, a scale per vocabulary row; the tied embedding keeps its weights)")
+    p.add_argument("--activations", default="float", choices=["float", "int8"], help="with --kernels and int8 "
+                   "values (a folder packed with --values int8): int8 also rounds each input row to int8 in the "
+                   "sparse kernels, which then sum int8 products (AVX-512 VNNI)")
 
 
 # ----------------------------------------------------------------------------- options from the configs
@@ -123,8 +126,11 @@ def _load(args, spec, to_device: bool = True):
     if device_map and args.device:
         raise HybridPruneError("--device-map places the layers itself; drop --device")
     kernels, lm_head = getattr(args, "kernels", False), getattr(args, "lm_head", "float")
+    activations = getattr(args, "activations", "float")
     if lm_head != "float" and not kernels:
         raise HybridPruneError(f"--lm-head {lm_head} runs the output layer on the kernels; add --kernels")
+    if activations != "float" and not kernels:
+        raise HybridPruneError(f"--activations {activations} runs on the kernels; add --kernels")
     if kernels and (device_map or (args.device and args.device != "cpu")):
         raise HybridPruneError("--kernels computes on the CPU; drop --device/--device-map, or drop --kernels")
     if kernels:
@@ -132,7 +138,7 @@ def _load(args, spec, to_device: bool = True):
         check_toolchain()  # before the model loads
     model, tok = load_model(spec, dtype=args.dtype, trust_remote_code=args.trust_remote_code, device_map=device_map,
                             max_memory=max_memory, offload_folder=getattr(args, "offload_folder", None),
-                            kernels=kernels, lm_head=lm_head)
+                            kernels=kernels, lm_head=lm_head, activations=activations)
     if args.device and to_device and not device_map:
         model.to(args.device)
     return model, tok

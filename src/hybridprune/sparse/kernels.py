@@ -121,6 +121,7 @@ class PackedLinear(nn.Module):
             counts = torch.stack([(tensors["tiers"] == i).sum(1) for i in range(3)], 1).to(torch.int64)
             self.register_buffer("offsets", torch.cat([torch.zeros(1, 3, dtype=torch.int64), counts.cumsum(0)]))
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.activations = "float32"  # or "int8": see int8_activations_
         self.pad_cols = 0  # zero columns the kernels' x needs (whole mask bytes, whole 16-column blocks)
         if self.kind == "unstructured":
             self.pad_cols = tensors["mask"].shape[1] * 8 - self.in_features
@@ -192,13 +193,38 @@ class PackedLinear(nn.Module):
     def _sparse_kernel(self, ext, xp: torch.Tensor, which: int) -> torch.Tensor:
         """The sparse kernel on x already padded (_padded), nothing around it (bench/module_overhead.py times it)."""
         b = self._buffers
+        q8 = self.activations == "int8"
         if self.kind == "unstructured":
+            if q8:
+                return ext.unstructured_mm_q8(xp, b["mask"], b["values"], b["rowptr"], b["rowsum"], which)
             return ext.unstructured_mm(xp, b["mask"], b["values"], b["rowptr"], which)
         if self.kind == "nm":
+            if q8:
+                return ext.nm24_mm_q8(xp, b["values"], b["positions"], b["rowsum"], which)
             return ext.nm24_mm(xp, b["values"], b["positions"], which)
-        y = ext.tiered_mm(xp, b["tiers"], b["dense"], b["nm_values"], b["nm_positions"], b["topk_values"],
-                          b["topk_positions"], b["offsets"], which)
+        blocks = (b["tiers"], b["dense"], b["nm_values"], b["nm_positions"], b["topk_values"], b["topk_positions"],
+                  b["offsets"])
+        y = ext.tiered_mm_q8(xp, *blocks, b["rowsum"], which) if q8 else ext.tiered_mm(xp, *blocks, which)
         return y if y.shape[-1] == self.out_features else y[..., :self.out_features].contiguous()
+
+    def use_int8_activations(self) -> bool:
+        """Round x to int8 (one scale per row of x) where the sparse kernel runs, so that it sums int8 products
+        (AVX-512 VNNI where the CPU has it). Needs int8 values; returns whether this matrix now does so. Every
+        row count then takes the sparse kernel (route): the packed GEMM and dense strips multiply fp32 x.
+        The VNNI kernels need each row's int8 values summed: the float kernel's product with a row of ones (the
+        portable path), exact in fp32 for widths below 132,000 (the int8 kernels refuse 66,000 and more)."""
+        if not self.scaled:
+            return False
+        ext, b = extension(), self._buffers
+        ones = torch.ones(1, self.in_features + self.pad_cols)
+        if self.kind == "tiered":  # every block row's 16 rows, padding rows included
+            sums = ext.tiered_mm(ones, b["tiers"], b["dense"], b["nm_values"], b["nm_positions"], b["topk_values"],
+                                 b["topk_positions"], b["offsets"], 1)
+        else:
+            sums = self._sparse_kernel(ext, ones, 1)
+        self.register_buffer("rowsum", sums[0].round().to(torch.int32).contiguous(), persistent=False)
+        self.activations = "int8"
+        return True
 
     def routes(self, implementation: int = 0) -> list[str]:
         """The routes this matrix can take on kernel path `implementation` (0: the fastest the CPU has): the packed
@@ -207,8 +233,9 @@ class PackedLinear(nn.Module):
         return [routes.SPARSE] + ([routes.GEMM] if gemm else []) + [routes.STRIPS]
 
     def route(self, rows: int, implementation: int = 0) -> str:
-        """Which route `matmul` takes for `rows` rows of x: the fastest measured on this machine (routes.py)."""
-        if rows < routes.BUCKETS[0]:
+        """Which route `matmul` takes for `rows` rows of x: the fastest measured on this machine (routes.py); with
+        int8 activations always the sparse kernel, so that the model computes the same at any number of rows."""
+        if rows < routes.BUCKETS[0] or self.activations == "int8":
             return routes.SPARSE
         return routes.choose(self.route_table(implementation), rows)
 
@@ -349,6 +376,16 @@ def pack_lm_head_(model: nn.Module) -> bool:
     layout, tensors = quantize(tensors, layout)
     model.set_output_embeddings(PackedLinear(layout, tensors, head.bias))
     return True
+
+
+def int8_activations_(model: nn.Module) -> int:
+    """Every PackedLinear with int8 values (the int8 LM head included) rounds its input to int8 in the sparse kernel
+    (PackedLinear.use_int8_activations), in place. Returns how many do."""
+    mods = [m for m in model.modules() if isinstance(m, PackedLinear) and m.kind != "unpacked"]
+    if not mods or any(not m.scaled for m in mods):
+        raise HybridPruneError("int8 activations need the pruned matrices packed with int8 values; use "
+                               "values=\"int8\" (--values int8) with the kernels")
+    return sum(m.use_int8_activations() for m in mods)
 
 
 def use_kernels(model: nn.Module, spec: str) -> int:

@@ -6,25 +6,32 @@ import torch
 
 from hybridprune.core.errors import HybridPruneError
 from hybridprune.io import models
-from hybridprune.io.folder import is_packed
-from hybridprune.sparse.kernels import pack_lm_head_, sparsify_, use_kernels
+from hybridprune.io.folder import is_packed, read_record
+from hybridprune.sparse.kernels import int8_activations_, pack_lm_head_, sparsify_, use_kernels
 from hybridprune.sparse.packing import load_packed
 
 
 def load_model(spec: str = "default", dtype: str | torch.dtype | None = None, device: str | None = None,
                trust_remote_code: bool = False, device_map: str | None = None, max_memory: dict | None = None,
-               offload_folder: str | None = None, kernels: bool = False, lm_head: str = "float"):
+               offload_folder: str | None = None, kernels: bool = False, lm_head: str = "float",
+               activations: str = "float"):
     """Load (model, tokenizer) from any spec. The model is in eval mode with the KV cache off.
     device_map / max_memory / offload_folder: accelerate's placement and offloading (from_pretrained's).
     A packed folder loads as the same model; kernels=True computes its pruned matrices from their packed form,
     also for an unpacked pruned folder, which is then packed in memory; lm_head="int8" (with kernels) also packs
-    the output layer with int8 values (kernels.pack_lm_head_)."""
-    if lm_head not in ("float", "int8"):
-        raise HybridPruneError(f"unknown LM head {lm_head!r}; use float or int8")
-    if lm_head == "int8" and not kernels:
-        raise HybridPruneError("an int8 LM head runs on the kernels; add --kernels (kernels=True)")
+    the output layer with int8 values (kernels.pack_lm_head_); activations="int8" (with kernels and int8 values)
+    rounds the inputs of the int8-valued packed matrices to int8 (kernels.int8_activations_)."""
+    for what, value in (("LM head", lm_head), ("activations", activations)):
+        if value not in ("float", "int8"):
+            raise HybridPruneError(f"unknown {what} {value!r}; use float or int8")
+        if value == "int8" and not kernels:
+            raise HybridPruneError(f"int8 {what} run on the kernels; add --kernels (kernels=True)")
     path, _ = models.resolve_model(spec)
     models._hub_check(spec, path)
+    if activations == "int8":  # refused before the model loads: only a folder packed with int8 values has them
+        layouts = (((read_record(path) if is_packed(path) else None) or {}).get("packed") or {}).get("matrices")
+        if not layouts or any(layout.get("values") != "int8" for layout in layouts.values()):
+            raise HybridPruneError(f"int8 activations need int8 values: pack {spec} with --values int8 first")
     if is_packed(path):
         if device_map:
             raise HybridPruneError(f"{spec} is packed: --device-map is not supported for packed folders; "
@@ -34,6 +41,8 @@ def load_model(spec: str = "default", dtype: str | torch.dtype | None = None, de
             sparsify_(model, packed=packed, layouts=layouts)
             if lm_head == "int8":
                 pack_lm_head_(model)
+            if activations == "int8":
+                int8_activations_(model)
         if device:
             model.to(device)
         return model, tok
@@ -43,4 +52,6 @@ def load_model(spec: str = "default", dtype: str | torch.dtype | None = None, de
         use_kernels(model, path)
         if lm_head == "int8":
             pack_lm_head_(model)
+        if activations == "int8":
+            int8_activations_(model)
     return model, tok

@@ -11,6 +11,7 @@
 // fused multiply-adds in the same order (std::fma), so a CPU without AVX2 computes exactly the same numbers.
 // Every product accumulates in fp32; weights may be fp32, bf16 (stored as their upper 16 bits) or int8 (converted
 // to fp32 in registers; the caller multiplies each output by its row's scale).
+// With int8 weights, x may be rounded to int8 too: then the sums are exact int32 (the int8-activation section).
 // Threads: at::parallel_for over rows (unstructured, 2:4) or 16-row block rows (tiered).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -1439,6 +1440,395 @@ torch::Tensor tiered_gemm(torch::Tensor x, torch::Tensor tiers, torch::Tensor de
   return y;
 }
 
+// ----------------------------------------------------------------------------- int8 activations (int8 values)
+//
+// With int8 values, x may also be rounded to int8 (PackedLinear.activations == "int8"): each batch row b gets one
+// scale s_b = max|x_b| / 127 and q = nearbyint(x * 127 / max|x_b|) in [-127, 127]. The kernels then sum q * w in
+// int32, exactly, so every path gives the same integer whatever its order, and y[b, n] = float(sum) * s_b (the
+// caller multiplies by the row's weight scale, as for fp32 activations). |sum| <= K * 127 * 127 and the VNNI
+// form's (q + 128) * w sums <= K * 255 * 127 fit in int32 for K < 66,000.
+//   portable  the signed products, one at a time.
+//   VNNI      AVX-512 VNNI's vpdpbusd: 64 byte products a step, unsigned x times signed w, so x is offset to
+//             u = q + 128 and 128 * rowsum(w) taken off at the end (rowsum: the row's int8 values summed, a buffer
+//             PackedLinear keeps). Unstructured: the next popcount(m) values spread over 64 columns by vpexpandb;
+//             2:4: 64 values (128 columns) a step, their inputs gathered by vpermi2b with indices built from the
+//             2-bit positions by vpmultishiftqb; tiered: see tiered_q8_row.
+// Measured (bench/int8.py, 11008 x 4096, batch 1, AMD EPYC Zen 4, 2 threads, weights from DRAM, 2026-12-07): the
+// unstructured int8 kernel 3.8 ms with fp32 x and 1.7 ms with int8 x, against quantize_dynamic's 1.9 ms; in cache,
+// vpexpandb is about 40% of the unstructured step (it is a slow instruction on Zen 4).
+
+// x [B, K] -> q [B, Kx] (int8, zero past K) and s [B]
+void quantize_rows(const float* x, int64_t B, int64_t K, int64_t Kx, int8_t* q, float* s) {
+  for (int64_t b = 0; b < B; b++) {
+    const float* xb = x + b * K;
+    float amax = 0.0f;
+    for (int64_t k = 0; k < K; k++) amax = std::max(amax, std::fabs(xb[k]));
+    const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+    s[b] = amax / 127.0f;
+    int8_t* qb = q + b * Kx;
+    for (int64_t k = 0; k < K; k++)
+      qb[k] = static_cast<int8_t>(std::max(-127.0f, std::min(127.0f, std::nearbyint(xb[k] * inv))));
+    for (int64_t k = K; k < Kx; k++) qb[k] = 0;
+  }
+}
+
+void unstructured_q8_portable(const int8_t* q, int64_t B, int64_t Kx, int64_t Kp, const uint8_t* mask,
+                              const int8_t* vals, const int64_t* rowptr, int64_t n0, int64_t n1, int32_t* out,
+                              int64_t N) {
+  const int64_t mb = Kp / 8;
+  for (int64_t r = n0; r < n1; r++)
+    for (int64_t b = 0; b < B; b++) {
+      const int8_t* v = vals + rowptr[r];
+      int32_t acc = 0;
+      for (int64_t k = 0; k < Kp; k++)
+        if ((mask[r * mb + k / 8] >> (k % 8)) & 1) acc += static_cast<int32_t>(*v++) * q[b * Kx + k];
+      out[b * N + r] = acc;
+    }
+}
+
+void nm24_q8_portable(const int8_t* q, int64_t B, int64_t Kx, int64_t K, const int8_t* vals, const uint8_t* pos,
+                      int64_t n0, int64_t n1, int32_t* out, int64_t N) {
+  const int64_t nv = K / 2;
+  for (int64_t r = n0; r < n1; r++)
+    for (int64_t b = 0; b < B; b++) {
+      int32_t acc = 0;
+      for (int64_t j = 0; j < nv; j++) {
+        const int p = (pos[r * (nv / 4) + j / 4] >> (2 * (j % 4))) & 3;
+        acc += static_cast<int32_t>(vals[r * nv + j]) * q[b * Kx + (j / 2) * 4 + p];
+      }
+      out[b * N + r] = acc;
+    }
+}
+
+// Tiered, one block row at a time: int32 sums per row (dense and 2:4 blocks in acc, top-k blocks in top, as the
+// float kernels keep them).
+void tiered_q8_portable(const int8_t* q, int64_t B, int64_t Kx, int64_t C, const int8_t* tiers, const int8_t* dense,
+                        const int8_t* nmv, const uint32_t* nmp, const int8_t* tkv, const uint8_t* tkp, int64_t k,
+                        const int64_t* off, int64_t r0, int64_t r1, int64_t Np, int32_t* out) {
+  for (int64_t R = r0; R < r1; R++)
+    for (int64_t b = 0; b < B; b++) {
+      int32_t acc[16] = {0};
+      int64_t d = off[R * 3], n = off[R * 3 + 1], t = off[R * 3 + 2];
+      for (int64_t c = 0; c < C; c++) {
+        const int8_t* xc = q + b * Kx + c * 16;
+        const int tier = tiers[R * C + c];
+        if (tier == 0) {
+          const int8_t* w = dense + d++ * 256;
+          for (int j = 0; j < 16; j++)
+            for (int i = 0; i < 16; i++) acc[i] += static_cast<int32_t>(w[j * 16 + i]) * xc[j];
+        } else if (tier == 1) {
+          const int8_t* w = nmv + n * 128;
+          const uint32_t* p = nmp + n * 8;
+          n++;
+          for (int s = 0; s < 8; s++)
+            for (int i = 0; i < 16; i++)
+              acc[i] += static_cast<int32_t>(w[s * 16 + i]) * xc[(s / 2) * 4 + ((p[s] >> (2 * i)) & 3)];
+        } else if (tier == 2) {
+          const int8_t* w = tkv + t * k;
+          const uint8_t* p = tkp + t * k;
+          t++;
+          for (int64_t e = 0; e < k; e++) acc[p[e] >> 4] += static_cast<int32_t>(w[e]) * xc[p[e] & 15];
+        }
+      }
+      for (int i = 0; i < 16; i++) out[b * Np + R * 16 + i] = acc[i];
+    }
+}
+
+#ifdef HP_X86
+#define HP_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi,avx512vbmi2,avx512vnni,avx2,fma,popcnt,bmi2")))
+bool cpu_has_vnni() {
+  static const bool ok = cpu_has_avx512() && __builtin_cpu_supports("avx512vnni") &&
+                         __builtin_cpu_supports("avx512vbmi") && __builtin_cpu_supports("bmi2");
+  return ok;
+}
+
+// NR rows x NB batch rows; u [NB][Kx] (q + 128, Kx a multiple of 64); sums into out[i * N + r + q]
+template <int NR, int NB>
+HP_VNNI void unstructured_q8_rows(const uint8_t* u, int64_t Kx, int64_t mb, const uint8_t* mask, const int8_t* vals,
+                                  const int64_t* rowptr, const int32_t* rowsum, int64_t r, int32_t* out, int64_t N) {
+  __m512i acc[NR][NB];
+  const int8_t* v[NR];
+  for (int q = 0; q < NR; q++) {
+    v[q] = vals + rowptr[r + q];
+    for (int i = 0; i < NB; i++) acc[q][i] = _mm512_setzero_si512();
+  }
+  for (int64_t c = 0; c < mb; c += 8) {  // 64 columns a step; a short last step reads only its mask bytes
+    __m512i xv[NB];
+    for (int i = 0; i < NB; i++) xv[i] = _mm512_loadu_si512(u + i * Kx + c * 8);
+    for (int q = 0; q < NR; q++) {
+      uint64_t m = 0;
+      if (c + 8 <= mb) std::memcpy(&m, mask + (r + q) * mb + c, 8);
+      else std::memcpy(&m, mask + (r + q) * mb + c, static_cast<size_t>(mb - c));
+      if (q == NR - 1) HP_PREFETCH(v[q]);
+      const int pc = static_cast<int>(_mm_popcnt_u64(m));
+      const __m512i w = _mm512_maskz_expand_epi8(m, _mm512_maskz_loadu_epi8(_bzhi_u64(~0ull, pc), v[q]));
+      v[q] += pc;
+      for (int i = 0; i < NB; i++) acc[q][i] = _mm512_dpbusd_epi32(acc[q][i], xv[i], w);
+    }
+  }
+  for (int q = 0; q < NR; q++)
+    for (int i = 0; i < NB; i++) out[i * N + r + q] = _mm512_reduce_add_epi32(acc[q][i]) - 128 * rowsum[r + q];
+}
+
+// One row against NB batch rows: 64 values (32 groups, 128 columns) a step.
+template <int NB>
+HP_VNNI void nm24_q8_row(const uint8_t* u, int64_t Kx, int64_t K, const int8_t* vr, const uint8_t* pr,
+                         int32_t rowsum, int32_t* out, int64_t N) {
+  const int64_t nv = K / 2;
+  // byte j of qword t takes bits 2j.. of the qword: value 8t+j's position, from pos bytes 2t and 2t+1
+  const __m512i ctl = _mm512_set1_epi64(0x0E0C0A0806040200LL);
+  alignas(64) uint8_t base_b[64];
+  for (int j = 0; j < 64; j++) base_b[j] = static_cast<uint8_t>(4 * (j / 2));
+  const __m512i base = _mm512_load_si512(base_b), three = _mm512_set1_epi8(3);
+  __m512i acc[NB];
+  for (int i = 0; i < NB; i++) acc[i] = _mm512_setzero_si512();
+  for (int64_t j = 0; j < nv; j += 64) {
+    const int64_t left = std::min<int64_t>(64, nv - j);  // a multiple of 8 (K % 16 == 0)
+    const __m512i w = _mm512_maskz_loadu_epi8(_bzhi_u64(~0ull, static_cast<unsigned>(left)), vr + j);
+    HP_PREFETCH(vr + j);
+    const __m128i pb = _mm_maskz_loadu_epi8(static_cast<__mmask16>((1u << (left / 4)) - 1), pr + j / 4);
+    const __m512i idx = _mm512_add_epi8(_mm512_and_si512(_mm512_multishift_epi64_epi8(ctl, _mm512_cvtepu16_epi64(pb)),
+                                                         three), base);
+    for (int i = 0; i < NB; i++) {
+      const uint8_t* xw = u + i * Kx + 2 * j;  // the step's 128 columns (Kx holds K rounded up to 128)
+      const __m512i xg = _mm512_permutex2var_epi8(_mm512_loadu_si512(xw), idx, _mm512_loadu_si512(xw + 64));
+      acc[i] = _mm512_dpbusd_epi32(acc[i], xg, w);
+    }
+  }
+  for (int i = 0; i < NB; i++) out[i * N] = _mm512_reduce_add_epi32(acc[i]) - 128 * rowsum;
+}
+// One 16-row block row against NB batch rows, lane i = the block's row i. A block's 4 columns x 16 rows (64 bytes,
+// column-major) are moved to row-major groups of 4 by one vpermb, so that vpdpbusd adds each row's 4 products:
+// dense blocks against 4 broadcast x bytes; 2:4 blocks (value columns 4h..4h+3) against x bytes gathered from the
+// block's 16 by indices built from the 2-bit positions (vpermb: byte (q/2) of each position word to qword q, then
+// vpmultishiftqb takes each row's 2 bits). Top-k values add one at a time, on the same offset x.
+template <int NB>
+HP_VNNI void tiered_q8_row(const uint8_t* u, int64_t Kx, int64_t C, const int8_t* tr, const int8_t* dense,
+                           const int8_t* nmv, const uint32_t* nmp, const int8_t* tkv, const uint8_t* tkp, int64_t k,
+                           int64_t d, int64_t n, int64_t t, const int32_t* rowsum, int32_t* out, int64_t Np) {
+  alignas(64) uint8_t trans_b[64], gath_b[64], ctl_b[64];
+  for (int i = 0; i < 16; i++)
+    for (int c = 0; c < 4; c++) trans_b[i * 4 + c] = static_cast<uint8_t>(c * 16 + i);
+  for (int q = 0; q < 8; q++)
+    for (int l = 0; l < 2; l++)
+      for (int c = 0; c < 4; c++) {
+        gath_b[q * 8 + l * 4 + c] = static_cast<uint8_t>(c * 4 + q / 2);  // byte q/2 of word c (rows 4(q/2)..)
+        ctl_b[q * 8 + l * 4 + c] = static_cast<uint8_t>(c * 8 + (q % 2) * 4 + l * 2);  // row 2q+l's 2 bits in it
+      }
+  const __m512i trans = _mm512_load_si512(trans_b), gath = _mm512_load_si512(gath_b),
+                ctl = _mm512_load_si512(ctl_b), three = _mm512_set1_epi8(3);
+  const __m512i half_base[2] = {_mm512_set1_epi32(0x04040000), _mm512_set1_epi32(0x0C0C0808)};
+  __m512i acc[NB];
+  int32_t top[NB][16];
+  for (int i = 0; i < NB; i++) {
+    acc[i] = _mm512_setzero_si512();
+    for (int j = 0; j < 16; j++) top[i][j] = 0;
+  }
+  for (int64_t c = 0; c < C; c++) {
+    const int tier = tr[c];
+    const uint8_t* xc = u + c * 16;
+    if (tier == 0) {
+      const int8_t* w = dense + d++ * 256;
+      HP_PREFETCH(w);
+      HP_PREFETCH(w + 128);
+      for (int s = 0; s < 4; s++) {
+        const __m512i ws = _mm512_permutexvar_epi8(trans, _mm512_loadu_si512(w + s * 64));
+        for (int i = 0; i < NB; i++) {
+          int32_t x4;
+          std::memcpy(&x4, xc + i * Kx + s * 4, 4);
+          acc[i] = _mm512_dpbusd_epi32(acc[i], _mm512_set1_epi32(x4), ws);
+        }
+      }
+    } else if (tier == 1) {
+      const int8_t* w = nmv + n * 128;
+      const uint32_t* p = nmp + n * 8;
+      n++;
+      HP_PREFETCH(w);
+      HP_PREFETCH(p);
+      for (int h = 0; h < 2; h++) {
+        const __m512i ws = _mm512_permutexvar_epi8(trans, _mm512_loadu_si512(w + h * 64));
+        const __m512i words = _mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + h * 4)));
+        const __m512i bits = _mm512_multishift_epi64_epi8(ctl, _mm512_permutexvar_epi8(gath, words));
+        const __m512i idx = _mm512_add_epi8(_mm512_and_si512(bits, three), half_base[h]);
+        for (int i = 0; i < NB; i++) {
+          const __m512i x16 = _mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xc + i * Kx)));
+          acc[i] = _mm512_dpbusd_epi32(acc[i], _mm512_permutexvar_epi8(idx, x16), ws);
+        }
+      }
+    } else if (tier == 2) {
+      const int8_t* w = tkv + t * k;
+      const uint8_t* p = tkp + t * k;
+      t++;
+      for (int64_t e = 0; e < k; e++)
+        for (int i = 0; i < NB; i++) top[i][p[e] >> 4] += static_cast<int32_t>(w[e]) * xc[i * Kx + (p[e] & 15)];
+    }
+  }
+  for (int i = 0; i < NB; i++) {
+    alignas(64) int32_t a[16];
+    _mm512_store_si512(a, acc[i]);
+    for (int j = 0; j < 16; j++) out[i * Np + j] = a[j] + top[i][j] - 128 * rowsum[j];
+  }
+}
+#else
+bool cpu_has_vnni() { return false; }
+#endif
+
+// impl 3 (or 0 on a CPU that has it) runs VNNI; 1 and 2 the portable sums (no AVX2 form: same integers).
+bool use_vnni(int64_t impl) {
+  TORCH_CHECK(impl >= 0 && impl <= 3, "impl must be 0 (auto), 1 (portable), 2 (avx2) or 3 (avx512)");
+  TORCH_CHECK(impl != 3 || cpu_has_vnni(), "this CPU has no AVX-512 VNNI (with VBMI, VBMI2); use impl 0 or 1");
+  return (impl == 3 || impl == 0) && cpu_has_vnni();
+}
+
+struct Q8 {
+  torch::Tensor q, s;
+  int64_t Kx;
+};
+// x's rows rounded to int8 in a buffer `align` columns wide (zero past K); with VNNI, offset to q + 128.
+Q8 quantized(const torch::Tensor& x, int64_t align, bool vnni) {
+  const int64_t B = x.size(0), K = x.size(1), Kx = (K + align - 1) / align * align;
+  Q8 r{torch::empty({B, Kx}, x.options().dtype(torch::kInt8)), torch::empty({B}, x.options()), Kx};
+  quantize_rows(x.data_ptr<float>(), B, K, Kx, r.q.data_ptr<int8_t>(), r.s.data_ptr<float>());
+  if (vnni) r.q.bitwise_xor_(-128);  // q + 128 as a byte: the sign bit flipped
+  return r;
+}
+
+torch::Tensor scaled_by_rows(const torch::Tensor& sums, const torch::Tensor& s) {
+  return sums.to(torch::kFloat32).mul_(s.unsqueeze(1));
+}
+
+torch::Tensor unstructured_mm_q8(torch::Tensor xin, torch::Tensor mask, torch::Tensor values, torch::Tensor rowptr,
+                                 torch::Tensor rowsum, int64_t impl) {
+  const torch::Tensor x = as_rows(xin);
+  check_unstructured(x, mask, rowptr);
+  TORCH_CHECK(values.scalar_type() == torch::kInt8 && values.is_contiguous(), "int8 activations need int8 values");
+  TORCH_CHECK(rowsum.scalar_type() == torch::kInt32 && rowsum.numel() == mask.size(0), "rowsum must hold N int32");
+  TORCH_CHECK(x.size(1) < 66000, "int8 activations: the input width must be below 66,000 (int32 sums)");
+  const int64_t B = x.size(0), Kp = x.size(1), N = mask.size(0), mb = Kp / 8;
+  const bool vnni = use_vnni(impl);
+  const Q8 xq = quantized(x, 64, vnni);
+  auto sums = torch::empty({B, N}, x.options().dtype(torch::kInt32));
+  const uint8_t* mp = mask.data_ptr<uint8_t>();
+  const int8_t* vp = values.data_ptr<int8_t>();
+  const int64_t* rp = rowptr.data_ptr<int64_t>();
+  int32_t* op = sums.data_ptr<int32_t>();
+  at::parallel_for(0, N, grain(Kp * B), [&](int64_t n0, int64_t n1) {
+#ifdef HP_X86
+    if (vnni) {
+      const uint8_t* u = reinterpret_cast<const uint8_t*>(xq.q.data_ptr<int8_t>());
+      const int32_t* rs = rowsum.data_ptr<int32_t>();
+      for (int64_t b0 = 0; b0 < B; b0 += BC) {
+        const int64_t nb = std::min<int64_t>(BC, B - b0);
+        const uint8_t* ub = u + b0 * xq.Kx;
+        int32_t* ob = op + b0 * N;
+        int64_t r = n0;
+        switch (nb) {
+          case 1:
+            for (; r + 4 <= n1; r += 4) unstructured_q8_rows<4, 1>(ub, xq.Kx, mb, mp, vp, rp, rs, r, ob, N);
+            for (; r < n1; r++) unstructured_q8_rows<1, 1>(ub, xq.Kx, mb, mp, vp, rp, rs, r, ob, N);
+            break;
+          case 2: for (; r < n1; r++) unstructured_q8_rows<1, 2>(ub, xq.Kx, mb, mp, vp, rp, rs, r, ob, N); break;
+          case 3: for (; r < n1; r++) unstructured_q8_rows<1, 3>(ub, xq.Kx, mb, mp, vp, rp, rs, r, ob, N); break;
+          default: for (; r < n1; r++) unstructured_q8_rows<1, 4>(ub, xq.Kx, mb, mp, vp, rp, rs, r, ob, N);
+        }
+      }
+      return;
+    }
+#endif
+    unstructured_q8_portable(xq.q.data_ptr<int8_t>(), B, xq.Kx, Kp, mp, vp, rp, n0, n1, op, N);
+  });
+  return like_input(xin, scaled_by_rows(sums, xq.s));
+}
+
+torch::Tensor nm24_mm_q8(torch::Tensor xin, torch::Tensor values, torch::Tensor positions, torch::Tensor rowsum,
+                         int64_t impl) {
+  const torch::Tensor x = as_rows(xin);
+  check_nm24(x, values, positions);
+  TORCH_CHECK(values.scalar_type() == torch::kInt8 && values.is_contiguous(), "int8 activations need int8 values");
+  TORCH_CHECK(rowsum.scalar_type() == torch::kInt32 && rowsum.numel() == values.size(0), "rowsum must hold N int32");
+  TORCH_CHECK(x.size(1) < 66000, "int8 activations: the input width must be below 66,000 (int32 sums)");
+  const int64_t B = x.size(0), K = x.size(1), N = values.size(0);
+  const bool vnni = use_vnni(impl);
+  const Q8 xq = quantized(x, 128, vnni);
+  auto sums = torch::empty({B, N}, x.options().dtype(torch::kInt32));
+  const int8_t* vp = values.data_ptr<int8_t>();
+  const uint8_t* pp = positions.data_ptr<uint8_t>();
+  int32_t* op = sums.data_ptr<int32_t>();
+  at::parallel_for(0, N, grain(K * B), [&](int64_t n0, int64_t n1) {
+#ifdef HP_X86
+    if (vnni) {
+      const uint8_t* u = reinterpret_cast<const uint8_t*>(xq.q.data_ptr<int8_t>());
+      const int32_t* rs = rowsum.data_ptr<int32_t>();
+      const int64_t nv = K / 2;
+      for (int64_t b0 = 0; b0 < B; b0 += BC) {
+        const int64_t nb = std::min<int64_t>(BC, B - b0);
+        const uint8_t* ub = u + b0 * xq.Kx;
+        for (int64_t r = n0; r < n1; r++) {
+          int32_t* o = op + b0 * N + r;
+          const int8_t* vr = vp + r * nv;
+          const uint8_t* pr = pp + r * (nv / 4);
+          switch (nb) {
+            case 1: nm24_q8_row<1>(ub, xq.Kx, K, vr, pr, rs[r], o, N); break;
+            case 2: nm24_q8_row<2>(ub, xq.Kx, K, vr, pr, rs[r], o, N); break;
+            case 3: nm24_q8_row<3>(ub, xq.Kx, K, vr, pr, rs[r], o, N); break;
+            default: nm24_q8_row<4>(ub, xq.Kx, K, vr, pr, rs[r], o, N);
+          }
+        }
+      }
+      return;
+    }
+#endif
+    nm24_q8_portable(xq.q.data_ptr<int8_t>(), B, xq.Kx, K, vp, pp, n0, n1, op, N);
+  });
+  return like_input(xin, scaled_by_rows(sums, xq.s));
+}
+
+torch::Tensor tiered_mm_q8(torch::Tensor xin, torch::Tensor tiers, torch::Tensor dense, torch::Tensor nm_values,
+                           torch::Tensor nm_positions, torch::Tensor topk_values, torch::Tensor topk_positions,
+                           torch::Tensor offsets, torch::Tensor rowsum, int64_t impl) {
+  const torch::Tensor x = as_rows(xin);
+  const TieredArgs a = check_tiered(x, tiers, dense, nm_values, nm_positions, topk_values, topk_positions, offsets);
+  TORCH_CHECK(a.vt == VT::I8, "int8 activations need int8 values");
+  const int64_t B = x.size(0), R = a.R, C = a.C, k = a.k, Np = R * 16;
+  TORCH_CHECK(rowsum.scalar_type() == torch::kInt32 && rowsum.numel() == Np, "rowsum must hold R*16 int32");
+  TORCH_CHECK(x.size(1) < 66000, "int8 activations: the input width must be below 66,000 (int32 sums)");
+  const bool vnni = use_vnni(impl);
+  const Q8 xq = quantized(x, 16, vnni);
+  auto sums = torch::empty({B, Np}, x.options().dtype(torch::kInt32));
+  const int64_t* op = offsets.data_ptr<int64_t>();
+  const int8_t* tp = tiers.data_ptr<int8_t>();
+  const int8_t* dp = dense.data_ptr<int8_t>();
+  const int8_t* nv = nm_values.data_ptr<int8_t>();
+  const uint32_t* np_ = reinterpret_cast<const uint32_t*>(nm_positions.data_ptr<int32_t>());
+  const int8_t* kv = topk_values.data_ptr<int8_t>();
+  const uint8_t* kp = topk_positions.data_ptr<uint8_t>();
+  int32_t* sp = sums.data_ptr<int32_t>();
+  at::parallel_for(0, R, grain(C * 256 * B), [&](int64_t r0, int64_t r1) {
+#ifdef HP_X86
+    if (vnni) {
+      const uint8_t* u = reinterpret_cast<const uint8_t*>(xq.q.data_ptr<int8_t>());
+      const int32_t* rs = rowsum.data_ptr<int32_t>();
+      for (int64_t Rb = r0; Rb < r1; Rb++)
+        for (int64_t b0 = 0; b0 < B; b0 += BC) {
+          const int64_t nb = std::min<int64_t>(BC, B - b0);
+#define HP_TQ8(NB) tiered_q8_row<NB>(u + b0 * xq.Kx, xq.Kx, C, tp + Rb * C, dp, nv, np_, kv, kp, k, op[Rb * 3], \
+                                     op[Rb * 3 + 1], op[Rb * 3 + 2], rs + Rb * 16, sp + b0 * Np + Rb * 16, Np)
+          switch (nb) {
+            case 1: HP_TQ8(1); break;
+            case 2: HP_TQ8(2); break;
+            case 3: HP_TQ8(3); break;
+            default: HP_TQ8(4);
+          }
+#undef HP_TQ8
+        }
+      return;
+    }
+#endif
+    tiered_q8_portable(xq.q.data_ptr<int8_t>(), B, xq.Kx, C, tp, dp, nv, np_, kv, kp, k, op, r0, r1, Np, sp);
+  });
+  return like_input(xin, scaled_by_rows(sums, xq.s));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -1452,6 +1842,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("unstructured_gemm", &unstructured_gemm, "x[B,Kp] @ W.T for large B: bitmask rows decoded 16 at a time (AVX-512 or AVX2)");
   m.def("nm24_gemm", &nm24_gemm, "x[B,K] @ W.T for large B: 2:4 rows decoded 16 at a time (AVX-512 or AVX2)");
   m.def("tiered_gemm", &tiered_gemm, "x[B,C*16] @ W.T for large B: tiered block rows decoded one at a time (AVX-512 or AVX2)");
+  m.def("unstructured_mm_q8", &unstructured_mm_q8, "x @ W.T with x rounded to int8 per row, int8 bitmask-packed values");
+  m.def("nm24_mm_q8", &nm24_mm_q8, "x @ W.T with x rounded to int8 per row, int8 2:4 values");
+  m.def("tiered_mm_q8", &tiered_mm_q8, "x @ W.T with x rounded to int8 per row, int8 tiered blocks");
+  m.def("has_vnni", &cpu_has_vnni, "whether this CPU runs the int8-activation path (AVX-512 VNNI, VBMI, VBMI2)");
   m.def("has_avx2", &cpu_has_avx2, "whether this CPU runs the AVX2+FMA path");
   m.def("has_avx512", &cpu_has_avx512, "whether this CPU runs the AVX-512 path (F, BW, VL, VBMI2)");
 }
