@@ -1457,8 +1457,8 @@ torch::Tensor tiered_gemm(torch::Tensor x, torch::Tensor tiers, torch::Tensor de
 // unstructured int8 kernel 3.8 ms with fp32 x and 1.7 ms with int8 x, against quantize_dynamic's 1.9 ms; in cache,
 // vpexpandb is about 40% of the unstructured step (it is a slow instruction on Zen 4).
 
-// x [B, K] -> q [B, Kx] (int8, zero past K) and s [B]
-void quantize_rows(const float* x, int64_t B, int64_t K, int64_t Kx, int8_t* q, float* s) {
+// x [B, K] -> q [B, Kx] (int8, zero past K) and s [B]; flip = 0x80 stores q + 128 as unsigned bytes (VNNI)
+void quantize_rows(const float* x, int64_t B, int64_t K, int64_t Kx, int8_t* q, float* s, uint8_t flip) {
   for (int64_t b = 0; b < B; b++) {
     const float* xb = x + b * K;
     float amax = 0.0f;
@@ -1467,8 +1467,9 @@ void quantize_rows(const float* x, int64_t B, int64_t K, int64_t Kx, int8_t* q, 
     s[b] = amax / 127.0f;
     int8_t* qb = q + b * Kx;
     for (int64_t k = 0; k < K; k++)
-      qb[k] = static_cast<int8_t>(std::max(-127.0f, std::min(127.0f, std::nearbyint(xb[k] * inv))));
-    for (int64_t k = K; k < Kx; k++) qb[k] = 0;
+      qb[k] = static_cast<int8_t>(static_cast<uint8_t>(
+          static_cast<int8_t>(std::max(-127.0f, std::min(127.0f, std::nearbyint(xb[k] * inv))))) ^ flip);
+    for (int64_t k = K; k < Kx; k++) qb[k] = static_cast<int8_t>(flip);
   }
 }
 
@@ -1570,6 +1571,22 @@ HP_VNNI void unstructured_q8_rows(const uint8_t* u, int64_t Kx, int64_t mb, cons
     for (int i = 0; i < NB; i++) out[i * N + r + q] = _mm512_reduce_add_epi32(acc[q][i]) - 128 * rowsum[r + q];
 }
 
+struct Q8Tables {  // built once: per block row they cost as much as a small matrix's blocks
+  alignas(64) uint8_t trans[64], gath[64], ctl[64], nm_base[64];
+  Q8Tables() {
+    for (int j = 0; j < 64; j++) nm_base[j] = static_cast<uint8_t>(4 * (j / 2));  // 2:4 value j's group start
+    for (int i = 0; i < 16; i++)
+      for (int c = 0; c < 4; c++) trans[i * 4 + c] = static_cast<uint8_t>(c * 16 + i);
+    for (int q = 0; q < 8; q++)
+      for (int l = 0; l < 2; l++)
+        for (int c = 0; c < 4; c++) {
+          gath[q * 8 + l * 4 + c] = static_cast<uint8_t>(c * 4 + q / 2);  // byte q/2 of word c (rows 4(q/2)..)
+          ctl[q * 8 + l * 4 + c] = static_cast<uint8_t>(c * 8 + (q % 2) * 4 + l * 2);  // row 2q+l's 2 bits in it
+        }
+  }
+};
+const Q8Tables kQ8;
+
 // One row against NB batch rows: 64 values (32 groups, 128 columns) a step.
 template <int NB>
 HP_VNNI void nm24_q8_row(const uint8_t* u, int64_t Kx, int64_t K, const int8_t* vr, const uint8_t* pr,
@@ -1577,9 +1594,7 @@ HP_VNNI void nm24_q8_row(const uint8_t* u, int64_t Kx, int64_t K, const int8_t* 
   const int64_t nv = K / 2;
   // byte j of qword t takes bits 2j.. of the qword: value 8t+j's position, from pos bytes 2t and 2t+1
   const __m512i ctl = _mm512_set1_epi64(0x0E0C0A0806040200LL);
-  alignas(64) uint8_t base_b[64];
-  for (int j = 0; j < 64; j++) base_b[j] = static_cast<uint8_t>(4 * (j / 2));
-  const __m512i base = _mm512_load_si512(base_b), three = _mm512_set1_epi8(3);
+  const __m512i base = _mm512_load_si512(kQ8.nm_base), three = _mm512_set1_epi8(3);
   __m512i acc[NB];
   for (int i = 0; i < NB; i++) acc[i] = _mm512_setzero_si512();
   for (int64_t j = 0; j < nv; j += 64) {
@@ -1606,17 +1621,8 @@ template <int NB>
 HP_VNNI void tiered_q8_row(const uint8_t* u, int64_t Kx, int64_t C, const int8_t* tr, const int8_t* dense,
                            const int8_t* nmv, const uint32_t* nmp, const int8_t* tkv, const uint8_t* tkp, int64_t k,
                            int64_t d, int64_t n, int64_t t, const int32_t* rowsum, int32_t* out, int64_t Np) {
-  alignas(64) uint8_t trans_b[64], gath_b[64], ctl_b[64];
-  for (int i = 0; i < 16; i++)
-    for (int c = 0; c < 4; c++) trans_b[i * 4 + c] = static_cast<uint8_t>(c * 16 + i);
-  for (int q = 0; q < 8; q++)
-    for (int l = 0; l < 2; l++)
-      for (int c = 0; c < 4; c++) {
-        gath_b[q * 8 + l * 4 + c] = static_cast<uint8_t>(c * 4 + q / 2);  // byte q/2 of word c (rows 4(q/2)..)
-        ctl_b[q * 8 + l * 4 + c] = static_cast<uint8_t>(c * 8 + (q % 2) * 4 + l * 2);  // row 2q+l's 2 bits in it
-      }
-  const __m512i trans = _mm512_load_si512(trans_b), gath = _mm512_load_si512(gath_b),
-                ctl = _mm512_load_si512(ctl_b), three = _mm512_set1_epi8(3);
+  const __m512i trans = _mm512_load_si512(kQ8.trans), gath = _mm512_load_si512(kQ8.gath),
+                ctl = _mm512_load_si512(kQ8.ctl), three = _mm512_set1_epi8(3);
   const __m512i half_base[2] = {_mm512_set1_epi32(0x04040000), _mm512_set1_epi32(0x0C0C0808)};
   __m512i acc[NB];
   int32_t top[NB][16];
@@ -1688,13 +1694,20 @@ struct Q8 {
 Q8 quantized(const torch::Tensor& x, int64_t align, bool vnni) {
   const int64_t B = x.size(0), K = x.size(1), Kx = (K + align - 1) / align * align;
   Q8 r{torch::empty({B, Kx}, x.options().dtype(torch::kInt8)), torch::empty({B}, x.options()), Kx};
-  quantize_rows(x.data_ptr<float>(), B, K, Kx, r.q.data_ptr<int8_t>(), r.s.data_ptr<float>());
-  if (vnni) r.q.bitwise_xor_(-128);  // q + 128 as a byte: the sign bit flipped
+  quantize_rows(x.data_ptr<float>(), B, K, Kx, r.q.data_ptr<int8_t>(), r.s.data_ptr<float>(), vnni ? 0x80 : 0);
   return r;
 }
 
+// float(sums[b, n]) * s[b], in one pass (two torch ops here cost ~10 us a call, a small matrix's whole kernel)
 torch::Tensor scaled_by_rows(const torch::Tensor& sums, const torch::Tensor& s) {
-  return sums.to(torch::kFloat32).mul_(s.unsqueeze(1));
+  auto y = torch::empty(sums.sizes(), sums.options().dtype(torch::kFloat32));
+  const int32_t* in = sums.data_ptr<int32_t>();
+  const float* sp = s.data_ptr<float>();
+  float* out = y.data_ptr<float>();
+  const int64_t B = sums.size(0), N = sums.size(1);
+  for (int64_t b = 0; b < B; b++)
+    for (int64_t n = 0; n < N; n++) out[b * N + n] = static_cast<float>(in[b * N + n]) * sp[b];
+  return y;
 }
 
 torch::Tensor unstructured_mm_q8(torch::Tensor xin, torch::Tensor mask, torch::Tensor values, torch::Tensor rowptr,
