@@ -16,7 +16,7 @@ sequences at a time with a KV cache and asks the model for the last position's l
 vocabulary x tokens. Each sequence samples from a random stream of its own (row_generator: seeded from the
 calibration seed and the sequence's number), so the same seed and settings give the same text whatever the batch:
 with --self-dtype float32, --self-batch changes speed and the KV cache's size, never the text. With bfloat16 (what
-auto picks where the hardware multiplies it natively) generation is 1.3-1.4x faster on the default model, but each
+auto picks where the hardware multiplies it natively) generation is 1.1-1.4x faster on the default model, but each
 linear layer's input is rounded to bfloat16, which turns the last-bit differences between batch sizes into different
 tokens: the text is then the same for the same seed, settings and batch on the same machine.
 """
@@ -93,7 +93,8 @@ def draw(tokenizer, config: PruneConfig, model: nn.Module | None = None) -> Cali
 
 
 GENERATION_FIELDS = ("calib", "nsamples", "seqlen", "seed", "bos", "squad_format", "self_filter", "self_prefix",
-                     "self_dtype", "self_batch", "data_dir")  # self_batch: bfloat16's text depends on it  # what a generated calibration depends on, besides the model
+                     "self_dtype", "self_batch", "data_dir")  # what generated text depends on, besides the model
+# (self_batch: in bfloat16 the text depends on it)
 
 
 def save(calib: Calibration, path) -> None:
