@@ -201,6 +201,18 @@ def sample(logits: torch.Tensor, t: float, gens: list[torch.Generator]) -> torch
     return torch.argmax(logits / t + gumbel, dim=-1, keepdim=True)
 
 
+def _fp32_linear(func, args, kwargs) -> tuple | None:
+    """(x, w, bias) when `func` is F.linear on a plain fp32 input and a plain fp32 2-D strided weight, else None:
+    the calls the generation modes below may compute their own way."""
+    if func is not F.linear or len(args) < 2:
+        return None
+    x, w = args[0], args[1]
+    if (type(x) is torch.Tensor and type(w) in (torch.Tensor, nn.Parameter) and x.dtype == w.dtype == torch.float32
+            and w.dim() == 2 and w.layout == torch.strided):
+        return x, w, args[2] if len(args) > 2 else kwargs.get("bias")
+    return None
+
+
 class _WeightsFirst(TorchFunctionMode):
     """Within it, F.linear on the CPU in fp32 at 2 to 128 rows computes x @ W.T as (W @ x.T).T, a wide weight in
     slices of SLICE rows: the same products, summed in an order the BLAS picks (the mean log-likelihoods moved by
@@ -216,13 +228,11 @@ class _WeightsFirst(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is F.linear and len(args) >= 2:
-            x, w = args[0], args[1]
-            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+        plain = _fp32_linear(func, args, kwargs)
+        if plain is not None:
+            x, w, bias = plain
             rows = x.numel() // max(x.shape[-1], 1)
-            if (type(x) is torch.Tensor and type(w) in (torch.Tensor, nn.Parameter) and x.device.type == "cpu"
-                    and x.dtype == w.dtype == torch.float32 and w.dim() == 2 and w.layout == torch.strided
-                    and self.ROWS[0] <= rows <= self.ROWS[1]):
+            if x.device.type == "cpu" and self.ROWS[0] <= rows <= self.ROWS[1]:
                 flat = x.reshape(rows, x.shape[-1]).T
                 y = torch.cat([w[i:i + self.SLICE] @ flat for i in range(0, w.shape[0], self.SLICE)]).T
                 if bias is not None:
@@ -245,16 +255,14 @@ class _Bfloat16Linears(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is F.linear and len(args) >= 2:
-            x, w = args[0], args[1]
-            bias = args[2] if len(args) > 2 else kwargs.get("bias")
-            if (type(x) is torch.Tensor and type(w) in (torch.Tensor, nn.Parameter)
-                    and x.dtype == w.dtype == torch.float32 and w.dim() == 2 and w.layout == torch.strided):
-                held = self.copies.get(id(w))
-                if held is None or held[0] is not w:
-                    held = self.copies[id(w)] = (w, w.detach().to(torch.bfloat16))
-                y = F.linear(x.to(torch.bfloat16), held[1]).float()
-                return y + bias if bias is not None else y
+        plain = _fp32_linear(func, args, kwargs)
+        if plain is not None:
+            x, w, bias = plain
+            held = self.copies.get(id(w))
+            if held is None or held[0] is not w:
+                held = self.copies[id(w)] = (w, w.detach().to(torch.bfloat16))
+            y = F.linear(x.to(torch.bfloat16), held[1]).float()
+            return y + bias if bias is not None else y
         return func(*args, **kwargs)
 
     def __exit__(self, *exc):

@@ -1686,6 +1686,14 @@ bool use_vnni(int64_t impl) {
   return (impl == 3 || impl == 0) && cpu_has_vnni();
 }
 
+// What every int8-activation entry point checks besides its layout: int8 values, N row sums, a width the int32
+// sums hold.
+void check_q8(const torch::Tensor& x, const torch::Tensor& values, const torch::Tensor& rowsum, int64_t n) {
+  TORCH_CHECK(values.scalar_type() == torch::kInt8 && values.is_contiguous(), "int8 activations need int8 values");
+  TORCH_CHECK(rowsum.scalar_type() == torch::kInt32 && rowsum.numel() == n, "rowsum must hold one int32 per row");
+  TORCH_CHECK(x.size(1) < 66000, "int8 activations: the input width must be below 66,000 (int32 sums)");
+}
+
 struct Q8 {
   torch::Tensor q, s;
   int64_t Kx;
@@ -1714,9 +1722,7 @@ torch::Tensor unstructured_mm_q8(torch::Tensor xin, torch::Tensor mask, torch::T
                                  torch::Tensor rowsum, int64_t impl) {
   const torch::Tensor x = as_rows(xin);
   check_unstructured(x, mask, rowptr);
-  TORCH_CHECK(values.scalar_type() == torch::kInt8 && values.is_contiguous(), "int8 activations need int8 values");
-  TORCH_CHECK(rowsum.scalar_type() == torch::kInt32 && rowsum.numel() == mask.size(0), "rowsum must hold N int32");
-  TORCH_CHECK(x.size(1) < 66000, "int8 activations: the input width must be below 66,000 (int32 sums)");
+  check_q8(x, values, rowsum, mask.size(0));
   const int64_t B = x.size(0), Kp = x.size(1), N = mask.size(0), mb = Kp / 8;
   const bool vnni = use_vnni(impl);
   const Q8 xq = quantized(x, 64, vnni);
@@ -1757,9 +1763,7 @@ torch::Tensor nm24_mm_q8(torch::Tensor xin, torch::Tensor values, torch::Tensor 
                          int64_t impl) {
   const torch::Tensor x = as_rows(xin);
   check_nm24(x, values, positions);
-  TORCH_CHECK(values.scalar_type() == torch::kInt8 && values.is_contiguous(), "int8 activations need int8 values");
-  TORCH_CHECK(rowsum.scalar_type() == torch::kInt32 && rowsum.numel() == values.size(0), "rowsum must hold N int32");
-  TORCH_CHECK(x.size(1) < 66000, "int8 activations: the input width must be below 66,000 (int32 sums)");
+  check_q8(x, values, rowsum, values.size(0));
   const int64_t B = x.size(0), K = x.size(1), N = values.size(0);
   const bool vnni = use_vnni(impl);
   const Q8 xq = quantized(x, 128, vnni);
@@ -1801,10 +1805,8 @@ torch::Tensor tiered_mm_q8(torch::Tensor xin, torch::Tensor tiers, torch::Tensor
                            torch::Tensor offsets, torch::Tensor rowsum, int64_t impl) {
   const torch::Tensor x = as_rows(xin);
   const TieredArgs a = check_tiered(x, tiers, dense, nm_values, nm_positions, topk_values, topk_positions, offsets);
-  TORCH_CHECK(a.vt == VT::I8, "int8 activations need int8 values");
   const int64_t B = x.size(0), R = a.R, C = a.C, k = a.k, Np = R * 16;
-  TORCH_CHECK(rowsum.scalar_type() == torch::kInt32 && rowsum.numel() == Np, "rowsum must hold R*16 int32");
-  TORCH_CHECK(x.size(1) < 66000, "int8 activations: the input width must be below 66,000 (int32 sums)");
+  check_q8(x, dense, rowsum, Np);  // check_tiered: every block array shares dense's dtype
   const bool vnni = use_vnni(impl);
   const Q8 xq = quantized(x, 16, vnni);
   auto sums = torch::empty({B, Np}, x.options().dtype(torch::kInt32));
