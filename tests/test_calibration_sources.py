@@ -89,6 +89,37 @@ def test_generation_runs_linear_layers_weights_first_with_the_same_results(monke
     assert F.linear in modes
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "gpt2", "opt", "gpt_neox"])
+def test_generation_attends_only_to_written_positions_with_the_same_results(family, monkeypatch):
+    """_FilledPositions: attention over the written part of the static cache gives the tokens and log-likelihoods
+    of the model's own masked attention over the whole cache, for a one-token prompt and a three-token one (a causal
+    prefill step), in each family; the model's attention implementation is restored afterwards; and a model it
+    would not compute the same for (eager attention, a sliding window shorter than the text) is left alone."""
+    model = tiny_model(family)
+    assert model.config._attn_implementation == "sdpa"
+    used = []
+    real_attend = calibration._FilledPositions.attend
+    monkeypatch.setattr(calibration._FilledPositions, "attend",
+                        lambda self, *a, **k: used.append(self.end) or real_attend(self, *a, **k))
+    for prompt in (torch.zeros(3, 1, dtype=torch.long), torch.tensor([[5, 6, 7], [8, 9, 10], [11, 12, 13]])):
+        ids, nll = calibration.generate(model, prompt, 20, (1.0, 1.0, 0), 0, 2)
+        assert model.config._attn_implementation == "sdpa"
+        assert used and max(used) == 19 and min(used) == prompt.shape[1]
+        used.clear()
+        with monkeypatch.context() as m:
+            m.setattr(calibration._FilledPositions, "__enter__", lambda self: self)  # the whole cache, masked
+            whole_ids, whole_nll = calibration.generate(model, prompt, 20, (1.0, 1.0, 0), 0, 2)
+        assert not used
+        assert torch.equal(ids, whole_ids)
+        torch.testing.assert_close(nll, whole_nll, rtol=0, atol=1e-6)
+    model.set_attn_implementation("eager")
+    assert not calibration._FilledPositions(model, 20).eligible
+    model.set_attn_implementation("sdpa")
+    if family == "mistral":
+        assert calibration._FilledPositions(model, model.config.sliding_window).eligible
+        assert not calibration._FilledPositions(model, model.config.sliding_window + 1).eligible
+
+
 def test_bfloat16_generation_multiplies_bfloat16_copies_and_leaves_the_weights(smol, data_dir, monkeypatch):
     """_Bfloat16Linears: F.linear on fp32 operands equals the product of their bfloat16 roundings (fp32 sums), bias
     added in fp32, over leading dimensions; the weight keeps its fp32 values and the copies go when the mode ends.
