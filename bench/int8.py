@@ -8,15 +8,17 @@ ones worth --cold-l3 (8) L3s):
                  activations quantized per call, fbgemm), of the fp32 packed kernel and of the int8 packed kernel
                  (targets: int8 packed >= 4x fp32 dense and faster than quantize_dynamic); also the int8 packed
                  kernel with int8 activations (PackedLinear.use_int8_activations: x rounded
-                 to int8 per row, AVX-512 VNNI sums), which is what quantize_dynamic does to x
+                 to int8 per row, AVX-512 VNNI sums), which is what quantize_dynamic does to x, and with int8x2
+                 activations (x and its rounding error each rounded to int8, both summed in one pass)
 Part 2, quality: the default model pruned (Wanda; three-tier, 2:4, unstructured 50%), its matrices packed in
 memory with fp32 and with int8 values, WikiText-2 perplexity through the kernels (target: int8 within 1%); also
-int8 values with int8 activations.
+int8 values with int8 and with int8x2 activations (one prune per pattern, packed each way).
 
-    python bench/int8.py [--shape 11008x4096] [--reps 20] [--windows 20 --seqlen 512] [--no-quality] [--json out.json]
+    python bench/int8.py [--shape 11008x4096] [--reps 20] [--windows 20 --seqlen 512] [--no-quality | --no-speed] [--json out.json]
 Run it alone: with two cores anything else running changes the timings.
 """
 import argparse
+import copy
 import json
 import time
 import warnings
@@ -53,6 +55,9 @@ def speed_rows(args) -> list:
         act_modules = [kernels.PackedLinear(qlayout, {k: v.clone() for k, v in q.items()})
                        for _ in range(cold(packing.packed_bytes(q), args))]
         act_modules = [m for m in act_modules if m.use_int8_activations()]
+        act2_modules = [kernels.PackedLinear(qlayout, {k: v.clone() for k, v in q.items()})
+                        for _ in range(cold(packing.packed_bytes(q), args))]
+        act2_modules = [m for m in act2_modules if m.use_int8_activations("int8x2")]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch.ao's deprecation notices
             dyn = []
@@ -68,6 +73,7 @@ def speed_rows(args) -> list:
                  "packed_int8": timed(rotating([lambda m=m: m(x) for m in int8_modules]), args.reps)}
             if act_modules:
                 t["packed_int8_act"] = timed(rotating([lambda m=m: m(x) for m in act_modules]), args.reps)
+                t["packed_int8x2_act"] = timed(rotating([lambda m=m: m(x) for m in act2_modules]), args.reps)
         dense_bytes = N * K * 4
         row = dict(pattern=pattern, shape=args.shape, batch=1, threads=torch.get_num_threads(),
                    int8_bytes_ratio=round(packing.packed_bytes(q) / dense_bytes, 4),
@@ -79,9 +85,11 @@ def speed_rows(args) -> list:
                    int8_GBps=round(packing.packed_bytes(q) / t["packed_int8"] / 1e9, 1))
         if act_modules:
             row["int8_act_vs_torch_int8"] = round(t["torch_int8_dynamic"] / t["packed_int8_act"], 2)
+            row["int8x2_act_vs_torch_int8"] = round(t["torch_int8_dynamic"] / t["packed_int8x2_act"], 2)
+            row["int8x2_act_vs_dense"] = round(t["dense_fp32"] / t["packed_int8x2_act"], 2)
         report(row)
         rows.append(row)
-        del Ws, fp32_modules, int8_modules, act_modules, dyn
+        del Ws, fp32_modules, int8_modules, act_modules, act2_modules, dyn
     return rows
 
 
@@ -92,23 +100,26 @@ def quality_rows(args) -> list:
     rows = []
     for pattern, options in PATTERNS.items():
         ppl = {}
-        for values in ("float", "int8", "int8 act"):
-            pm = hp.prune(hp.load("default"), method="wanda", calib="wikitext2", nsamples=args.nsamples,
+        pruned = hp.prune(hp.load("default"), method="wanda", calib="wikitext2", nsamples=args.nsamples,
                           seqlen=args.calib_seqlen, seed=0, **options)
+        for values in ("float", "int8", "int8 act", "int8x2 act"):
+            pm = copy.deepcopy(pruned)  # one prune per pattern, packed four ways
             n = kernels.sparsify_(pm.model, record=pm.record, tier_maps=pm.tier_maps, perms=pm.permutations,
-                                  values=values.split()[0])
-            if values == "int8 act":
-                kernels.int8_activations_(pm.model)
+                                  values="float" if values == "float" else "int8")
+            if values.endswith(" act"):
+                kernels.int8_activations_(pm.model, values.split()[0])
             start = time.perf_counter()
             res = perplexity(pm.model, pm.tokenizer, seqlen=args.seqlen, max_windows=args.windows)
             ppl[values] = res["ppl"]
             report(dict(pattern=pattern, values=values, packed_matrices=n, ppl=round(res["ppl"], 4),
                         windows=res["windows"], seqlen=res["seqlen"], seconds=round(time.perf_counter() - start, 1)))
+            del pm
         row = dict(pattern=pattern, ppl_fp32_packed=round(ppl["float"], 4), ppl_int8_packed=round(ppl["int8"], 4),
                    int8_change_pct=round(100 * (ppl["int8"] / ppl["float"] - 1), 3))
-        if "int8 act" in ppl:
-            row.update(ppl_int8_act=round(ppl["int8 act"], 4),
-                       int8_act_change_pct=round(100 * (ppl["int8 act"] / ppl["float"] - 1), 3))
+        for name in ("int8 act", "int8x2 act"):
+            key = name.replace(" ", "_")
+            row.update({f"ppl_{key}": round(ppl[name], 4),
+                        f"{key}_change_pct": round(100 * (ppl[name] / ppl["float"] - 1), 3)})
         report(row)
         rows.append(row)
     return rows
@@ -120,6 +131,7 @@ def main():
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--cold-l3", type=int, default=8, help="int8 matrices: cycle through this many L3s of copies")
     ap.add_argument("--no-quality", action="store_true", help="only part 1 (bytes and speed)")
+    ap.add_argument("--no-speed", action="store_true", help="only part 2 (quality)")
     ap.add_argument("--windows", type=int, default=20, help="WikiText-2 test windows for the perplexity")
     ap.add_argument("--seqlen", type=int, default=512, help="tokens per perplexity window")
     ap.add_argument("--nsamples", type=int, default=32, help="calibration windows of the prunes")
@@ -128,7 +140,7 @@ def main():
     args = ap.parse_args()
     print(json.dumps({"date": time.strftime("%Y-%m-%d"), "commit": commit(), **machine(),
                       "l3_bytes": l3_bytes()}), flush=True)
-    rows = speed_rows(args)
+    rows = [] if args.no_speed else speed_rows(args)
     if not args.no_quality:
         rows += quality_rows(args)
     write_json(rows, args.json)

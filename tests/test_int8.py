@@ -6,6 +6,7 @@ import torch
 from conftest import tiny_model
 
 from hybridprune.cli import main
+from hybridprune.core.errors import HybridPruneError
 from hybridprune.sparse import kernels, packing, routes
 from hybridprune.sparse.load import load_model
 from test_packed import SHAPES, pruned
@@ -185,10 +186,35 @@ def test_activations_round_to_int8_per_row_hand_checked():
     q = t["values"].tolist()  # the row's int8 values: 3 / 127 per step, so 85 and -127
     x = torch.tensor([[0.5, -1.0, 0.25, 0.0], [0.0, 0.0, 0.0, 0.0]])
     for impl in [1] + [3] * ext.has_vnni():
-        sums = ext.unstructured_mm_q8(m._padded(x), t["mask"], t["values"], m.rowptr, m.rowsum, impl)
+        sums = ext.unstructured_mm_q8(m._padded(x), t["mask"], t["values"], m.rowptr, m.rowsum, impl, 1)
         assert q == [85, -127]
         assert sums[0, 0] == torch.tensor(float(85 * 64 + (-127) * (-127))) * (torch.tensor(1.0) / 127)
         assert sums[1, 0] == 0
+
+
+def test_int8x2_activations_add_the_rounding_error_rounded_again_hand_checked():
+    """int8x2, the row [0.5, -1.0, 0.25, 0.0]: q1 = [64, -127, 32, 0], s1 = 1 / 127 as with int8; its rounding error
+    e = x - s1 * q1 = [0.5 - 64 / 127, 0, 0.25 - 32 / 127, 0] (fp32) has max |e| = |e0|, so q2 = [-127, 0, -64
+    (-63.5, to even), 0] and s2 = |e0| / 127. Against the matrix keeping 85, -127 at columns 0 and 1:
+    y = (85 * 64 + 127 * 127) * s1 + (85 * -127) * s2, both terms in fp32 as the kernel adds them; every path."""
+    ext = kernels.extension()
+    W = torch.tensor([[2.0, -3.0, 0.0, 0.0]])
+    layout = {"kind": "unstructured", "shape": [1, 4], "dtype": "float32"}
+    qlayout, t = packing.quantize(packing.pack_matrix(W, layout, "w"), layout)
+    m = kernels.PackedLinear(qlayout, t)
+    assert m.use_int8_activations("int8x2") and m.activations == "int8x2"
+    x = torch.tensor([[0.5, -1.0, 0.25, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    s1 = torch.tensor(1.0) / 127
+    e = x[0] - s1 * torch.tensor([64.0, -127.0, 32.0, 0.0])
+    assert e[1] == 0 and e[0].abs() > e[2].abs() and torch.allclose(e[2] / e[0], torch.tensor(0.5))
+    s2 = e[0].abs() / 127
+    want = torch.tensor(float(85 * 64 + 127 * 127)) * s1 + torch.tensor(float(85 * -127)) * s2
+    for impl in [1] + [3] * ext.has_vnni():
+        y = ext.unstructured_mm_q8(m._padded(x), t["mask"], t["values"], m.rowptr, m.rowsum, impl, 2)
+        assert y.shape == (2, 1) and y[0, 0] == want and y[1, 0] == 0
+    assert not m.use_int8_activations("float") and m.activations == "int8x2"
+    with pytest.raises(HybridPruneError, match="int8x2"):
+        m.use_int8_activations("int4")
 
 
 @pytest.mark.kernels
@@ -218,6 +244,30 @@ def test_int8_activation_kernels_sum_exact_int8_products(pattern):
 
 
 @pytest.mark.kernels
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4", "three-tier"])
+def test_int8x2_activations_come_within_fp32_rounding_of_the_dequantized_product(pattern):
+    """int8x2 (x and its rounding error, each rounded to int8): on every path the same bits, on odd shapes and
+    batches 1, 3, 16 and 130; within 2e-4 (relative to the largest output) of the fp32 product with the dequantized
+    matrix, and at least 30 times closer to it than int8 activations."""
+    ext = kernels.extension()
+    for W, qlayout, t in quantized(pattern):
+        N, K = W.shape
+        m, m1 = kernels.PackedLinear(qlayout, t), kernels.PackedLinear(qlayout, t)
+        assert m.use_int8_activations("int8x2") and m1.use_int8_activations("int8")
+        ref_W = packing.unpack_matrix(t, qlayout).double()
+        for B in (1, 3, 16, 130):
+            x = torch.randn(B, K)
+            ref = x.double() @ ref_W.t()
+            outs = [m._sparse_kernel(ext, m._padded(x), impl) for impl in [1, 2] + [3] * ext.has_vnni()]
+            assert all(torch.equal(y, outs[0]) for y in outs[1:]), (N, K, B)
+            y = m(x)
+            assert torch.equal(y, outs[0] * m.scale)
+            err = ((y.double() - ref).abs().max() / ref.abs().max()).item()
+            err1 = ((m1(x).double() - ref).abs().max() / ref.abs().max()).item()
+            assert err < 2e-4 and err * 30 < err1, (N, K, B, err, err1)
+
+
+@pytest.mark.kernels
 def test_int8_activations_through_the_api_and_their_refusals(int8_folders, default_tokenizer, tmp_path, capsys,
                                                              monkeypatch):
     """use_kernels(values="int8", activations="int8"): every unstructured matrix and the int8 head round their
@@ -234,17 +284,23 @@ def test_int8_activations_through_the_api_and_their_refusals(int8_folders, defau
     b = hp.use_kernels(hp.load(str(tmp_path / "u")), values="int8", lm_head="int8", activations="int8")
     mods = [m for m in b.model.modules() if isinstance(m, kernels.PackedLinear)]
     assert len(mods) == 7 * 2 + 1 and all(m.activations == "int8" for m in mods)  # 2 layers, and the head
+    b2 = hp.use_kernels(hp.load(str(tmp_path / "u")), values="int8", lm_head="int8", activations="int8x2")
+    assert all(m.activations == "int8x2" for m in b2.model.modules() if isinstance(m, kernels.PackedLinear))
     with torch.no_grad():
-        la, lb = a.model(**ids).logits, b.model(**ids).logits
-    assert 0 < ((la - lb).abs().max() / la.abs().max()).item() < 0.02
+        la, lb, lb2 = a.model(**ids).logits, b.model(**ids).logits, b2.model(**ids).logits
+    gap, gap2 = (((la - other).abs().max() / la.abs().max()).item() for other in (lb, lb2))
+    assert 0 < gap < 0.02 and 0 < gap2 < gap / 20  # int8x2 carries x to about 16 bits
     with pytest.raises(Exception, match="int8 values"):
         hp.use_kernels(hp.load(str(tmp_path / "u")), activations="int8")
     c, _ = load_model(str(q), kernels=True, lm_head="int8", activations="int8")
     kinds = {(m.kind, m.activations) for m in c.modules() if isinstance(m, kernels.PackedLinear)}
     assert kinds == {("tiered", "int8"), ("unstructured", "int8")}
-    assert main(["ppl", str(q), "--activations", "int8", "--seqlen", "32", "--max-windows", "1"]) == 2
-    assert "--kernels" in capsys.readouterr().err
+    for act in ("int8", "int8x2"):
+        assert main(["ppl", str(q), "--activations", act, "--seqlen", "32", "--max-windows", "1"]) == 2
+        assert "--kernels" in capsys.readouterr().err
     import hybridprune.io.models as io_models
     monkeypatch.setattr(io_models, "load_dense", lambda *a, **k: pytest.fail("loaded a model before refusing"))
-    assert main(["ppl", str(dense), "--kernels", "--activations", "int8", "--seqlen", "32", "--max-windows", "1"]) == 2
-    assert "--values int8" in capsys.readouterr().err
+    for act in ("int8", "int8x2"):
+        assert main(["ppl", str(dense), "--kernels", "--activations", act, "--seqlen", "32", "--max-windows",
+                     "1"]) == 2
+        assert "--values int8" in capsys.readouterr().err

@@ -72,7 +72,8 @@ def load(spec: str = "default", *, dtype: str | torch.dtype | None = None, devic
     """Load a model: "default" (SmolLM2-135M-Instruct), a folder (dense, pruned or packed), a .gguf file or a hub
     id. A folder saved by hybridprune brings its record, tier maps and column orders; kernels=True computes the
     pruned matrices from their packed form (CPU), and with lm_head="int8" the output layer too, in int8;
-    activations="int8" rounds the inputs of the int8-valued packed matrices to int8 as well."""
+    activations="int8" rounds the inputs of the int8-valued packed matrices to int8 as well, "int8x2" to two int8
+    terms (x and its rounding error)."""
     model, tok = load_model(spec, dtype=dtype, device=device, trust_remote_code=trust_remote_code, kernels=kernels,
                             lm_head=lm_head, activations=activations)
     is_folder = Path(spec).is_dir()
@@ -182,18 +183,19 @@ def use_kernels(model: PrunedModel, *, values: str = "float", lm_head: str = "fl
     packs the kept values as int8 with a scale per output row first; lm_head="int8" packs the output layer so too
     (the tied input embedding keeps its weights); activations="int8" (with int8 values) also rounds each input row
     of every packed matrix, the int8 head included, to int8 (one scale per row), so that the sparse kernels sum
-    int8 products (AVX-512 VNNI)."""
+    int8 products (AVX-512 VNNI); activations="int8x2" rounds each row and its rounding error to int8 (two int8
+    terms, about 16 bits of x) and sums both in one pass over the weights."""
     packing.check_values(values)
     packing.check_values(lm_head)
-    packing.check_values(activations)
-    if activations == "int8" and values != "int8":
-        raise HybridPruneError('activations="int8" needs int8 values; add values="int8"')
+    kernels.check_activations(activations)
+    if activations != "float" and values != "int8":
+        raise HybridPruneError(f'activations="{activations}" needs int8 values; add values="int8"')
     pm = _as_pruned(model)
     n = kernels.sparsify_(pm.model, record=pm.record, tier_maps=pm.tier_maps, perms=pm.permutations, values=values)
     if lm_head == "int8":
         kernels.pack_lm_head_(pm.model)
-    if activations == "int8":
-        kernels.int8_activations_(pm.model)
+    if activations != "float":
+        kernels.int8_activations_(pm.model, activations)
     if n == 0:
         logger.warning("use_kernels: nothing to pack (the model was not pruned by hybridprune); running dense")
     return pm

@@ -18,6 +18,7 @@ from pathlib import Path
 from hybridprune.core.config import PRUNE_GROUPS, FinetuneConfig, PruneConfig, naming
 from hybridprune.core.config import fields as config_fields
 from hybridprune.core.errors import HybridPruneError, interrupt_on_sigterm
+from hybridprune.core.specs import ACTIVATIONS
 
 
 def _add_model_args(p):
@@ -37,9 +38,10 @@ def _add_kernel_args(p):
                    "memory); a model with nothing pruned runs dense")
     p.add_argument("--lm-head", default="float", choices=["float", "int8"], help="with --kernels: int8 also packs "
                    "the output layer (int8 values, a scale per vocabulary row; the tied embedding keeps its weights)")
-    p.add_argument("--activations", default="float", choices=["float", "int8"], help="with --kernels and int8 "
-                   "values (a folder packed with --values int8): int8 also rounds each input row to int8 in the "
-                   "sparse kernels, which then sum int8 products (AVX-512 VNNI)")
+    p.add_argument("--activations", default="float", choices=list(ACTIVATIONS), help="with --kernels and "
+                   "int8 values (a folder packed with --values int8): int8 also rounds each input row to int8 in the "
+                   "sparse kernels, which then sum int8 products (AVX-512 VNNI); int8x2 rounds each row and its "
+                   "rounding error (two int8 terms, about 16 bits of x), one pass over the weights")
 
 
 # ----------------------------------------------------------------------------- options from the configs

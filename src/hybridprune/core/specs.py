@@ -146,6 +146,9 @@ def check_model_spec(spec: str) -> str:
 
 # ----------------------------------------------------------------------------- the sparse kernels
 
+# what the int8-valued kernels multiply (--activations): fp32 x, x rounded to int8 per row, or x and its rounding
+# error each rounded to int8 (two int8 terms, about 16 bits of x)
+ACTIVATIONS = ("float", "int8", "int8x2")
 KERNEL_PATHS = {"auto": 0, "portable": 1, "avx2": 2, "avx512": 3,  # HYBRIDPRUNE_KERNELS
                 "triton": 0}  # the GPU kernels for CPU inputs too (under TRITON_INTERPRET=1: tests)
 # what each forced path needs from the CPU (the C++ side checks the same with __builtin_cpu_supports)

@@ -29,7 +29,7 @@ from torch import nn
 from hybridprune.io import models
 from hybridprune.io.folder import load_permutations, load_tier_maps, read_record
 from hybridprune.core.errors import HybridPruneError, require
-from hybridprune.core.specs import (KERNEL_PATHS as IMPLS, cache_bytes, check_kernels_env,  # noqa: F401
+from hybridprune.core.specs import (ACTIVATIONS, KERNEL_PATHS as IMPLS, cache_bytes, check_kernels_env,  # noqa: F401
                                    check_toolchain,
                                    toolchain_problem)
 from hybridprune.sparse import routes
@@ -41,6 +41,8 @@ _CSRC = Path(__file__).parent / "csrc"
 _BUILT: dict = {}
 STRIP = 512  # weight rows decoded at a time for the dense-strips route
 MAX_COPIES = 64  # copies of a small matrix cycled through while measuring routes (its weights then come from DRAM)
+# specs.ACTIVATIONS other than float: how many int8 terms of x the kernel sums
+LEVELS = {"int8": 1, "int8x2": 2}
 _TABLES: dict = {}  # routes.RouteTable per compiled build
 _ENTRIES: dict = {}  # measured route entries by routes.entry_key, for this process
 _IMPL: dict = {}  # kernel path by HYBRIDPRUNE_KERNELS value, checked
@@ -121,7 +123,7 @@ class PackedLinear(nn.Module):
             counts = torch.stack([(tensors["tiers"] == i).sum(1) for i in range(3)], 1).to(torch.int64)
             self.register_buffer("offsets", torch.cat([torch.zeros(1, 3, dtype=torch.int64), counts.cumsum(0)]))
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
-        self.activations = "float32"  # or "int8": see int8_activations_
+        self.activations = "float32"  # or "int8", "int8x2": see int8_activations_
         self.pad_cols = 0  # zero columns the kernels' x needs (whole mask bytes, whole 16-column blocks)
         if self.kind == "unstructured":
             self.pad_cols = tensors["mask"].shape[1] * 8 - self.in_features
@@ -193,37 +195,41 @@ class PackedLinear(nn.Module):
     def _sparse_kernel(self, ext, xp: torch.Tensor, which: int) -> torch.Tensor:
         """The sparse kernel on x already padded (_padded), nothing around it (bench/module_overhead.py times it)."""
         b = self._buffers
-        q8 = self.activations == "int8"
+        levels = LEVELS.get(self.activations, 0)  # int8 terms of x the kernel sums (0: fp32 x)
+        q8 = levels > 0
         if self.kind == "unstructured":
             if q8:
-                return ext.unstructured_mm_q8(xp, b["mask"], b["values"], b["rowptr"], b["rowsum"], which)
+                return ext.unstructured_mm_q8(xp, b["mask"], b["values"], b["rowptr"], b["rowsum"], which, levels)
             return ext.unstructured_mm(xp, b["mask"], b["values"], b["rowptr"], which)
         if self.kind == "nm":
             if q8:
-                return ext.nm24_mm_q8(xp, b["values"], b["positions"], b["rowsum"], which)
+                return ext.nm24_mm_q8(xp, b["values"], b["positions"], b["rowsum"], which, levels)
             return ext.nm24_mm(xp, b["values"], b["positions"], which)
         blocks = (b["tiers"], b["dense"], b["nm_values"], b["nm_positions"], b["topk_values"], b["topk_positions"],
                   b["offsets"])
-        y = ext.tiered_mm_q8(xp, *blocks, b["rowsum"], which) if q8 else ext.tiered_mm(xp, *blocks, which)
+        y = ext.tiered_mm_q8(xp, *blocks, b["rowsum"], which, levels) if q8 else ext.tiered_mm(xp, *blocks, which)
         return y if y.shape[-1] == self.out_features else y[..., :self.out_features].contiguous()
 
-    def use_int8_activations(self) -> bool:
+    def use_int8_activations(self, activations: str = "int8") -> bool:
         """Round x to int8 (one scale per row of x) where the sparse kernel runs, so that it sums int8 products
-        (AVX-512 VNNI where the CPU has it). Needs int8 values; returns whether this matrix now does so. Every
-        row count then takes the sparse kernel (route): the packed GEMM and dense strips multiply fp32 x.
+        (AVX-512 VNNI where the CPU has it); "int8x2" also rounds each row's rounding error to int8 (a second
+        scale) and sums both, one pass over the weights. Needs int8 values; returns whether this matrix now does
+        so. Every row count then takes the sparse kernel (route): the packed GEMM and dense strips multiply fp32 x.
         The VNNI kernels need each row's int8 values summed: the float kernel's product with a row of ones (the
         portable path), exact in fp32 for widths below 132,000 (the int8 kernels refuse 66,000 and more)."""
-        if not self.scaled:
+        check_activations(activations)
+        if not self.scaled or activations == "float":
             return False
         ext, b = extension(), self._buffers
         ones = torch.ones(1, self.in_features + self.pad_cols)
+        self.activations = "float32"  # the row sums come from the fp32-x kernel
         if self.kind == "tiered":  # every block row's 16 rows, padding rows included
             sums = ext.tiered_mm(ones, b["tiers"], b["dense"], b["nm_values"], b["nm_positions"], b["topk_values"],
                                  b["topk_positions"], b["offsets"], 1)
         else:
             sums = self._sparse_kernel(ext, ones, 1)
         self.register_buffer("rowsum", sums[0].round().to(torch.int32).contiguous(), persistent=False)
-        self.activations = "int8"
+        self.activations = activations
         return True
 
     def routes(self, implementation: int = 0) -> list[str]:
@@ -235,7 +241,7 @@ class PackedLinear(nn.Module):
     def route(self, rows: int, implementation: int = 0) -> str:
         """Which route `matmul` takes for `rows` rows of x: the fastest measured on this machine (routes.py); with
         int8 activations always the sparse kernel, so that the model computes the same at any number of rows."""
-        if rows < routes.BUCKETS[0] or self.activations == "int8":
+        if rows < routes.BUCKETS[0] or self.activations in LEVELS:
             return routes.SPARSE
         return routes.choose(self.route_table(implementation), rows)
 
@@ -378,14 +384,20 @@ def pack_lm_head_(model: nn.Module) -> bool:
     return True
 
 
-def int8_activations_(model: nn.Module) -> int:
+def check_activations(activations: str) -> None:
+    if activations not in ACTIVATIONS:
+        raise HybridPruneError(f"unknown activations {activations!r}; use one of {', '.join(ACTIVATIONS)}")
+
+
+def int8_activations_(model: nn.Module, activations: str = "int8") -> int:
     """Every PackedLinear with int8 values (the int8 LM head included) rounds its input to int8 in the sparse kernel
-    (PackedLinear.use_int8_activations), in place. Returns how many do."""
+    (PackedLinear.use_int8_activations; "int8x2": and its rounding error), in place. Returns how many do."""
+    check_activations(activations)
     mods = [m for m in model.modules() if isinstance(m, PackedLinear) and m.kind != "unpacked"]
     if not mods or any(not m.scaled for m in mods):
-        raise HybridPruneError("int8 activations need the pruned matrices packed with int8 values; use "
+        raise HybridPruneError(f"{activations} activations need the pruned matrices packed with int8 values; use "
                                "values=\"int8\" (--values int8) with the kernels")
-    return sum(m.use_int8_activations() for m in mods)
+    return sum(m.use_int8_activations(activations) for m in mods)
 
 
 def use_kernels(model: nn.Module, spec: str) -> int:

@@ -7,7 +7,7 @@ import torch
 from hybridprune.core.errors import HybridPruneError
 from hybridprune.io import models
 from hybridprune.io.folder import is_packed, read_record
-from hybridprune.sparse.kernels import int8_activations_, pack_lm_head_, sparsify_, use_kernels
+from hybridprune.sparse.kernels import check_activations, int8_activations_, pack_lm_head_, sparsify_, use_kernels
 from hybridprune.sparse.packing import load_packed
 
 
@@ -20,18 +20,20 @@ def load_model(spec: str = "default", dtype: str | torch.dtype | None = None, de
     A packed folder loads as the same model; kernels=True computes its pruned matrices from their packed form,
     also for an unpacked pruned folder, which is then packed in memory; lm_head="int8" (with kernels) also packs
     the output layer with int8 values (kernels.pack_lm_head_); activations="int8" (with kernels and int8 values)
-    rounds the inputs of the int8-valued packed matrices to int8 (kernels.int8_activations_)."""
+    rounds the inputs of the int8-valued packed matrices to int8, "int8x2" to two int8 terms
+    (kernels.int8_activations_)."""
+    if lm_head not in ("float", "int8"):
+        raise HybridPruneError(f"unknown LM head {lm_head!r}; use float or int8")
+    check_activations(activations)
     for what, value in (("LM head", lm_head), ("activations", activations)):
-        if value not in ("float", "int8"):
-            raise HybridPruneError(f"unknown {what} {value!r}; use float or int8")
-        if value == "int8" and not kernels:
-            raise HybridPruneError(f"int8 {what} run on the kernels; add --kernels (kernels=True)")
+        if value != "float" and not kernels:
+            raise HybridPruneError(f"{value} {what} run on the kernels; add --kernels (kernels=True)")
     path, _ = models.resolve_model(spec)
     models._hub_check(spec, path)
-    if activations == "int8":  # refused before the model loads: only a folder packed with int8 values has them
+    if activations != "float":  # refused before the model loads: only a folder packed with int8 values has them
         layouts = (((read_record(path) if is_packed(path) else None) or {}).get("packed") or {}).get("matrices")
         if not layouts or any(layout.get("values") != "int8" for layout in layouts.values()):
-            raise HybridPruneError(f"int8 activations need int8 values: pack {spec} with --values int8 first")
+            raise HybridPruneError(f"{activations} activations need int8 values: pack {spec} with --values int8 first")
     if is_packed(path):
         if device_map:
             raise HybridPruneError(f"{spec} is packed: --device-map is not supported for packed folders; "
@@ -41,8 +43,8 @@ def load_model(spec: str = "default", dtype: str | torch.dtype | None = None, de
             sparsify_(model, packed=packed, layouts=layouts)
             if lm_head == "int8":
                 pack_lm_head_(model)
-            if activations == "int8":
-                int8_activations_(model)
+            if activations != "float":
+                int8_activations_(model, activations)
         if device:
             model.to(device)
         return model, tok
@@ -52,6 +54,6 @@ def load_model(spec: str = "default", dtype: str | torch.dtype | None = None, de
         use_kernels(model, path)
         if lm_head == "int8":
             pack_lm_head_(model)
-        if activations == "int8":
-            int8_activations_(model)
+        if activations != "float":
+            int8_activations_(model, activations)
     return model, tok

@@ -1696,36 +1696,59 @@ void check_q8(const torch::Tensor& x, const torch::Tensor& values, const torch::
 
 struct Q8 {
   torch::Tensor q, s;
-  int64_t Kx;
+  int64_t Kx, rows;  // rows = B * levels: the kernels' batch rows
 };
 // x's rows rounded to int8 in a buffer `align` columns wide (zero past K); with VNNI, offset to q + 128.
-Q8 quantized(const torch::Tensor& x, int64_t align, bool vnni) {
+// levels = 2 (activations "int8x2") appends B more rows: each row's rounding error r = x - s * q, itself rounded
+// to int8 with a scale of its own (|r| <= s / 2, so x is carried to about 1/64,000 of max |x|). The kernels then
+// take 2B rows of int8, reading each weight once for both, and the sums stay exact in int32.
+Q8 quantized(const torch::Tensor& x, int64_t align, bool vnni, int64_t levels) {
+  TORCH_CHECK(levels == 1 || levels == 2, "levels must be 1 (int8) or 2 (int8x2)");
   const int64_t B = x.size(0), K = x.size(1), Kx = (K + align - 1) / align * align;
-  Q8 r{torch::empty({B, Kx}, x.options().dtype(torch::kInt8)), torch::empty({B}, x.options()), Kx};
-  quantize_rows(x.data_ptr<float>(), B, K, Kx, r.q.data_ptr<int8_t>(), r.s.data_ptr<float>(), vnni ? 0x80 : 0);
+  const uint8_t flip = vnni ? 0x80 : 0;
+  Q8 r{torch::empty({B * levels, Kx}, x.options().dtype(torch::kInt8)), torch::empty({B * levels}, x.options()), Kx,
+       B * levels};
+  int8_t* q = r.q.data_ptr<int8_t>();
+  float* s = r.s.data_ptr<float>();
+  const float* xp = x.data_ptr<float>();
+  quantize_rows(xp, B, K, Kx, q, s, flip);
+  if (levels == 2) {
+    std::vector<float> err(static_cast<size_t>(B * K));
+    for (int64_t b = 0; b < B; b++)
+      for (int64_t k = 0; k < K; k++) {
+        const int8_t qk = static_cast<int8_t>(static_cast<uint8_t>(q[b * Kx + k]) ^ flip);
+        err[b * K + k] = xp[b * K + k] - s[b] * static_cast<float>(qk);
+      }
+    quantize_rows(err.data(), B, K, Kx, q + B * Kx, s + B, flip);
+  }
   return r;
 }
 
-// float(sums[b, n]) * s[b], in one pass (two torch ops here cost ~10 us a call, a small matrix's whole kernel)
-torch::Tensor scaled_by_rows(const torch::Tensor& sums, const torch::Tensor& s) {
-  auto y = torch::empty(sums.sizes(), sums.options().dtype(torch::kFloat32));
+// y[b, n] = float(sums[b, n]) * s[b] (plus float(sums[B + b, n]) * s[B + b] with two levels), in one pass (two
+// torch ops here cost ~10 us a call, a small matrix's whole kernel)
+torch::Tensor scaled_by_rows(const torch::Tensor& sums, const torch::Tensor& s, int64_t levels) {
+  const int64_t B = sums.size(0) / levels, N = sums.size(1);
+  auto y = torch::empty({B, N}, sums.options().dtype(torch::kFloat32));
   const int32_t* in = sums.data_ptr<int32_t>();
   const float* sp = s.data_ptr<float>();
   float* out = y.data_ptr<float>();
-  const int64_t B = sums.size(0), N = sums.size(1);
   for (int64_t b = 0; b < B; b++)
-    for (int64_t n = 0; n < N; n++) out[b * N + n] = static_cast<float>(in[b * N + n]) * sp[b];
+    for (int64_t n = 0; n < N; n++) {
+      float v = static_cast<float>(in[b * N + n]) * sp[b];
+      if (levels == 2) v += static_cast<float>(in[(B + b) * N + n]) * sp[B + b];
+      out[b * N + n] = v;
+    }
   return y;
 }
 
 torch::Tensor unstructured_mm_q8(torch::Tensor xin, torch::Tensor mask, torch::Tensor values, torch::Tensor rowptr,
-                                 torch::Tensor rowsum, int64_t impl) {
+                                 torch::Tensor rowsum, int64_t impl, int64_t levels) {
   const torch::Tensor x = as_rows(xin);
   check_unstructured(x, mask, rowptr);
   check_q8(x, values, rowsum, mask.size(0));
-  const int64_t B = x.size(0), Kp = x.size(1), N = mask.size(0), mb = Kp / 8;
   const bool vnni = use_vnni(impl);
-  const Q8 xq = quantized(x, 64, vnni);
+  const Q8 xq = quantized(x, 64, vnni, levels);
+  const int64_t B = xq.rows, Kp = x.size(1), N = mask.size(0), mb = Kp / 8;
   auto sums = torch::empty({B, N}, x.options().dtype(torch::kInt32));
   const uint8_t* mp = mask.data_ptr<uint8_t>();
   const int8_t* vp = values.data_ptr<int8_t>();
@@ -1746,7 +1769,10 @@ torch::Tensor unstructured_mm_q8(torch::Tensor xin, torch::Tensor mask, torch::T
             for (; r + 4 <= n1; r += 4) unstructured_q8_rows<4, 1>(ub, xq.Kx, mb, mp, vp, rp, rs, r, ob, N);
             for (; r < n1; r++) unstructured_q8_rows<1, 1>(ub, xq.Kx, mb, mp, vp, rp, rs, r, ob, N);
             break;
-          case 2: for (; r < n1; r++) unstructured_q8_rows<1, 2>(ub, xq.Kx, mb, mp, vp, rp, rs, r, ob, N); break;
+          case 2:
+            for (; r + 4 <= n1; r += 4) unstructured_q8_rows<4, 2>(ub, xq.Kx, mb, mp, vp, rp, rs, r, ob, N);
+            for (; r < n1; r++) unstructured_q8_rows<1, 2>(ub, xq.Kx, mb, mp, vp, rp, rs, r, ob, N);
+            break;
           case 3: for (; r < n1; r++) unstructured_q8_rows<1, 3>(ub, xq.Kx, mb, mp, vp, rp, rs, r, ob, N); break;
           default: for (; r < n1; r++) unstructured_q8_rows<1, 4>(ub, xq.Kx, mb, mp, vp, rp, rs, r, ob, N);
         }
@@ -1756,17 +1782,17 @@ torch::Tensor unstructured_mm_q8(torch::Tensor xin, torch::Tensor mask, torch::T
 #endif
     unstructured_q8_portable(xq.q.data_ptr<int8_t>(), B, xq.Kx, Kp, mp, vp, rp, n0, n1, op, N);
   });
-  return like_input(xin, scaled_by_rows(sums, xq.s));
+  return like_input(xin, scaled_by_rows(sums, xq.s, levels));
 }
 
 torch::Tensor nm24_mm_q8(torch::Tensor xin, torch::Tensor values, torch::Tensor positions, torch::Tensor rowsum,
-                         int64_t impl) {
+                         int64_t impl, int64_t levels) {
   const torch::Tensor x = as_rows(xin);
   check_nm24(x, values, positions);
   check_q8(x, values, rowsum, values.size(0));
-  const int64_t B = x.size(0), K = x.size(1), N = values.size(0);
   const bool vnni = use_vnni(impl);
-  const Q8 xq = quantized(x, 128, vnni);
+  const Q8 xq = quantized(x, 128, vnni, levels);
+  const int64_t B = xq.rows, K = x.size(1), N = values.size(0);
   auto sums = torch::empty({B, N}, x.options().dtype(torch::kInt32));
   const int8_t* vp = values.data_ptr<int8_t>();
   const uint8_t* pp = positions.data_ptr<uint8_t>();
@@ -1797,18 +1823,19 @@ torch::Tensor nm24_mm_q8(torch::Tensor xin, torch::Tensor values, torch::Tensor 
 #endif
     nm24_q8_portable(xq.q.data_ptr<int8_t>(), B, xq.Kx, K, vp, pp, n0, n1, op, N);
   });
-  return like_input(xin, scaled_by_rows(sums, xq.s));
+  return like_input(xin, scaled_by_rows(sums, xq.s, levels));
 }
 
 torch::Tensor tiered_mm_q8(torch::Tensor xin, torch::Tensor tiers, torch::Tensor dense, torch::Tensor nm_values,
                            torch::Tensor nm_positions, torch::Tensor topk_values, torch::Tensor topk_positions,
-                           torch::Tensor offsets, torch::Tensor rowsum, int64_t impl) {
+                           torch::Tensor offsets, torch::Tensor rowsum, int64_t impl, int64_t levels) {
   const torch::Tensor x = as_rows(xin);
   const TieredArgs a = check_tiered(x, tiers, dense, nm_values, nm_positions, topk_values, topk_positions, offsets);
-  const int64_t B = x.size(0), R = a.R, C = a.C, k = a.k, Np = R * 16;
+  const int64_t R = a.R, C = a.C, k = a.k, Np = R * 16;
   check_q8(x, dense, rowsum, Np);  // check_tiered: every block array shares dense's dtype
   const bool vnni = use_vnni(impl);
-  const Q8 xq = quantized(x, 16, vnni);
+  const Q8 xq = quantized(x, 16, vnni, levels);
+  const int64_t B = xq.rows;
   auto sums = torch::empty({B, Np}, x.options().dtype(torch::kInt32));
   const int64_t* op = offsets.data_ptr<int64_t>();
   const int8_t* tp = tiers.data_ptr<int8_t>();
@@ -1841,7 +1868,7 @@ torch::Tensor tiered_mm_q8(torch::Tensor xin, torch::Tensor tiers, torch::Tensor
 #endif
     tiered_q8_portable(xq.q.data_ptr<int8_t>(), B, xq.Kx, C, tp, dp, nv, np_, kv, kp, k, op, r0, r1, Np, sp);
   });
-  return like_input(xin, scaled_by_rows(sums, xq.s));
+  return like_input(xin, scaled_by_rows(sums, xq.s, levels));
 }
 
 }  // namespace
@@ -1857,9 +1884,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("unstructured_gemm", &unstructured_gemm, "x[B,Kp] @ W.T for large B: bitmask rows decoded 16 at a time (AVX-512 or AVX2)");
   m.def("nm24_gemm", &nm24_gemm, "x[B,K] @ W.T for large B: 2:4 rows decoded 16 at a time (AVX-512 or AVX2)");
   m.def("tiered_gemm", &tiered_gemm, "x[B,C*16] @ W.T for large B: tiered block rows decoded one at a time (AVX-512 or AVX2)");
-  m.def("unstructured_mm_q8", &unstructured_mm_q8, "x @ W.T with x rounded to int8 per row, int8 bitmask-packed values");
-  m.def("nm24_mm_q8", &nm24_mm_q8, "x @ W.T with x rounded to int8 per row, int8 2:4 values");
-  m.def("tiered_mm_q8", &tiered_mm_q8, "x @ W.T with x rounded to int8 per row, int8 tiered blocks");
+  m.def("unstructured_mm_q8", &unstructured_mm_q8, "x @ W.T with x rounded to int8 per row (levels 2: and its rounding error), int8 bitmask-packed values");
+  m.def("nm24_mm_q8", &nm24_mm_q8, "x @ W.T with x rounded to int8 per row (levels 2: and its rounding error), int8 2:4 values");
+  m.def("tiered_mm_q8", &tiered_mm_q8, "x @ W.T with x rounded to int8 per row (levels 2: and its rounding error), int8 tiered blocks");
   m.def("has_vnni", &cpu_has_vnni, "whether this CPU runs the int8-activation path (AVX-512 VNNI, VBMI, VBMI2)");
   m.def("has_avx2", &cpu_has_avx2, "whether this CPU runs the AVX2+FMA path");
   m.def("has_avx512", &cpu_has_avx512, "whether this CPU runs the AVX-512 path (F, BW, VL, VBMI2)");
