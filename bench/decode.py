@@ -3,13 +3,15 @@
 Models: the dense fp32 model; the same model pruned (Wanda, WikiText-2 calibration) to --pattern, through the
 kernels with fp32 values, with int8 values, with int8 values plus the LM head packed int8 too
 (use_kernels(lm_head="int8"): a scale per vocabulary row; the tied embedding stays fp32), and that with int8
-activations (use_kernels(activations="int8"): x rounded to int8 per row, AVX-512 VNNI sums). For each: tokens per second (median of --repeats passes over
+activations (use_kernels(activations="int8"): x rounded to int8 per row, AVX-512 VNNI sums) and with int8x2
+activations (x and its rounding error as two int8 terms). For each: tokens per second (median of --repeats passes over
 the prompts, --new-tokens each), the outputs against the fp32-packed model's (where they differ, the fp32-packed
 model's gap between its two best logits at the first differing token: a near tie, or not), and a breakdown of
 one pass: seconds in the packed (or dense) decoder matmuls, the LM head, attention and the rest (Python, norms,
 generate's own work), from forward hooks (which add a little time of their own).
 
-    python bench/decode.py [--pattern three-tier] [--new-tokens 48] [--repeats 3] [--json out.json]
+    python bench/decode.py [--pattern three-tier] [--new-tokens 48] [--repeats 3] [--variants fp32,int8,...]
+                           [--json out.json]
 Run it alone.
 """
 import argparse
@@ -23,6 +25,8 @@ from headline import commit, machine
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,",
            "The three laws of thermodynamics"]
+VARIANTS = ("fp32", "int8", "int8 + LM head int8", "int8 + LM head int8 + int8 activations",
+            "int8 + LM head int8 + int8x2 activations")
 PATTERNS = {"three-tier": dict(pattern="three-tier"), "2:4": dict(pattern="2:4"),
             "unstructured": dict(pattern="unstructured", sparsity=0.5)}
 
@@ -116,6 +120,8 @@ def arguments(doc: str) -> argparse.ArgumentParser:
     ap.add_argument("--new-tokens", type=int, default=48)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--nsamples", type=int, default=16, help="calibration sequences of the prune")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, the first the reference the "
+                    "others' outputs are compared with (default: all of them)")
     ap.add_argument("--json", default=None)
     return ap
 
@@ -132,12 +138,12 @@ def main():
     report(row)
     rows.append(row)
     ref_model, ref_out = None, None
-    for variant in ("fp32", "int8", "int8 + LM head int8", "int8 + LM head int8 + int8 activations"):
+    for variant in args.variants.split(","):
         pm = hp.prune(hp.load("default"), method="wanda", calib="wikitext2", nsamples=args.nsamples, seqlen=512,
                       seed=0, **PATTERNS[args.pattern])
         hp.use_kernels(pm, values="float" if variant == "fp32" else "int8",
                        lm_head="int8" if "LM head int8" in variant else "float",
-                       activations="int8" if variant.endswith("activations") else "float")
+                       activations=variant.split()[-2] if variant.endswith("activations") else "float")
         out, tps = decode(pm.model, tok, args.new_tokens, args.repeats)
         if ref_model is None:
             ref_model, ref_out = pm.model, out
