@@ -50,14 +50,14 @@ def speed_rows(args) -> list:
         fp32 = packing.pack_matrix(W, layout, pattern, tiers)
         qlayout, q = packing.quantize(fp32, layout)
         Ws, fp32_modules = cold_copies(W, layout, fp32)
-        int8_modules = [kernels.PackedLinear(qlayout, {k: v.clone() for k, v in q.items()})
-                        for _ in range(cold(packing.packed_bytes(q), args))]
-        act_modules = [kernels.PackedLinear(qlayout, {k: v.clone() for k, v in q.items()})
-                       for _ in range(cold(packing.packed_bytes(q), args))]
-        act_modules = [m for m in act_modules if m.use_int8_activations()]
-        act2_modules = [kernels.PackedLinear(qlayout, {k: v.clone() for k, v in q.items()})
-                        for _ in range(cold(packing.packed_bytes(q), args))]
-        act2_modules = [m for m in act2_modules if m.use_int8_activations("int8x2")]
+
+        def int8_copies(activations: str) -> list:
+            """Cold copies of the int8 matrix, each multiplying x as `activations` says."""
+            mods = [kernels.PackedLinear(qlayout, {k: v.clone() for k, v in q.items()})
+                    for _ in range(cold(packing.packed_bytes(q), args))]
+            return [m for m in mods if m.use_int8_activations(activations) or activations == "float"]
+
+        int8_modules, act_modules, act2_modules = (int8_copies(a) for a in ("float", "int8", "int8x2"))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch.ao's deprecation notices
             dyn = []

@@ -283,12 +283,12 @@ class _FilledPositions:
     before.
     Used where it computes what the model's own attention would: the model runs transformers' "sdpa" attention, it
     can switch implementations through the AttentionInterface, and no layer slides a window shorter than `length`.
-    Elsewhere (`active` False) the model attends over the whole cache as before."""
+    Elsewhere (`eligible` False) the model attends over the whole cache as before."""
 
     NAME = "hybridprune_filled_positions"
 
     def __init__(self, model: nn.Module, length: int):
-        self.model, self.end, self.active = model, 0, False
+        self.model, self.end = model, 0
         config = getattr(model, "config", None)
         window = getattr(config, "sliding_window", None)
         self.eligible = (config is not None and getattr(config, "_attn_implementation", None) == "sdpa"
@@ -315,13 +315,11 @@ class _FilledPositions:
             from transformers import AttentionInterface
             AttentionInterface.register(self.NAME, self.attend)
             self.model.set_attn_implementation(self.NAME)
-            self.active = self.model.config._attn_implementation == self.NAME
         return self
 
     def __exit__(self, *exc):
         if self.eligible and self.model.config._attn_implementation != "sdpa":
             self.model.set_attn_implementation("sdpa")
-        self.active = False
         return False
 
 
