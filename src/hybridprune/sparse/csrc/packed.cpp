@@ -530,17 +530,21 @@ HP_AVX512 __attribute__((always_inline)) inline void unstructured_row_avx512(con
 
 // int8 values, 64 columns a step (the 16-column step above spends most of its time building each shuffle
 // control from two table rows): one byte permute moves the next popcount(m) values to the lanes of m's set bits.
-// Its control, lane j's count of m's set bits below j, is computed in registers from the 64-bit mask: the
-// popcount of lane j's mask byte below bit j % 8, plus the popcounts of the bytes before it (one multiply sums
-// them). Then four 16-column quarters are widened and multiplied in column order, as the 16-column step does, so
-// the sums are bit for bit the same. 11008 x 4096, 50% kept, batch 1, 2 threads, AMD EPYC (Zen 4): 1.2x the
-// 16-column step, in cache and from DRAM (bench/int8.py; the kernels results page).
+// Its control, each column's count of m's set bits before it, is computed in registers from the 64-bit mask: the
+// popcount of the column's mask byte below its bit, plus the popcounts of the bytes before it (one multiply sums
+// them). The permute also orders the bytes so that byte b of 32-bit lane l holds column 16b + l: shifts then
+// widen each 16-column quarter to int32 (no cross-lane widening, which competes with the permutes for the shuffle
+// unit), and the quarters are multiplied in column order, as the 16-column step does, so the sums are bit for bit
+// the same. 50% kept, batch 1, 2 threads, AMD EPYC (Zen 4): 1.25-1.31x the 16-column step at 11008 x 4096 from
+// DRAM, 1536 x 576 and 512 x 4096 in cache (the kernels results page).
 struct Expand64 {
-  alignas(64) uint8_t byte_of[64], below[64];  // lane j: its mask byte j / 8, and the bits below j % 8 in it
+  alignas(64) uint8_t byte_of[64], below[64], bit[64];  // byte j's column: its mask byte, the bits below it, its bit
   Expand64() {
     for (int j = 0; j < 64; j++) {
-      byte_of[j] = static_cast<uint8_t>(j / 8);
-      below[j] = static_cast<uint8_t>((1u << (j % 8)) - 1);
+      const int p = 16 * (j % 4) + j / 4;  // byte j = 4l + b holds column 16b + l
+      byte_of[j] = static_cast<uint8_t>(p / 8);
+      below[j] = static_cast<uint8_t>((1u << (p % 8)) - 1);
+      bit[j] = static_cast<uint8_t>(1u << (p % 8));
     }
   }
 };
@@ -549,16 +553,16 @@ const Expand64 kExpand64;
 // CHECK: read exactly popcount(m) values (the matrix's last rows); else 64 bytes, of which the permute keeps those.
 template <bool CHECK>
 HP_AVX512 __attribute__((always_inline)) inline __m512i expand64(uint64_t m, const int8_t* src, __m512i byte_of,
-                                                                 __m512i below) {
+                                                                 __m512i below, __m512i bit) {
   const __m128i mv = _mm_cvtsi64_si128(static_cast<long long>(m));
   const uint64_t counts = static_cast<uint64_t>(_mm_cvtsi128_si64(_mm_popcnt_epi8(mv)));  // per mask byte
   const __m128i before = _mm_cvtsi64_si128(static_cast<long long>((counts * 0x0101010101010101ull) << 8));
-  const __m512i in_byte =
-      _mm512_popcnt_epi8(_mm512_and_si512(_mm512_permutexvar_epi8(byte_of, _mm512_castsi128_si512(mv)), below));
+  const __m512i mbyte = _mm512_permutexvar_epi8(byte_of, _mm512_castsi128_si512(mv));
+  const __m512i in_byte = _mm512_popcnt_epi8(_mm512_and_si512(mbyte, below));
   const __m512i ctl = _mm512_add_epi8(in_byte, _mm512_permutexvar_epi8(byte_of, _mm512_castsi128_si512(before)));
   const __m512i vals = CHECK ? _mm512_maskz_loadu_epi8(_bzhi_u64(~0ull, static_cast<unsigned>(_mm_popcnt_u64(m))), src)
                              : _mm512_loadu_si512(src);
-  return _mm512_maskz_permutexvar_epi8(m, ctl, vals);
+  return _mm512_maskz_permutexvar_epi8(_mm512_test_epi8_mask(mbyte, bit), ctl, vals);
 }
 
 template <int NR, int NB, bool CHECK>
@@ -566,6 +570,7 @@ HP_AVX512 __attribute__((always_inline)) inline void unstructured_row64(const fl
     const uint8_t* mr, const int8_t* vals, const int64_t* rowptr, int64_t r, float* yr, int64_t N) {
   const int64_t mb = Kp / 8;
   const __m512i byte_of = _mm512_load_si512(kExpand64.byte_of), below = _mm512_load_si512(kExpand64.below);
+  const __m512i bit = _mm512_load_si512(kExpand64.bit);
   __m512 acc[NR][NB];
   const int8_t* v[NR];
   for (int q = 0; q < NR; q++) {
@@ -578,10 +583,13 @@ HP_AVX512 __attribute__((always_inline)) inline void unstructured_row64(const fl
       uint64_t m;
       std::memcpy(&m, mr + (r + q) * mb + c, 8);
       if (q == NR - 1) HP_PREFETCH(v[q]);
-      const __m512i w = expand64<CHECK>(m, v[q], byte_of, below);
+      const __m512i w = expand64<CHECK>(m, v[q], byte_of, below, bit);
       v[q] += _mm_popcnt_u64(m);
+      const __m512i wq[4] = {_mm512_srai_epi32(_mm512_slli_epi32(w, 24), 24),  // columns 0-15, sign-extended
+                             _mm512_srai_epi32(_mm512_slli_epi32(w, 16), 24), _mm512_srai_epi32(_mm512_slli_epi32(w, 8), 24),
+                             _mm512_srai_epi32(w, 24)};
       for (int s = 0; s < 4; s++) {
-        const __m512 ws = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(w, s)));
+        const __m512 ws = _mm512_cvtepi32_ps(wq[s]);
         for (int i = 0; i < NB; i++)
           acc[q][i] = _mm512_fmadd_ps(ws, _mm512_loadu_ps(xr + i * Kp + c * 8 + s * 16), acc[q][i]);
       }
