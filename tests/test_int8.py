@@ -268,6 +268,24 @@ def test_int8x2_activations_come_within_fp32_rounding_of_the_dequantized_product
 
 
 @pytest.mark.kernels
+def test_int8_activations_without_vnni_warn_and_name_the_fix(int8_folders, monkeypatch, caplog):
+    """Without the VNNI kernels (forced here: HYBRIDPRUNE_KERNELS=portable) int8 activations still compute, with
+    the portable integer sums, and a warning says so and names --activations float; where the VNNI path runs
+    there is no warning."""
+    _, q = int8_folders
+    model, _ = load_model(str(q), kernels=True)
+    monkeypatch.setenv("HYBRIDPRUNE_KERNELS", "portable")
+    with caplog.at_level("WARNING", logger="hybridprune.sparse.kernels"):
+        assert kernels.int8_activations_(model, "int8") > 0
+    assert not kernels.vnni() and "--activations float" in caplog.text and "VNNI" in caplog.text
+    caplog.clear()
+    monkeypatch.setenv("HYBRIDPRUNE_KERNELS", "auto")
+    with caplog.at_level("WARNING", logger="hybridprune.sparse.kernels"):
+        kernels.int8_activations_(model, "int8x2")
+    assert ("VNNI" in caplog.text) == (not kernels.extension().has_vnni())
+
+
+@pytest.mark.kernels
 def test_int8_activations_through_the_api_and_their_refusals(int8_folders, default_tokenizer, tmp_path, capsys,
                                                              monkeypatch):
     """use_kernels(values="int8", activations="int8"): every unstructured matrix and the int8 head round their
