@@ -77,6 +77,67 @@ def test_int8_kernels_equal_the_dequantized_matrix(pattern):
             assert all(torch.equal(sparse[0], y) for y in sparse[1:]), (N, K, B)
 
 
+GUARDED = """
+import ctypes, mmap, sys
+import torch
+from hybridprune.sparse import kernels, packing
+from test_packed import pruned
+
+libc = ctypes.CDLL(None)
+libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+pages = []
+
+
+def at_page_end(t):
+    \"\"\"A copy of t whose last byte is the last before a page that may not be read.\"\"\"
+    n = t.numel() * t.element_size()
+    size = (-(-n // mmap.PAGESIZE) + 1) * mmap.PAGESIZE
+    buf = mmap.mmap(-1, size)
+    base = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    assert libc.mprotect(base + size - mmap.PAGESIZE, mmap.PAGESIZE, 0) == 0
+    pages.append(buf)
+    raw = (ctypes.c_uint8 * n).from_address(base + size - mmap.PAGESIZE - n)
+    out = torch.frombuffer(raw, dtype=torch.uint8).view(t.dtype)
+    out.copy_(t.reshape(-1))
+    return out
+
+
+ext = kernels.extension()
+paths = [1] + [2] * ext.has_avx2() + [3] * ext.has_avx512()
+for N, K in [(64, 512), (37, 200), (9, 64), (40, 24), (33, 40), (17, 16)]:  # short rows: many end near the end
+    W, layout, tiers = pruned("unstructured", N, K, seed=N)
+    packed = packing.pack_matrix(W, layout, "w", tiers)
+    for values in ("float", "int8"):
+        lay, t = packing.quantize(packed, layout) if values == "int8" else (layout, packed)
+        m = kernels.PackedLinear(lay, t)
+        b = m._buffers
+        guarded = at_page_end(b["values"])
+        for B in (1, 3):
+            x = m._padded(torch.randn(B, K))
+            for p in paths:
+                want = ext.unstructured_mm(x, b["mask"], b["values"], b["rowptr"], p)
+                assert torch.equal(ext.unstructured_mm(x, b["mask"], guarded, b["rowptr"], p), want), (N, K, p)
+print("read nothing past the values")
+"""
+
+
+@pytest.mark.kernels
+def test_unstructured_kernels_never_read_past_the_values(tmp_path):
+    """The unstructured kernels read whole vectors of values where a row's values end far enough from the
+    matrix's end, and only what is there near it: with the values ending just before a page that may not be read
+    (mprotect), every path at batch 1 and 3, float and int8 values, gives the same sums and does not crash (run in
+    a child process, so that a stray read fails this test rather than the suite)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = tmp_path / "guarded.py"
+    script.write_text(GUARDED)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0 and "read nothing past the values" in done.stdout, (done.returncode, done.stderr[-2000:])
+
+
 def test_int8_bytes_follow_the_format():
     """Per 16x16 block: dense 256 B, 2:4 128 + 32 B, top-k 15 + 15 B, a tier byte; plus 4 B of scale per row."""
     W, layout, tiers = pruned("three-tier", 64, 64, random_tiers=False)

@@ -369,7 +369,7 @@ HP_AVX2 void unstructured_pass_avx2(const ExpandTable& T, const float* xr, int64
   for (int64_t r = n0; r < n1; r++) {
     const W* v = vals + rowptr[r];
     if constexpr (std::is_same_v<W, int8_t>) {
-      if (vals + rowptr[r + 1] + 24 <= vend) {  // the second shuffle's 16 bytes start up to 8 past the row's end
+      if (vals + rowptr[r + 1] + 16 <= vend) {  // each 16-byte read starts at or before the row's end
         unstructured_row16_avx2<NB>(xr, Kp, mask + r * mb, v, yr + r, N);
         continue;
       }
