@@ -391,12 +391,34 @@ HP_AVX2 void nm24_row_avx2(const float* x, int64_t K, const W* vr, const uint8_t
   const __m256i three = _mm256_set1_epi32(3);
   __m256 acc[2][NB];  // even and odd groups of 8 values (the portable code's two halves)
   for (int i = 0; i < NB; i++) acc[0][i] = acc[1][i] = _mm256_setzero_ps();
-  for (int64_t j0 = 0; j0 < nv; j0 += 8) {
+  // 16 values a step, the even group of 8 into acc[0] and the odd into acc[1] by name: indexed by (j0 / 8) % 2,
+  // the accumulators lived on the stack, and the step ran at half speed (AVX2, AMD EPYC Zen 4: 2.2x int8, 1.1-2.6x
+  // fp32 values, the same sums)
+  const __m256i shifts_hi = _mm256_setr_epi32(16, 18, 20, 22, 24, 26, 28, 30);
+  int64_t j0 = 0;
+  for (; j0 + 16 <= nv; j0 += 16) {
+    uint32_t p32;
+    std::memcpy(&p32, pr + j0 / 4, 4);
+    const __m256i pw = _mm256_set1_epi32(static_cast<int>(p32));
+    const __m256i idx0 = _mm256_add_epi32(base, _mm256_and_si256(_mm256_srlv_epi32(pw, shifts), three));
+    const __m256i idx1 = _mm256_add_epi32(base, _mm256_and_si256(_mm256_srlv_epi32(pw, shifts_hi), three));
+    const __m256 w0 = load8(vr + j0), w1 = load8(vr + j0 + 8);
+    for (int i = 0; i < NB; i++) {
+      const float* xc = x + i * K + j0 * 2;
+      const __m256 x0 = _mm256_blend_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(xc), idx0),
+                                        _mm256_permutevar8x32_ps(_mm256_loadu_ps(xc + 8), idx0), 0xF0);
+      const __m256 x1 = _mm256_blend_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(xc + 16), idx1),
+                                        _mm256_permutevar8x32_ps(_mm256_loadu_ps(xc + 24), idx1), 0xF0);
+      acc[0][i] = _mm256_fmadd_ps(w0, x0, acc[0][i]);
+      acc[1][i] = _mm256_fmadd_ps(w1, x1, acc[1][i]);
+    }
+  }
+  if (j0 < nv) {  // a last 8 values (K an odd multiple of 16): an even group
     uint16_t p16;
     std::memcpy(&p16, pr + j0 / 4, 2);
     const __m256i idx = _mm256_add_epi32(base, _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(p16), shifts), three));
     const __m256 w = load8(vr + j0);
-    __m256* a = acc[(j0 / 8) % 2];
+    __m256* a = acc[0];
     for (int i = 0; i < NB; i++) {
       const float* xc = x + i * K + j0 * 2;
       const __m256 xg = _mm256_blend_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(xc), idx),
