@@ -311,8 +311,8 @@ HP_AVX2 __attribute__((always_inline)) inline void unstructured_row_avx2(const E
 }
 
 // int8 values, 16 columns a step: two byte shuffles put the next kept values of two mask bytes in their columns
-// (each shuffle reads from where its byte's values start, its control one 16-byte table row), then the 8 + 8 bytes
-// are widened to fp32. The same sums as the 8-column step: mask byte 2k into `even`, 2k + 1 into `odd`.
+// (each shuffle reads from where its byte's values start, its control one 16-byte table row; AVX-512's 16-column
+// step uses the lo rows too), then the 8 + 8 bytes are widened to fp32. The same sums as the 8-column step: mask byte 2k into `even`, 2k + 1 into `odd`.
 struct ShuffleRows {
   alignas(64) uint8_t lo[256][16], hi[256][16];  // byte m's indices in bytes 0-7 (lo) or 8-15 (hi), else 0x80 (zero)
   ShuffleRows() {
@@ -544,22 +544,14 @@ HP_AVX512 inline __m512 load8z(const uint16_t* p) {
 // only those values, so it never passes the end of the matrix).
 HP_AVX512 inline __m512 expand16(__mmask16 m, const float* src) { return _mm512_maskz_expandloadu_ps(m, src); }
 // int8: a masked load of exactly popcount(m) bytes (never past the values' end), then a byte shuffle whose control
-// comes from a 2 KB table, 8 bytes per mask byte (the second byte's indices moved up by the first's count). The
-// memory form of vpexpandb made the kernel 1.5x slower than with fp32 values on an AMD EPYC (Zen 4), its register
-// form 1.1x.
-struct ShuffleTable {
-  alignas(64) uint8_t idx[256][8];
-  ShuffleTable() {
-    for (int m = 0; m < 256; m++)
-      for (int i = 0, c = 0; i < 8; i++) idx[m][i] = (m >> i) & 1 ? static_cast<uint8_t>(c++) : 0x80;
-  }
-};
-const ShuffleTable kShuffle;
+// is the first 8 bytes of each mask byte's kRows.lo row (the AVX2 step's table; the second byte's indices moved up
+// by the first's count). The memory form of vpexpandb made the kernel 1.5x slower than with fp32 values on an AMD
+// EPYC (Zen 4), its register form 1.1x.
 HP_AVX512 inline __m512 expand16(__mmask16 m, const int8_t* src) {
   const int lo = m & 0xFF, hi = m >> 8;
   const __m128i ctl = _mm_unpacklo_epi64(
-      _mm_loadl_epi64(reinterpret_cast<const __m128i*>(kShuffle.idx[lo])),
-      _mm_add_epi8(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(kShuffle.idx[hi])), _mm_set1_epi8(static_cast<char>(_mm_popcnt_u32(lo)))));
+      _mm_loadl_epi64(reinterpret_cast<const __m128i*>(kRows.lo[lo])),
+      _mm_add_epi8(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(kRows.lo[hi])), _mm_set1_epi8(static_cast<char>(_mm_popcnt_u32(lo)))));
   const __m128i packed = _mm_maskz_loadu_epi8(static_cast<__mmask16>((1u << _mm_popcnt_u32(m)) - 1), src);
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_shuffle_epi8(packed, ctl)));
 }
