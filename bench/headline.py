@@ -9,6 +9,7 @@ writes JSON with --json.
 """
 import argparse
 import json
+import os
 import platform
 import subprocess
 import time
@@ -21,6 +22,11 @@ import hybridprune as hp
 ROWS = [("magnitude", "unstructured"), ("wanda", "unstructured"), ("sparsegpt", "unstructured"),
         ("magnitude", "2:4"), ("wanda", "2:4"), ("sparsegpt", "2:4"),
         ("magnitude", "three-tier"), ("wanda", "three-tier"), ("sparsegpt", "three-tier")]
+
+
+# Environment variables that hold a side to a narrower instruction set (bench/as_avx2.sh sets them all).
+ISA_LIMITS = ("HYBRIDPRUNE_KERNELS", "ATEN_CPU_CAPABILITY", "FBGEMM_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA",
+              "MKL_ENABLE_INSTRUCTIONS")
 
 
 def machine() -> dict:
@@ -38,8 +44,10 @@ def machine() -> dict:
                 caches[key.strip()] = value.strip()
     except OSError:
         pass
+    limits = {k: os.environ[k] for k in ISA_LIMITS if os.environ.get(k)}
     return {"cpu": model, "simd": simd, "threads": torch.get_num_threads(), "caches": caches,
-            "python": platform.python_version(), "torch": torch.__version__}
+            "python": platform.python_version(), "torch": torch.__version__,
+            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(), **({"isa_limits": limits} if limits else {})}
 
 
 def commit() -> str:
