@@ -646,7 +646,7 @@ HP_AVX512 __attribute__((always_inline)) inline void unstructured_row_avx512(con
 // as the 16-column step does, so the sums are bit for bit the same (but for the subnormal and overflow bounds
 // that kTop names). 50% kept, batch 1, 2 threads, AMD EPYC (Zen 4): 1.25-1.31x the 16-column step at 11008 x 4096
 // from DRAM, 1536 x 576 and 512 x 4096 in cache; the top-byte widening in place of sign-extending shifts,
-// 1.02-1.10x more (the kernels results page).
+// 1.04-1.09x more (the kernels results page).
 struct Expand64 {
   alignas(64) uint8_t byte_of[64], below[64], bit[64];  // byte j's column: its mask byte, the bits below it, its bit
   Expand64() {
