@@ -342,6 +342,19 @@ HP_AVX2 __attribute__((always_inline)) inline __m256 top8(int m, const int8_t* v
                                                 _mm256_load_si256(reinterpret_cast<const __m256i*>(kTop.row[m]))));
 }
 
+// Mask bytes lo and hi (16 columns from xc) into even and odd; returns where the next byte's values start.
+template <int NB>
+HP_AVX2 __attribute__((always_inline)) inline const int8_t* top16(int lo, int hi, const int8_t* v, const float* xc,
+                                                                 int64_t Kp, __m256* even, __m256* odd) {
+  const int8_t* v2 = v + _mm_popcnt_u32(lo);
+  const __m256 w0 = top8(lo, v), w1 = top8(hi, v2);
+  for (int i = 0; i < NB; i++) {
+    even[i] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xc + i * Kp), even[i]);
+    odd[i] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xc + i * Kp + 8), odd[i]);
+  }
+  return v2 + _mm_popcnt_u32(hi);
+}
+
 template <int NB>
 HP_AVX2 void unstructured_row_int8_avx2(const float* xr, int64_t Kp, const uint8_t* mr, const int8_t* v, float* yr,
                                      int64_t N) {
@@ -354,27 +367,11 @@ HP_AVX2 void unstructured_row_int8_avx2(const float* xr, int64_t Kp, const uint8
     uint64_t mw;
     std::memcpy(&mw, mr + c, 8);
 #pragma GCC unroll 4
-    for (int q = 0; q < 8; q += 2) {
-      const int lo = static_cast<int>((mw >> (8 * q)) & 0xFF), hi = static_cast<int>((mw >> (8 * q + 8)) & 0xFF);
-      const int8_t* v2 = v + _mm_popcnt_u32(lo);
-      const __m256 w0 = top8(lo, v), w1 = top8(hi, v2);
-      v = v2 + _mm_popcnt_u32(hi);
-      for (int i = 0; i < NB; i++) {
-        even[i] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xr + i * Kp + (c + q) * 8), even[i]);
-        odd[i] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xr + i * Kp + (c + q) * 8 + 8), odd[i]);
-      }
-    }
+    for (int q = 0; q < 8; q += 2)
+      v = top16<NB>(static_cast<int>((mw >> (8 * q)) & 0xFF), static_cast<int>((mw >> (8 * q + 8)) & 0xFF), v,
+                    xr + (c + q) * 8, Kp, even, odd);
   }
-  for (; c + 2 <= mb; c += 2) {  // the last 16-48 columns
-    const int lo = mr[c], hi = mr[c + 1];
-    const int8_t* v2 = v + _mm_popcnt_u32(lo);
-    const __m256 w0 = top8(lo, v), w1 = top8(hi, v2);
-    v = v2 + _mm_popcnt_u32(hi);
-    for (int i = 0; i < NB; i++) {
-      even[i] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xr + i * Kp + c * 8), even[i]);
-      odd[i] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xr + i * Kp + c * 8 + 8), odd[i]);
-    }
-  }
+  for (; c + 2 <= mb; c += 2) v = top16<NB>(mr[c], mr[c + 1], v, xr + c * 8, Kp, even, odd);  // the last 16-48
   if (c < mb) {  // an odd last byte: into `even`, as the 8-column step
     const __m256 w0 = top8(mr[c], v);
     for (int i = 0; i < NB; i++) even[i] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xr + i * Kp + c * 8), even[i]);
