@@ -103,7 +103,7 @@ def kernel_rows(args) -> list:
         t_mv = timed(rotating([lambda b=b: F.linear(x1, b) for b in bufs]), args.reps)
     bandwidth = nbytes / min(t_sum, t_mv)
     del bw_buf, bufs
-    path = "AVX-512" if ext.has_avx512() else "AVX2" if ext.has_avx2() else "portable"
+    path = {3: "AVX-512", 2: "AVX2", 1: "portable"}[kernels._path(kernels.impl())]  # as HYBRIDPRUNE_KERNELS forces
     print(f"# {N}x{K} {args.dtype}, threads {torch.get_num_threads()}, kernel path {path}, read bandwidth "
           f"{bandwidth / 1e9:.1f} GB/s over {nbytes / 1e6:.0f} MB (sum {nbytes / t_sum / 1e9:.1f}, dense "
           f"matrix-vector {nbytes / t_mv / 1e9:.1f}); every timing cycles through {copies_for(nbytes)} copies of "

@@ -19,11 +19,11 @@ from kernels import copies_for, pruned_matrix, rotating, timed
 
 def gemm(ext, m, xp):
     if m.kind == "nm":
-        return ext.nm24_gemm(xp, m.values, m.positions)
+        return ext.nm24_gemm(xp, m.values, m.positions, 3)
     if m.kind == "tiered":
         return ext.tiered_gemm(xp, m.tiers, m.dense, m.nm_values, m.nm_positions, m.topk_values, m.topk_positions,
-                               m.offsets)
-    return ext.unstructured_gemm(xp, m.mask, m.values, m.rowptr)
+                               m.offsets, 3)
+    return ext.unstructured_gemm(xp, m.mask, m.values, m.rowptr, 3)
 
 
 def main():

@@ -186,7 +186,7 @@ class PackedLinear(nn.Module):
         route = route or self.route(rows, which)
         if route != routes.SPARSE:
             x2 = x.reshape(rows, self.in_features)
-            y = self.gemm(x2, which) if route == routes.GEMM else self.dense_matmul(x2)
+            y = self.gemm(x2, which) if route == routes.GEMM else self.dense_matmul(x2, which)
             return y.reshape(*x.shape[:-1], self.out_features)
         # decode: the Python around the kernel costs ~2 us (the default model's k_proj takes ~20 us): the kernels
         # take [..., in] as it comes, the buffers are read from the dict (nn.Module.__getattr__ costs ~0.5 us each)
@@ -296,23 +296,30 @@ class PackedLinear(nn.Module):
         return ext.tiered_gemm(xp, self.tiers, self.dense, self.nm_values, self.nm_positions, self.topk_values,
                                self.topk_positions, self.offsets, implementation)[:, :self.out_features]
 
-    def dense_matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """x @ W.T with W decoded STRIP rows at a time (a strip stays in cache; the whole matrix never exists)."""
+    def dense_matmul(self, x: torch.Tensor, implementation: int = 0) -> torch.Tensor:
+        """x @ W.T with W decoded STRIP rows at a time into one buffer (a strip stays in cache; the whole matrix
+        never exists), each strip multiplied by torch's matmul. Tiered strips are decoded transposed (each block's
+        columns whole), the others row-major; the decoding is exact on every path."""
         ext, N, xp = extension(), self.out_features, self._padded(x)
+        Kp = xp.shape[1]
         y = torch.empty(x.shape[0], N, dtype=torch.float32)
+        buf = torch.empty(min(STRIP, -(-N // 16) * 16) * Kp, dtype=torch.float32)
         if self.kind == "tiered":
             step = STRIP // 16
             for R0 in range(0, self.tiers.shape[0], step):
                 R1 = min(R0 + step, self.tiers.shape[0])
-                W = ext.tiered_decode(self.tiers, self.dense, self.nm_values, self.nm_positions, self.topk_values,
-                                      self.topk_positions, self.offsets, R0, R1)
+                WT = ext.tiered_decode_t(self.tiers, self.dense, self.nm_values, self.nm_positions, self.topk_values,
+                                         self.topk_positions, self.offsets, R0, R1,
+                                         buf[:Kp * (R1 - R0) * 16].view(Kp, (R1 - R0) * 16), implementation)
                 rows = min(R1 * 16, N) - R0 * 16
-                torch.mm(xp, W[:rows].t(), out=y[:, R0 * 16:R0 * 16 + rows])
+                torch.mm(xp, WT[:, :rows], out=y[:, R0 * 16:R0 * 16 + rows])
             return y
         for r0 in range(0, N, STRIP):
             r1 = min(r0 + STRIP, N)
-            W = ext.unstructured_decode(self.mask, self.values, self.rowptr, r0, r1) if self.kind == "unstructured" \
-                else ext.nm24_decode(self.values, self.positions, r0, r1)
+            out = buf[:(r1 - r0) * Kp].view(r1 - r0, Kp)
+            W = ext.unstructured_decode(self.mask, self.values, self.rowptr, r0, r1, out, implementation) \
+                if self.kind == "unstructured" else ext.nm24_decode(self.values, self.positions, r0, r1, out,
+                                                                    implementation)
             torch.mm(xp, W.t(), out=y[:, r0:r1])
         return y
 

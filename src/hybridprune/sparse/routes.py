@@ -2,10 +2,10 @@
 
 A packed matrix (kernels.PackedLinear) can compute x @ W.T three ways:
 
-    sparse kernel   reads the packed weights once for every 1-4 rows of x: the fastest when x has few rows and
-                    the weights come from DRAM (decoding)
-    packed GEMM     AVX-512 only: decodes 16 weight rows at a time into L2 and runs a register-tiled GEMM over x^T
-    dense strips    decodes 512 weight rows at a time into a dense strip and calls torch's matmul on it
+    sparse kernel   reads the packed weights once for every 1-8 rows of x (1-4 on AVX2): the fastest when x has
+                    few rows and the weights come from DRAM (decoding)
+    packed GEMM     AVX-512 or AVX2: decodes 16 weight rows at a time into L2 and runs a register-tiled GEMM over x^T
+    dense strips    decodes 512 weight rows at a time into one reused buffer and calls torch's matmul on it
 
 Where one overtakes another depends on the CPU, its threads, the kernel path, the layout and the shape: the fixed
 row counts of 0.2 were up to 25% slower than dense at 64-128 rows on an AVX2 EPYC and 6-16% slower from 256 rows

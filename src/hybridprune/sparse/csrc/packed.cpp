@@ -44,18 +44,24 @@ inline float reduce8(const float* a) {
   return s2[0] + s2[1];
 }
 
-constexpr int BC = 4;  // batch rows per pass over a weight row / block row (the weights stay in cache)
+constexpr int BC = 4;  // batch rows per pass over a weight row / block row (the weights stay in cache): AVX2, portable
+constexpr int BC_WIDE = 8;  // AVX-512 (32 registers): twice the rows a pass, so each weight is decoded half as often
 
-// The passes over a batch of B rows, BC at a time: f(nb, b0) for the pass starting at batch row b0, nb holding its
-// row count as a compile-time constant (nb.value), so that the kernel's accumulators live in registers.
-template <typename F>
+// The passes over a batch of B rows, up to MAX at a time: f(nb, b0) for the pass starting at batch row b0, nb
+// holding its row count as a compile-time constant (nb.value), so that the kernel's accumulators live in registers.
+template <int MAX = BC, typename F>
 __attribute__((always_inline)) inline void batch_passes(int64_t B, F&& f) {
-  for (int64_t b0 = 0; b0 < B; b0 += BC) {
-    switch (std::min<int64_t>(BC, B - b0)) {
+  static_assert(MAX == 4 || MAX == 8, "passes of 4 or 8 rows");
+  for (int64_t b0 = 0; b0 < B; b0 += MAX) {
+    switch (std::min<int64_t>(MAX, B - b0)) {
       case 1: f(std::integral_constant<int, 1>{}, b0); break;
       case 2: f(std::integral_constant<int, 2>{}, b0); break;
       case 3: f(std::integral_constant<int, 3>{}, b0); break;
-      default: f(std::integral_constant<int, BC>{}, b0); break;
+      case 4: f(std::integral_constant<int, 4>{}, b0); break;
+      case 5: if constexpr (MAX == 8) f(std::integral_constant<int, 5>{}, b0); break;
+      case 6: if constexpr (MAX == 8) f(std::integral_constant<int, 6>{}, b0); break;
+      case 7: if constexpr (MAX == 8) f(std::integral_constant<int, 7>{}, b0); break;
+      default: if constexpr (MAX == 8) f(std::integral_constant<int, 8>{}, b0); break;
     }
   }
 }
@@ -171,32 +177,45 @@ void nm24_rows(const W* vals, const uint8_t* pos, int64_t K, int64_t r0, int64_t
   }
 }
 
+// The blocks of a tiered matrix written k-major: column j of a block (its 16 rows) at o + j * ld, portable (the
+// AVX2 and AVX-512 writers below do the same in vectors).
 template <typename W>
-void tiered_rows(int64_t C, const int8_t* tiers, const W* dense, const W* nmv, const uint32_t* nmp, const W* tkv,
-                 const uint8_t* tkp, int64_t k, const int64_t* off, int64_t R0, int64_t R1, float* out) {
-  const int64_t Kp = C * 16;
+void dense_block_portable(const W* w, float* o, int64_t ld) {
+  for (int j = 0; j < 16; j++)
+    for (int i = 0; i < 16; i++) o[j * ld + i] = to_f(w[j * 16 + i]);
+}
+template <typename W>
+void nm_block_portable(const W* w, const uint32_t* p, float* o, int64_t ld) {
+  for (int j = 0; j < 16; j++) std::fill(o + j * ld, o + j * ld + 16, 0.0f);
+  for (int s = 0; s < 8; s++)
+    for (int i = 0; i < 16; i++) o[((s / 2) * 4 + ((p[s] >> (2 * i)) & 3)) * ld + i] = to_f(w[s * 16 + i]);
+}
+
+// Block rows [R0, R1) of a tiered matrix, transposed: out[k * ld + (R - Rb) * 16 + i] = W[R * 16 + i][k], so that
+// each block's columns are 16 consecutive floats (the writers above); top-k and empty blocks are zeros and their
+// kept weights.
+template <typename W>
+void tiered_cols(int64_t C, const int8_t* tiers, const W* dense, const W* nmv, const uint32_t* nmp, const W* tkv,
+                 const uint8_t* tkp, int64_t k, const int64_t* off, int64_t R0, int64_t R1, int64_t Rb, float* out,
+                 int64_t ld, void (*dense_block)(const W*, float*, int64_t),
+                 void (*nm_block)(const W*, const uint32_t*, float*, int64_t)) {
   for (int64_t R = R0; R < R1; R++) {
-    float* o = out + (R - R0) * 16 * Kp;
-    std::fill(o, o + 16 * Kp, 0.0f);
     int64_t d = off[R * 3], n = off[R * 3 + 1], t = off[R * 3 + 2];
     for (int64_t c = 0; c < C; c++) {
-      float* oc = o + c * 16;
+      float* o = out + c * 16 * ld + (R - Rb) * 16;
       const int tier = tiers[R * C + c];
       if (tier == 0) {
-        const W* w = dense + d++ * 256;
-        for (int j = 0; j < 16; j++)
-          for (int i = 0; i < 16; i++) oc[i * Kp + j] = to_f(w[j * 16 + i]);
+        dense_block(dense + d++ * 256, o, ld);
       } else if (tier == 1) {
-        const W* w = nmv + n * 128;
-        const uint32_t* p = nmp + n * 8;
+        nm_block(nmv + n * 128, nmp + n * 8, o, ld);
         n++;
-        for (int s = 0; s < 8; s++)
-          for (int i = 0; i < 16; i++) oc[i * Kp + (s / 2) * 4 + ((p[s] >> (2 * i)) & 3)] = to_f(w[s * 16 + i]);
-      } else if (tier == 2) {
+      } else {
+        for (int j = 0; j < 16; j++) std::fill(o + j * ld, o + j * ld + 16, 0.0f);
+        if (tier != 2) continue;
         const W* w = tkv + t * k;
         const uint8_t* p = tkp + t * k;
         t++;
-        for (int64_t e = 0; e < k; e++) oc[(p[e] >> 4) * Kp + (p[e] & 15)] = to_f(w[e]);
+        for (int64_t e = 0; e < k; e++) o[(p[e] & 15) * ld + (p[e] >> 4)] = to_f(w[e]);
       }
     }
   }
@@ -829,8 +848,10 @@ HP_AVX512 void tiered_row_avx512(const float* x, int64_t C, const int8_t* tr, co
 }
 
 
-// The drivers of both vector paths: a thread's rows (block rows), then passes of up to BC batch rows; WIDE picks
-// the AVX-512 functions, else the AVX2 ones.
+// The drivers of both vector paths: a thread's rows (block rows), then passes of up to BC_WIDE (AVX-512) or BC
+// (AVX2) batch rows; WIDE picks the AVX-512 functions, else the AVX2 ones. Passes of 8 rather than 4 on AVX-512,
+// old and new in one process (Intel Xeon, 2 threads, 11008 x 4096 fp32 from DRAM, the sparse kernel at 5-64 rows):
+// 1.01-1.24x, the most at 5-8 rows; with int8 values 0.94-1.5x, noisy (the kernels results page, 2026-12-08).
 template <bool WIDE, typename W>
 void unstructured_fast(const float* x, int64_t B, int64_t Kp, const uint8_t* mask, const W* vals, int64_t nvals,
                        const int64_t* rowptr, int64_t n0, int64_t n1, int64_t N, float* y) {
@@ -838,7 +859,7 @@ void unstructured_fast(const float* x, int64_t B, int64_t Kp, const uint8_t* mas
   W tail[16];
   for (int64_t r0 = n0; r0 < n1; r0 += 16) {  // rows in chunks that stay in cache over the batch passes
     const int64_t r1 = std::min<int64_t>(r0 + 16, n1);
-    batch_passes(B, [&](auto nb, int64_t b0) {
+    batch_passes<WIDE ? BC_WIDE : BC>(B, [&](auto nb, int64_t b0) {
       constexpr int NB = decltype(nb)::value;
       if constexpr (WIDE) unstructured_pass_avx512<NB>(x + b0 * Kp, Kp, mask, vals, nvals, rowptr, r0, r1, y + b0 * N, N);
       else unstructured_pass_avx2<NB>(T, x + b0 * Kp, Kp, mask, vals, vals + nvals, rowptr, r0, r1, tail, y + b0 * N, N);
@@ -851,7 +872,7 @@ void nm24_fast(const float* x, int64_t B, int64_t K, const W* vals, const uint8_
                int64_t N, float* y) {
   const int64_t nv = K / 2;
   for (int64_t r = n0; r < n1; r++) {
-    batch_passes(B, [&](auto nb, int64_t b0) {
+    batch_passes<WIDE ? BC_WIDE : BC>(B, [&](auto nb, int64_t b0) {
       constexpr int NB = decltype(nb)::value;
       if constexpr (WIDE) nm24_row_avx512<NB>(x + b0 * K, K, vals + r * nv, pos + r * (nv / 4), y + b0 * N + r, N);
       else nm24_row_avx2<NB>(x + b0 * K, K, vals + r * nv, pos + r * (nv / 4), y + b0 * N + r, N);
@@ -866,7 +887,7 @@ void tiered_fast(const float* x, int64_t B, int64_t C, const int8_t* tiers, cons
   const int64_t Kp = C * 16;
   for (int64_t R = r0; R < r1; R++) {
     const int64_t d = off[R * 3], n = off[R * 3 + 1], t = off[R * 3 + 2];
-    batch_passes(B, [&](auto nb, int64_t b0) {
+    batch_passes<WIDE ? BC_WIDE : BC>(B, [&](auto nb, int64_t b0) {
       constexpr int NB = decltype(nb)::value;
       const float* xb = x + b0 * Kp;
       float* yr = y + b0 * Np + R * 16;
@@ -878,7 +899,7 @@ void tiered_fast(const float* x, int64_t B, int64_t C, const int8_t* tiers, cons
 
 // ----------------------------------------------------------------------------- AVX-512 GEMM for large batches
 //
-// From a few dozen batch rows on (prefill), re-reading the packed weights for every 4 batch rows costs more than
+// From a few dozen batch rows on (prefill), re-reading the packed weights for every 4-8 batch rows costs more than
 // decoding them once. So each thread decodes 16 weight rows at a time (one block row for tiered) into a buffer
 // that stays in L2, and multiplies it against x^T, packed once per call in tiles of 48 batch rows:
 // c[i][m] += W(i, k) * xT[k][m], 8 weight rows x 48 batch rows in 24 registers, W(i, k) broadcast from the buffer.
@@ -911,62 +932,66 @@ HP_AVX512 void gemm_tile(const float* w, int64_t rs, const float* xt, int64_t kc
     for (int j = 0; j < NM; j++) _mm512_storeu_ps(c + i * ldc + j * 16, acc[i][j]);
 }
 
+// One row of a bitmask-packed matrix (mask bytes mr, its values from v), dense into o[0 .. mb * 8).
+template <typename W>
+HP_AVX512 void unstructured_row_dec_avx512(const uint8_t* mr, const W* v, int64_t mb, float* o) {
+  int64_t c = 0;
+  for (; c + 2 <= mb; c += 2) {
+    uint16_t m;
+    std::memcpy(&m, mr + c, 2);
+    _mm512_storeu_ps(o + c * 8, expand16(m, v));
+    v += _mm_popcnt_u32(m);
+  }
+  if (c < mb) _mm512_mask_storeu_ps(o + c * 8, 0xFF, expand16(mr[c], v));
+}
+
 // Row-major decoders: rows r .. r+rows of the matrix into out[GR][Kp], rows past `rows` zero.
 template <typename W>
 HP_AVX512 void unstructured_rows_avx512(const uint8_t* mask, const W* vals, const int64_t* rowptr, int64_t Kp,
                                         int64_t r, int64_t rows, float* out) {
   const int64_t mb = Kp / 8;
-  for (int64_t q = 0; q < rows; q++) {
-    const W* v = vals + rowptr[r + q];
-    const uint8_t* mr = mask + (r + q) * mb;
-    float* o = out + q * gemm_ld(Kp);
-    int64_t c = 0;
-    for (; c + 2 <= mb; c += 2) {
-      uint16_t m;
-      std::memcpy(&m, mr + c, 2);
-      _mm512_storeu_ps(o + c * 8, expand16(m, v));
-      v += _mm_popcnt_u32(m);
-    }
-    if (c < mb) _mm512_mask_storeu_ps(o + c * 8, 0xFF, expand16(mr[c], v));
-  }
+  for (int64_t q = 0; q < rows; q++)
+    unstructured_row_dec_avx512(mask + (r + q) * mb, vals + rowptr[r + q], mb, out + q * gemm_ld(Kp));
   for (int64_t q = rows; q < GR; q++) std::memset(out + q * gemm_ld(Kp), 0, Kp * sizeof(float));
 }
 
+// One row of a 2:4-packed matrix (nv values from v, their positions from p), dense into o[0 .. 2 * nv).
 template <typename W>
-HP_AVX512 void nm24_rows_avx512(const W* vals, const uint8_t* pos, int64_t K, int64_t r, int64_t rows, float* out) {
-  const int64_t nv = K / 2;
+HP_AVX512 void nm24_row_dec_avx512(const W* v, const uint8_t* p, int64_t nv, float* o) {
   // lane l is column 4g + c of a 16-column step (g = l / 4): the step's values 2g and 2g+1 and their positions
   const __m512i ev = _mm512_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2, 4, 4, 4, 4, 6, 6, 6, 6);
   const __m512i od = _mm512_add_epi32(ev, _mm512_set1_epi32(1));
   const __m512i col = _mm512_setr_epi32(0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3);
   const __m512i three = _mm512_set1_epi32(3);
-  for (int64_t q = 0; q < rows; q++) {
-    const W* v = vals + (r + q) * nv;
-    const uint8_t* p = pos + (r + q) * (nv / 4);
-    float* o = out + q * gemm_ld(K);
-    for (int64_t j0 = 0; j0 < nv; j0 += 8) {  // 8 values, 16 columns
-      uint16_t p16;
-      std::memcpy(&p16, p + j0 / 4, 2);
-      const __m512 w = load8z(v + j0);
-      const __m512i pw = _mm512_set1_epi32(p16);
-      const __m512i pe = _mm512_and_si512(_mm512_srlv_epi32(pw, _mm512_add_epi32(ev, ev)), three);
-      const __m512i po = _mm512_and_si512(_mm512_srlv_epi32(pw, _mm512_add_epi32(od, od)), three);
-      __m512 d = _mm512_maskz_mov_ps(_mm512_cmpeq_epi32_mask(pe, col), _mm512_permutexvar_ps(ev, w));
-      d = _mm512_mask_mov_ps(d, _mm512_cmpeq_epi32_mask(po, col), _mm512_permutexvar_ps(od, w));
-      _mm512_storeu_ps(o + j0 * 2, d);
-    }
+  for (int64_t j0 = 0; j0 < nv; j0 += 8) {  // 8 values, 16 columns
+    uint16_t p16;
+    std::memcpy(&p16, p + j0 / 4, 2);
+    const __m512 w = load8z(v + j0);
+    const __m512i pw = _mm512_set1_epi32(p16);
+    const __m512i pe = _mm512_and_si512(_mm512_srlv_epi32(pw, _mm512_add_epi32(ev, ev)), three);
+    const __m512i po = _mm512_and_si512(_mm512_srlv_epi32(pw, _mm512_add_epi32(od, od)), three);
+    __m512 d = _mm512_maskz_mov_ps(_mm512_cmpeq_epi32_mask(pe, col), _mm512_permutexvar_ps(ev, w));
+    d = _mm512_mask_mov_ps(d, _mm512_cmpeq_epi32_mask(po, col), _mm512_permutexvar_ps(od, w));
+    _mm512_storeu_ps(o + j0 * 2, d);
   }
+}
+
+template <typename W>
+HP_AVX512 void nm24_rows_avx512(const W* vals, const uint8_t* pos, int64_t K, int64_t r, int64_t rows, float* out) {
+  const int64_t nv = K / 2;
+  for (int64_t q = 0; q < rows; q++) nm24_row_dec_avx512(vals + (r + q) * nv, pos + (r + q) * (nv / 4), nv, out + q * gemm_ld(K));
   for (int64_t q = rows; q < GR; q++) std::memset(out + q * gemm_ld(K), 0, K * sizeof(float));
 }
 
 // The tiered GEMM skips what a block row's top-k and empty blocks would cost in the dense tile (its panel:
-// tiered_panel, below). A dense block and a 2:4 block written k-major into the panel, AVX-512:
+// tiered_panel, below). A dense block and a 2:4 block written k-major, column j's 16 rows at o + j * ld (the panel:
+// ld 16; a transposed strip for the dense-strips route: ld its width), AVX-512:
 template <typename W>
-HP_AVX512 void dense_block_avx512(const W* w, float* o) {
-  for (int j = 0; j < 16; j++) _mm512_storeu_ps(o + j * 16, load16(w + j * 16));
+HP_AVX512 void dense_block_avx512(const W* w, float* o, int64_t ld) {
+  for (int j = 0; j < 16; j++) _mm512_storeu_ps(o + j * ld, load16(w + j * 16));
 }
 template <typename W>
-HP_AVX512 void nm_block_avx512(const W* w, const uint32_t* p, float* o) {
+HP_AVX512 void nm_block_avx512(const W* w, const uint32_t* p, float* o, int64_t ld) {
   const __m512i shifts = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
   const __m512i three = _mm512_set1_epi32(3);
   for (int g = 0; g < 4; g++) {  // value columns 2g and 2g+1 fill columns 4g .. 4g+3
@@ -977,7 +1002,7 @@ HP_AVX512 void nm_block_avx512(const W* w, const uint32_t* p, float* o) {
       const __m512i cv = _mm512_set1_epi32(cc);
       __m512 col = _mm512_maskz_mov_ps(_mm512_cmpeq_epi32_mask(pe, cv), we);
       col = _mm512_mask_mov_ps(col, _mm512_cmpeq_epi32_mask(po, cv), wo);
-      _mm512_storeu_ps(o + (4 * g + cc) * 16, col);
+      _mm512_storeu_ps(o + (4 * g + cc) * ld, col);
     }
   }
 }
@@ -1080,43 +1105,47 @@ HP_AVX2 void unstructured_buf_avx2(const uint8_t* mask, const W* vals, int64_t n
   for (int64_t q = rows; q < GR; q++) std::memset(out + q * gemm_ld(Kp), 0, Kp * sizeof(float));
 }
 
+// One row of a 2:4-packed matrix, dense into o[0 .. 2 * nv), AVX2 (as nm24_row_dec_avx512).
 template <typename W>
-HP_AVX2 void nm24_buf_avx2(const W* vals, const uint8_t* pos, int64_t K, int64_t r, int64_t rows, float* out) {
-  const int64_t nv = K / 2;
+HP_AVX2 void nm24_row_dec_avx2(const W* v, const uint8_t* p, int64_t nv, float* o) {
   // 8 values fill 16 columns; lane l of a half is column 4g + (l % 4) of group g: values 2g and 2g+1
   const __m256i ev[2] = {_mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2), _mm256_setr_epi32(4, 4, 4, 4, 6, 6, 6, 6)};
   const __m256i one = _mm256_set1_epi32(1), three = _mm256_set1_epi32(3);
   const __m256i col = _mm256_setr_epi32(0, 1, 2, 3, 0, 1, 2, 3);
-  for (int64_t q = 0; q < rows; q++) {
-    const W* v = vals + (r + q) * nv;
-    const uint8_t* p = pos + (r + q) * (nv / 4);
-    float* o = out + q * gemm_ld(K);
-    for (int64_t j0 = 0; j0 < nv; j0 += 8) {
-      uint16_t p16;
-      std::memcpy(&p16, p + j0 / 4, 2);
-      const __m256 w = load8(v + j0);
-      const __m256i pw = _mm256_set1_epi32(p16);
-      for (int h = 0; h < 2; h++) {
-        const __m256i od = _mm256_add_epi32(ev[h], one);
-        const __m256i pe = _mm256_and_si256(_mm256_srlv_epi32(pw, _mm256_add_epi32(ev[h], ev[h])), three);
-        const __m256i po = _mm256_and_si256(_mm256_srlv_epi32(pw, _mm256_add_epi32(od, od)), three);
-        __m256 d = _mm256_blendv_ps(_mm256_setzero_ps(), _mm256_permutevar8x32_ps(w, ev[h]),
-                                    _mm256_castsi256_ps(_mm256_cmpeq_epi32(pe, col)));
-        d = _mm256_blendv_ps(d, _mm256_permutevar8x32_ps(w, od), _mm256_castsi256_ps(_mm256_cmpeq_epi32(po, col)));
-        _mm256_storeu_ps(o + j0 * 2 + h * 8, d);
-      }
+  for (int64_t j0 = 0; j0 < nv; j0 += 8) {
+    uint16_t p16;
+    std::memcpy(&p16, p + j0 / 4, 2);
+    const __m256 w = load8(v + j0);
+    const __m256i pw = _mm256_set1_epi32(p16);
+    for (int h = 0; h < 2; h++) {
+      const __m256i od = _mm256_add_epi32(ev[h], one);
+      const __m256i pe = _mm256_and_si256(_mm256_srlv_epi32(pw, _mm256_add_epi32(ev[h], ev[h])), three);
+      const __m256i po = _mm256_and_si256(_mm256_srlv_epi32(pw, _mm256_add_epi32(od, od)), three);
+      __m256 d = _mm256_blendv_ps(_mm256_setzero_ps(), _mm256_permutevar8x32_ps(w, ev[h]),
+                                  _mm256_castsi256_ps(_mm256_cmpeq_epi32(pe, col)));
+      d = _mm256_blendv_ps(d, _mm256_permutevar8x32_ps(w, od), _mm256_castsi256_ps(_mm256_cmpeq_epi32(po, col)));
+      _mm256_storeu_ps(o + j0 * 2 + h * 8, d);
     }
   }
+}
+
+template <typename W>
+HP_AVX2 void nm24_buf_avx2(const W* vals, const uint8_t* pos, int64_t K, int64_t r, int64_t rows, float* out) {
+  const int64_t nv = K / 2;
+  for (int64_t q = 0; q < rows; q++) nm24_row_dec_avx2(vals + (r + q) * nv, pos + (r + q) * (nv / 4), nv, out + q * gemm_ld(K));
   for (int64_t q = rows; q < GR; q++) std::memset(out + q * gemm_ld(K), 0, K * sizeof(float));
 }
 
 // The AVX2 block writers of the tiered GEMM's panel (as dense_block_avx512, nm_block_avx512).
 template <typename W>
-HP_AVX2 void dense_block_avx2(const W* w, float* o) {
-  for (int j = 0; j < 32; j++) _mm256_storeu_ps(o + j * 8, load8(w + j * 8));
+HP_AVX2 void dense_block_avx2(const W* w, float* o, int64_t ld) {
+  for (int j = 0; j < 16; j++) {
+    _mm256_storeu_ps(o + j * ld, load8(w + j * 16));
+    _mm256_storeu_ps(o + j * ld + 8, load8(w + j * 16 + 8));
+  }
 }
 template <typename W>
-HP_AVX2 void nm_block_avx2(const W* w, const uint32_t* p, float* o) {
+HP_AVX2 void nm_block_avx2(const W* w, const uint32_t* p, float* o, int64_t ld) {
   const __m256i shifts[2] = {_mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14),
                              _mm256_setr_epi32(16, 18, 20, 22, 24, 26, 28, 30)};
   const __m256i three = _mm256_set1_epi32(3);
@@ -1129,7 +1158,7 @@ HP_AVX2 void nm_block_avx2(const W* w, const uint32_t* p, float* o) {
         const __m256i cv = _mm256_set1_epi32(cc);
         __m256 v = _mm256_blendv_ps(_mm256_setzero_ps(), we, _mm256_castsi256_ps(_mm256_cmpeq_epi32(pe, cv)));
         v = _mm256_blendv_ps(v, wo, _mm256_castsi256_ps(_mm256_cmpeq_epi32(po, cv)));
-        _mm256_storeu_ps(o + (4 * g + cc) * 16 + h * 8, v);
+        _mm256_storeu_ps(o + (4 * g + cc) * ld + h * 8, v);
       }
     }
   }
@@ -1142,8 +1171,8 @@ HP_AVX2 void nm_block_avx2(const W* w, const uint32_t* p, float* o) {
 template <typename W>
 void tiered_panel(int64_t C, const int8_t* tr, const W* dense, const W* nmv, const uint32_t* nmp, const W* tkv,
                   const uint8_t* tkp, int64_t k, int64_t d, int64_t n, int64_t t, float* out, int32_t* cols,
-                  int64_t& nb, float* tkw, int32_t* tkx, int64_t& nt, void (*dense_block)(const W*, float*),
-                  void (*nm_block)(const W*, const uint32_t*, float*)) {
+                  int64_t& nb, float* tkw, int32_t* tkx, int64_t& nt, void (*dense_block)(const W*, float*, int64_t),
+                  void (*nm_block)(const W*, const uint32_t*, float*, int64_t)) {
   nb = nt = 0;
   for (int64_t c = 0; c < C; c++) {
     const int tier = tr[c];
@@ -1159,8 +1188,8 @@ void tiered_panel(int64_t C, const int8_t* tr, const W* dense, const W* nmv, con
     }
     if (tier != 0 && tier != 1) continue;  // an empty block
     cols[nb] = static_cast<int32_t>(c);
-    if (tier == 0) dense_block(dense + d++ * 256, out + nb * 256);
-    else nm_block(nmv + n * 128, nmp + n * 8, out + nb * 256), n++;
+    if (tier == 0) dense_block(dense + d++ * 256, out + nb * 256, 16);
+    else nm_block(nmv + n * 128, nmp + n * 8, out + nb * 256, 16), n++;
     nb++;
   }
 }
@@ -1504,23 +1533,37 @@ torch::Tensor tiered_mm(torch::Tensor xin, torch::Tensor tiers, torch::Tensor de
   return like_input(xin, y);
 }
 
-// Rows [r0, r1) of the matrix as dense fp32 (for large batches, where a dense matmul of the rows is faster).
+// The dense-strips route (large batches, where torch's matmul of the decoded rows can beat the packed GEMM): a
+// range of rows decoded into `out`, a contiguous fp32 buffer that the caller reuses from strip to strip (a fresh
+// 8 MB tensor a strip cost more in page faults than the decoding), with the vectors of path `impl` (decoding is
+// exact, so every path gives the same floats).
+void check_out(const torch::Tensor& out, int64_t rows, int64_t cols) {
+  TORCH_CHECK(out.dim() == 2 && out.size(0) == rows && out.size(1) == cols && out.scalar_type() == torch::kFloat32 &&
+                  out.is_contiguous() && out.device().is_cpu(),
+              "out must be a contiguous float32 CPU tensor of shape [", rows, ", ", cols, "]");
+}
+
+// Rows [r0, r1) of a bitmask-packed matrix into out [r1 - r0, Kp], row-major.
 torch::Tensor unstructured_decode(torch::Tensor mask, torch::Tensor values, torch::Tensor rowptr, int64_t r0,
-                                  int64_t r1) {
+                                  int64_t r1, torch::Tensor out, int64_t impl) {
   const int64_t Kp = mask.size(1) * 8;
   TORCH_CHECK(0 <= r0 && r0 <= r1 && r1 <= mask.size(0), "row range out of bounds");
+  check_out(out, r1 - r0, Kp);
+  const Path path = pick(impl);
   const VT vt = value_type(values);
-  auto out = torch::empty({r1 - r0, Kp}, torch::kFloat32);
   const uint8_t* mp = mask.data_ptr<uint8_t>();
   const int64_t* rp = rowptr.data_ptr<int64_t>();
   float* o = out.data_ptr<float>();
-  const bool fast = pick(0) != PORTABLE;
   const int64_t nv = values.numel();
   at::parallel_for(r0, r1, grain(Kp), [&](int64_t a, int64_t b) {
     by_type(vt, [&](auto tag) {
       using W = typename decltype(tag)::type;
 #ifdef HP_X86
-      if (fast) return unstructured_rows_avx2(mp, ptr<W>(values), nv, rp, Kp, a, b, o + (a - r0) * Kp);
+      if (path == AVX512) {
+        for (int64_t r = a; r < b; r++) unstructured_row_dec_avx512(mp + r * (Kp / 8), ptr<W>(values) + rp[r], Kp / 8, o + (r - r0) * Kp);
+        return;
+      }
+      if (path == AVX2) return unstructured_rows_avx2(mp, ptr<W>(values), nv, rp, Kp, a, b, o + (a - r0) * Kp);
 #endif
       unstructured_rows(mp, ptr<W>(values), rp, Kp, a, b, o + (a - r0) * Kp);
     });
@@ -1528,27 +1571,47 @@ torch::Tensor unstructured_decode(torch::Tensor mask, torch::Tensor values, torc
   return out;
 }
 
-torch::Tensor nm24_decode(torch::Tensor values, torch::Tensor positions, int64_t r0, int64_t r1) {
-  const int64_t K = values.size(1) * 2;
+// Rows [r0, r1) of a 2:4-packed matrix into out [r1 - r0, K], row-major.
+torch::Tensor nm24_decode(torch::Tensor values, torch::Tensor positions, int64_t r0, int64_t r1, torch::Tensor out,
+                          int64_t impl) {
+  const int64_t nv = values.size(1), K = nv * 2;
   TORCH_CHECK(0 <= r0 && r0 <= r1 && r1 <= values.size(0), "row range out of bounds");
+  check_out(out, r1 - r0, K);
+  const Path path = pick(impl);
   const VT vt = value_type(values);
-  auto out = torch::empty({r1 - r0, K}, torch::kFloat32);
   const uint8_t* pp = positions.data_ptr<uint8_t>();
   float* o = out.data_ptr<float>();
   at::parallel_for(r0, r1, grain(K), [&](int64_t a, int64_t b) {
-    by_type(vt, [&](auto tag) { nm24_rows(ptr<typename decltype(tag)::type>(values), pp, K, a, b, o + (a - r0) * K); });
+    by_type(vt, [&](auto tag) {
+      using W = typename decltype(tag)::type;
+      const W* v = ptr<W>(values);
+#ifdef HP_X86
+      if (path == AVX512) {
+        for (int64_t r = a; r < b; r++) nm24_row_dec_avx512(v + r * nv, pp + r * (nv / 4), nv, o + (r - r0) * K);
+        return;
+      }
+      if (path == AVX2) {
+        for (int64_t r = a; r < b; r++) nm24_row_dec_avx2(v + r * nv, pp + r * (nv / 4), nv, o + (r - r0) * K);
+        return;
+      }
+#endif
+      nm24_rows(v, pp, K, a, b, o + (a - r0) * K);
+    });
   });
   return out;
 }
 
-torch::Tensor tiered_decode(torch::Tensor tiers, torch::Tensor dense, torch::Tensor nm_values,
-                            torch::Tensor nm_positions, torch::Tensor topk_values, torch::Tensor topk_positions,
-                            torch::Tensor offsets, int64_t R0, int64_t R1) {
-  const int64_t R = tiers.size(0), C = tiers.size(1), Kp = C * 16;
+// Block rows [R0, R1) of a tiered matrix, transposed, into out [C * 16, (R1 - R0) * 16]: W's rows R0 * 16 ..
+// R1 * 16 as columns, so that each block's columns are stored whole (x @ W.T is then x @ out).
+torch::Tensor tiered_decode_t(torch::Tensor tiers, torch::Tensor dense, torch::Tensor nm_values,
+                              torch::Tensor nm_positions, torch::Tensor topk_values, torch::Tensor topk_positions,
+                              torch::Tensor offsets, int64_t R0, int64_t R1, torch::Tensor out, int64_t impl) {
+  const int64_t R = tiers.size(0), C = tiers.size(1), Kp = C * 16, ld = (R1 - R0) * 16;
   TORCH_CHECK(0 <= R0 && R0 <= R1 && R1 <= R, "block row range out of bounds");
+  check_out(out, Kp, ld);
+  const Path path = pick(impl);
   const VT vt = value_type(dense);
   const int64_t k = topk_positions.dim() == 2 ? topk_positions.size(1) : 0;
-  auto out = torch::empty({(R1 - R0) * 16, Kp}, torch::kFloat32);
   const int8_t* tp = tiers.data_ptr<int8_t>();
   const uint32_t* np_ = reinterpret_cast<const uint32_t*>(nm_positions.data_ptr<int32_t>());
   const uint8_t* kp = topk_positions.data_ptr<uint8_t>();
@@ -1557,8 +1620,14 @@ torch::Tensor tiered_decode(torch::Tensor tiers, torch::Tensor dense, torch::Ten
   at::parallel_for(R0, R1, 1, [&](int64_t a, int64_t b) {
     by_type(vt, [&](auto tag) {
       using W = typename decltype(tag)::type;
-      tiered_rows(C, tp, ptr<W>(dense), ptr<W>(nm_values), np_, ptr<W>(topk_values), kp, k, op, a, b,
-                  o + (a - R0) * 16 * Kp);
+      auto dense_block = dense_block_portable<W>;
+      auto nm_block = nm_block_portable<W>;
+#ifdef HP_X86
+      if (path == AVX512) dense_block = dense_block_avx512<W>, nm_block = nm_block_avx512<W>;
+      if (path == AVX2) dense_block = dense_block_avx2<W>, nm_block = nm_block_avx2<W>;
+#endif
+      tiered_cols(C, tp, ptr<W>(dense), ptr<W>(nm_values), np_, ptr<W>(topk_values), kp, k, op, a, b, R0, o, ld,
+                  dense_block, nm_block);
     });
   });
   return out;
@@ -2089,9 +2158,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("unstructured_mm", &unstructured_mm, "x[B,Kp] @ W.T from a bitmask and kept values");
   m.def("nm24_mm", &nm24_mm, "x[B,K] @ W.T from 2:4 values and 2-bit positions");
   m.def("tiered_mm", &tiered_mm, "x[B,C*16] @ W.T from a 16x16 block tier map (dense / 2:4 / top-k)");
-  m.def("unstructured_decode", &unstructured_decode, "rows [r0, r1) of a bitmask-packed matrix, dense fp32");
-  m.def("nm24_decode", &nm24_decode, "rows [r0, r1) of a 2:4-packed matrix, dense fp32");
-  m.def("tiered_decode", &tiered_decode, "block rows [R0, R1) of a tiered matrix, dense fp32");
+  m.def("unstructured_decode", &unstructured_decode, "rows [r0, r1) of a bitmask-packed matrix into out, dense fp32");
+  m.def("nm24_decode", &nm24_decode, "rows [r0, r1) of a 2:4-packed matrix into out, dense fp32");
+  m.def("tiered_decode_t", &tiered_decode_t, "block rows [R0, R1) of a tiered matrix into out, dense fp32, transposed");
   m.def("unstructured_gemm", &unstructured_gemm, "x[B,Kp] @ W.T for large B: bitmask rows decoded 16 at a time (AVX-512 or AVX2)");
   m.def("nm24_gemm", &nm24_gemm, "x[B,K] @ W.T for large B: 2:4 rows decoded 16 at a time (AVX-512 or AVX2)");
   m.def("tiered_gemm", &tiered_gemm, "x[B,C*16] @ W.T for large B: tiered block rows decoded one at a time (AVX-512 or AVX2)");
