@@ -59,7 +59,7 @@ def test_quantized_weights_are_within_half_a_step_and_zeros_stay_zero(pattern):
 def test_int8_kernels_equal_the_dequantized_matrix(pattern):
     """Every path (portable, AVX2, AVX-512 where the CPU has them) and every route, on odd shapes and batches 1, 3,
     16 and 130, within fp32 rounding of a float64 product with the unpacked (dequantized) matrix; the sparse
-    kernel gives the same bits on every path."""
+    kernel gives the same bits on every path, and for unstructured with both of AVX-512's 64-column steps."""
     for W, qlayout, t in quantized(pattern):
         N, K = W.shape
         m = kernels.PackedLinear(qlayout, t)
@@ -74,7 +74,20 @@ def test_int8_kernels_equal_the_dequantized_matrix(pattern):
                 err = ((y.double() - ref).abs().max() / ref.abs().max()).item()
                 assert err < 1e-5, (N, K, B, key, err)
             sparse = [y for (_, r), y in outs.items() if r == routes.SPARSE]
+            if pattern == "unstructured" and 3 in paths:  # both 64-column AVX-512 steps, whichever this CPU takes
+                sparse += [forced_int8_step(step, lambda: m.matmul(x, 3, routes.SPARSE)) for step in (1, 2)]
             assert all(torch.equal(sparse[0], y) for y in sparse[1:]), (N, K, B)
+
+
+def forced_int8_step(step, run):
+    """run() with the AVX-512 unstructured int8 kernel's 64-column step forced (1: the permute control computed
+    from the mask, 2: vpexpandb, Intel's), then the CPU's own choice restored."""
+    ext = kernels.extension()
+    before = ext.int8_step(step)
+    try:
+        return run()
+    finally:
+        ext.int8_step(before)
 
 
 GUARDED = """
@@ -115,8 +128,11 @@ for N, K in [(64, 512), (37, 200), (9, 64), (40, 24), (33, 40), (17, 16)]:  # sh
         for B in (1, 3):
             x = m._padded(torch.randn(B, K))
             for p in paths:
-                want = ext.unstructured_mm(x, b["mask"], b["values"], b["rowptr"], p)
-                assert torch.equal(ext.unstructured_mm(x, b["mask"], guarded, b["rowptr"], p), want), (N, K, p)
+                for step in (1, 2) if p == 3 else (0,):  # AVX-512: both 64-column int8 steps
+                    ext.int8_step(step)
+                    want = ext.unstructured_mm(x, b["mask"], b["values"], b["rowptr"], p)
+                    assert torch.equal(ext.unstructured_mm(x, b["mask"], guarded, b["rowptr"], p), want), (N, K, p)
+                ext.int8_step(0)
 print("read nothing past the values")
 """
 
@@ -125,7 +141,8 @@ print("read nothing past the values")
 def test_unstructured_kernels_never_read_past_the_values(tmp_path):
     """The unstructured kernels read whole vectors of values where a row's values end far enough from the
     matrix's end, and only what is there near it: with the values ending just before a page that may not be read
-    (mprotect), every path at batch 1 and 3, float and int8 values, gives the same sums and does not crash (run in
+    (mprotect), every path (both AVX-512 int8 steps) at batch 1 and 3, float and int8 values, gives the same sums
+    and does not crash (run in
     a child process, so that a stray read fails this test rather than the suite)."""
     import os
     import subprocess

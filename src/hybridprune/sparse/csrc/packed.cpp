@@ -15,6 +15,7 @@
 // Threads: at::parallel_for over rows (unstructured, 2:4) or 16-row block rows (tiered).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -43,6 +44,10 @@ inline float reduce8(const float* a) {
   for (int i = 0; i < 2; i++) s2[i] = s4[i] + s4[i + 2];
   return s2[0] + s2[1];
 }
+
+// Which 64-column step the AVX-512 unstructured int8 kernel takes: 0 the CPU's (XB on Intel), 1 the computed
+// permute control, 2 XB (Expand64, below); set by int8_step.
+std::atomic<int> g_int8_step{0};
 
 constexpr int BC = 4;  // batch rows per pass over a weight row / block row (the weights stay in cache): AVX2, portable
 constexpr int BC_WIDE = 8;  // AVX-512 (32 registers): twice the rows a pass, so each weight is decoded half as often
@@ -663,23 +668,42 @@ HP_AVX512 __attribute__((always_inline)) inline void unstructured_row_avx512(con
 // that kTop names). 50% kept, batch 1, 2 threads, AMD EPYC (Zen 4): 1.25-1.31x the 16-column step at 11008 x 4096
 // from DRAM, 1536 x 576 and 512 x 4096 in cache; the top-byte widening in place of sign-extending shifts,
 // 1.04-1.09x more (the kernels results page).
+// On Intel the step takes another route to the same bytes (XB): vpexpandb moves the values to the set bits in
+// column order, one constant permute then orders the bytes as above; Intel runs the expand as two shuffle-port
+// uops, fewer than the control's. Old and new in one process (Intel Xeon with AMX, 2 threads, batch 1):
+// 1.21-1.31x, in cache and from DRAM. Not yet measured on an AMD CPU, which keeps the computed control;
+// `int8_step` forces either (the tests run both).
 struct Expand64 {
   alignas(64) uint8_t byte_of[64], below[64], bit[64];  // byte j's column: its mask byte, the bits below it, its bit
+  alignas(64) uint8_t perm[64];                         // byte j's column (XB)
   Expand64() {
     for (int j = 0; j < 64; j++) {
       const int p = 16 * (j % 4) + j / 4;  // byte j = 4l + b holds column 16b + l
       byte_of[j] = static_cast<uint8_t>(p / 8);
       below[j] = static_cast<uint8_t>((1u << (p % 8)) - 1);
       bit[j] = static_cast<uint8_t>(1u << (p % 8));
+      perm[j] = static_cast<uint8_t>(p);
     }
   }
 };
 const Expand64 kExpand64;
 
+bool int8_step_xb() {
+  static const bool intel = __builtin_cpu_is("intel");
+  const int s = g_int8_step.load(std::memory_order_relaxed);
+  return s == 2 || (s == 0 && intel);
+}
+
 // CHECK: read exactly popcount(m) values (the matrix's last rows); else 64 bytes, of which the permute keeps those.
-template <bool CHECK>
+// XB: byte_of holds kExpand64.perm, below and bit are unused.
+template <bool CHECK, bool XB>
 HP_AVX512 __attribute__((always_inline)) inline __m512i expand64(uint64_t m, const int8_t* src, __m512i byte_of,
                                                                  __m512i below, __m512i bit) {
+  if constexpr (XB) {
+    const __m512i vals = CHECK ? _mm512_maskz_loadu_epi8(_bzhi_u64(~0ull, static_cast<unsigned>(_mm_popcnt_u64(m))), src)
+                               : _mm512_loadu_si512(src);
+    return _mm512_permutexvar_epi8(byte_of, _mm512_maskz_expand_epi8(m, vals));
+  }
   const __m128i mv = _mm_cvtsi64_si128(static_cast<long long>(m));
   const uint64_t counts = static_cast<uint64_t>(_mm_cvtsi128_si64(_mm_popcnt_epi8(mv)));  // per mask byte
   const __m128i before = _mm_cvtsi64_si128(static_cast<long long>((counts * 0x0101010101010101ull) << 8));
@@ -691,11 +715,12 @@ HP_AVX512 __attribute__((always_inline)) inline __m512i expand64(uint64_t m, con
   return _mm512_maskz_permutexvar_epi8(_mm512_test_epi8_mask(mbyte, bit), ctl, vals);
 }
 
-template <int NR, int NB, bool CHECK>
+template <int NR, int NB, bool CHECK, bool XB>
 HP_AVX512 __attribute__((always_inline)) inline void unstructured_row64(const float* xr, int64_t Kp,
     const uint8_t* mr, const int8_t* vals, const int64_t* rowptr, int64_t r, float* yr, int64_t N) {
   const int64_t mb = Kp / 8;
-  const __m512i byte_of = _mm512_load_si512(kExpand64.byte_of), below = _mm512_load_si512(kExpand64.below);
+  const __m512i byte_of = _mm512_load_si512(XB ? kExpand64.perm : kExpand64.byte_of);
+  const __m512i below = _mm512_load_si512(kExpand64.below);
   const __m512i bit = _mm512_load_si512(kExpand64.bit);
   const __m512i top = _mm512_set1_epi32(static_cast<int>(0xFF000000u));
   const __m512 up = _mm512_set1_ps(0x1p24f);  // the 16-column tail's values, scaled as the quarters are
@@ -711,7 +736,7 @@ HP_AVX512 __attribute__((always_inline)) inline void unstructured_row64(const fl
       uint64_t m;
       std::memcpy(&m, mr + (r + q) * mb + c, 8);
       if (q == NR - 1) HP_PREFETCH(v[q]);
-      const __m512i w = expand64<CHECK>(m, v[q], byte_of, below, bit);
+      const __m512i w = expand64<CHECK, XB>(m, v[q], byte_of, below, bit);
       v[q] += _mm_popcnt_u64(m);
       const __m512i wq[4] = {_mm512_slli_epi32(w, 24),  // columns 0-15, each value times 2^24
                              _mm512_and_si512(_mm512_slli_epi32(w, 16), top), _mm512_and_si512(_mm512_slli_epi32(w, 8), top),
@@ -743,21 +768,31 @@ HP_AVX512 __attribute__((always_inline)) inline void unstructured_row64(const fl
     }
 }
 
+// Rows [n0, n1) by the 64-column int8 step (XB: its Intel form); a 64-byte read at a row's last step stays inside
+// the values, else the step reads exactly the row's.
+template <int NB, bool XB>
+HP_AVX512 void unstructured_rows64(const float* xr, int64_t Kp, const uint8_t* mask, const int8_t* vals,
+                                   int64_t nvals, const int64_t* rowptr, int64_t n0, int64_t n1, float* yr, int64_t N) {
+  int64_t r = n0;
+  if (NB == 1)
+    for (; r + 2 <= n1; r += 2) {
+      if (rowptr[r + 2] + 64 <= nvals) unstructured_row64<2, NB, false, XB>(xr, Kp, mask, vals, rowptr, r, yr, N);
+      else unstructured_row64<2, NB, true, XB>(xr, Kp, mask, vals, rowptr, r, yr, N);
+    }
+  for (; r < n1; r++) {
+    if (rowptr[r + 1] + 64 <= nvals) unstructured_row64<1, NB, false, XB>(xr, Kp, mask, vals, rowptr, r, yr, N);
+    else unstructured_row64<1, NB, true, XB>(xr, Kp, mask, vals, rowptr, r, yr, N);
+  }
+}
+
 template <int NB, typename W>
 HP_AVX512 void unstructured_pass_avx512(const float* xr, int64_t Kp, const uint8_t* mask, const W* vals,
                                         int64_t nvals, const int64_t* rowptr, int64_t n0, int64_t n1, float* yr,
                                         int64_t N) {
   int64_t r = n0;
-  if constexpr (std::is_same_v<W, int8_t>) {  // a 64-byte read at a row's last step stays inside the values
-    if (NB == 1)
-      for (; r + 2 <= n1; r += 2) {
-        if (rowptr[r + 2] + 64 <= nvals) unstructured_row64<2, NB, false>(xr, Kp, mask, vals, rowptr, r, yr, N);
-        else unstructured_row64<2, NB, true>(xr, Kp, mask, vals, rowptr, r, yr, N);
-      }
-    for (; r < n1; r++) {
-      if (rowptr[r + 1] + 64 <= nvals) unstructured_row64<1, NB, false>(xr, Kp, mask, vals, rowptr, r, yr, N);
-      else unstructured_row64<1, NB, true>(xr, Kp, mask, vals, rowptr, r, yr, N);
-    }
+  if constexpr (std::is_same_v<W, int8_t>) {
+    if (int8_step_xb()) unstructured_rows64<NB, true>(xr, Kp, mask, vals, nvals, rowptr, n0, n1, yr, N);
+    else unstructured_rows64<NB, false>(xr, Kp, mask, vals, nvals, rowptr, n0, n1, yr, N);
     return;
   }
   if (NB == 1)
@@ -2158,6 +2193,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("unstructured_mm", &unstructured_mm, "x[B,Kp] @ W.T from a bitmask and kept values");
   m.def("nm24_mm", &nm24_mm, "x[B,K] @ W.T from 2:4 values and 2-bit positions");
   m.def("tiered_mm", &tiered_mm, "x[B,C*16] @ W.T from a 16x16 block tier map (dense / 2:4 / top-k)");
+  m.def("int8_step", [](int64_t step) {
+    TORCH_CHECK(step >= 0 && step <= 2, "int8_step: 0 (the CPU's), 1 (permute control) or 2 (vpexpandb)");
+    return static_cast<int64_t>(g_int8_step.exchange(static_cast<int>(step)));
+  }, "which 64-column step the AVX-512 unstructured int8 kernel takes (0: the CPU's); returns the previous");
   m.def("unstructured_decode", &unstructured_decode, "rows [r0, r1) of a bitmask-packed matrix into out, dense fp32");
   m.def("nm24_decode", &nm24_decode, "rows [r0, r1) of a 2:4-packed matrix into out, dense fp32");
   m.def("tiered_decode_t", &tiered_decode_t, "block rows [R0, R1) of a tiered matrix into out, dense fp32, transposed");
