@@ -124,7 +124,7 @@ def test_bfloat16_generation_multiplies_bfloat16_copies_and_leaves_the_weights(s
     """_Bfloat16Linears: F.linear on fp32 operands equals the product of their bfloat16 roundings (fp32 sums), bias
     added in fp32, over leading dimensions; the weight keeps its fp32 values and the copies go when the mode ends.
     auto picks bfloat16 only where the CPU has AVX512_BF16 or AMX. A bfloat16 self draw is the same for a seed,
-    records its dtype and batch, and differs from float32's text."""
+    records its dtype and batch, and scores its sequences differently from float32's (the text may coincide)."""
     F = torch.nn.functional
     g = torch.Generator().manual_seed(0)
     w, b = torch.randn(40, 24, generator=g), torch.randn(40, generator=g)
@@ -147,7 +147,11 @@ def test_bfloat16_generation_multiplies_bfloat16_copies_and_leaves_the_weights(s
     config = PruneConfig(calib="self", nsamples=2, seqlen=24, seed=3, data_dir=str(data_dir), self_dtype="bfloat16")
     a, again = (calibration.draw(smol.tokenizer, config, smol.model) for _ in range(2))
     fp32 = calibration.draw(smol.tokenizer, PruneConfig(**{**config.__dict__, "self_dtype": "float32"}), smol.model)
-    assert torch.equal(a.samples, again.samples) and not torch.equal(a.samples, fp32.samples)
+    assert torch.equal(a.samples, again.samples)
+    # bfloat16 products score every sequence differently; the sampled text itself may coincide with float32's
+    # (2 x 24 tokens: on an Intel Xeon no rounding moved a sample across a token boundary)
+    assert [t["ppl"] for t in a.texts] == [t["ppl"] for t in again.texts]
+    assert all(x["ppl"] != y["ppl"] for x, y in zip(a.texts, fp32.texts, strict=True))
     assert (a.record["generated"][0]["matmul_dtype"], a.record["generated"][0]["batch"]) == ("bfloat16", 32)
     assert fp32.record["generated"][0]["matmul_dtype"] == "float32"
 
