@@ -1621,12 +1621,9 @@ torch::Tensor nm24_decode(torch::Tensor values, torch::Tensor positions, int64_t
       using W = typename decltype(tag)::type;
       const W* v = ptr<W>(values);
 #ifdef HP_X86
-      if (path == AVX512) {
-        for (int64_t r = a; r < b; r++) nm24_row_dec_avx512(v + r * nv, pp + r * (nv / 4), nv, o + (r - r0) * K);
-        return;
-      }
-      if (path == AVX2) {
-        for (int64_t r = a; r < b; r++) nm24_row_dec_avx2(v + r * nv, pp + r * (nv / 4), nv, o + (r - r0) * K);
+      if (path != PORTABLE) {
+        const auto row = path == AVX512 ? nm24_row_dec_avx512<W> : nm24_row_dec_avx2<W>;
+        for (int64_t r = a; r < b; r++) row(v + r * nv, pp + r * (nv / 4), nv, o + (r - r0) * K);
         return;
       }
 #endif
